@@ -1,0 +1,113 @@
+"""Small shared utilities: log-friendly progress reporting and logging setup."""
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator
+
+import beartype
+
+LOG_FORMAT = "[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Plain log lines on stderr (Slurm logs are files, not terminals: no control codes)."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_saev", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+        handler._saev = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+@beartype.beartype
+def format_duration(seconds: float) -> str:
+    """'42s', '3m05s' or '2h07m'."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+class Progress:
+    """Log progress of a long loop as plain lines with rate and ETA, at most every `every_s` seconds.
+
+    Use either as an iterable wrapper (`for x in Progress(it, desc=...)`) or manually with `update(n)`.
+    """
+
+    def __init__(
+        self,
+        it: Iterable | None = None,
+        *,
+        desc: str,
+        total: int | None = None,
+        unit: str = "it",
+        every_s: float = 10.0,
+        logger: logging.Logger | None = None,
+    ):
+        self.it = it
+        self.desc = desc
+        self.unit = unit
+        self.every_s = every_s
+        self.logger = logger or logging.getLogger("saev.progress")
+        if total is None and it is not None and hasattr(it, "__len__"):
+            total = len(it)  # type: ignore[arg-type]
+        self.total = total
+        self.done = 0
+        self.start = time.perf_counter()
+        self.last_log = self.start
+
+    def __iter__(self) -> Iterator:
+        assert self.it is not None, "Progress without an iterable: call update() instead"
+        for obj in self.it:
+            yield obj
+            self.update(1)
+        self.finish()
+
+    def update(self, n: int = 1) -> None:
+        """Count `n` more units done; log when `every_s` seconds passed since the last line."""
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last_log >= self.every_s:
+            self.last_log = now
+            self.logger.info(self.line(now))
+
+    def finish(self) -> None:
+        """Log the final line (total, elapsed, mean rate)."""
+        now = time.perf_counter()
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else float("inf")
+        self.logger.info(
+            "%s: done %d %s in %s (%.1f %s/s)",
+            self.desc,
+            self.done,
+            self.unit,
+            format_duration(elapsed),
+            rate,
+            self.unit,
+        )
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        if self.total:
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            eta_s = format_duration(eta) if eta != float("inf") else "?"
+            pct = 100.0 * self.done / self.total
+            return (
+                f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.1f}%) "
+                f"| {rate:.1f} {self.unit}/s | ETA {eta_s}"
+            )
+        return f"{self.desc}: {self.done} {self.unit} | {rate:.1f} {self.unit}/s"
+
+
+def get_device(name: str) -> "torch.device":
+    """'auto' -> CUDA when available, else CPU; any other name is passed to torch.device."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
