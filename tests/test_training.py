@@ -1,0 +1,208 @@
+"""Training one SAE: it learns a sparse dictionary, is deterministic, never trains on held-out rows, and refuses
+bad data with a clear message."""
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from saev import nn, training
+
+
+def make_sparse_acts(n: int, d: int = 32, n_atoms: int = 64, k: int = 3, seed: int = 0) -> np.ndarray:
+    """Rows that are sums of k of n_atoms random unit directions with positive weights, plus a constant offset."""
+    rng = np.random.default_rng(seed)
+    atoms_AD = rng.standard_normal((n_atoms, d))
+    atoms_AD /= np.linalg.norm(atoms_AD, axis=1, keepdims=True)
+    codes_NA = np.zeros((n, n_atoms))
+    for i in range(n):
+        codes_NA[i, rng.choice(n_atoms, size=k, replace=False)] = rng.uniform(1, 3, size=k)
+    return (codes_NA @ atoms_AD + 0.5).astype(np.float32)
+
+
+TINY = training.TrainConfig(
+    sae=nn.SaeConfig(d_vit=8, exp_factor=2), n_train=640, batch_size=64, warmup_steps=3, n_eval=88
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_acts() -> np.ndarray:
+    return make_sparse_acts(600, d=8, n_atoms=12, k=2, seed=1)
+
+
+def weights(sae: nn.SparseAutoencoder) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in sae.state_dict().items()}
+
+
+def assert_same_weights(a: nn.SparseAutoencoder, b: nn.SparseAutoencoder):
+    for name, tensor in weights(a).items():
+        assert torch.equal(tensor, b.state_dict()[name]), name
+
+
+def test_relu_l1_learns_a_sparse_dictionary():
+    acts = make_sparse_acts(9216)
+    cfg = training.TrainConfig(
+        sae=nn.SaeConfig(d_vit=32, exp_factor=4),
+        l1_coeff=0.03,
+        lr=3e-3,
+        n_train=200_000,
+        batch_size=256,
+        warmup_steps=50,
+        n_eval=1024,
+    )
+    metrics = training.train(cfg, acts).metrics
+    assert metrics.nmse < 0.3
+    assert metrics.l0 < cfg.sae.d_sae / 4
+    assert metrics.n_steps == 781
+
+
+def test_training_is_deterministic(tiny_acts):
+    a = training.train(TINY, tiny_acts)
+    b = training.train(TINY, tiny_acts)
+    assert_same_weights(a.sae, b.sae)
+    assert a.metrics == b.metrics
+
+
+CHANGES = {
+    "sae.d_vit": None,  # fixed by the data; a mismatch is an error (test_width_mismatch_is_refused)
+    "sae.exp_factor": {"sae": nn.SaeConfig(d_vit=8, exp_factor=3)},
+    "sae.seed": {"sae": nn.SaeConfig(d_vit=8, exp_factor=2, seed=1)},
+    "l1_coeff": {"l1_coeff": 0.1},
+    "lr": {"lr": 3e-3},
+    "n_train": {"n_train": 704},
+    "batch_size": {"batch_size": 32},
+    "warmup_steps": {"warmup_steps": 1},
+    "seed": {"seed": 1},
+    "n_eval": {"n_eval": 100},
+}
+"""A change of each TrainConfig field (by dotted name) from TINY."""
+
+
+def test_changes_cover_every_config_field():
+    names = {f.name for f in dataclasses.fields(training.TrainConfig)} - {"sae"}
+    names |= {"sae." + f.name for f in dataclasses.fields(nn.SaeConfig)}
+    assert set(CHANGES) == names
+
+
+@pytest.mark.parametrize("name", [name for name, change in CHANGES.items() if change is not None])
+def test_every_config_field_changes_the_weights(tiny_acts, name):
+    base = training.train(TINY, tiny_acts).sae
+    other = training.train(dataclasses.replace(TINY, **CHANGES[name]), tiny_acts).sae
+    assert base.W_enc.shape != other.W_enc.shape or not torch.equal(base.W_enc, other.W_enc)
+
+
+def test_held_out_rows_do_not_influence_training(tiny_acts):
+    n_train_rows = len(tiny_acts) - TINY.n_eval
+    other = tiny_acts.copy()
+    other[n_train_rows:] = np.random.default_rng(5).standard_normal(other[n_train_rows:].shape) * 100
+    a = training.train(TINY, tiny_acts)
+    b = training.train(TINY, other)
+    assert_same_weights(a.sae, b.sae)
+    assert a.metrics != b.metrics  # ...while the metrics are measured on exactly those rows
+
+
+def test_batches_only_use_training_rows_and_visit_each_once_per_epoch():
+    batches = list(training.batch_indices(n_rows=100, batch_size=30, n_steps=10, seed=0))
+    all_idx = np.concatenate(batches)
+    assert all(len(b) == 30 for b in batches)
+    assert all_idx.min() >= 0 and all_idx.max() < 100
+    assert sorted(all_idx[:90]) == sorted(set(all_idx[:90]))  # the first 3 batches of epoch 1 never repeat a row
+    assert set(all_idx[:120]) == set(range(100))  # epoch 1 ends inside batch 4, having visited every row
+
+
+def test_batch_order_depends_on_the_seed():
+    a = np.concatenate(list(training.batch_indices(100, 30, 3, seed=0)))
+    b = np.concatenate(list(training.batch_indices(100, 30, 3, seed=1)))
+    assert not np.array_equal(a, b)
+
+
+def test_memmap_input_gives_the_same_sae_as_an_array(tiny_acts, tmp_path):
+    fpath = tmp_path / "acts.bin"
+    mm = np.memmap(fpath, dtype=np.float32, mode="w+", shape=tiny_acts.shape)
+    mm[:] = tiny_acts
+    mm.flush()
+    from_disk = np.memmap(fpath, dtype=np.float32, mode="r", shape=tiny_acts.shape)
+    assert_same_weights(training.train(TINY, tiny_acts).sae, training.train(TINY, from_disk).sae)
+
+
+def test_trained_sae_reads_raw_activations(tiny_acts):
+    """The scale is folded in: decoder rows all have norm 1/scale, and the latents of raw rows are the training ones."""
+    result = training.train(TINY, tiny_acts)
+    n_train_rows = len(tiny_acts) - TINY.n_eval
+    scale = training.get_data_stats(tiny_acts, n_train_rows).scale
+    norms_S = result.sae.W_dec.norm(dim=1)
+    torch.testing.assert_close(norms_S, torch.full_like(norms_S, 1 / scale))
+    assert result.sae.W_enc.device == torch.device("cpu")
+
+
+def test_scale_makes_mean_norm_sqrt_d_vit(tiny_acts):
+    stats = training.get_data_stats(tiny_acts * 7, n_train_rows=500)
+    mean_norm = np.linalg.norm(tiny_acts[:500].astype(np.float64) * 7, axis=1).mean()
+    assert stats.scale * mean_norm == pytest.approx(math.sqrt(8))
+    np.testing.assert_allclose(stats.mean_D, tiny_acts[:500].astype(np.float64).mean(axis=0) * 7, rtol=1e-6)
+
+
+def test_metrics_of_an_sae_with_no_active_latents():
+    """Nothing fires, so x_hat = b_dec: with b_dec the mean, nmse is 1, l0 0, every latent dead, none dense."""
+    acts = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    sae = nn.SparseAutoencoder(nn.SaeConfig(d_vit=4, exp_factor=2))
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e6)
+        sae.b_dec.copy_(torch.from_numpy(acts.astype(np.float64).mean(axis=0)))
+    metrics = training.get_metrics(sae, acts, n_steps=0)
+    assert metrics.nmse == pytest.approx(1.0, rel=1e-6)
+    assert (metrics.l0, metrics.dead_frac, metrics.dense_frac) == (0.0, 1.0, 0.0)
+    assert metrics.mse == pytest.approx(acts.astype(np.float64).var(axis=0).mean(), rel=1e-6)
+
+
+def test_metrics_count_dense_latents():
+    """Latent 0 fires on every row, the others never: l0 1, dense 1/8, dead 7/8."""
+    acts = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    sae = nn.SparseAutoencoder(nn.SaeConfig(d_vit=4, exp_factor=2))
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.fill_(-1.0)
+        sae.b_enc[0] = 1.0
+    metrics = training.get_metrics(sae, acts, n_steps=0)
+    assert (metrics.l0, metrics.dense_frac, metrics.dead_frac) == (1.0, 1 / 8, 7 / 8)
+
+
+def test_progress_is_logged_at_most_every_log_every_steps(tiny_acts, caplog):
+    with caplog.at_level(logging.INFO, logger="saev.training"):
+        training.train(TINY, tiny_acts, log_every=4)
+    step_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split()[1] for line in step_lines] == ["4/10", "8/10", "10/10"]
+    assert all(w in step_lines[0] for w in ("ex/s", "ETA", "loss", "mse", "l0"))
+
+
+@pytest.mark.parametrize("row", [7, 590])
+def test_nan_activations_are_refused_naming_the_row(tiny_acts, row):
+    bad = tiny_acts.copy()
+    bad[row, 3] = np.nan
+    with pytest.raises(ValueError, match=f"row {row} contains NaN or inf"):
+        training.train(TINY, bad)
+
+
+def test_inf_activations_are_refused(tiny_acts):
+    bad = tiny_acts.copy()
+    bad[11, 0] = np.inf
+    with pytest.raises(ValueError, match="row 11 contains NaN or inf"):
+        training.train(TINY, bad)
+
+
+def test_width_mismatch_is_refused(tiny_acts):
+    with pytest.raises(ValueError, match="SAE expects d_vit=8 but activations have width 9"):
+        training.train(TINY, np.zeros((600, 9), dtype=np.float32))
+
+
+def test_too_few_training_rows_is_refused(tiny_acts):
+    with pytest.raises(ValueError, match=r"only 62 training rows \(N=150 minus n_eval=88\) for batch_size=64"):
+        training.train(TINY, tiny_acts[:150])
+
+
+def test_config_rejects_n_train_below_one_batch():
+    with pytest.raises(ValueError, match="n_train"):
+        dataclasses.replace(TINY, n_train=10)
