@@ -1,0 +1,1 @@
+"""Data: image datasets with segmentation masks, per-patch labels, and activation shards."""

@@ -1,0 +1,297 @@
+"""Activation shards in saev's sharded-activation protocol v1, plus per-patch labels.
+
+A dump directory holds `metadata.json`, `shards.json`, `acts000000.bin`, ... and `labels.bin`. The logical tensor is
+float32 [n_imgs, n_layers, n_tokens_per_img, d_vit], C-order, CLS first when `cls_token` is true, split along images
+into shards of `n_imgs_per_shard = max_patches_per_shard // (n_tokens_per_img * n_layers)` images (the last one may be
+smaller). `labels.bin` is [n_imgs, n_patches_per_img] of `labels_dtype` with `labels_ignore` for unlabelled patches;
+those three label fields are optional additions to metadata.json (a minor, backward-compatible protocol addition).
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import typing
+
+import beartype
+import numpy as np
+
+from saev import artifacts
+
+PROTOCOL = "1.0.0"
+
+
+class ShardError(RuntimeError):
+    """A dump directory is missing a file or a file has the wrong size; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Metadata:
+    """The contents of metadata.json."""
+
+    vit_family: str
+    """"clip" or "siglip"."""
+    vit_ckpt: str
+    """Model identifier (open_clip name and weights)."""
+    layers: tuple[int, ...]
+    """Residual-block indices recorded, in order."""
+    n_patches_per_img: int
+    """Image patches per image (excluding CLS)."""
+    cls_token: bool
+    """Whether token 0 of each image is the CLS token."""
+    d_vit: int
+    """Activation width."""
+    n_imgs: int
+    """Images in the dataset."""
+    max_patches_per_shard: int
+    """Budget of activation vectors per shard."""
+    data: dict[str, typing.Any]
+    """Opaque dataset description."""
+    dtype: str = "float32"
+    """Activation dtype (only float32)."""
+    protocol: str = PROTOCOL
+    """Protocol version."""
+    labels_dtype: str = "uint8"
+    """dtype of labels.bin ("uint8" or "int16")."""
+    labels_ignore: int = 255
+    """Label of patches without a class."""
+    class_names: tuple[str, ...] = ()
+    """Class names; label i is class_names[i]."""
+
+    @property
+    def n_tokens_per_img(self) -> int:
+        return self.n_patches_per_img + int(self.cls_token)
+
+    @property
+    def n_imgs_per_shard(self) -> int:
+        n = self.max_patches_per_shard // (self.n_tokens_per_img * len(self.layers))
+        if n < 1:
+            raise ShardError(
+                f"max_patches_per_shard={self.max_patches_per_shard} is smaller than one image "
+                f"({self.n_tokens_per_img} tokens x {len(self.layers)} layers)"
+            )
+        return n
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_imgs // self.n_imgs_per_shard)
+
+    def shard_n_imgs(self, shard: int) -> int:
+        """Images in shard `shard` (the last one may hold fewer)."""
+        return min(self.n_imgs_per_shard, self.n_imgs - shard * self.n_imgs_per_shard)
+
+    @property
+    def bytes_per_img(self) -> int:
+        return len(self.layers) * self.n_tokens_per_img * self.d_vit * 4
+
+    def to_json(self) -> dict[str, typing.Any]:
+        out = dataclasses.asdict(self)
+        out["layers"] = list(self.layers)
+        out["class_names"] = list(self.class_names)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, typing.Any]) -> "Metadata":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in obj.items() if k in known}
+        kwargs["layers"] = tuple(kwargs["layers"])
+        kwargs["class_names"] = tuple(kwargs.get("class_names", ()))
+        return cls(**kwargs)
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the canonical JSON of the metadata, as in the protocol."""
+        blob = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def shard_name(shard: int) -> str:
+    return f"acts{shard:06d}.bin"
+
+
+class ShardWriter:
+    """Appends activations image by image; each shard is streamed to a temp file and renamed when full.
+
+    Memory stays at one batch whatever the shard size. `start_shard` resumes a dump: the writer expects images from
+    `start_shard * n_imgs_per_shard` on, and earlier shards must already be complete on disk.
+    """
+
+    @beartype.beartype
+    def __init__(self, dpath: pathlib.Path | str, md: Metadata, *, start_shard: int = 0):
+        self.dpath = pathlib.Path(dpath)
+        self.md = md
+        self.dpath.mkdir(parents=True, exist_ok=True)
+        if not 0 <= start_shard <= md.n_shards:
+            raise ValueError(f"start_shard={start_shard} outside [0, {md.n_shards}]")
+        for shard in range(start_shard):
+            check_shard_file(self.dpath, md, shard)
+        self.shard = start_shard
+        self.n_written = start_shard * md.n_imgs_per_shard
+        self._in_shard = 0
+        self._ctx = None
+        self._fd = None
+
+    def _open(self) -> None:
+        self._ctx = artifacts.atomic_path(self.dpath / shard_name(self.shard))
+        tmp_fpath = self._ctx.__enter__()
+        self._fd = open(tmp_fpath, "wb")
+        self._in_shard = 0
+
+    def _finish_shard(self) -> None:
+        assert self._fd is not None and self._ctx is not None
+        self._fd.close()
+        self._ctx.__exit__(None, None, None)  # fsync + rename
+        self._fd = self._ctx = None
+        self.shard += 1
+
+    def write(self, acts_BLTD: np.ndarray) -> None:
+        """Append a batch of images' activations (float32 [B, n_layers, n_tokens_per_img, d_vit])."""
+        expected = (len(self.md.layers), self.md.n_tokens_per_img, self.md.d_vit)
+        if acts_BLTD.ndim != 4 or acts_BLTD.shape[1:] != expected:
+            raise ValueError(f"activations have shape {acts_BLTD.shape}, expected [B, {', '.join(map(str, expected))}]")
+        if not np.isfinite(acts_BLTD).all():
+            bad = int(np.flatnonzero(~np.isfinite(acts_BLTD).reshape(len(acts_BLTD), -1).all(axis=1))[0])
+            raise ValueError(f"NaN/inf activations for image {self.n_written + bad}; check the model dtype")
+        if self.n_written + len(acts_BLTD) > self.md.n_imgs:
+            raise ValueError(f"writing past n_imgs={self.md.n_imgs}")
+        acts_BLTD = np.ascontiguousarray(acts_BLTD, dtype=np.float32)
+        i = 0
+        while i < len(acts_BLTD):
+            if self._fd is None:
+                self._open()
+            take = min(len(acts_BLTD) - i, self.md.shard_n_imgs(self.shard) - self._in_shard)
+            self._fd.write(acts_BLTD[i : i + take].tobytes())
+            self._in_shard += take
+            self.n_written += take
+            i += take
+            if self._in_shard == self.md.shard_n_imgs(self.shard):
+                self._finish_shard()
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temp file is removed)."""
+        if self._fd is not None and self._ctx is not None:
+            self._fd.close()
+            try:
+                self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            except RuntimeError:
+                pass
+            self._fd = self._ctx = None
+
+    def write_labels(self, labels_NP: np.ndarray) -> None:
+        """Write labels.bin ([n_imgs, n_patches_per_img]) atomically."""
+        expected = (self.md.n_imgs, self.md.n_patches_per_img)
+        if labels_NP.shape != expected:
+            raise ValueError(f"labels have shape {labels_NP.shape}, expected {expected}")
+        data = np.ascontiguousarray(labels_NP, dtype=self.md.labels_dtype).tobytes()
+        artifacts.atomic_write_bytes(self.dpath / "labels.bin", data)
+
+    def close(self) -> None:
+        """Check every image was written, then write shards.json and metadata.json."""
+        if self.n_written != self.md.n_imgs:
+            self.abort()
+            raise ValueError(f"wrote {self.n_written} images, metadata says {self.md.n_imgs}")
+        shards = [{"name": shard_name(s), "n_imgs": self.md.shard_n_imgs(s)} for s in range(self.md.n_shards)]
+        artifacts.atomic_write_json(self.dpath / "shards.json", shards)
+        artifacts.atomic_write_json(self.dpath / "metadata.json", self.md.to_json())
+
+
+def check_shard_file(dpath: pathlib.Path, md: Metadata, shard: int) -> None:
+    fpath = dpath / shard_name(shard)
+    expected = md.shard_n_imgs(shard) * md.bytes_per_img
+    try:
+        actual = fpath.stat().st_size
+    except FileNotFoundError:
+        raise ShardError(f"shard file missing: {fpath} (expected {expected} bytes); rerun the dump stage") from None
+    if actual != expected:
+        raise ShardError(f"shard file {fpath} has {actual} bytes, expected {expected}; rerun the dump stage")
+
+
+class Shards:
+    """Read-only view of a dump directory, validated up front (every file present with the size the metadata implies)."""
+
+    @beartype.beartype
+    def __init__(self, dpath: pathlib.Path | str):
+        self.dpath = pathlib.Path(dpath)
+        md_fpath = self.dpath / "metadata.json"
+        try:
+            self.metadata = Metadata.from_json(json.loads(md_fpath.read_text()))
+        except FileNotFoundError:
+            raise ShardError(f"{md_fpath} is missing; is {self.dpath} a finished dump?") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ShardError(f"{md_fpath} is not valid shard metadata: {err}") from err
+        md = self.metadata
+        if md.protocol.split(".")[0] != PROTOCOL.split(".")[0]:
+            raise ShardError(f"{md_fpath}: protocol {md.protocol} is not compatible with {PROTOCOL}")
+        shards_fpath = self.dpath / "shards.json"
+        try:
+            listed = json.loads(shards_fpath.read_text())
+        except FileNotFoundError:
+            raise ShardError(f"{shards_fpath} is missing") from None
+        if [s["n_imgs"] for s in listed] != [md.shard_n_imgs(s) for s in range(md.n_shards)]:
+            raise ShardError(f"{shards_fpath} does not match the shard sizing of {md_fpath}")
+        for shard in range(md.n_shards):
+            check_shard_file(self.dpath, md, shard)
+        labels_fpath = self.dpath / "labels.bin"
+        self._labels = None
+        if labels_fpath.exists():
+            expected = md.n_imgs * md.n_patches_per_img * np.dtype(md.labels_dtype).itemsize
+            if labels_fpath.stat().st_size != expected:
+                raise ShardError(f"{labels_fpath} has {labels_fpath.stat().st_size} bytes, expected {expected}")
+        self._mmaps: dict[int, np.memmap] = {}
+
+    @property
+    def n_imgs(self) -> int:
+        return self.metadata.n_imgs
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Per-patch class ids [n_imgs, n_patches_per_img] (memory-mapped)."""
+        if self._labels is None:
+            fpath = self.dpath / "labels.bin"
+            if not fpath.exists():
+                raise ShardError(f"{fpath} is missing: this dump has no labels")
+            md = self.metadata
+            self._labels = np.memmap(fpath, dtype=md.labels_dtype, mode="r", shape=(md.n_imgs, md.n_patches_per_img))
+        return self._labels
+
+    def shard(self, shard: int) -> np.memmap:
+        """Memory map of one shard, [n_imgs_in_shard, n_layers, n_tokens_per_img, d_vit]."""
+        if shard not in self._mmaps:
+            md = self.metadata
+            shape = (md.shard_n_imgs(shard), len(md.layers), md.n_tokens_per_img, md.d_vit)
+            self._mmaps[shard] = np.memmap(self.dpath / shard_name(shard), dtype=np.float32, mode="r", shape=shape)
+        return self._mmaps[shard]
+
+    def layer_index(self, layer: int) -> int:
+        if layer not in self.metadata.layers:
+            raise ValueError(f"layer {layer} was not dumped; dumped layers: {list(self.metadata.layers)}")
+        return self.metadata.layers.index(layer)
+
+    def patches(self, layer: int, img_start: int, img_stop: int) -> np.ndarray:
+        """Patch activations (no CLS) of images [img_start, img_stop) at `layer`: float32 [n, n_patches, d_vit]."""
+        md = self.metadata
+        li, t0 = self.layer_index(layer), int(md.cls_token)
+        out = np.empty((img_stop - img_start, md.n_patches_per_img, md.d_vit), dtype=np.float32)
+        per = md.n_imgs_per_shard
+        i = img_start
+        while i < img_stop:
+            shard, offset = divmod(i, per)
+            take = min(img_stop - i, md.shard_n_imgs(shard) - offset)
+            out[i - img_start : i - img_start + take] = self.shard(shard)[offset : offset + take, li, t0:, :]
+            i += take
+        return out
+
+    def patches_flat(self, layer: int, idx: np.ndarray) -> np.ndarray:
+        """Activations of global patch indices `idx` (image * n_patches + patch) at `layer`: float32 [len(idx), d_vit]."""
+        md = self.metadata
+        li, t0 = self.layer_index(layer), int(md.cls_token)
+        idx = np.asarray(idx, dtype=np.int64)
+        img, patch = np.divmod(idx, md.n_patches_per_img)
+        shard_of = img // md.n_imgs_per_shard
+        out = np.empty((len(idx), md.d_vit), dtype=np.float32)
+        for shard in np.unique(shard_of):
+            sel = np.flatnonzero(shard_of == shard)
+            local = img[sel] - shard * md.n_imgs_per_shard
+            out[sel] = self.shard(int(shard))[local, li, t0 + patch[sel], :]
+        return out

@@ -1,0 +1,65 @@
+"""mask: a seeded, exact-size keep-mask over the labelled patches of a dump.
+
+Output `<root>/mask/<key>/keep.npy`: sorted int64 global patch indices (image * n_patches_per_img + patch).
+"""
+
+import dataclasses
+import io
+import typing
+
+import numpy as np
+
+from saev import artifacts, keepmask
+from saev.data.shards import Shards
+
+from .graph import Piece, StagePlan
+
+NAME = "mask"
+VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Which labelled patches the score stage uses to pick the best latent."""
+
+    n_keep: int | typing.Literal["all"] = 100_000
+    """Exactly this many labelled patches are kept (uniformly, without replacement), or "all" of them."""
+    seed: int = 0
+    """Seed of the draw; the mask depends only on it and on which patches are labelled."""
+
+
+def plan(pipeline, upstream):
+    dump_art = upstream["dump"].artifacts[0]
+    params = artifacts.hashed_params(pipeline.mask)
+    inputs = {"dump": dump_art.ref}
+    art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, inputs))
+    piece = Piece(NAME, art, label=f"keep {pipeline.mask.n_keep} (seed {pipeline.mask.seed})")
+    return StagePlan(NAME, (art,), (piece,), {art.key: params}, {art.key: inputs})
+
+
+def run(pipeline, plan, piece) -> None:
+    started = artifacts.now()
+    cfg: Config = pipeline.mask
+    shards = Shards(plan["dump"].artifacts[0].dpath)
+    md = shards.metadata
+    labelled_N = np.asarray(shards.labels).reshape(-1) != md.labels_ignore
+    n_keep = None if cfg.n_keep == "all" else cfg.n_keep
+    keep = keepmask.make_keep_indices(labelled_N, n_keep, cfg.seed)
+    write_indices(piece.artifact.dpath / "keep.npy", keep)
+    piece.artifact.write_manifest(
+        params=plan[NAME].params[piece.artifact.key],
+        inputs=plan[NAME].inputs[piece.artifact.key],
+        started=started,
+        extra={"n_patches": int(labelled_N.size), "n_labelled": int(labelled_N.sum()), "n_keep": int(len(keep))},
+    )
+
+
+def write_indices(fpath, idx: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, idx, allow_pickle=False)
+    artifacts.atomic_write_bytes(fpath, buf.getvalue())
+
+
+def load_keep(dpath) -> np.ndarray:
+    """The sorted global indices of the kept patches of the mask artifact in `dpath`."""
+    return np.load(dpath / "keep.npy", allow_pickle=False)

@@ -1,0 +1,150 @@
+"""The pipeline: one TOML config -> the graph of five stages, their artifact keys and pieces, and how to run them.
+
+Keys of the whole graph are computed here before anything runs (from configs and upstream keys only), which is what
+lets the launcher submit every stage at once and resubmit a single missing piece.
+"""
+
+import dataclasses
+import datetime
+import logging
+import pathlib
+import typing
+
+from saev import artifacts, configs
+from saev.slurm import SlurmConfig
+
+from . import dump as dump_stage
+from . import mask as mask_stage
+from . import reduce as reduce_stage
+from . import score as score_stage
+from . import train as train_stage
+from .graph import Piece, Plan, StagePlan
+
+logger = logging.getLogger("stages")
+
+STAGES = ("dump", "train", "mask", "score", "reduce")
+"""Stage names in dependency order."""
+
+MODULES = {
+    "dump": dump_stage,
+    "train": train_stage,
+    "mask": mask_stage,
+    "score": score_stage,
+    "reduce": reduce_stage,
+}
+"""Stage name -> the module holding its Config, plan() and run()."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """Everything one launch needs: one TOML file drives all five stages."""
+
+    root: pathlib.Path = pathlib.Path("runs")
+    """Artifact store root; each stage writes `<root>/<stage>/<key>/`. Relative paths are relative to the working directory."""
+    dump: dump_stage.Config = dataclasses.field(default_factory=dump_stage.Config)
+    """Activation dump: dataset, ViT, layers, shard size."""
+    train: train_stage.Config = dataclasses.field(default_factory=train_stage.Config)
+    """SAE sweep training."""
+    mask: mask_stage.Config = dataclasses.field(default_factory=mask_stage.Config)
+    """Keep-mask over labelled patches."""
+    score: score_stage.Config = dataclasses.field(default_factory=score_stage.Config)
+    """Per-block AP scoring of every SAE latent."""
+    reduce: reduce_stage.Config = dataclasses.field(default_factory=reduce_stage.Config)
+    """Best latent per class."""
+    slurm: SlurmConfig | None = None
+    """Cluster settings; when present (and not overridden on the command line) stages are submitted to Slurm."""
+    config_dpath: pathlib.Path = artifacts.unhashed(pathlib.Path("."))
+    """Directory of the config file; relative paths inside the config (sweep files) resolve against it."""
+
+
+def load(fpath: pathlib.Path | str) -> Pipeline:
+    """Read and check a pipeline TOML file (unknown keys and wrong types are `ConfigError`s naming the key)."""
+    fpath = pathlib.Path(fpath)
+    data = configs.load_toml(fpath)
+    if "config_dpath" in data:
+        raise configs.ConfigError(f"{fpath}: 'config_dpath' is set by the launcher, not the config")
+    pipeline = configs.from_dict(Pipeline, data, where=str(fpath))
+    return dataclasses.replace(pipeline, config_dpath=fpath.resolve().parent)
+
+
+def make_plan(pipeline: Pipeline) -> Plan:
+    """Compute every stage's keys and pieces, from configs only (nothing is read from the artifacts)."""
+    plan: Plan = {}
+    for name in STAGES:
+        plan[name] = MODULES[name].plan(pipeline, plan)
+    return plan
+
+
+def verify_inputs(pipeline: Pipeline, plan: Plan, stage: str, key: str) -> None:
+    """Refuse to start when an input artifact is incomplete (afterok alone is not trusted).
+
+    An input whose pieces all exist but whose manifest is missing (its last job died between writing its piece and
+    sealing) is sealed here first.
+    """
+    for art in plan[stage].input_artifacts(key, pipeline.root):
+        if not art.is_done() and art.stage in plan:
+            seal(pipeline, plan[art.stage], art)
+        try:
+            art.verify()
+        except artifacts.IncompleteArtifactError as err:
+            raise artifacts.IncompleteArtifactError(f"stage '{stage}' cannot start: input {err}") from None
+
+
+def run_pieces(pipeline: Pipeline, stage: str, piece_ids: typing.Sequence[str]) -> None:
+    """Job body: run the named pieces of one stage (skipping done ones), then seal the artifacts they belong to.
+
+    This is what a Slurm job or the local executor calls. It recomputes the plan from the pipeline config, so a job
+    needs nothing but the config to run.
+    """
+    plan = make_plan(pipeline)
+    stage_plan = plan[stage]
+    by_id = {piece.id: piece for piece in stage_plan.pieces}
+    unknown = [pid for pid in piece_ids if pid not in by_id]
+    if unknown:
+        raise ValueError(f"stage '{stage}' has no piece(s) {unknown}; did the config change since submission?")
+    module = MODULES[stage]
+    touched: dict[str, artifacts.Artifact] = {}
+    for pid in piece_ids:
+        piece = by_id[pid]
+        art = piece.artifact
+        touched[art.key] = art
+        if piece.is_done():
+            logger.info("%s %s: already done, skipping", stage, piece.label)
+            continue
+        verify_inputs(pipeline, plan, stage, art.key)
+        with art.lock(piece.fpath.name if piece.fpath else ""):
+            if piece.is_done():  # finished by a concurrent launch while we checked
+                continue
+            if piece.fpath is not None and art.is_done():
+                # A piece of a sealed artifact vanished (deleted, purged): the manifest no longer tells the truth.
+                logger.warning("%s: %s is missing; unsealing %s to recompute it", stage, piece.fpath, art.ref)
+                art.manifest_fpath.unlink(missing_ok=True)
+            logger.info("%s %s: running", stage, piece.label)
+            module.run(pipeline, plan, piece)
+    for art in touched.values():
+        seal(pipeline, stage_plan, art)
+
+
+def seal(pipeline: Pipeline, stage_plan: StagePlan, art: artifacts.Artifact) -> bool:
+    """Write the manifest of a multi-piece artifact once all its pieces exist; returns whether it is done.
+
+    Every task of a job array calls this after writing its piece, so the last one to finish seals the artifact.
+    """
+    pieces = [p for p in stage_plan.pieces if p.artifact.key == art.key]
+    if art.is_done():
+        return True
+    if not pieces or any(p.fpath is None for p in pieces) or not all(p.is_done() for p in pieces):
+        return False  # single-piece artifacts are sealed by their own run()
+    with art.lock(wait=True):
+        if not art.is_done():
+            first_mtime = min(p.fpath.stat().st_mtime for p in pieces if p.fpath is not None)
+            started = datetime.datetime.fromtimestamp(first_mtime, datetime.timezone.utc)
+            extra = getattr(MODULES[stage_plan.name], "manifest_extra", None)
+            art.write_manifest(
+                params=stage_plan.params[art.key],
+                inputs=stage_plan.inputs[art.key],
+                started=started.isoformat(timespec="seconds"),
+                extra=extra(pipeline, art) if extra else None,
+            )
+            logger.info("%s: sealed %s (%d pieces)", stage_plan.name, art.ref, len(pieces))
+    return True

@@ -1,0 +1,175 @@
+"""The whole graph on a tiny config: keys, skipping, targeted recomputation, input checks, results."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import launch
+from saev import artifacts
+from stages import pipeline as pl
+
+REPO = launch.__file__.rsplit("/", 1)[0]
+
+
+def run(config, *extra: str) -> int:
+    args = launch.Args(config=config)
+    for item in extra:
+        name, _, value = item.partition("=")
+        args = dataclasses.replace(args, **{name: value if value else True})
+    return launch.main(args)
+
+
+def snapshot(root) -> dict[str, int]:
+    """Relative path -> mtime_ns of every file under the artifact root."""
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
+    }
+
+
+@pytest.fixture(scope="module")
+def done_config(tmp_path_factory):
+    """A tiny pipeline run once to completion; tests copy it before changing anything."""
+    tmp_path = tmp_path_factory.mktemp("tiny")
+    for name in ("tiny.toml", "tiny-sweep.toml"):
+        shutil.copy(f"{REPO}/tests/{name}", tmp_path / name)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(cfg.read_text().replace('root = "runs"', f'root = "{tmp_path / "runs"}"'))
+    assert run(cfg) == 0
+    return cfg
+
+
+@pytest.fixture
+def copy_of_done(done_config, tmp_path):
+    """A private copy of the completed tiny run (config + artifacts) that a test may change."""
+    src = done_config.parent
+    for name in ("tiny.toml", "tiny-sweep.toml"):
+        shutil.copy(src / name, tmp_path / name)
+    shutil.copytree(src / "runs", tmp_path / "runs")
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(cfg.read_text().replace(str(src / "runs"), str(tmp_path / "runs")))
+    return cfg
+
+
+def test_whole_graph_writes_every_stage_and_results(done_config):
+    pipeline = pl.load(done_config)
+    plan = pl.make_plan(pipeline)
+    assert all(plan[name].state() == "done" for name in pl.STAGES)
+    for name in pl.STAGES:
+        for art in plan[name].artifacts:
+            art.verify()
+    best = json.loads((plan["reduce"].artifacts[0].dpath / "best.json").read_text())
+    sae_keys = {art.key for art in plan["train"].artifacts}
+    names = [row["name"] for row in best["classes"]]
+    assert names[0] == "background" and len(names) == len(set(names)) > 2
+    assert set(best["per_sae"]) == sae_keys
+    for row in best["classes"]:
+        assert set(row) >= {"name", "prevalence", "ap", "prototype", "sae"}
+        if row["ap"] is not None:
+            assert row["sae"] in sae_keys and 0 <= row["prototype"]
+            assert row["ap"] >= row["prevalence"] - 1e-12  # the best latent is at least as good as chance
+    csv_lines = (plan["reduce"].artifacts[0].dpath / "best.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("name,") and len(csv_lines) == len(names) + 1
+
+
+def test_second_run_does_nothing(copy_of_done, capsys):
+    root = copy_of_done.parent / "runs"
+    before = snapshot(root)
+    assert run(copy_of_done) == 0
+    out = capsys.readouterr().out
+    assert all(f"{name}: done, skipping" in out for name in pl.STAGES)
+    assert snapshot(root) == before
+
+
+def keys(config) -> dict[str, set[str]]:
+    plan = pl.make_plan(pl.load(config))
+    return {name: {a.key for a in plan[name].artifacts} for name in pl.STAGES}
+
+
+def test_changing_l1_recomputes_only_downstream(copy_of_done):
+    before = keys(copy_of_done)
+    sweep = copy_of_done.parent / "tiny-sweep.toml"
+    text = sweep.read_text()
+    assert "l1_coeff = [" in text
+    sweep.write_text(text.replace("l1_coeff = [", "l1_coeff = [0.05, ", 1))
+    after = keys(copy_of_done)
+    assert after["dump"] == before["dump"] and after["mask"] == before["mask"]
+    assert before["train"] < after["train"]  # the old SAEs keep their keys; one new SAE
+    assert len(after["score"] - before["score"]) == 1
+    assert after["reduce"] != before["reduce"]
+
+
+def test_slurm_only_values_change_no_key(copy_of_done):
+    before = keys(copy_of_done)
+    text = copy_of_done.read_text()
+    text += '\n[slurm]\naccount = "PAS0000"\npartition = "gpu"\n[slurm.train]\nhours = 12.0\ngpus = 2\n'
+    text = text.replace("batch_size = 16", "batch_size = 7")  # memory-only knob
+    copy_of_done.write_text(text)
+    assert keys(copy_of_done) == before
+
+
+def test_deleted_partial_is_recomputed_alone(copy_of_done):
+    root = copy_of_done.parent / "runs"
+    partials = sorted(root.glob("score/*/partials/block*.safetensors"))
+    assert len(partials) >= 4
+    victim = partials[len(partials) // 2]
+    victim_tensors = safetensors.numpy.load_file(str(victim))
+    victim.unlink()
+    before = snapshot(root)
+    assert run(copy_of_done, "stage=score") == 0
+    after = snapshot(root)
+    recomputed = safetensors.numpy.load_file(str(victim))
+    for name, value in victim_tensors.items():  # deterministic: the same AP as before
+        np.testing.assert_array_equal(recomputed[name], value)
+    changed = {p for p in after if after[p] != before.get(p)}
+    rel_victim = str(victim.relative_to(root))
+    score_dir = rel_victim.split("/partials/")[0]
+    assert changed == {rel_victim, f"{score_dir}/manifest.json"}
+
+
+def test_stage_refuses_incomplete_input(copy_of_done, capsys):
+    root = copy_of_done.parent / "runs"
+    plan = pl.make_plan(pl.load(copy_of_done))
+    shard = plan["dump"].artifacts[0].dpath / "acts000000.bin"
+    with open(shard, "r+b") as fd:
+        fd.truncate(100)
+    shutil.rmtree(plan["mask"].artifacts[0].dpath)
+    assert run(copy_of_done, "stage=mask") == 1
+    err = capsys.readouterr().err
+    assert "cannot start" in err and "acts000000.bin" in err
+    assert not plan["mask"].artifacts[0].is_done()
+
+
+def test_dry_run_prints_plan_and_runs_nothing(tiny_config, capsys):
+    assert run(tiny_config, "dry_run") == 0
+    out = capsys.readouterr().out
+    for name in pl.STAGES:
+        assert f"\n{name} " in out
+    assert "missing" in out
+    assert not (tiny_config.parent / "runs").exists()
+
+
+def test_stage_without_done_input_is_refused_before_running(tiny_config, capsys):
+    assert run(tiny_config, "stage=score") == 1
+    assert "run `--stage dump`" in capsys.readouterr().err
+    assert not (tiny_config.parent / "runs").exists()
+
+
+def test_bad_config_exits_2_with_message(tiny_config, capsys):
+    tiny_config.write_text(tiny_config.read_text().replace("n_keep = 2000", "n_kep = 2000"))
+    assert run(tiny_config) == 2
+    assert "unknown key 'n_kep'; did you mean 'n_keep'?" in capsys.readouterr().err
+
+
+def test_help_documents_every_option():
+    out = subprocess.run(
+        [sys.executable, "launch.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    for option in ("--stage", "--config", "--dry-run", "--status", "--executor", "--root"):
+        assert option in out
