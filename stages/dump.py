@@ -53,6 +53,12 @@ def plan(pipeline, upstream) -> StagePlan:
     return StagePlan(NAME, (art,), (Piece(NAME, art, label=label),), {art.key: params}, {art.key: {}})
 
 
+def count_patches(pipeline) -> int:
+    """Patches the dump will hold (images x patches per image), from the configs alone."""
+    _, n_side = vits.get_patch_grid(pipeline.dump.vit.model)
+    return len(datasets.make_dataset(pipeline.dump.data)) * n_side * n_side
+
+
 def check(pipeline) -> None:
     """Checks that can run before any job is submitted: the dataset opens and the model config exists."""
     datasets.make_dataset(pipeline.dump.data)

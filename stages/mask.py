@@ -1,6 +1,8 @@
 """mask: a seeded, exact-size keep-mask over the labelled patches of a dump.
 
-Output `<root>/mask/<key>/keep.npy`: sorted int64 global patch indices (image * n_patches_per_img + patch).
+Output `<root>/mask/<key>/keep.npy` and `heldout.npy`: sorted int64 global patch indices
+(image * n_patches_per_img + patch). The kept patches select the best latent per class; the disjoint held-out
+patches report its AP, so selection and reporting never use the same patches.
 """
 
 import dataclasses
@@ -24,8 +26,10 @@ class Config:
 
     n_keep: int | typing.Literal["all"] = 100_000
     """Exactly this many labelled patches are kept (uniformly, without replacement), or "all" of them."""
+    n_heldout: int = 0
+    """Labelled patches held out (disjoint from the kept ones) to report the AP of each chosen latent; 0 = none."""
     seed: int = 0
-    """Seed of the draw; the mask depends only on it and on which patches are labelled."""
+    """Seed of the draw; the masks depend only on it, the sizes and which patches are labelled."""
 
 
 def plan(pipeline, upstream):
@@ -33,7 +37,7 @@ def plan(pipeline, upstream):
     params = artifacts.hashed_params(pipeline.mask)
     inputs = {"dump": dump_art.ref}
     art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, inputs))
-    piece = Piece(NAME, art, label=f"keep {pipeline.mask.n_keep} (seed {pipeline.mask.seed})")
+    piece = Piece(NAME, art, label=f"keep {pipeline.mask.n_keep}, hold out {pipeline.mask.n_heldout} (seed {pipeline.mask.seed})")
     return StagePlan(NAME, (art,), (piece,), {art.key: params}, {art.key: inputs})
 
 
@@ -44,14 +48,29 @@ def run(pipeline, plan, piece) -> None:
     md = shards.metadata
     labelled_N = np.asarray(shards.labels).reshape(-1) != md.labels_ignore
     n_keep = None if cfg.n_keep == "all" else cfg.n_keep
-    keep = keepmask.make_keep_indices(labelled_N, n_keep, cfg.seed)
-    write_indices(piece.artifact.dpath / "keep.npy", keep)
+    masks = keepmask.make_masks(labelled_N, n_keep, cfg.n_heldout, cfg.seed)
+    write_indices(piece.artifact.dpath / "keep.npy", masks.keep)
+    write_indices(piece.artifact.dpath / "heldout.npy", masks.heldout)
     piece.artifact.write_manifest(
         params=plan[NAME].params[piece.artifact.key],
         inputs=plan[NAME].inputs[piece.artifact.key],
         started=started,
-        extra={"n_patches": int(labelled_N.size), "n_labelled": int(labelled_N.sum()), "n_keep": int(len(keep))},
+        extra={
+            "n_patches": int(labelled_N.size),
+            "n_labelled": int(labelled_N.sum()),
+            "n_keep": len(masks.keep),
+            "n_heldout": len(masks.heldout),
+        },
     )
+
+
+def max_kept(pipeline) -> int:
+    """An upper bound on the number of kept patches, known before anything runs (sizes the score blocks)."""
+    if pipeline.mask.n_keep != "all":
+        return pipeline.mask.n_keep
+    from . import dump as dump_stage
+
+    return dump_stage.count_patches(pipeline)
 
 
 def write_indices(fpath, idx: np.ndarray) -> None:
@@ -63,3 +82,8 @@ def write_indices(fpath, idx: np.ndarray) -> None:
 def load_keep(dpath) -> np.ndarray:
     """The sorted global indices of the kept patches of the mask artifact in `dpath`."""
     return np.load(dpath / "keep.npy", allow_pickle=False)
+
+
+def load_heldout(dpath) -> np.ndarray:
+    """The sorted global indices of the held-out patches (disjoint from the kept ones; may be empty)."""
+    return np.load(dpath / "heldout.npy", allow_pickle=False)

@@ -69,8 +69,9 @@ def test_whole_graph_writes_every_stage_and_results(done_config):
     names = [row["name"] for row in best["classes"]]
     assert names[0] == "background" and len(names) == len(set(names)) > 2
     assert set(best["per_sae"]) == sae_keys
+    assert best["n_heldout"] == 500
     for row in best["classes"]:
-        assert set(row) >= {"name", "prevalence", "ap", "prototype", "sae"}
+        assert set(row) >= {"name", "prevalence", "ap", "prototype", "sae", "heldout_ap", "dead"}
         if row["ap"] is not None:
             assert row["sae"] in sae_keys and 0 <= row["prototype"]
             assert row["ap"] >= row["prevalence"] - 1e-12  # the best latent is at least as good as chance
@@ -173,3 +174,75 @@ def test_help_documents_every_option():
     ).stdout
     for option in ("--stage", "--config", "--dry-run", "--status", "--executor", "--root"):
         assert option in out
+
+
+def test_heldout_ap_is_sklearn_on_heldout_patches(done_config):
+    """The reported AP of each chosen latent is scikit-learn's AP over the held-out patches, none of them kept."""
+    import torch
+    from sklearn.metrics import average_precision_score
+
+    from saev import nn
+    from saev.data.shards import Shards
+    from stages import mask as mask_stage
+
+    pipeline = pl.load(done_config)
+    plan = pl.make_plan(pipeline)
+    best = json.loads((plan["reduce"].artifacts[0].dpath / "best.json").read_text())
+    shards = Shards(plan["dump"].artifacts[0].dpath)
+    keep = mask_stage.load_keep(plan["mask"].artifacts[0].dpath)
+    heldout = mask_stage.load_heldout(plan["mask"].artifacts[0].dpath)
+    assert not set(keep) & set(heldout)
+    labels = np.asarray(shards.labels).reshape(-1)[heldout]
+    checked = 0
+    for c, row in enumerate(best["classes"]):
+        if row["heldout_ap"] is None:
+            continue
+        layer = plan["train"].info[row["sae"]]["layer"]
+        sae = nn.load(pipeline.root / "train" / row["sae"])
+        with torch.inference_mode():
+            scores = sae.encode(torch.from_numpy(shards.patches_flat(layer, heldout)))[:, row["prototype"]]
+        expected = average_precision_score(labels == c, scores.numpy())
+        assert abs(row["heldout_ap"] - expected) <= 1e-9
+        checked += 1
+    assert checked >= 3
+
+
+def test_partials_are_sklearn_ap_over_kept_patches(done_config):
+    import torch
+    from sklearn.metrics import average_precision_score
+
+    from saev import nn
+    from saev.data.shards import Shards
+    from stages import mask as mask_stage
+    from stages import score as score_stage
+
+    pipeline = pl.load(done_config)
+    plan = pl.make_plan(pipeline)
+    shards = Shards(plan["dump"].artifacts[0].dpath)
+    keep = mask_stage.load_keep(plan["mask"].artifacts[0].dpath)
+    labels = np.asarray(shards.labels).reshape(-1)[keep]
+    score_art = plan["score"].artifacts[0]
+    info = plan["score"].info[score_art.key]
+    partials = score_stage.read_partials(score_art, info["d_sae"])
+    sae = nn.load(pipeline.root / "train" / info["sae"])
+    with torch.inference_mode():
+        scores = sae.encode(torch.from_numpy(shards.patches_flat(info["layer"], keep))).numpy()
+    assert partials.ap_CK.shape == (len(shards.metadata.class_names), info["d_sae"])
+    for k in (0, info["block_size"], info["d_sae"] - 1):  # first, second block, last latent
+        for c in range(partials.ap_CK.shape[0]):
+            expected = average_precision_score(labels == c, scores[:, k])
+            assert abs(partials.ap_CK[c, k] - expected) <= 1e-9
+    np.testing.assert_array_equal(partials.max_K, scores.max(axis=0))
+
+
+def test_auto_block_size_follows_memory_budget():
+    from stages import score as score_stage
+
+    small = score_stage.Config(block_size="auto", memory_gb=1.0)
+    big = score_stage.Config(block_size="auto", memory_gb=40.0)
+    n_small = score_stage.get_block_size(small, 100_000, 32_768)
+    n_big = score_stage.get_block_size(big, 100_000, 32_768)
+    assert 0 < n_small < n_big <= 32_768
+    assert n_small * 100_000 * 4 <= 1.0 * 2**30  # the block's float32 scores fit the budget
+    assert score_stage.get_block_size(big, 2_700_000, 32_768) * 2_700_000 * 4 <= 40 * 2**30
+    assert score_stage.get_block_size(score_stage.Config(block_size=64), 10, 100) == 64
