@@ -30,7 +30,7 @@ class Args:
     """Run or submit the pipeline described by one TOML config."""
 
     stage: Stage = "all"
-    """Stage to run: one of dump, train, mask, score, reduce, or all. Only missing pieces run; done ones are skipped."""
+    """Stage to (re)run: dump, train, mask, score, reduce, or all. Runs that stage's missing pieces, then whatever downstream is not done (see --only). Done pieces are skipped."""
     config: pathlib.Path = pathlib.Path("configs/demo.toml")
     """The pipeline config (TOML). The default is the built-in demo that runs on CPU in a few minutes."""
     dry_run: bool = False
@@ -39,21 +39,54 @@ class Args:
     """Print the status of every stage and piece and exit (same table as --dry-run, with file paths)."""
     executor: typing.Literal["auto", "local", "slurm"] = "auto"
     """Where to run: 'local' (this process, in order), 'slurm' (submit with submitit), or 'auto' (slurm when the config has a [slurm] section)."""
+    only: bool = False
+    """With --stage NAME: run that stage alone, not the stages downstream of it."""
     root: pathlib.Path | None = None
     """Override the artifact root from the config (e.g. a scratch directory)."""
 
 
-def selected_stages(stage: str) -> list[str]:
-    return list(pl.STAGES) if stage == "all" else [stage]
+def selected_stages(stage: str, only: bool) -> list[str]:
+    """`all`: every stage; a stage name: that stage and the stages downstream of it (unless `only`).
+
+    Done stages and pieces are always skipped, so `--stage score` after one K-block failed reruns that block and
+    then the reduce that waits on it.
+    """
+    if stage == "all":
+        return list(pl.STAGES)
+    if only:
+        return [stage]
+    return list(pl.STAGES[pl.STAGES.index(stage) :])
 
 
-def describe_plan(plan: pl.Plan, stages: list[str], *, verbose: bool = False) -> str:
-    """The plan as a table: stage, key(s), state, pieces done, action."""
+def piece_jobs(plan: pl.Plan) -> dict[str, tuple[str, str]]:
+    """Piece id -> (job id, Slurm state) for every piece that is not done and has a recorded job."""
+    from saev import slurm
+
+    wanted: dict[str, str] = {}
+    for stage_plan in plan.values():
+        pending = {p.id for p in stage_plan.pieces if not p.is_done()}
+        if not pending and stage_plan.state() == "done":
+            continue
+        for art in stage_plan.artifacts:
+            for piece_id, job_id in slurm.Ledger(art.dpath).read().items():
+                if piece_id in pending or (piece_id == stage_plan.pieces[0].id and not art.is_done()):
+                    wanted[piece_id] = job_id
+    states = slurm.job_states(sorted(set(wanted.values())))
+    return {pid: (job, states.get(job, "UNKNOWN")) for pid, job in wanted.items()}
+
+
+def describe_plan(
+    pipeline: pl.Pipeline, plan: pl.Plan, stages: list[str], *, verbose: bool = False, jobs: dict | None = None
+) -> str:
+    """The plan as a table: stage, key(s), state, pieces done, action; with `verbose`, every piece not done
+    (and, on Slurm, its job's state, and for a failed job its log file and last lines)."""
+    jobs = jobs or {}
     lines = [f"{'stage':<8} {'key':<18} {'state':<8} {'pieces':>9}  action"]
     for name, stage_plan in plan.items():
         n_done = sum(piece.is_done() for piece in stage_plan.pieces)
         n_total = len(stage_plan.pieces)
         state = stage_plan.state()
+        active = [p for p in stage_plan.pieces if jobs.get(p.id, ("", ""))[1] in _active_states()]
         if name not in stages:
             action = "-"
         elif state == "done":
@@ -61,17 +94,37 @@ def describe_plan(plan: pl.Plan, stages: list[str], *, verbose: bool = False) ->
         elif n_done == n_total:
             action = "seal"
         else:
-            action = f"run {n_total - n_done} piece(s)"
+            action = f"run {n_total - n_done - len(active)} piece(s)"
+            if active:
+                action += f", {len(active)} already queued"
         keys = stage_plan.artifacts
         key = keys[0].key if len(keys) == 1 else f"{len(keys)} artifacts"
         lines.append(f"{name:<8} {key:<18} {state:<8} {n_done:>4}/{n_total:<4}  {action}")
-        if verbose:
-            for art in stage_plan.artifacts:
-                lines.append(f"    {art.dpath}  {'done' if art.is_done() else 'not done'}")
-            for piece in stage_plan.pieces:
-                if not piece.is_done() and len(stage_plan.pieces) > 1:
-                    lines.append(f"    missing: {piece.label}")
+        if not verbose:
+            continue
+        for art in stage_plan.artifacts:
+            lines.append(f"    {art.dpath}  {'done' if art.is_done() else 'not done'}")
+        for piece in stage_plan.pieces:
+            if piece.is_done():
+                continue
+            job_id, job_state = jobs.get(piece.id, (None, None))
+            if job_id is None:
+                lines.append(f"    missing: {piece.label}")
+                continue
+            lines.append(f"    {job_state.lower()}: {piece.label} (job {job_id})")
+            if job_state not in _active_states() and pipeline.slurm is not None:
+                from saev import slurm
+
+                _, err_fpath = slurm.log_fpaths(pipeline.slurm, name, job_id)
+                lines.append(f"      log: {err_fpath}")
+                lines.extend(f"      | {line}" for line in slurm.tail(err_fpath).splitlines())
     return "\n".join(lines)
+
+
+def _active_states() -> frozenset[str]:
+    from saev import slurm
+
+    return slurm.ACTIVE_STATES
 
 
 def run_local(pipeline: pl.Pipeline, plan: pl.Plan, stages: list[str]) -> None:
@@ -88,25 +141,42 @@ def run_local(pipeline: pl.Pipeline, plan: pl.Plan, stages: list[str]) -> None:
         print(f"{name}: done in {helpers.format_duration(time.perf_counter() - start)}", flush=True)
 
 
-def submit_slurm(pipeline: pl.Pipeline, plan: pl.Plan, stages: list[str]) -> None:
+def submit_slurm(pipeline: pl.Pipeline, plan: pl.Plan, stages: list[str], jobs: dict) -> dict[str, list[str]]:
+    """Submit every missing piece of the selected stages at once, each stage waiting (afterok) on the jobs of its
+    upstream stages; pieces whose job is already pending or running are not submitted again (their job ids
+    become dependencies instead). Returns stage -> job ids."""
     from saev import slurm
 
     assert pipeline.slurm is not None
-    submitted: dict[str, list[str]] = {}
+    waiting_on: dict[str, list[str]] = {}
     for name in stages:
         stage_plan = plan[name]
         if stage_plan.state() == "done":
             print(f"{name}: done, skipping", flush=True)
             continue
-        # Wait on the upstream stages submitted in this launch; done upstream stages need no dependency.
-        after = [job for upstream in pl.STAGES[: pl.STAGES.index(name)] for job in submitted.get(upstream, [])]
+        queued = {pid: job for pid, (job, state) in jobs.items() if state in slurm.ACTIVE_STATES}
         missing = stage_plan.missing() or [stage_plan.pieces[0]]  # all pieces exist: one task seals
-        args = [(pipeline, name, [piece.id]) for piece in missing]
-        job_ids = slurm.submit(pipeline.slurm, name, pl.run_pieces, args, after=slurm.array_ids(after))
-        submitted[name] = job_ids
-        shown = ", ".join(slurm.array_ids(job_ids))
-        print(f"{name}: submitted {len(job_ids)} job(s) [{shown}]" + (f" after {', '.join(slurm.array_ids(after))}" if after else ""), flush=True)
+        todo = [p for p in missing if p.id not in queued]
+        reuse = [queued[p.id] for p in missing if p.id in queued]
+        after = [job for upstream in pl.STAGES[: pl.STAGES.index(name)] for job in waiting_on.get(upstream, [])]
+        after = slurm.array_ids(after)
+        args = [(pipeline, name, [piece.id]) for piece in todo]
+        job_ids = slurm.submit(pipeline.slurm, name, pl.run_pieces, args, after=after)
+        for art in stage_plan.artifacts:
+            mine = {p.id: j for p, j in zip(todo, job_ids) if p.artifact.key == art.key}
+            if mine:
+                slurm.Ledger(art.dpath).record(mine)
+        waiting_on[name] = job_ids + reuse
+        msg = f"{name}: submitted {len(job_ids)} job(s)"
+        if job_ids:
+            msg += f" [{', '.join(slurm.array_ids(job_ids))}]"
+        if reuse:
+            msg += f"; {len(reuse)} already queued [{', '.join(slurm.array_ids(reuse))}]"
+        if after:
+            msg += f"; after {', '.join(after)}"
+        print(msg, flush=True)
     print(f"logs: {pipeline.slurm.log_dpath}/<stage>/<job id>/", flush=True)
+    return waiting_on
 
 
 def check_inputs(pipeline: pl.Pipeline, plan: pl.Plan, stages: list[str]) -> None:
@@ -144,16 +214,17 @@ def main(args: Args) -> int:
     except (configs.ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    stages = selected_stages(args.stage)
+    stages = selected_stages(args.stage, args.only)
     print(f"config: {args.config}  root: {pipeline.root}  executor: {executor}")
-    print(describe_plan(plan, stages, verbose=args.status), flush=True)
+    jobs = piece_jobs(plan) if executor == "slurm" else {}
+    print(describe_plan(pipeline, plan, stages, verbose=args.status, jobs=jobs), flush=True)
     if args.dry_run or args.status:
         return 0
 
     try:
         check_inputs(pipeline, plan, stages)
         if executor == "slurm":
-            submit_slurm(pipeline, plan, stages)
+            submit_slurm(pipeline, plan, stages, jobs)
             return 0
         run_local(pipeline, plan, stages)
     except (artifacts.IncompleteArtifactError, artifacts.ArtifactBusyError, configs.ConfigError, ValueError, OSError) as err:

@@ -138,3 +138,114 @@ def array_ids(job_ids: Sequence[str]) -> list[str]:
     for job_id in job_ids:
         seen[job_id.split("_")[0]] = None
     return list(seen)
+
+
+#######################
+# Job states and logs #
+#######################
+
+ACTIVE_STATES = frozenset(
+    {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
+)
+"""Slurm states of a job that is still going to run or is running."""
+
+
+@beartype.beartype
+def job_states(job_ids: Sequence[str]) -> dict[str, str]:
+    """Current state of each job (array tasks as `ARRAY_TASK`): from sacct, or squeue when accounting is unavailable.
+
+    Jobs Slurm no longer knows are left out. States are Slurm's words (PENDING, RUNNING, COMPLETED, FAILED,
+    CANCELLED, TIMEOUT, OUT_OF_MEMORY, ...); "CANCELLED by 0" is shortened to "CANCELLED".
+    """
+    import subprocess
+
+    if not job_ids:
+        return {}
+    wanted = set(job_ids)
+    base_ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+    states: dict[str, str] = {}
+    try:
+        out = subprocess.run(
+            ["sacct", "-n", "-P", "-X", "-j", base_ids, "-o", "JobID,State"],
+            capture_output=True, text=True, timeout=30,
+        )
+        ok = out.returncode == 0 and "disabled" not in out.stderr.lower()
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    if ok:
+        for line in out.stdout.splitlines():
+            job_id, _, state = line.partition("|")
+            state = state.split()[0] if state else ""
+            if job_id in wanted:
+                states[job_id] = state
+            elif "[" in job_id:  # a pending array not yet split into tasks: 123_[4-9%2]
+                base, _, spec = job_id.partition("_")
+                for task in _expand_array_spec(spec):
+                    if f"{base}_{task}" in wanted:
+                        states[f"{base}_{task}"] = state
+        return states
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-j", base_ids, "-o", "%i|%T"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return states
+    for line in out.stdout.splitlines():
+        job_id, _, state = line.partition("|")
+        if job_id in wanted:
+            states[job_id] = state.strip()
+    return states
+
+
+def _expand_array_spec(spec: str) -> list[int]:
+    """'[4-9%2]' or '[1,3,5-6]' -> task ids."""
+    spec = spec.strip("[]").split("%")[0]
+    tasks: list[int] = []
+    for part in spec.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            tasks.extend(range(int(lo), int(hi) + 1))
+        elif part:
+            tasks.append(int(part))
+    return tasks
+
+
+@beartype.beartype
+def log_fpaths(cfg: SlurmConfig, stage: str, job_id: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """(stdout, stderr) log files that submitit writes for a job or array task."""
+    dpath = cfg.log_dpath / stage / job_id
+    return dpath / f"{job_id}_0_log.out", dpath / f"{job_id}_0_log.err"
+
+
+@beartype.beartype
+def tail(fpath: pathlib.Path, n_lines: int = 5) -> str:
+    """The last lines of a log file ('' if it does not exist yet)."""
+    try:
+        with open(fpath, "rb") as fd:
+            fd.seek(0, 2)
+            fd.seek(max(0, fd.tell() - 16_384))
+            lines = fd.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n_lines:])
+
+
+class Ledger:
+    """Which Slurm job was submitted for each piece of an artifact: `<artifact>/.jobs.json` (a dot-file, never
+    part of the artifact). Lets the launcher avoid submitting a piece twice and report failed jobs' logs."""
+
+    def __init__(self, dpath: pathlib.Path):
+        self.fpath = dpath / ".jobs.json"
+
+    def read(self) -> dict[str, str]:
+        import json
+
+        try:
+            return json.loads(self.fpath.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def record(self, jobs: dict[str, str]) -> None:
+        from saev import artifacts
+
+        artifacts.atomic_write_json(self.fpath, {**self.read(), **jobs})
