@@ -223,6 +223,13 @@ def main(args: Args) -> int:
 
     try:
         check_inputs(pipeline, plan, stages)
+    except artifacts.IncompleteArtifactError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (configs.ConfigError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
         if executor == "slurm":
             submit_slurm(pipeline, plan, stages, jobs)
             return 0

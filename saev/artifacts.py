@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import beartype
 
@@ -274,22 +274,29 @@ class Artifact:
         return manifest
 
     @contextlib.contextmanager
-    def lock(self, part: str = "", *, wait: bool = False) -> Iterator[None]:
+    def lock(
+        self, part: str = "", *, wait: bool = False, on_wait: Callable[[], None] | None = None
+    ) -> Iterator[None]:
         """Hold an exclusive lock while writing this artifact (or one part of it, e.g. one K-block).
 
-        Raises `ArtifactBusyError` if another process holds it, unless `wait` is set. The lock is an flock on
-        `<dpath>/.lock[-part]`, released when the process dies, so a killed job never leaves a stale lock behind.
+        If another process holds it: raise `ArtifactBusyError`, or with `wait` call `on_wait` (e.g. to log) and
+        block until it is released. The lock is an flock on `<dpath>/.lock[-part]`, released when the process dies,
+        so a killed job never leaves a stale lock behind.
         """
         self.dpath.mkdir(parents=True, exist_ok=True)
         lock_fpath = self.dpath / (f".lock-{part}" if part else ".lock")
-        fd = os.open(lock_fpath, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(lock_fpath, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise ArtifactBusyError(
-                    f"{self.ref} is being written by another process (lock {lock_fpath})"
-                ) from None
+                if not wait:
+                    raise ArtifactBusyError(
+                        f"{self.ref} is being written by another process (lock {lock_fpath})"
+                    ) from None
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)

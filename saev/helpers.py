@@ -10,13 +10,20 @@ import beartype
 LOG_FORMAT = "[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record (it may be replaced, e.g. by pytest)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Plain log lines on stderr (Slurm logs are files, not terminals: no control codes)."""
     root = logging.getLogger()
-    if not any(getattr(h, "_saev", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
-        handler._saev = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
 

@@ -47,6 +47,7 @@ class Config:
 
 
 def plan(pipeline, upstream) -> StagePlan:
+    vits.resolve_layers(pipeline.dump.vit.model, pipeline.dump.vit.layers)  # bad model or layers: fail now
     params = artifacts.hashed_params(pipeline.dump)
     art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, {}))
     label = f"{pipeline.dump.vit.model} on {datasets.describe(pipeline.dump.data)}"

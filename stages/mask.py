@@ -28,6 +28,12 @@ class Config:
     """Exactly this many labelled patches are kept (uniformly, without replacement), or "all" of them."""
     n_heldout: int = 0
     """Labelled patches held out (disjoint from the kept ones) to report the AP of each chosen latent; 0 = none."""
+
+    def __post_init__(self):
+        if self.n_keep != "all" and self.n_keep <= 0:
+            raise ValueError(f"mask.n_keep must be positive or \"all\", got {self.n_keep}")
+        if self.n_heldout < 0:
+            raise ValueError(f"mask.n_heldout must be >= 0, got {self.n_heldout}")
     seed: int = 0
     """Seed of the draw; the masks depend only on it, the sizes and which patches are labelled."""
 
@@ -62,6 +68,23 @@ def run(pipeline, plan, piece) -> None:
             "n_heldout": len(masks.heldout),
         },
     )
+
+
+def check(pipeline) -> None:
+    """Before anything runs: the masks cannot ask for more patches than the dump will have."""
+    from . import dump as dump_stage
+
+    cfg: Config = pipeline.mask
+    if cfg.n_keep == "all":
+        if cfg.n_heldout:
+            raise keepmask.KeepMaskError('mask.n_keep = "all" leaves no patches for mask.n_heldout; set n_heldout = 0')
+        return
+    n_patches = dump_stage.count_patches(pipeline)
+    if cfg.n_keep + cfg.n_heldout > n_patches:
+        raise keepmask.KeepMaskError(
+            f"mask.n_keep={cfg.n_keep} + mask.n_heldout={cfg.n_heldout} is more than the {n_patches} patches "
+            "the dump will have; lower them"
+        )
 
 
 def max_kept(pipeline) -> int:

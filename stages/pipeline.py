@@ -112,8 +112,14 @@ def run_pieces(pipeline: Pipeline, stage: str, piece_ids: typing.Sequence[str]) 
             logger.info("%s %s: already done, skipping", stage, piece.label)
             continue
         verify_inputs(pipeline, plan, stage, art.key)
-        with art.lock(piece.fpath.name if piece.fpath else ""):
-            if piece.is_done():  # finished by a concurrent launch while we checked
+        part = piece.fpath.name if piece.fpath else ""
+
+        def waiting(piece=piece):
+            logger.info("%s %s: another process is writing it; waiting", stage, piece.label)
+
+        with art.lock(part, wait=True, on_wait=waiting):
+            if piece.is_done():  # finished by a concurrent launch while we waited
+                logger.info("%s %s: done by another process, skipping", stage, piece.label)
                 continue
             if piece.fpath is not None and art.is_done():
                 # A piece of a sealed artifact vanished (deleted, purged): the manifest no longer tells the truth.

@@ -34,9 +34,9 @@ class Config:
 
 def get_layer(pipeline) -> int:
     """The train layer as a non-negative block index, checked against the dumped layers."""
-    n_layers = vit.get_n_layers(pipeline.dump.vit.model)
-    layer = pipeline.train.layer % n_layers if pipeline.train.layer < 0 else pipeline.train.layer
-    dumped = [x % n_layers if x < 0 else x for x in pipeline.dump.vit.layers]
+    model = pipeline.dump.vit.model
+    (layer,) = vit.resolve_layers(model, (pipeline.train.layer,))
+    dumped = vit.resolve_layers(model, pipeline.dump.vit.layers)
     if layer not in dumped:
         raise ValueError(
             f"train.layer={pipeline.train.layer} (block {layer}) is not among the dumped layers "
