@@ -42,6 +42,9 @@ class ArtifactBusyError(RuntimeError):
 class WriteError(OSError):
     """Writing a piece of an artifact failed (disk full, permissions); nothing was marked done."""
 
+    def __str__(self) -> str:
+        return str(self.strerror) if self.strerror else super().__str__()
+
 
 ###############
 # Hashed keys #
@@ -162,6 +165,20 @@ def atomic_write_json(fpath: pathlib.Path | str, obj: object) -> None:
     """Write `obj` as indented JSON to `fpath` atomically; NaN/inf are refused (use None)."""
     text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
     atomic_write_bytes(fpath, text.encode("utf-8"))
+
+
+@beartype.beartype
+def remove_temp_files(dpath: pathlib.Path, name: str = "*") -> int:
+    """Delete leftover temporary files of `atomic_path` for `name` (default: every file) directly in `dpath`.
+
+    Only call it while holding the lock that covers those files: a killed job leaves its temp file behind, a
+    running one still needs it. Returns how many were removed.
+    """
+    n = 0
+    for fpath in dpath.glob(f".{name}{_TMP_MARK}*"):
+        fpath.unlink(missing_ok=True)
+        n += 1
+    return n
 
 
 @beartype.beartype

@@ -125,6 +125,11 @@ def run_pieces(pipeline: Pipeline, stage: str, piece_ids: typing.Sequence[str]) 
                 # A piece of a sealed artifact vanished (deleted, purged): the manifest no longer tells the truth.
                 logger.warning("%s: %s is missing; unsealing %s to recompute it", stage, piece.fpath, art.ref)
                 art.manifest_fpath.unlink(missing_ok=True)
+            # Leftovers of a killed job (we hold the lock that covers them, so no live writer owns them).
+            if piece.fpath is None:
+                artifacts.remove_temp_files(art.dpath)
+            else:
+                artifacts.remove_temp_files(piece.fpath.parent, piece.fpath.name)
             logger.info("%s %s: running", stage, piece.label)
             module.run(pipeline, plan, piece)
     for art in touched.values():

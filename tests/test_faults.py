@@ -1,0 +1,133 @@
+"""Nothing lost, nothing silent: kill the launcher with SIGKILL at points inside every stage, run two launches at
+once, fill the disk; the rerun's best.json equals a clean run's, and no artifact missing a file is ever done.
+
+These run the real launcher in subprocesses (`python launch.py`), so they are marked slow; CI runs them explicitly.
+"""
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from saev import artifacts
+
+pytestmark = pytest.mark.slow
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def write_config(dpath: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
+    for name in ("tiny.toml", "tiny-sweep.toml"):
+        shutil.copy(REPO / "tests" / name, dpath / name)
+    cfg = dpath / "tiny.toml"
+    cfg.write_text(cfg.read_text().replace('root = "runs"', f'root = "{root}"'))
+    return cfg
+
+
+def launch(cfg: pathlib.Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "launch.py"), "--config", str(cfg), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def best_of(root: pathlib.Path) -> dict:
+    (fpath,) = root.glob("reduce/*/best.json")
+    return json.loads(fpath.read_text())
+
+
+def assert_done_means_complete(root: pathlib.Path) -> None:
+    """Every artifact with a manifest has every file the manifest lists, at its size."""
+    for manifest in root.glob("*/*/manifest.json"):
+        stage, key = manifest.parent.parent.name, manifest.parent.name
+        artifacts.Artifact(root, stage, key).verify()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("clean")
+    cfg = write_config(tmp, tmp / "runs")
+    proc = launch(cfg)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return best_of(tmp / "runs")
+
+
+KILL_POINTS = [
+    ("dump-mid-shards", "dump/*/acts000002.bin"),
+    ("dump-labels", "dump/*/labels.bin"),
+    ("train-weights", "train/*/sae.safetensors"),
+    ("mask-keep", "mask/*/keep.npy"),
+    ("score-partial", "score/*/partials/block00001.safetensors"),
+    ("reduce-results", "reduce/*/best.json"),
+]
+
+
+@pytest.mark.parametrize("pattern", [p for _, p in KILL_POINTS], ids=[n for n, _ in KILL_POINTS])
+def test_sigkill_then_rerun_gives_clean_result(tmp_path, reference, pattern):
+    root = tmp_path / "runs"
+    cfg = write_config(tmp_path, root)
+    proc = launch(cfg)
+    deadline = time.monotonic() + 240
+    while not list(root.glob(pattern)):
+        assert proc.poll() is None, f"launcher ended before {pattern} appeared:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"{pattern} never appeared"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert_done_means_complete(root)
+    assert not list(root.glob("reduce/*/manifest.json")) or pattern.startswith("reduce")
+
+    rerun = launch(cfg)
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out
+    assert_done_means_complete(root)
+    assert best_of(root) == reference
+
+
+def test_two_launches_at_once_run_each_piece_once(tmp_path, reference):
+    root = tmp_path / "runs"
+    cfg = write_config(tmp_path, root)
+    procs = [launch(cfg) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    log = "\n".join(outs)
+    running = [line.split("] ", 3)[-1] for line in log.splitlines() if line.endswith(": running")]
+    assert running and len(running) == len(set(running)), running  # no piece ran twice
+    assert_done_means_complete(root)
+    assert best_of(root) == reference
+
+
+@contextlib.contextmanager
+def small_disk(dpath: pathlib.Path, size: str):
+    """A real tmpfs of `size` mounted at dpath (needs root); skips where mounting is not permitted."""
+    dpath.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(dpath)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield dpath
+    finally:
+        subprocess.run(["umount", "-l", str(dpath)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_is_a_clear_error_and_leaves_no_manifest(tmp_path):
+    with small_disk(tmp_path / "disk", "600k") as disk:
+        cfg = write_config(tmp_path, disk / "runs")
+        proc = launch(cfg, "--stage", "dump")
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 1, out
+        assert "error: could not write" in out and "(disk full?)" in out, out
+        assert not list((disk / "runs").glob("*/*/manifest.json"))
+        assert not list((disk / "runs").glob("dump/*/.*.tmp-*"))  # the failed write cleaned up after itself
