@@ -1,0 +1,47 @@
+"""Nothing from disk can run code: no pickle, configs are data; artifacts are not world-writable."""
+
+import os
+import pathlib
+import re
+import stat
+
+import launch
+
+REPO = pathlib.Path(launch.__file__).parent
+SOURCES = [p for d in ("saev", "stages") for p in (REPO / d).rglob("*.py")] + [REPO / "launch.py"]
+
+
+def test_no_pickle_and_no_unsafe_torch_load_in_the_code():
+    for fpath in SOURCES:
+        text = fpath.read_text()
+        assert not re.search(r"^\s*(import pickle|from pickle|import dill|import joblib)", text, re.M), fpath
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, f"{fpath}: {call}"
+        assert "np.load(" not in text or "allow_pickle=False" in text, fpath
+
+
+def test_configs_are_parsed_never_executed():
+    for fpath in SOURCES:
+        text = fpath.read_text()
+        assert not re.search(r"(?<![.\w])(exec|eval)\(", text), fpath  # builtins, not module.eval()
+        assert "runpy" not in text and "importlib.import_module(" not in text, fpath
+
+
+def test_artifacts_follow_the_umask_and_nothing_is_world_writable(tmp_path):
+    from tests.test_pipeline import run
+
+    for name in ("tiny.toml", "tiny-sweep.toml"):
+        (tmp_path / name).write_text((REPO / "tests" / name).read_text())
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(cfg.read_text().replace('root = "runs"', f'root = "{tmp_path / "runs"}"'))
+    old = os.umask(0o027)
+    try:
+        assert run(cfg, "stage=dump", "only") == 0
+    finally:
+        os.umask(old)
+    paths = list((tmp_path / "runs").rglob("*"))
+    assert paths
+    for path in paths:
+        mode = path.stat().st_mode
+        assert not mode & stat.S_IWOTH, path
+        assert not mode & stat.S_IROTH, f"{path} ignores the umask"
