@@ -180,18 +180,22 @@ class Vit(torch.nn.Module):
 def make_vit(cfg: VitConfig, device: torch.device | str = "cpu") -> Vit:
     """Build the model in eval mode (random weights seeded by `init_seed` when `pretrained` is empty)."""
     device = torch.device(device)
+    # Fail on an unknown model name or a bad layer with a short ValueError, before building or loading anything.
+    resolve_layers(cfg.model, cfg.layers)
     if cfg.pretrained:
         if os.path.sep in cfg.pretrained and not os.path.isfile(cfg.pretrained):
             raise FileNotFoundError(f"pretrained weights file not found: {cfg.pretrained}")
         model = open_clip.create_model(cfg.model, pretrained=cfg.pretrained, require_pretrained=True)
     else:
-        torch.manual_seed(cfg.init_seed)
         # open_clip warns (on the root logger) that no weights were loaded; random weights are what we asked for.
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)
+        # fork_rng: seed the weights without resetting the caller's global torch RNG.
         try:
-            model = open_clip.create_model(cfg.model, pretrained=None)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.init_seed)
+                model = open_clip.create_model(cfg.model, pretrained=None)
         finally:
             root.setLevel(level)
     visual = model.visual.to(device, _DTYPES[cfg.dtype]).eval()

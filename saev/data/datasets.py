@@ -182,6 +182,11 @@ class FolderDataset:
         )
         if not self.img_fpaths:
             raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {imgs_dpath}")
+        stems: dict[str, pathlib.Path] = {}
+        for p in self.img_fpaths:
+            if p.stem in stems:
+                raise DatasetError(f"images {stems[p.stem]} and {p} share the mask {masks_dpath / (p.stem + '.png')}")
+            stems[p.stem] = p
         self.mask_fpaths = [masks_dpath / f"{p.stem}.png" for p in self.img_fpaths]
         missing = [p for p in self.mask_fpaths if not p.is_file()]
         if missing:
@@ -195,9 +200,13 @@ class FolderDataset:
         img_fpath, mask_fpath = self.img_fpaths[i], self.mask_fpaths[i]
         try:
             image = Image.open(img_fpath).convert("RGB")
-            mask_img = Image.open(mask_fpath)
         except OSError as err:
-            raise DatasetError(f"cannot read {img_fpath} or {mask_fpath}: {err}") from err
+            raise DatasetError(f"cannot read image {img_fpath}: {err}") from err
+        try:
+            mask_img = Image.open(mask_fpath)
+            mask_img.load()  # decode now so that a truncated mask is reported here, naming the file
+        except OSError as err:
+            raise DatasetError(f"cannot read mask {mask_fpath}: {err}") from err
         if mask_img.mode not in ("L", "P", "I", "I;16", "1"):
             raise DatasetError(f"mask {mask_fpath} has mode {mask_img.mode}; expected a single-channel image of class ids")
         mask = np.asarray(mask_img).astype(np.int64)

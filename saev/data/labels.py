@@ -7,11 +7,11 @@ patch gets the majority class of its pixels.
 
 import beartype
 import numpy as np
-from jaxtyping import Int, jaxtyped
+from jaxtyping import Int, Integer, jaxtyped
 
 
 @jaxtyped(typechecker=beartype.beartype)
-def resize_nearest(mask_HW: Int[np.ndarray, "H W"], size: int) -> Int[np.ndarray, "size size"]:
+def resize_nearest(mask_HW: Integer[np.ndarray, "H W"], size: int) -> Integer[np.ndarray, "size size"]:
     """Nearest-neighbour resize sampling each output pixel's centre (exact, no interpolation of ids)."""
     h, w = mask_HW.shape
     rows = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
@@ -21,7 +21,7 @@ def resize_nearest(mask_HW: Int[np.ndarray, "H W"], size: int) -> Int[np.ndarray
 
 @jaxtyped(typechecker=beartype.beartype)
 def pool_patch_labels(
-    mask_HW: Int[np.ndarray, "H W"],
+    mask_HW: Integer[np.ndarray, "H W"],
     *,
     n_side: int,
     img_size: int,
@@ -33,7 +33,7 @@ def pool_patch_labels(
     """Class id of each of the n_side * n_side patches (row-major).
 
     Args:
-        mask_HW: class ids per pixel; negative values mean "unlabelled" and vote for nothing.
+        mask_HW: class ids per pixel (any integer dtype); negative values mean "unlabelled" and vote for nothing.
         n_side: patches per side of the model input.
         img_size: model input side in pixels (a multiple of n_side).
         n_classes: class ids are in [0, n_classes).
@@ -45,8 +45,13 @@ def pool_patch_labels(
     """
     if img_size % n_side:
         raise ValueError(f"img_size={img_size} is not a multiple of n_side={n_side}")
+    if 0 <= ignore < n_classes:
+        raise ValueError(f"ignore={ignore} is a class id (classes are 0..{n_classes - 1}); pick a value outside them")
+    if prefer_fg and background is not None and not 0 <= background < n_classes:
+        raise ValueError(f"background={background} is not a class id (classes are 0..{n_classes - 1})")
     p = img_size // n_side
-    mask = resize_nearest(mask_HW, img_size)
+    # int64 first: unsigned masks (uint8 PNGs) can hold neither the -1 below nor the vote offsets.
+    mask = resize_nearest(mask_HW, img_size).astype(np.int64)
     if mask.max(initial=-1) >= n_classes:
         raise ValueError(f"mask has class id {int(mask.max())} but there are only {n_classes} classes")
     patches_PX = mask.reshape(n_side, p, n_side, p).transpose(0, 2, 1, 3).reshape(n_side * n_side, p * p)

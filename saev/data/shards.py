@@ -7,6 +7,7 @@ smaller). `labels.bin` is [n_imgs, n_patches_per_img] of `labels_dtype` with `la
 those three label fields are optional additions to metadata.json (a minor, backward-compatible protocol addition).
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,7 +20,8 @@ import numpy as np
 
 from saev import artifacts
 
-PROTOCOL = "1.0.0"
+PROTOCOL = "1.1.0"
+"""1.0.0 plus optional label keys in metadata.json (labels_dtype, labels_ignore, class_names): a minor addition."""
 
 
 class ShardError(RuntimeError):
@@ -127,10 +129,20 @@ class ShardWriter:
         for shard in range(start_shard):
             check_shard_file(self.dpath, md, shard)
         self.shard = start_shard
-        self.n_written = start_shard * md.n_imgs_per_shard
+        # min(): resuming after the last shard (start_shard == n_shards) means every image is already written.
+        self.n_written = min(start_shard * md.n_imgs_per_shard, md.n_imgs)
         self._in_shard = 0
         self._ctx = None
         self._fd = None
+        self._aborted = False
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """On an exception, drop the shard being written (whole shards stay); otherwise do nothing (call `close`)."""
+        if exc_type is not None:
+            self.abort()
 
     def _open(self) -> None:
         self._ctx = artifacts.atomic_path(self.dpath / shard_name(self.shard))
@@ -147,21 +159,34 @@ class ShardWriter:
 
     def write(self, acts_BLTD: np.ndarray) -> None:
         """Append a batch of images' activations (float32 [B, n_layers, n_tokens_per_img, d_vit])."""
+        if self._aborted:
+            raise ValueError("this ShardWriter was aborted; start a new one (with start_shard) to resume")
         expected = (len(self.md.layers), self.md.n_tokens_per_img, self.md.d_vit)
         if acts_BLTD.ndim != 4 or acts_BLTD.shape[1:] != expected:
             raise ValueError(f"activations have shape {acts_BLTD.shape}, expected [B, {', '.join(map(str, expected))}]")
+        # Convert before checking: float64 values beyond the float32 range would become inf on disk.
+        with np.errstate(over="ignore"):  # reported below as inf, naming the image
+            acts_BLTD = np.ascontiguousarray(acts_BLTD, dtype=np.float32)
         if not np.isfinite(acts_BLTD).all():
             bad = int(np.flatnonzero(~np.isfinite(acts_BLTD).reshape(len(acts_BLTD), -1).all(axis=1))[0])
             raise ValueError(f"NaN/inf activations for image {self.n_written + bad}; check the model dtype")
         if self.n_written + len(acts_BLTD) > self.md.n_imgs:
             raise ValueError(f"writing past n_imgs={self.md.n_imgs}")
-        acts_BLTD = np.ascontiguousarray(acts_BLTD, dtype=np.float32)
         i = 0
         while i < len(acts_BLTD):
             if self._fd is None:
                 self._open()
             take = min(len(acts_BLTD) - i, self.md.shard_n_imgs(self.shard) - self._in_shard)
-            self._fd.write(acts_BLTD[i : i + take].tobytes())
+            try:
+                self._fd.write(acts_BLTD[i : i + take].tobytes())
+            except OSError as err:
+                # Route through atomic_path: it removes the temp file and raises a WriteError naming the shard.
+                ctx, self._ctx = self._ctx, None
+                with contextlib.suppress(OSError):
+                    self._fd.close()
+                self._fd, self._aborted = None, True
+                ctx.__exit__(type(err), err, err.__traceback__)
+                raise
             self._in_shard += take
             self.n_written += take
             i += take
@@ -169,7 +194,8 @@ class ShardWriter:
                 self._finish_shard()
 
     def abort(self) -> None:
-        """Drop the shard being written (its temp file is removed)."""
+        """Drop the shard being written (its temp file is removed); finished shards stay. The writer is unusable after."""
+        self._aborted = True
         if self._fd is not None and self._ctx is not None:
             self._fd.close()
             try:
@@ -223,12 +249,19 @@ class Shards:
         md = self.metadata
         if md.protocol.split(".")[0] != PROTOCOL.split(".")[0]:
             raise ShardError(f"{md_fpath}: protocol {md.protocol} is not compatible with {PROTOCOL}")
+        if md.dtype != "float32":
+            raise ShardError(f"{md_fpath}: dtype {md.dtype!r} is not supported (protocol v1 stores float32)")
+        if md.labels_dtype not in ("uint8", "int16"):
+            raise ShardError(f"{md_fpath}: labels_dtype {md.labels_dtype!r} is not 'uint8' or 'int16'")
         shards_fpath = self.dpath / "shards.json"
         try:
             listed = json.loads(shards_fpath.read_text())
+            sizes = [(s["name"], s["n_imgs"]) for s in listed]
         except FileNotFoundError:
             raise ShardError(f"{shards_fpath} is missing") from None
-        if [s["n_imgs"] for s in listed] != [md.shard_n_imgs(s) for s in range(md.n_shards)]:
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ShardError(f"{shards_fpath} is not a valid shard list: {err}") from err
+        if sizes != [(shard_name(s), md.shard_n_imgs(s)) for s in range(md.n_shards)]:
             raise ShardError(f"{shards_fpath} does not match the shard sizing of {md_fpath}")
         for shard in range(md.n_shards):
             check_shard_file(self.dpath, md, shard)
@@ -271,6 +304,8 @@ class Shards:
     def patches(self, layer: int, img_start: int, img_stop: int) -> np.ndarray:
         """Patch activations (no CLS) of images [img_start, img_stop) at `layer`: float32 [n, n_patches, d_vit]."""
         md = self.metadata
+        if not 0 <= img_start <= img_stop <= md.n_imgs:
+            raise IndexError(f"image range [{img_start}, {img_stop}) is not within [0, {md.n_imgs})")
         li, t0 = self.layer_index(layer), int(md.cls_token)
         out = np.empty((img_stop - img_start, md.n_patches_per_img, md.d_vit), dtype=np.float32)
         per = md.n_imgs_per_shard
@@ -287,6 +322,14 @@ class Shards:
         md = self.metadata
         li, t0 = self.layer_index(layer), int(md.cls_token)
         idx = np.asarray(idx, dtype=np.int64)
+        n_total = md.n_imgs * md.n_patches_per_img
+        if idx.ndim != 1:
+            raise ValueError(f"patch indices must be 1-D, got shape {idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= n_total):
+            bad = int(idx.min() if idx.min() < 0 else idx.max())
+            raise IndexError(
+                f"patch index {bad} is not within [0, {n_total}) ({md.n_imgs} images x {md.n_patches_per_img} patches)"
+            )
         img, patch = np.divmod(idx, md.n_patches_per_img)
         shard_of = img // md.n_imgs_per_shard
         out = np.empty((len(idx), md.d_vit), dtype=np.float32)

@@ -1,0 +1,240 @@
+"""Segmentation datasets: the seeded synthetic demo and real image/mask folders, with errors that name the file."""
+
+import pathlib
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from saev.data import datasets
+from saev.data.datasets import DatasetError, SegFolder, Synthetic, make_dataset
+
+
+def same_sample(a: datasets.Sample, b: datasets.Sample) -> bool:
+    return np.array_equal(np.asarray(a.image), np.asarray(b.image)) and np.array_equal(a.mask, b.mask)
+
+
+#############
+# Synthetic #
+#############
+
+
+def test_synthetic_sample_is_an_rgb_image_with_an_int64_mask_of_the_same_size():
+    sample = make_dataset(Synthetic(n_imgs=3, img_size=48))[2]
+    assert sample.image.mode == "RGB" and sample.image.size == (48, 48)
+    assert sample.mask.dtype == np.int64 and sample.mask.shape == (48, 48)
+    assert sample.name == "synthetic-000002"
+
+
+def test_synthetic_image_regenerated_alone_equals_the_one_generated_in_sequence():
+    in_sequence = [make_dataset(Synthetic(n_imgs=8, seed=3))[i] for i in range(8)]
+    alone = make_dataset(Synthetic(n_imgs=8, seed=3))[5]
+    assert same_sample(alone, in_sequence[5])
+
+
+def test_synthetic_image_depends_only_on_seed_and_index_not_on_dataset_size():
+    assert same_sample(make_dataset(Synthetic(n_imgs=6, seed=1))[4], make_dataset(Synthetic(n_imgs=500, seed=1))[4])
+
+
+def test_synthetic_other_seed_gives_other_images():
+    a, b = make_dataset(Synthetic(n_imgs=4, seed=0)), make_dataset(Synthetic(n_imgs=4, seed=1))
+    assert not any(same_sample(a[i], b[i]) for i in range(4))
+
+
+def test_synthetic_every_class_appears_within_50_images():
+    ds = make_dataset(Synthetic(n_imgs=50))
+    seen = set().union(*(np.unique(ds[i].mask).tolist() for i in range(len(ds))))
+    assert seen == set(range(len(ds.class_names)))
+    assert ds.class_names == ("background", *datasets.SHAPES) and ds.background == 0
+
+
+def test_synthetic_masks_align_with_the_coloured_pixels():
+    """Shape pixels carry their class's colour; background pixels are greyish (shape colours are saturated)."""
+    ds = make_dataset(Synthetic(n_imgs=20, seed=7))
+    colours_K3 = np.array([datasets._SHAPE_RGB[kind] for kind in datasets.SHAPES], dtype=np.float64)
+    for i in range(len(ds)):
+        sample = ds[i]
+        rgb_HW3 = np.asarray(sample.image).astype(np.float64)
+        fg = sample.mask > 0
+        # Each shape pixel is within 40 (per channel) of its nominal colour and nearer to it than to any other.
+        dist_NK = np.abs(rgb_HW3[fg][:, None, :] - colours_K3[None]).max(axis=2)
+        assert (dist_NK[np.arange(fg.sum()), sample.mask[fg] - 1] <= 40).all()
+        np.testing.assert_array_equal(dist_NK.argmin(axis=1), sample.mask[fg] - 1)
+        spread_HW = rgb_HW3.max(axis=2) - rgb_HW3.min(axis=2)
+        assert (spread_HW[~fg] < 80).all() and (spread_HW[fg] > 80).all()
+
+
+def test_synthetic_index_out_of_range_is_an_index_error():
+    ds = make_dataset(Synthetic(n_imgs=3))
+    with pytest.raises(IndexError, match=r"image 3 out of range \[0, 3\)"):
+        ds[3]
+
+
+@pytest.mark.parametrize(
+    "kwargs, field", [({"n_imgs": 0}, "n_imgs"), ({"img_size": 8}, "img_size"), ({"max_shapes": 0}, "max_shapes")]
+)
+def test_synthetic_config_rejects_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=f"data.{field}"):
+        Synthetic(**kwargs)
+
+
+##########
+# Folder #
+##########
+
+CLASSES = ("background", "cat", "dog")
+
+
+def write_png(fpath: pathlib.Path, array: np.ndarray, mode: str | None = None) -> None:
+    fpath.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(fpath)
+
+
+def make_folder(root: pathlib.Path, n: int = 3, h: int = 12, w: int = 20) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A real dataset folder: n RGB PNGs, same-stem L-mode PNG masks with ids in [0, 3), and classes.txt."""
+    rng = np.random.default_rng(0)
+    written = {}
+    for i in range(n):
+        stem = f"img{i:02d}"
+        image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        mask = rng.integers(0, len(CLASSES), size=(h, w), dtype=np.uint8)
+        write_png(root / "images" / f"{stem}.png", image)
+        write_png(root / "masks" / f"{stem}.png", mask)
+        written[stem] = (image, mask)
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n\n")
+    return written
+
+
+def test_folder_loads_images_masks_and_class_names(tmp_path):
+    written = make_folder(tmp_path)
+    ds = make_dataset(SegFolder(root=str(tmp_path)))
+    assert len(ds) == 3 and ds.class_names == CLASSES and ds.background == 0
+    for i, (stem, (image, mask)) in enumerate(sorted(written.items())):
+        sample = ds[i]
+        assert sample.name == stem
+        np.testing.assert_array_equal(np.asarray(sample.image), image)
+        np.testing.assert_array_equal(sample.mask, mask.astype(np.int64))
+        assert sample.mask.dtype == np.int64
+
+
+def test_folder_palette_mask_gives_its_indices(tmp_path):
+    make_folder(tmp_path, n=1)
+    mask = np.array([[0, 1, 2, 1]] * 3, dtype=np.uint8)
+    pal = Image.fromarray(mask, mode="P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 9))
+    write_png(tmp_path / "images" / "img00.png", np.zeros((3, 4, 3), np.uint8))
+    pal.save(tmp_path / "masks" / "img00.png")
+    np.testing.assert_array_equal(make_dataset(SegFolder(root=str(tmp_path)))[0].mask, mask)
+
+
+def test_folder_mask_ignore_pixels_become_minus_one(tmp_path):
+    make_folder(tmp_path, n=1)
+    mask = np.array([[0, 255, 2], [255, 1, 0]], dtype=np.uint8)
+    write_png(tmp_path / "images" / "img00.png", np.zeros((2, 3, 3), np.uint8))
+    write_png(tmp_path / "masks" / "img00.png", mask)
+    got = make_dataset(SegFolder(root=str(tmp_path), mask_ignore=255))[0].mask
+    np.testing.assert_array_equal(got, [[0, -1, 2], [-1, 1, 0]])
+
+
+def test_folder_missing_dataset_directory_is_named(tmp_path):
+    root = tmp_path / "nowhere"
+    with pytest.raises(DatasetError, match=re.escape(f"dataset directory not found: {root}")):
+        make_dataset(SegFolder(root=str(root)))
+
+
+def test_folder_missing_masks_directory_is_named(tmp_path):
+    make_folder(tmp_path)
+    with pytest.raises(DatasetError, match=re.escape(str(tmp_path / "labels"))):
+        make_dataset(SegFolder(root=str(tmp_path), masks="labels"))
+
+
+def test_folder_missing_classes_file_is_named(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "classes.txt").unlink()
+    with pytest.raises(DatasetError, match=re.escape(f"class-names file not found: {tmp_path / 'classes.txt'}")):
+        make_dataset(SegFolder(root=str(tmp_path)))
+
+
+def test_folder_empty_classes_file_is_named(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "classes.txt").write_text("\n\n")
+    with pytest.raises(DatasetError, match=re.escape(f"class-names file is empty: {tmp_path / 'classes.txt'}")):
+        make_dataset(SegFolder(root=str(tmp_path)))
+
+
+def test_folder_background_outside_the_classes_is_an_error(tmp_path):
+    make_folder(tmp_path)
+    with pytest.raises(DatasetError, match="background class id 3 is outside the 3 classes"):
+        make_dataset(SegFolder(root=str(tmp_path), background=3))
+
+
+def test_folder_without_images_is_an_error_naming_the_directory(tmp_path):
+    make_folder(tmp_path, n=0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    with pytest.raises(DatasetError, match=re.escape(f"in {tmp_path / 'images'}")):
+        make_dataset(SegFolder(root=str(tmp_path)))
+
+
+def test_folder_image_without_a_mask_names_the_expected_mask(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "masks" / "img01.png").unlink()
+    expected = f"1 image(s) have no mask; expected e.g. {tmp_path / 'masks' / 'img01.png'}"
+    with pytest.raises(DatasetError, match=re.escape(expected)):
+        make_dataset(SegFolder(root=str(tmp_path)))
+
+
+def test_folder_two_images_with_one_stem_is_an_error(tmp_path):
+    make_folder(tmp_path, n=1)
+    Image.new("RGB", (20, 12)).save(tmp_path / "images" / "img00.jpg")
+    with pytest.raises(DatasetError, match=re.escape(f"share the mask {tmp_path / 'masks' / 'img00.png'}")):
+        make_dataset(SegFolder(root=str(tmp_path)))
+
+
+def test_folder_mask_of_another_size_names_both_files(tmp_path):
+    make_folder(tmp_path, h=12, w=20)
+    write_png(tmp_path / "masks" / "img02.png", np.zeros((12, 19), np.uint8))
+    ds = make_dataset(SegFolder(root=str(tmp_path)))
+    expected = f"mask {tmp_path / 'masks' / 'img02.png'} is 19x12 but image"
+    with pytest.raises(DatasetError, match=re.escape(expected)) as info:
+        ds[2]
+    assert str(tmp_path / "images" / "img02.png") in str(info.value)
+
+
+def test_folder_mask_class_id_out_of_range_names_the_mask(tmp_path):
+    make_folder(tmp_path)
+    mask = np.zeros((12, 20), np.uint8)
+    mask[3, 4] = 7
+    write_png(tmp_path / "masks" / "img01.png", mask)
+    ds = make_dataset(SegFolder(root=str(tmp_path)))
+    expected = f"mask {tmp_path / 'masks' / 'img01.png'} has class id 7, outside the 3 classes"
+    with pytest.raises(DatasetError, match=re.escape(expected)):
+        ds[1]
+
+
+def test_folder_255_is_an_out_of_range_id_unless_it_is_mask_ignore(tmp_path):
+    make_folder(tmp_path)
+    mask = np.full((12, 20), 255, np.uint8)
+    write_png(tmp_path / "masks" / "img01.png", mask)
+    with pytest.raises(DatasetError, match="has class id 255"):
+        make_dataset(SegFolder(root=str(tmp_path)))[1]
+    assert (make_dataset(SegFolder(root=str(tmp_path), mask_ignore=255))[1].mask == -1).all()
+
+
+def test_folder_rgb_mask_is_an_error_naming_the_mask(tmp_path):
+    make_folder(tmp_path)
+    write_png(tmp_path / "masks" / "img00.png", np.zeros((12, 20, 3), np.uint8))
+    ds = make_dataset(SegFolder(root=str(tmp_path)))
+    with pytest.raises(DatasetError, match=re.escape(f"mask {tmp_path / 'masks' / 'img00.png'} has mode RGB")):
+        ds[0]
+
+
+def test_folder_truncated_mask_is_an_error_naming_the_mask(tmp_path):
+    make_folder(tmp_path, h=64, w=64)
+    fpath = tmp_path / "masks" / "img00.png"
+    fpath.write_bytes(fpath.read_bytes()[: fpath.stat().st_size // 2])
+    ds = make_dataset(SegFolder(root=str(tmp_path)))
+    with pytest.raises(DatasetError, match=re.escape(f"cannot read mask {fpath}")):
+        ds[0]
