@@ -167,6 +167,15 @@ def atomic_write_json(fpath: pathlib.Path | str, obj: object) -> None:
     atomic_write_bytes(fpath, text.encode("utf-8"))
 
 
+def atomic_save_npy(fpath: pathlib.Path | str, array: "np.ndarray") -> None:
+    """Save a numpy array as .npy atomically (no pickled objects)."""
+    import numpy as np
+
+    with atomic_path(fpath) as tmp_fpath:
+        with open(tmp_fpath, "wb") as fd:
+            np.save(fd, array, allow_pickle=False)
+
+
 @beartype.beartype
 def remove_temp_files(dpath: pathlib.Path, name: str = "*") -> int:
     """Delete leftover temporary files of `atomic_path` for `name` (default: every file) directly in `dpath`.

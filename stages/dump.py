@@ -2,10 +2,17 @@
 
 Output `<root>/dump/<key>/`: `metadata.json`, `shards.json`, `acts%06d.bin` (float32 [image, layer, token, dim]) and
 `labels.bin` ([image, patch] class ids, majority class of the mask pixels in each patch).
+
+The image range is split into shard-aligned chunks of `shards_per_job` shards, one piece of work each (one task of a
+job array on Slurm, run in order locally). A chunk writes whole shards, each followed by its labels in
+`parts/labels%06d.npy`; a killed chunk resumes at its first shard without labels, so finished shards are never
+rewritten. When every chunk is done, the labels are joined into labels.bin and the index files and manifest are
+written.
 """
 
 import dataclasses
 import logging
+import pathlib
 
 import numpy as np
 import torch
@@ -34,24 +41,58 @@ class Config:
     """Shard size budget in activation vectors (saev protocol); ~10 GiB shards at d_vit=1024."""
     prefer_fg: bool = False
     """Label a patch with its most common non-background class when it has any foreground pixel."""
+    shards_per_job: int = artifacts.unhashed(4)
+    """Shards written by one dump job (one job-array task on Slurm); more jobs finish sooner on a cluster."""
     batch_size: int = artifacts.unhashed(64)
     """Images per ViT forward pass (memory only)."""
     device: str = artifacts.unhashed("auto")
     """'auto' (CUDA when available), 'cpu' or 'cuda'."""
 
     def __post_init__(self):
-        if self.max_patches_per_shard <= 0:
-            raise ValueError(f"dump.max_patches_per_shard must be positive, got {self.max_patches_per_shard}")
-        if self.batch_size <= 0:
-            raise ValueError(f"dump.batch_size must be positive, got {self.batch_size}")
+        for name in ("max_patches_per_shard", "shards_per_job", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"dump.{name} must be positive, got {getattr(self, name)}")
+
+
+def make_metadata(cfg: Config, dataset: datasets.Dataset) -> shards.Metadata:
+    """The dump's metadata, from the configs and the dataset alone (no model is built)."""
+    img_size, n_side = vits.get_patch_grid(cfg.vit.model)
+    n_classes = len(dataset.class_names)
+    labels_dtype = "uint8" if n_classes < 255 else "int16"
+    return shards.Metadata(
+        vit_family=cfg.vit.family,
+        vit_ckpt=f"{cfg.vit.model}:{cfg.vit.pretrained or f'random-init-seed-{cfg.vit.init_seed}'}",
+        layers=vits.resolve_layers(cfg.vit.model, cfg.vit.layers),
+        n_patches_per_img=n_side * n_side,
+        cls_token=cfg.vit.cls_token,
+        d_vit=vits.get_d_vit(cfg.vit.model),
+        n_imgs=len(dataset),
+        max_patches_per_shard=cfg.max_patches_per_shard,
+        data=dict(artifacts.hashed_params(cfg.data)),
+        labels_dtype=labels_dtype,
+        labels_ignore=255 if labels_dtype == "uint8" else -1,
+        class_names=tuple(dataset.class_names),
+    )
+
+
+def labels_part_fpath(art: artifacts.Artifact, shard: int) -> pathlib.Path:
+    return art.dpath / "parts" / f"labels{shard:06d}.npy"
 
 
 def plan(pipeline, upstream) -> StagePlan:
-    vits.resolve_layers(pipeline.dump.vit.model, pipeline.dump.vit.layers)  # bad model or layers: fail now
-    params = artifacts.hashed_params(pipeline.dump)
+    cfg: Config = pipeline.dump
+    vits.resolve_layers(cfg.vit.model, cfg.vit.layers)  # bad model or layers: fail now
+    params = artifacts.hashed_params(cfg)
     art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, {}))
-    label = f"{pipeline.dump.vit.model} on {datasets.describe(pipeline.dump.data)}"
-    return StagePlan(NAME, (art,), (Piece(NAME, art, label=label),), {art.key: params}, {art.key: {}})
+    md = make_metadata(cfg, datasets.make_dataset(cfg.data))
+    chunks = [(s, min(md.n_shards, s + cfg.shards_per_job)) for s in range(0, md.n_shards, cfg.shards_per_job)]
+    pieces = tuple(
+        # A chunk writes its shards in order, so its last shard's labels mark it done.
+        Piece(NAME, art, labels_part_fpath(art, stop - 1), f"shards {start}-{stop - 1} of {md.n_shards}")
+        for start, stop in chunks
+    )
+    info = {art.key: {"chunks": {stop - 1: (start, stop) for start, stop in chunks}}}
+    return StagePlan(NAME, (art,), pieces, {art.key: params}, {art.key: {}}, info)
 
 
 def count_patches(pipeline) -> int:
@@ -66,57 +107,58 @@ def check(pipeline) -> None:
     vits.get_d_vit(pipeline.dump.vit.model)
 
 
-
 def run(pipeline, plan, piece: Piece) -> None:
-    started = artifacts.now()
     cfg: Config = pipeline.dump
     art = piece.artifact
-    device = helpers.get_device(cfg.device)
     dataset = datasets.make_dataset(cfg.data)
+    md = make_metadata(cfg, dataset)
+    last = int(piece.fpath.stem.removeprefix("labels"))
+    first, stop = plan[NAME].info[art.key]["chunks"][last]
+    # Resume: shards whose labels exist are finished; start at the first one without.
+    start = next(s for s in range(first, stop) if not labels_part_fpath(art, s).exists())
+    if start > first:
+        logger.info("resuming at shard %d: shards %d-%d are already written", start, first, start - 1)
+
+    device = helpers.get_device(cfg.device)
     model = vits.make_vit(cfg.vit, device)
-    n_classes = len(dataset.class_names)
-    labels_dtype = "uint8" if n_classes < 255 else "int16"
-    ignore = 255 if labels_dtype == "uint8" else -1
-    md = shards.Metadata(
-        vit_family=cfg.vit.family,
-        vit_ckpt=f"{cfg.vit.model}:{cfg.vit.pretrained or f'random-init-seed-{cfg.vit.init_seed}'}",
-        layers=tuple(model.layers),
-        n_patches_per_img=model.n_patches_per_img,
-        cls_token=cfg.vit.cls_token,
-        d_vit=model.d_vit,
-        n_imgs=len(dataset),
-        max_patches_per_shard=cfg.max_patches_per_shard,
-        data={**artifacts.hashed_params(cfg.data)},
-        labels_dtype=labels_dtype,
-        labels_ignore=ignore,
-        class_names=tuple(dataset.class_names),
-    )
-    writer = shards.ShardWriter(art.dpath, md)
-    labels_NP = np.full((len(dataset), model.n_patches_per_img), ignore, dtype=labels_dtype)
-    progress = helpers.Progress(desc="dump", total=len(dataset), unit="images", logger=logger)
-    for start in range(0, len(dataset), cfg.batch_size):
-        stop = min(len(dataset), start + cfg.batch_size)
-        samples = [dataset[i] for i in range(start, stop)]
-        x_B3SS = torch.stack([model.preprocess(s.image) for s in samples]).to(device)
-        acts_BLTD = model(x_B3SS)
-        writer.write(acts_BLTD.float().cpu().numpy())
-        for i, sample in enumerate(samples):
-            labels_NP[start + i] = labels.pool_patch_labels(
-                sample.mask,
-                n_side=model.n_side,
-                img_size=model.img_size,
-                n_classes=n_classes,
-                ignore=ignore,
-                prefer_fg=cfg.prefer_fg,
-                background=dataset.background,
-            )
-        progress.update(stop - start)
+    per = md.n_imgs_per_shard
+    img_start, img_stop = start * per, min(md.n_imgs, stop * per)
+    labels_NP = np.empty((img_stop - img_start, md.n_patches_per_img), dtype=md.labels_dtype)
+    progress = helpers.Progress(desc=f"dump shards {start}-{stop - 1}", total=img_stop - img_start, unit="images", logger=logger)
+    with shards.ShardWriter(art.dpath, md, start_shard=start, check_earlier=False) as writer:
+        for b_start in range(img_start, img_stop, cfg.batch_size):
+            b_stop = min(img_stop, b_start + cfg.batch_size)
+            samples = [dataset[i] for i in range(b_start, b_stop)]
+            x_B3SS = torch.stack([model.preprocess(s.image) for s in samples])
+            writer.write(model(x_B3SS).cpu().numpy())
+            for i, sample in enumerate(samples):
+                labels_NP[b_start - img_start + i] = labels.pool_patch_labels(
+                    sample.mask,
+                    n_side=model.n_side,
+                    img_size=model.img_size,
+                    n_classes=len(md.class_names),
+                    ignore=md.labels_ignore,
+                    prefer_fg=cfg.prefer_fg,
+                    background=dataset.background,
+                )
+            # Labels of each shard finished by this batch, written after the shard itself: they mark it done.
+            for shard in range(start, writer.shard):
+                fpath = labels_part_fpath(art, shard)
+                if not fpath.exists():
+                    lo, hi = shard * per - img_start, min(md.n_imgs, (shard + 1) * per) - img_start
+                    artifacts.atomic_save_npy(fpath, labels_NP[lo:hi])
+            progress.update(b_stop - b_start)
     progress.finish()
-    writer.write_labels(labels_NP)
+
+
+def finalize(pipeline, plan, art: artifacts.Artifact) -> None:
+    """Once every chunk is written: join the label parts into labels.bin, then write shards.json and metadata.json."""
+    md = make_metadata(pipeline.dump, datasets.make_dataset(pipeline.dump.data))
+    parts = [np.load(labels_part_fpath(art, s), allow_pickle=False) for s in range(md.n_shards)]
+    writer = shards.ShardWriter(art.dpath, md, start_shard=md.n_shards)  # checks every shard file's size
+    writer.write_labels(np.concatenate(parts))
     writer.close()
-    art.write_manifest(
-        params=plan[NAME].params[art.key],
-        inputs={},
-        started=started,
-        extra={"device": str(device), "inference_dtype": cfg.vit.dtype},
-    )
+
+
+def manifest_extra(pipeline, art: artifacts.Artifact) -> dict[str, object]:
+    return {"device": str(helpers.get_device(pipeline.dump.device)), "inference_dtype": pipeline.dump.vit.dtype}

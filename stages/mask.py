@@ -6,7 +6,6 @@ patches report its AP, so selection and reporting never use the same patches.
 """
 
 import dataclasses
-import io
 import typing
 
 import numpy as np
@@ -55,8 +54,8 @@ def run(pipeline, plan, piece) -> None:
     labelled_N = np.asarray(shards.labels).reshape(-1) != md.labels_ignore
     n_keep = None if cfg.n_keep == "all" else cfg.n_keep
     masks = keepmask.make_masks(labelled_N, n_keep, cfg.n_heldout, cfg.seed)
-    write_indices(piece.artifact.dpath / "keep.npy", masks.keep)
-    write_indices(piece.artifact.dpath / "heldout.npy", masks.heldout)
+    artifacts.atomic_save_npy(piece.artifact.dpath / "keep.npy", masks.keep)
+    artifacts.atomic_save_npy(piece.artifact.dpath / "heldout.npy", masks.heldout)
     piece.artifact.write_manifest(
         params=plan[NAME].params[piece.artifact.key],
         inputs=plan[NAME].inputs[piece.artifact.key],
@@ -94,12 +93,6 @@ def max_kept(pipeline) -> int:
     from . import dump as dump_stage
 
     return dump_stage.count_patches(pipeline)
-
-
-def write_indices(fpath, idx: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, idx, allow_pickle=False)
-    artifacts.atomic_write_bytes(fpath, buf.getvalue())
 
 
 def load_keep(dpath) -> np.ndarray:

@@ -150,7 +150,10 @@ def seal(pipeline: Pipeline, stage_plan: StagePlan, art: artifacts.Artifact) -> 
         if not art.is_done():
             first_mtime = min(p.fpath.stat().st_mtime for p in pieces if p.fpath is not None)
             started = datetime.datetime.fromtimestamp(first_mtime, datetime.timezone.utc)
-            extra = getattr(MODULES[stage_plan.name], "manifest_extra", None)
+            module = MODULES[stage_plan.name]
+            if hasattr(module, "finalize"):  # e.g. join per-chunk labels, write index files
+                module.finalize(pipeline, {stage_plan.name: stage_plan}, art)
+            extra = getattr(module, "manifest_extra", None)
             art.write_manifest(
                 params=stage_plan.params[art.key],
                 inputs=stage_plan.inputs[art.key],

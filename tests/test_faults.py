@@ -54,13 +54,29 @@ def assert_done_means_complete(root: pathlib.Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
+def clean_root(tmp_path_factory) -> pathlib.Path:
+    """The artifact root of an uninterrupted run."""
     tmp = tmp_path_factory.mktemp("clean")
     cfg = write_config(tmp, tmp / "runs")
     proc = launch(cfg)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    return best_of(tmp / "runs")
+    return tmp / "runs"
+
+
+@pytest.fixture(scope="module")
+def reference(clean_root) -> dict:
+    return best_of(clean_root)
+
+
+def kill_when(proc: subprocess.Popen, root: pathlib.Path, pattern: str) -> None:
+    deadline = time.monotonic() + 240
+    while not list(root.glob(pattern)):
+        assert proc.poll() is None, f"launcher ended before {pattern} appeared:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"{pattern} never appeared"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 KILL_POINTS = [
@@ -77,14 +93,7 @@ KILL_POINTS = [
 def test_sigkill_then_rerun_gives_clean_result(tmp_path, reference, pattern):
     root = tmp_path / "runs"
     cfg = write_config(tmp_path, root)
-    proc = launch(cfg)
-    deadline = time.monotonic() + 240
-    while not list(root.glob(pattern)):
-        assert proc.poll() is None, f"launcher ended before {pattern} appeared:\n{proc.stdout.read()}"
-        assert time.monotonic() < deadline, f"{pattern} never appeared"
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(launch(cfg), root, pattern)
     assert_done_means_complete(root)
     assert not list(root.glob("reduce/*/manifest.json")) or pattern.startswith("reduce")
 
@@ -93,6 +102,26 @@ def test_sigkill_then_rerun_gives_clean_result(tmp_path, reference, pattern):
     assert rerun.returncode == 0, out
     assert_done_means_complete(root)
     assert best_of(root) == reference
+
+
+def test_killed_dump_resumes_without_rewriting_finished_shards(tmp_path, clean_root):
+    root = tmp_path / "runs"
+    cfg = write_config(tmp_path, root)
+    kill_when(launch(cfg, "--stage", "dump", "--only"), root, "dump/*/parts/labels000001.npy")
+    (dump_dpath,) = root.glob("dump/*")
+    finished = {p.name: p.stat().st_mtime_ns for p in dump_dpath.glob("acts*.bin")}
+    assert "acts000000.bin" in finished
+    rerun = launch(cfg, "--stage", "dump", "--only")
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out
+    assert "resuming at shard" in out
+    for name, mtime_ns in finished.items():
+        if (dump_dpath / "parts" / name.replace("acts", "labels").replace(".bin", ".npy")).exists():
+            assert (dump_dpath / name).stat().st_mtime_ns == mtime_ns, f"{name} was rewritten"
+    (clean_dump,) = clean_root.glob("dump/*")
+    assert clean_dump.name == dump_dpath.name
+    for fpath in sorted(clean_dump.glob("*.bin")) + [clean_dump / "metadata.json", clean_dump / "shards.json"]:
+        assert (dump_dpath / fpath.name).read_bytes() == fpath.read_bytes(), fpath.name
 
 
 def test_two_launches_at_once_run_each_piece_once(tmp_path, reference):

@@ -116,17 +116,20 @@ class ShardWriter:
     """Appends activations image by image; each shard is streamed to a temp file and renamed when full.
 
     Memory stays at one batch whatever the shard size. `start_shard` resumes a dump: the writer expects images from
-    `start_shard * n_imgs_per_shard` on, and earlier shards must already be complete on disk.
+    `start_shard * n_imgs_per_shard` on, and earlier shards must already be complete on disk (unless
+    `check_earlier` is off: a parallel dump's jobs each write their own range of shards).
     """
 
     @beartype.beartype
-    def __init__(self, dpath: pathlib.Path | str, md: Metadata, *, start_shard: int = 0):
+    def __init__(
+        self, dpath: pathlib.Path | str, md: Metadata, *, start_shard: int = 0, check_earlier: bool = True
+    ):
         self.dpath = pathlib.Path(dpath)
         self.md = md
         self.dpath.mkdir(parents=True, exist_ok=True)
         if not 0 <= start_shard <= md.n_shards:
             raise ValueError(f"start_shard={start_shard} outside [0, {md.n_shards}]")
-        for shard in range(start_shard):
+        for shard in range(start_shard if check_earlier else 0):
             check_shard_file(self.dpath, md, shard)
         self.shard = start_shard
         # min(): resuming after the last shard (start_shard == n_shards) means every image is already written.
