@@ -1,0 +1,182 @@
+"""The pipeline on a real Slurm (slurm/local/run-tests.sh starts one): the whole graph submitted at once, a failed
+K-block resubmitted alone, downstream cancelled when upstream fails, status, and requeue with resume.
+
+Run with `bash slurm/local/run-tests.sh` (it starts a single-node cluster in a network namespace and runs
+`pytest -m slurm` inside it).
+"""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        pytest.skip(f"no Slurm here ({err}); run slurm/local/run-tests.sh")
+    if out.returncode != 0 or not out.stdout.strip():
+        pytest.skip(f"no Slurm here: {out.stderr.strip()}; run slurm/local/run-tests.sh")
+
+
+SLURM_SECTION = """
+[slurm]
+log_dpath = "{logs}"
+max_array_size = 3
+[slurm.dump]
+gpus = 0
+cpus = 1
+mem_gb = 1
+hours = 0.2
+[slurm.train]
+gpus = 1
+cpus = 1
+mem_gb = 1
+hours = 0.2
+[slurm.mask]
+cpus = 1
+mem_gb = 1
+hours = 0.2
+[slurm.score]
+gpus = 1
+cpus = 1
+mem_gb = 1
+hours = 0.2
+array_parallelism = 2
+[slurm.reduce]
+cpus = 1
+mem_gb = 1
+hours = 0.2
+"""
+
+
+def slurm_config(tmp_path: pathlib.Path) -> pathlib.Path:
+    for name in ("tiny.toml", "tiny-sweep.toml"):
+        shutil.copy(REPO / "tests" / name, tmp_path / name)
+    cfg = tmp_path / "tiny.toml"
+    text = cfg.read_text().replace('root = "runs"', f'root = "{tmp_path / "runs"}"')
+    cfg.write_text(text + SLURM_SECTION.format(logs=tmp_path / "logs"))
+    return cfg
+
+
+def launch(cfg: pathlib.Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), "--config", str(cfg), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def sacct_states(job_ids: list[str]) -> dict[str, str]:
+    from saev import slurm
+
+    return slurm.job_states(job_ids)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def stage_states(out: str) -> dict[str, str]:
+    """Stage -> done/partial/missing from the launcher's plan table."""
+    stages = ("dump", "train", "mask", "score", "reduce")
+    states = {}
+    for line in out.splitlines():
+        words = line.split()
+        if words and words[0] in stages:
+            states[words[0]] = next(w for w in words if w in ("done", "partial", "missing"))
+    return states
+
+
+def job_ids_of(out: str, stage: str) -> list[str]:
+    for line in out.splitlines():
+        if line.startswith(f"{stage}: submitted") and "[" in line:
+            return line.split("[", 1)[1].split("]", 1)[0].split(", ")
+    return []
+
+
+def test_whole_graph_is_submitted_at_once_and_completes_after_the_launcher_exits(tmp_path):
+    cfg = slurm_config(tmp_path)
+    start = time.monotonic()
+    done = launch(cfg)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert time.monotonic() - start < 60  # it returned right after submitting
+    out = done.stdout
+    for stage in ("dump", "train", "mask", "score", "reduce"):
+        assert job_ids_of(out, stage), f"{stage} not submitted:\n{out}"
+    assert "score: submitted 4 job(s)" in out  # 2 SAEs x 2 blocks, in arrays of at most 3
+    assert len(job_ids_of(out, "score")) == 2  # split into two arrays (max_array_size = 3)
+    best = wait_for(lambda: list((tmp_path / "runs").glob("reduce/*/manifest.json")), 600, "reduce to finish")
+    result = json.loads((best[0].parent / "best.json").read_text())
+    assert len(result["classes"]) == 6
+    status = launch(cfg, "--status")
+    assert status.returncode == 0
+    assert stage_states(status.stdout) == {s: "done" for s in ("dump", "train", "mask", "score", "reduce")}
+    again = launch(cfg)  # nothing left to submit
+    assert ": submitted" not in again.stdout and again.stdout.count("done, skipping") == 5
+
+
+def test_failed_block_cancels_reduce_and_is_resubmitted_alone(tmp_path):
+    cfg = slurm_config(tmp_path)
+    plan_out = launch(cfg, "--dry-run").stdout
+    assert "score" in plan_out
+    # Make exactly one K-block fail: a directory where its partial file must go makes the atomic rename fail.
+    sys.path.insert(0, str(REPO))
+    from stages import pipeline as pl
+
+    plan = pl.make_plan(pl.load(cfg))
+    victim = plan["score"].pieces[1].fpath
+    victim.mkdir(parents=True)
+    first = launch(cfg)
+    assert first.returncode == 0, first.stdout + first.stderr
+    reduce_jobs = job_ids_of(first.stdout, "reduce")
+    states = wait_for(
+        lambda: (s := sacct_states(reduce_jobs)) and s.get(reduce_jobs[0]) == "CANCELLED" and s,
+        600,
+        "reduce to be cancelled after the failed block",
+    )
+    assert states[reduce_jobs[0]] == "CANCELLED"  # not left pending forever
+
+    status = launch(cfg, "--status").stdout
+    assert "failed: sae" in status and "log:" in status, status
+    assert "could not write" in status or "Is a directory" in status, status
+
+    victim.rmdir()
+    other = [p.fpath for p in plan["score"].pieces if p.fpath != victim and p.fpath.exists()]
+    mtimes = {p: p.stat().st_mtime_ns for p in other}
+    second = launch(cfg, "--stage", "score")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "score: submitted 1 job(s)" in second.stdout, second.stdout
+    assert "reduce: submitted 1 job(s)" in second.stdout
+    wait_for(lambda: list((tmp_path / "runs").glob("reduce/*/manifest.json")), 600, "reduce after resubmission")
+    assert {p: p.stat().st_mtime_ns for p in other} == mtimes  # the other blocks were not recomputed
+
+
+def test_pending_pieces_are_not_submitted_twice(tmp_path):
+    cfg = slurm_config(tmp_path)
+    first = launch(cfg)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = launch(cfg)  # immediately: the first launch's jobs are pending or running
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "submitted 0 job(s)" in second.stdout and "already queued" in second.stdout, second.stdout
+    pending = launch(cfg, "--status").stdout
+    assert "pending:" in pending or "running:" in pending or "done" in pending
+    wait_for(lambda: list((tmp_path / "runs").glob("reduce/*/manifest.json")), 600, "reduce to finish")
