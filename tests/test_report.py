@@ -1,0 +1,191 @@
+"""saev.report: a self-contained static HTML report that a browser shows whole, from the file system."""
+
+import html
+import os
+import re
+import warnings
+
+import numpy as np
+import PIL.Image
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from sklearn.metrics import precision_recall_curve as sklearn_precision_recall_curve
+
+from saev.report import ClassResult, ReportData, TopImage, precision_recall_curve, write_report
+from tests import browser
+
+ODD_NAME = "<b>&"
+"""A class name that is HTML markup unless escaped (and `$` would be mathtext in matplotlib)."""
+
+
+def make_top(rng: np.random.Generator, side: int, px: int, i: int) -> TopImage:
+    """A random blocky image whose latent fires on a blob that overlaps the class's labelled patches."""
+    blocks = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+    image = PIL.Image.fromarray(blocks).resize((px, px), PIL.Image.Resampling.BILINEAR)
+    yy, xx = np.mgrid[:side, :side]
+    cy, cx = rng.integers(1, side - 1, size=2)
+    dist = np.hypot(yy - cy, xx - cx)
+    scores = np.maximum(0, 3.0 - dist + rng.normal(0, 0.3, size=(side, side))).astype(np.float32)
+    label = dist < rng.uniform(1.5, 3.0)
+    return TopImage(image=image, patch_scores=scores, label_mask=label, title=f"image {i:05d} <x>")
+
+
+def make_class(
+    rng: np.random.Generator, name: str, *, side: int = 8, px: int = 64, n_top: int = 8, dead: bool = False
+) -> ClassResult:
+    k, m = 64, 2000
+    labels = rng.random(m) < 0.1
+    scores = np.where(labels, rng.exponential(2.0, m), rng.exponential(0.5, m)) * (rng.random(m) < 0.6)
+    scores = np.round(scores, 1).astype(np.float32)  # rounded: many ties, and most patches at exactly 0
+    if dead:
+        scores[:] = 0.0
+    ap_all = rng.beta(1.2, 8.0, size=k)
+    ap_all[3] = np.nan
+    prototype = 5
+    ap = 0.1 if dead else float(rng.uniform(0.4, 0.9))
+    ap_all[prototype] = ap
+    return ClassResult(
+        name=name,
+        n_patches=int(labels.sum()) * 10,
+        prevalence=0.1,
+        ap=ap,
+        heldout_ap=0.1 if dead else ap - 0.05,
+        heldout_prevalence=float(labels.mean()),
+        prototype=prototype,
+        sae="sae-3f9c2a1b",
+        dead=dead,
+        ap_all=ap_all,
+        pr_scores=scores,
+        pr_labels=labels,
+        pr_source="held-out",
+        top=[] if dead else [make_top(rng, side, px, i) for i in range(n_top)],
+    )
+
+
+def make_empty_class(name: str) -> ClassResult:
+    """A class with no positive selection patches: no AP, no prototype."""
+    return ClassResult(
+        name=name,
+        n_patches=0,
+        prevalence=0.0,
+        ap=None,
+        heldout_ap=None,
+        heldout_prevalence=0.0,
+        prototype=-1,
+        sae=None,
+        dead=False,
+        ap_all=np.full(64, np.nan),
+        pr_scores=np.zeros(0, dtype=np.float32),
+        pr_labels=np.zeros(0, dtype=bool),
+        pr_source="held-out",
+        top=[],
+    )
+
+
+def make_report() -> ReportData:
+    rng = np.random.default_rng(0)
+    classes = [
+        make_class(rng, "road", n_top=12),
+        make_class(rng, ODD_NAME),
+        make_class(rng, "sky", side=14, px=224, n_top=16),
+        make_empty_class("unicorn"),
+        make_class(rng, "wall", dead=True),
+        make_class(rng, "tree $x$"),
+    ]
+    notes = ["config: configs/demo.toml", "reduce key: 0123456789abcdef", "patches: 100,000 kept & 20,000 held out"]
+    return ReportData(title="Prototypes <demo> & co", classes=classes, notes=notes)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """The synthetic report, written once for the tests that only read it."""
+    dpath = tmp_path_factory.mktemp("reduce")
+    return write_report(dpath, make_report())
+
+
+def img_srcs(page: str) -> list[str]:
+    return re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
+
+
+def test_writes_index_with_every_image_a_png_inside_the_report_folder(written):
+    report_dpath = written.parent
+    assert written == report_dpath / "index.html" and report_dpath.name == "report"
+    srcs = img_srcs(written.read_text(encoding="utf-8"))
+    # summary + one plot per class with data (5) + the top images (12 + 8 + 16 + 8).
+    assert len(srcs) == 1 + 5 + 44
+    for src in srcs:
+        fpath = (report_dpath / html.unescape(src)).resolve()
+        assert fpath.parent == report_dpath.resolve(), src
+        assert fpath.suffix == ".png" and fpath.is_file(), src
+        with PIL.Image.open(fpath) as image:
+            assert image.format == "PNG"
+
+
+def test_page_is_self_contained(written):
+    page = written.read_text(encoding="utf-8")
+    assert not re.search(r"https?://|//cdn|<link|<script|@import|url\(", page)
+
+
+def test_text_is_escaped(written):
+    page = written.read_text(encoding="utf-8")
+    assert "&lt;b&gt;&amp;" in page
+    assert "<b>&" not in page
+    assert "Prototypes &lt;demo&gt; &amp; co" in page
+    assert "image 00000 &lt;x&gt;" in page
+    assert "patches: 100,000 kept &amp; 20,000 held out" in page
+
+
+def test_dead_latent_and_class_without_positives_are_flagged(written):
+    page = written.read_text(encoding="utf-8")
+    sections = dict(re.findall(r'<section class="cls" id="c\d+">\s*<h2>(.*?)</h2>(.*?)</section>', page, re.DOTALL))
+    assert 'wall <span class="badge">dead latent</span>' in sections
+    assert "No prototype: it has no positive selection patches" in sections["unicorn"]
+    assert "<img" not in sections["unicorn"]
+
+
+def test_leaves_no_temporary_files(written):
+    assert not [p.name for p in written.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_rejects_labels_that_do_not_match_the_scores():
+    rng = np.random.default_rng(0)
+    good = make_class(rng, "road", n_top=0)
+    with pytest.raises(Exception, match="pr_labels|M"):
+        ClassResult(**{**good.__dict__, "pr_labels": good.pr_labels[:-1]})
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_precision_recall_curve_equals_sklearn_on_tied_scores(data):
+    n = data.draw(st.integers(1, 50))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    values = st.one_of(st.just(0.0), st.integers(-3, 3).map(float), st.sampled_from([0.5, -0.25, 1e-3]))
+    scores = data.draw(hnp.arrays(dtype, n, elements=values))
+    labels = data.draw(hnp.arrays(np.bool_, n))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns when there are no positives
+        want = sklearn_precision_recall_curve(labels, scores)
+    got = precision_recall_curve(labels, scores)
+    for name, g, w in zip(("precision", "recall", "thresholds"), got, want):
+        np.testing.assert_array_equal(g, w, err_msg=name)
+        assert g.dtype == w.dtype, name
+
+
+def test_browser_shows_the_whole_page(tmp_path):
+    chromium = browser.find_chromium()
+    if chromium is None:
+        if os.environ.get("SAEV_REQUIRE_BROWSER"):
+            pytest.fail("SAEV_REQUIRE_BROWSER is set but no chromium was found (apt-get install chromium)")
+        pytest.skip("chromium is not installed (set SAEV_REQUIRE_BROWSER to make this a failure)")
+    index_fpath = write_report(tmp_path / "reduce", make_report())
+    seen = browser.check_page(chromium, index_fpath, tmp_path / "browser")
+    assert seen.n_broken == 0, (seen.errors, seen.dom[:2000])
+    assert seen.n_images == len(img_srcs(index_fpath.read_text(encoding="utf-8")))
+    assert not seen.errors
+    for name in ("road", "&lt;b&gt;&amp;", "sky", "unicorn", "wall", "tree $x$"):
+        assert f"{name}" in seen.dom
+    with PIL.Image.open(seen.screenshot_fpath) as shot:
+        assert shot.size == (1200, 2000)
+        assert len(shot.convert("L").getcolors(2**16) or []) > 50  # a rendered page, not a blank one
