@@ -8,12 +8,14 @@ entries are the best over the whole sweep (equal APs: the earlier SAE in sweep o
 import csv
 import dataclasses
 import io
+import logging
 import math
 
 import numpy as np
 import torch
 
-from saev import ap, artifacts, helpers, nn
+from saev import ap, artifacts, helpers, nn, report, vit
+from saev.data import datasets
 from saev.data.shards import Shards
 
 from . import mask as mask_stage
@@ -21,13 +23,19 @@ from . import score as score_stage
 from .graph import Piece, StagePlan
 
 NAME = "reduce"
-VERSION = 1
+VERSION = 2
+
+logger = logging.getLogger("stages.reduce")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """How results are reported."""
 
+    report: bool = True
+    """Write report/index.html: AP charts, precision-recall curves and top-activating images per class."""
+    n_top_images: int = 12
+    """Top-activating images shown per class in the report."""
     print_top: int = artifacts.unhashed(50)
     """The launcher prints at most this many classes (best.json always has all of them)."""
 
@@ -45,6 +53,7 @@ def plan(pipeline, upstream) -> StagePlan:
 
 def run(pipeline, plan, piece: Piece) -> None:
     started = artifacts.now()
+    cfg: Config = pipeline.reduce
     art = piece.artifact
     dump_art, mask_art = plan["dump"].artifacts[0], plan["mask"].artifacts[0]
     shards = Shards(dump_art.dpath)
@@ -53,14 +62,17 @@ def run(pipeline, plan, piece: Piece) -> None:
     flat_labels = np.asarray(shards.labels).reshape(-1)
     keep, heldout = mask_stage.load_keep(mask_art.dpath), mask_stage.load_heldout(mask_art.dpath)
     labels_N = flat_labels[keep].astype(np.int64)
+    labels_H = flat_labels[heldout].astype(np.int64)
     counts_C = np.bincount(labels_N, minlength=n_classes)
+    heldout_counts_C = np.bincount(labels_H, minlength=n_classes)
 
     # Select on the kept patches: the best latent of every SAE, then the best over the sweep.
     score_plan = plan["score"]
-    per_sae, chosen = {}, [None] * n_classes
+    per_sae, chosen, ap_by_sae = {}, [None] * n_classes, {}
     for score_art in score_plan.artifacts:
         info = score_plan.info[score_art.key]
         partials = score_stage.read_partials(score_art, info["d_sae"])
+        ap_by_sae[info["sae"]] = partials.ap_CK
         dead_K = partials.min_K == partials.max_K
         best_ap_C, best_k_C = ap.best_per_class(torch.from_numpy(partials.ap_CK))
         entries = []
@@ -77,7 +89,14 @@ def run(pipeline, plan, piece: Piece) -> None:
         }
 
     # Report on the held-out patches, which took no part in the choice.
-    heldout_ap_C, heldout_counts_C = heldout_aps(pipeline, plan, chosen, heldout, flat_labels, n_classes)
+    heldout_scores = chosen_scores(pipeline, plan, chosen, heldout)
+    heldout_ap_C = [math.nan] * n_classes
+    if heldout_scores:
+        classes_J = sorted(heldout_scores)
+        scores_HJ = torch.from_numpy(np.stack([heldout_scores[c] for c in classes_J], axis=1))
+        ap_CJ = ap.average_precision(scores_HJ, torch.from_numpy(labels_H), n_classes=n_classes)
+        for j, c in enumerate(classes_J):
+            heldout_ap_C[c] = float(ap_CJ[c, j])
 
     classes = []
     for c, name in enumerate(class_names):
@@ -99,39 +118,122 @@ def run(pipeline, plan, piece: Piece) -> None:
     result = {"n_patches": int(len(labels_N)), "n_heldout": int(len(heldout)), "classes": classes, "per_sae": per_sae}
     artifacts.atomic_write_json(art.dpath / "best.json", result)
     artifacts.atomic_write_bytes(art.dpath / "best.csv", to_csv(classes).encode("utf-8"))
+    if cfg.report:
+        data = make_report_data(pipeline, plan, result, chosen, ap_by_sae, keep, heldout, heldout_scores)
+        index_fpath = report.write_report(art.dpath, data)
+        logger.info("report: %s", index_fpath)
     art.write_manifest(params=plan[NAME].params[art.key], inputs=plan[NAME].inputs[art.key], started=started)
 
 
-def heldout_aps(pipeline, plan, chosen, heldout, flat_labels, n_classes) -> tuple[list[float], np.ndarray]:
-    """AP of each class's chosen latent over the held-out patches (NaN without held-out positives or a choice)."""
-    labels_H = flat_labels[heldout].astype(np.int64)
-    counts_C = np.bincount(labels_H, minlength=n_classes)
-    out = [math.nan] * n_classes
-    if not len(heldout):
-        return out, counts_C
-    dump_art = plan["dump"].artifacts[0]
-    shards = Shards(dump_art.dpath)
+def chosen_scores(pipeline, plan, chosen, idx: np.ndarray) -> dict[int, np.ndarray]:
+    """Class -> float32 scores of its chosen latent on the patches `idx` (classes without a choice left out)."""
+    if not len(idx):
+        return {}
+    shards = Shards(plan["dump"].artifacts[0].dpath)
     by_sae: dict[str, list[int]] = {}
     for c, pick in enumerate(chosen):
         if pick is not None:
             by_sae.setdefault(pick["sae"], []).append(c)
     device = helpers.get_device(pipeline.score.device)
     torch.set_float32_matmul_precision(pipeline.score.matmul_precision)
-    train_info = plan["train"].info
+    out = {}
     for sae_key, classes in by_sae.items():
-        acts_HD = shards.patches_flat(train_info[sae_key]["layer"], heldout)
+        layer = plan["train"].info[sae_key]["layer"]
         sae = nn.load(artifacts.Artifact(pipeline.root, "train", sae_key).dpath, device=device)
         latents = torch.tensor([chosen[c]["prototype"] for c in classes], device=device)
-        scores_HJ = torch.cat(
-            [
-                score_stage.encode_block(sae, acts_HD[i : i + 4096], 0, sae.cfg.d_sae, batch_size=4096, device=device)[:, latents]
-                for i in range(0, len(acts_HD), 4096)
-            ]
-        )
-        ap_CJ = ap.average_precision(scores_HJ, torch.from_numpy(labels_H).to(device), n_classes=n_classes)
+        parts = []
+        for start in range(0, len(idx), _BATCH):
+            acts_BD = shards.patches_flat(layer, idx[start : start + _BATCH])
+            scores = score_stage.encode_block(sae, acts_BD, 0, sae.cfg.d_sae, batch_size=_BATCH, device=device)
+            parts.append(scores[:, latents].cpu())
+        scores_NJ = torch.cat(parts).numpy()
         for j, c in enumerate(classes):
-            out[c] = float(ap_CJ[c, j])
-    return out, counts_C
+            out[c] = np.ascontiguousarray(scores_NJ[:, j])
+    return out
+
+
+_BATCH = 4096
+
+
+def make_report_data(pipeline, plan, result, chosen, ap_by_sae, keep, heldout, heldout_scores) -> report.ReportData:
+    """Everything the HTML report shows: AP distributions, PR curves and the top-activating images per class."""
+    cfg: Config = pipeline.reduce
+    shards = Shards(plan["dump"].artifacts[0].dpath)
+    md = shards.metadata
+    flat_labels = np.asarray(shards.labels).reshape(-1)
+    dataset = datasets.make_dataset(pipeline.dump.data)
+    img_size, n_side = vit.get_patch_grid(pipeline.dump.vit.model)
+    kept_scores = chosen_scores(pipeline, plan, chosen, keep)
+    items = []
+    for c, row in enumerate(result["classes"]):
+        pick = chosen[c]
+        if pick is None:
+            ap_all = np.zeros(0)
+            pr_scores, pr_labels, top = np.zeros(0, np.float32), np.zeros(0, bool), []
+        else:
+            ap_all = ap_by_sae[pick["sae"]][c]
+            if c in heldout_scores:
+                pr_scores, pr_labels = heldout_scores[c], flat_labels[heldout] == c
+            else:
+                pr_scores, pr_labels = kept_scores[c], flat_labels[keep] == c
+            top = top_images(pipeline, plan, shards, dataset, pick, keep, kept_scores[c], c, img_size, n_side, cfg.n_top_images)
+        items.append(
+            report.ClassResult(
+                name=row["name"],
+                n_patches=row["n_patches"],
+                prevalence=row["prevalence"],
+                ap=row["ap"],
+                heldout_ap=row["heldout_ap"],
+                heldout_prevalence=row["heldout_prevalence"],
+                prototype=row["prototype"],
+                sae=row["sae"],
+                dead=row["dead"],
+                ap_all=np.asarray(ap_all, dtype=np.float64),
+                pr_scores=np.asarray(pr_scores, dtype=np.float32),
+                pr_labels=np.asarray(pr_labels, dtype=bool),
+                pr_source="held-out" if c in heldout_scores else "selection",
+                top=top,
+            )
+        )
+    notes = [
+        f"config: {pipeline.config_dpath}",
+        f"dump: {plan['dump'].artifacts[0].ref} ({md.vit_ckpt}, {md.n_imgs} images, layers {list(md.layers)})",
+        f"selection patches: {result['n_patches']}; held-out patches: {result['n_heldout']}",
+        f"SAEs: {', '.join(result['per_sae'])}",
+    ]
+    return report.ReportData(title="Best SAE latent per class", classes=items, notes=notes)
+
+
+def top_images(pipeline, plan, shards, dataset, pick, keep, scores_N, c, img_size, n_side, n_top) -> list[report.TopImage]:
+    """The images holding the kept patches where the chosen latent fires hardest, with every patch's score."""
+    md = shards.metadata
+    order = np.argsort(-scores_N, kind="stable")
+    imgs: list[int] = []
+    for i in order:
+        img = int(keep[i] // md.n_patches_per_img)
+        if img not in imgs:
+            imgs.append(img)
+        if len(imgs) == n_top:
+            break
+    layer = plan["train"].info[pick["sae"]]["layer"]
+    sae = nn.load(artifacts.Artifact(pipeline.root, "train", pick["sae"]).dpath)
+    out = []
+    for img in imgs:
+        acts_PD = shards.patches(layer, img, img + 1)[0]
+        scores_P = score_stage.encode_block(
+            sae, acts_PD, pick["prototype"], pick["prototype"] + 1, batch_size=_BATCH, device=torch.device("cpu")
+        )[:, 0].numpy()
+        labels_P = np.asarray(shards.labels[img]) == c
+        sample = dataset[img]
+        out.append(
+            report.TopImage(
+                image=sample.image.convert("RGB").resize((img_size, img_size)),
+                patch_scores=scores_P.reshape(n_side, n_side).astype(np.float32),
+                label_mask=labels_P.reshape(n_side, n_side),
+                title=sample.name,
+            )
+        )
+    return out
 
 
 def _json_float(value: float) -> float | None:

@@ -75,6 +75,12 @@ def test_whole_graph_writes_every_stage_and_results(done_config):
         if row["ap"] is not None:
             assert row["sae"] in sae_keys and 0 <= row["prototype"]
             assert row["ap"] >= row["prevalence"] - 1e-12  # the best latent is at least as good as chance
+    report_dpath = plan["reduce"].artifacts[0].dpath / "report"
+    html = (report_dpath / "index.html").read_text()
+    for c, row in enumerate(best["classes"]):
+        assert row["name"] in html
+        if row["ap"] is not None:  # a grid of top-activating images per class with a chosen latent
+            assert (report_dpath / f"class{c:04d}-top00.png").is_file()
     csv_lines = (plan["reduce"].artifacts[0].dpath / "best.csv").read_text().splitlines()
     assert csv_lines[0].startswith("name,") and len(csv_lines) == len(names) + 1
 
