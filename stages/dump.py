@@ -33,8 +33,8 @@ logger = logging.getLogger("stages.dump")
 class Config:
     """Which images go through which ViT, and how activations are stored."""
 
-    data: datasets.Synthetic | datasets.SegFolder = datasets.Synthetic()
-    """The dataset: the built-in synthetic demo (kind = "synthetic") or a folder of images + masks (kind = "segfolder")."""
+    data: datasets.Synthetic | datasets.SegFolder | datasets.ClassFolder = datasets.Synthetic()
+    """The dataset: the built-in synthetic demo (kind = "synthetic"), images + masks (kind = "segfolder"), or class subfolders (kind = "classfolder", every patch labelled with its image's class)."""
     vit: vits.VitConfig = vits.VitConfig()
     """The open_clip ViT and the layers recorded."""
     max_patches_per_shard: int = 2_400_000

@@ -238,3 +238,25 @@ def test_folder_truncated_mask_is_an_error_naming_the_mask(tmp_path):
     ds = make_dataset(SegFolder(root=str(tmp_path)))
     with pytest.raises(DatasetError, match=re.escape(f"cannot read mask {fpath}")):
         ds[0]
+
+
+def test_class_folder_labels_every_pixel_with_the_image_class(tmp_path):
+    from PIL import Image
+
+    for name, n in (("cat", 2), ("dog", 3)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            Image.new("RGB", (20, 16), (i * 40, 0, 0)).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    ds = datasets.make_dataset(datasets.ClassFolder(root=str(tmp_path)))
+    assert ds.class_names == ("cat", "dog") and len(ds) == 5 and ds.background is None
+    sample = ds[3]
+    assert sample.name == "dog/1" and sample.mask.shape == (16, 20) and (sample.mask == 1).all()
+
+
+def test_class_folder_errors_name_the_directory(tmp_path):
+    with pytest.raises(datasets.DatasetError, match="no class subdirectories in"):
+        datasets.make_dataset(datasets.ClassFolder(root=str(tmp_path)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(datasets.DatasetError, match="no images .* in the class subdirectories"):
+        datasets.make_dataset(datasets.ClassFolder(root=str(tmp_path)))

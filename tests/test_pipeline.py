@@ -252,3 +252,23 @@ def test_auto_block_size_follows_memory_budget():
     assert n_small * 100_000 * 4 <= 1.0 * 2**30  # the block's float32 scores fit the budget
     assert score_stage.get_block_size(big, 2_700_000, 32_768) * 2_700_000 * 4 <= 40 * 2**30
     assert score_stage.get_block_size(score_stage.Config(block_size=64), 10, 100) == 64
+
+
+def test_class_folder_dataset_labels_whole_images(tiny_config):
+    from PIL import Image
+
+    from saev.data.shards import Shards
+
+    data = tiny_config.parent / "data"
+    for c, name in enumerate(("red", "blue")):
+        (data / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), (200, 20, 20) if c == 0 else (20, 20, 200)).save(data / name / f"{i}.jpg")
+    text = tiny_config.read_text()
+    start, end = text.index("[dump.data]"), text.index("[dump.vit]")
+    tiny_config.write_text(text[:start] + f'[dump.data]\nkind = "classfolder"\nroot = "{data}"\n\n' + text[end:])
+    assert run(tiny_config, "stage=dump", "only") == 0
+    plan = pl.make_plan(pl.load(tiny_config))
+    shards = Shards(plan["dump"].artifacts[0].dpath)
+    assert shards.metadata.class_names == ("blue", "red")
+    np.testing.assert_array_equal(np.asarray(shards.labels), np.repeat([[0], [0], [0], [1], [1], [1]], 64, axis=1))

@@ -2,6 +2,7 @@
 
 - `Synthetic`: the built-in demo, generated deterministically from a seed (coloured shapes on textured backgrounds).
 - `SegFolder`: real data laid out as `images/`, `masks/` (same stem, `.png` class ids) and `classes.txt`.
+- `ClassFolder`: classification data, one subdirectory per class; every patch gets its image's class.
 """
 
 import dataclasses
@@ -226,19 +227,68 @@ class FolderDataset:
         return Sample(image, mask, img_fpath.stem)
 
 
-Dataset = SyntheticDataset | FolderDataset
+################
+# Class folder #
+################
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassFolder:
+    """Classification data: `<root>/<class name>/*` images. Every patch of an image is labelled with the image's
+    class (there are no masks), so AP measures how well a latent fires on images of that class, patch by patch."""
+
+    root: str
+    """Dataset directory with one subdirectory per class (class ids follow the sorted subdirectory names)."""
+
+
+class ClassFolderDataset:
+    """Images from class subfolders; the mask of an image is its class everywhere."""
+
+    def __init__(self, cfg: ClassFolder):
+        self.cfg = cfg
+        root = pathlib.Path(cfg.root)
+        if not root.is_dir():
+            raise DatasetError(f"dataset directory not found: {root}")
+        class_dpaths = sorted(p for p in root.iterdir() if p.is_dir())
+        if not class_dpaths:
+            raise DatasetError(f"no class subdirectories in {root}")
+        self.class_names = tuple(p.name for p in class_dpaths)
+        self.background: int | None = None
+        self.items = [
+            (fpath, c)
+            for c, dpath in enumerate(class_dpaths)
+            for fpath in sorted(dpath.iterdir())
+            if fpath.is_file() and fpath.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not self.items:
+            raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class subdirectories of {root}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Sample:
+        fpath, c = self.items[i]
+        try:
+            image = Image.open(fpath).convert("RGB")
+        except OSError as err:
+            raise DatasetError(f"cannot read image {fpath}: {err}") from err
+        return Sample(image, np.full((image.height, image.width), c, dtype=np.int64), f"{fpath.parent.name}/{fpath.stem}")
+
+
+Dataset = SyntheticDataset | FolderDataset | ClassFolderDataset
 
 
 @beartype.beartype
-def make_dataset(cfg: Synthetic | SegFolder) -> Dataset:
+def make_dataset(cfg: Synthetic | SegFolder | ClassFolder) -> Dataset:
     """Open a dataset (folder datasets are checked up front: directories, class file, a mask for every image)."""
-    if isinstance(cfg, Synthetic):
-        return SyntheticDataset(cfg)
-    return FolderDataset(cfg)
+    factories = {Synthetic: SyntheticDataset, SegFolder: FolderDataset, ClassFolder: ClassFolderDataset}
+    return factories[type(cfg)](cfg)
 
 
-def describe(cfg: Synthetic | SegFolder) -> str:
+def describe(cfg: Synthetic | SegFolder | ClassFolder) -> str:
     """A short human-readable name for plans and logs."""
     if isinstance(cfg, Synthetic):
         return f"synthetic shapes ({cfg.n_imgs} images, seed {cfg.seed})"
+    if isinstance(cfg, ClassFolder):
+        return f"class folders {cfg.root}"
     return f"folder {cfg.root}"
