@@ -19,7 +19,7 @@ import typing
 import tyro
 
 # Keep jaxtyped library code out of this module: submitit pickles the job function from stages.pipeline, not here.
-from saev import artifacts, configs, helpers
+from saev import artifacts, configs, helpers, training
 from stages import pipeline as pl
 
 Stage = typing.Literal["dump", "train", "mask", "score", "reduce", "all"]
@@ -236,6 +236,9 @@ def main(args: Args) -> int:
         run_local(pipeline, plan, stages)
     except (artifacts.IncompleteArtifactError, artifacts.ArtifactBusyError, configs.ConfigError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except training.Preempted as err:
+        print(f"error: {err}; run the same command again to resume", file=sys.stderr)
         return 1
 
     reduce_art = plan["reduce"].artifacts[0]

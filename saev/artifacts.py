@@ -292,6 +292,7 @@ class Artifact:
             "finished": now(),
             "host": socket.gethostname(),
             "slurm_job_id": _slurm_job_id(),
+            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
             "git_commit": _git_commit(),
             "versions": _versions(),
             **dict(extra or {}),

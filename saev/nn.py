@@ -1,17 +1,34 @@
-"""Sparse autoencoders (SAEs): the model, its invariants, and its checkpoint format.
+"""Sparse autoencoders (SAEs): the model, its activation rules, its decoder invariants, and its checkpoint format.
 
 A `SparseAutoencoder` maps a ViT activation x (width d_vit) to d_sae non-negative latents f and back:
 
-    f     = relu((x - b_dec) @ W_enc + b_enc)
+    pre   = (x - b_dec) @ W_enc + b_enc
+    f     = activation(pre)
     x_hat = f @ W_dec + b_dec
+
+The activation rule is one of `ACTIVATIONS` and is saved with the SAE:
+
+- `Relu`: f = relu(pre) (SAEs trained with the "relu_l1" objective).
+- `TopK(k)`: the k largest pre-activations of each example, through a ReLU, the rest 0 ("topk" objective).
+- `JumpRelu(threshold)`: f = pre * (pre > threshold) with one global threshold (what "batchtopk" and "matryoshka"
+  SAEs use at inference: the threshold is estimated during training).
+
+`Relu` and `JumpRelu` are per-latent rules: latent j depends on pre[:, j] only, so `encode(x, latents=slice(a, b))`
+computes just those columns. `TopK` is not: a block encode computes all d_sae pre-activations, keeps each
+example's top k, and returns the requested columns, so a block equals the same columns of the full encoding
+(costing a full encoder matmul per block).
 
 Training (saev.training) runs on activations multiplied by a scalar `scale` (so their mean L2 norm is sqrt(d_vit))
 with unit-norm decoder rows. Before saving, `fold_scale_` rewrites the weights so that the saved SAE takes RAW
-activations and gives raw-space reconstructions, with latents identical to the ones seen in training. After folding
-the decoder rows have norm 1/scale, not 1.
+activations and gives raw-space reconstructions, with pre-activations (hence latents and thresholds) identical to
+the ones seen in training. After folding the decoder rows have norm 1/scale, not 1.
 
-A checkpoint is a directory with `sae.safetensors` (the four weight tensors) and `sae.json` (the `SaeConfig`).
-Nothing is unpickled on load.
+A checkpoint is a directory with `sae.safetensors` (the four weight tensors) and `sae.json` (the `SaeConfig` fields
+plus an "activation" entry, e.g. {"kind": "topk", "k": 32}; a JSON without it is a ReLU SAE). Nothing is unpickled
+on load.
+
+`SaeStack` holds S same-shape SAEs as stacked parameters (a leading SAE axis) so that a sweep trains them with
+batched matmuls on one data stream.
 """
 
 import dataclasses
@@ -19,6 +36,7 @@ import json
 import math
 import pathlib
 import typing
+from collections.abc import Mapping, Sequence
 
 import beartype
 import safetensors
@@ -33,13 +51,13 @@ WEIGHTS_FNAME = "sae.safetensors"
 """File name of the weights inside a checkpoint directory."""
 
 CONFIG_FNAME = "sae.json"
-"""File name of the `SaeConfig` (as JSON) inside a checkpoint directory."""
+"""File name of the `SaeConfig` (as JSON, plus the activation rule) inside a checkpoint directory."""
 
 
 @beartype.beartype
 @dataclasses.dataclass(frozen=True)
 class SaeConfig:
-    """Shape and initialisation of a ReLU sparse autoencoder."""
+    """Shape and initialisation of a sparse autoencoder."""
 
     d_vit: int
     """Width of the ViT activations the SAE reads and reconstructs."""
@@ -60,6 +78,133 @@ class SaeConfig:
         return self.d_vit * self.exp_factor
 
 
+####################
+# Activation rules #
+####################
+
+
+@typing.runtime_checkable
+class Activation(typing.Protocol):
+    """How latents follow from pre-activations, at inference. Frozen dataclasses registered in `ACTIVATIONS`."""
+
+    kind: typing.ClassVar[str]
+    """Name in `ACTIVATIONS` and in the saved JSON."""
+    per_latent: typing.ClassVar[bool]
+    """Whether latent j depends on pre-activation j only (then a block of latents can be encoded alone)."""
+
+    def __call__(self, pre_BS: Tensor) -> Tensor:
+        """Latents from pre-activations of ALL latents (or, if `per_latent`, of any subset), same shape."""
+        ...
+
+
+@beartype.beartype
+@dataclasses.dataclass(frozen=True)
+class Relu:
+    """f = relu(pre)."""
+
+    kind: typing.ClassVar[str] = "relu"
+    per_latent: typing.ClassVar[bool] = True
+
+    def __call__(self, pre_BS: Tensor) -> Tensor:
+        return torch.relu(pre_BS)
+
+
+@beartype.beartype
+@dataclasses.dataclass(frozen=True)
+class TopK:
+    """The k largest pre-activations of each example (last axis), through a ReLU; every other latent is 0.
+
+    At most k latents are non-zero per example, exactly k when the k-th largest pre-activation is positive.
+    """
+
+    k: int
+    """Latents kept per example."""
+
+    kind: typing.ClassVar[str] = "topk"
+    per_latent: typing.ClassVar[bool] = False
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"k must be positive, got {self.k}")
+
+    def __call__(self, pre_BS: Tensor) -> Tensor:
+        if self.k > pre_BS.shape[-1]:
+            raise ValueError(f"TopK keeps k={self.k} latents but there are only {pre_BS.shape[-1]}")
+        vals_BK, idx_BK = pre_BS.topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre_BS).scatter(-1, idx_BK, torch.relu(vals_BK))
+
+
+@beartype.beartype
+@dataclasses.dataclass(frozen=True)
+class JumpRelu:
+    """f = pre * (pre > threshold), one threshold for all latents (BatchTopK's inference rule)."""
+
+    threshold: float
+    """Pre-activations at or below it give 0; non-negative."""
+
+    kind: typing.ClassVar[str] = "jumprelu"
+    per_latent: typing.ClassVar[bool] = True
+
+    def __post_init__(self):
+        if not (math.isfinite(self.threshold) and self.threshold >= 0):
+            raise ValueError(f"threshold must be a non-negative finite number, got {self.threshold}")
+
+    def __call__(self, pre_BS: Tensor) -> Tensor:
+        return pre_BS * (pre_BS > self.threshold)
+
+
+ACTIVATIONS: dict[str, type] = {cls.kind: cls for cls in (Relu, TopK, JumpRelu)}
+"""Activation kind (as saved in sae.json) -> its class."""
+
+
+@beartype.beartype
+def activation_to_json(activation: Activation) -> dict[str, object]:
+    """{"kind": ..., **fields}, what `sae.json` stores under "activation"."""
+    return {"kind": activation.kind, **dataclasses.asdict(activation)}
+
+
+@beartype.beartype
+def activation_from_json(obj: object) -> Activation:
+    """Inverse of `activation_to_json`. Raises ValueError for an unknown kind or bad fields."""
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("kind"), str):
+        raise ValueError(f"activation must be an object with a string 'kind', got {obj!r}")
+    fields = dict(obj)
+    kind = fields.pop("kind")
+    if kind not in ACTIVATIONS:
+        raise ValueError(f"unknown activation kind {kind!r}; known: {sorted(ACTIVATIONS)}")
+    try:
+        return ACTIVATIONS[kind](**fields)
+    except TypeError as err:
+        raise ValueError(f"invalid {kind} activation {obj!r}: {err}") from err
+
+
+###########
+# Decoder #
+###########
+
+
+@torch.no_grad()
+def normalize_rows_(W_dec_SD: Tensor) -> None:
+    """Rescale every row (last axis; any leading axes) to unit L2 norm, in place."""
+    W_dec_SD.div_(W_dec_SD.norm(dim=-1, keepdim=True))
+
+
+@torch.no_grad()
+def remove_parallel_grads_(W_dec_SD: Tensor) -> None:
+    """Remove from W_dec.grad the component parallel to each row (last axis; any leading axes), in place."""
+    if W_dec_SD.grad is None:
+        return
+    parallel_S = (W_dec_SD.grad * W_dec_SD).sum(dim=-1, keepdim=True) / (W_dec_SD * W_dec_SD).sum(
+        dim=-1, keepdim=True
+    )
+    W_dec_SD.grad.sub_(parallel_S * W_dec_SD)
+
+
+#######
+# SAE #
+#######
+
+
 class SaeOutput(typing.NamedTuple):
     """What a forward pass of a `SparseAutoencoder` returns."""
 
@@ -70,16 +215,19 @@ class SaeOutput(typing.NamedTuple):
 
 
 class SparseAutoencoder(torch.nn.Module):
-    """ReLU sparse autoencoder with a decoder bias subtracted before encoding.
+    """Sparse autoencoder with a decoder bias subtracted before encoding and an `Activation` rule.
 
     Parameters: `W_enc` [d_vit, d_sae], `b_enc` [d_sae], `W_dec` [d_sae, d_vit] (one dictionary atom per row, unit
     norm while training), `b_dec` [d_vit]. The initialisation is a deterministic function of `cfg.seed`: random
     unit decoder rows, `W_enc = W_dec.T`, zero biases (training sets `b_dec` from the data).
     """
 
-    def __init__(self, cfg: SaeConfig):
+    def __init__(self, cfg: SaeConfig, activation: Activation = Relu()):
         super().__init__()
+        if not isinstance(activation, Activation):
+            raise TypeError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.cfg = cfg
+        self.activation = activation
         gen = torch.Generator().manual_seed(cfg.seed)
         W_dec = torch.randn(cfg.d_sae, cfg.d_vit, generator=gen, dtype=torch.float32)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
@@ -90,7 +238,7 @@ class SparseAutoencoder(torch.nn.Module):
 
     @jaxtyped(typechecker=beartype.beartype)
     def pre_acts(self, x_BD: Float[Tensor, "B D"], latents: slice | None = None) -> Float[Tensor, "B K"]:
-        """Latent pre-activations, before the ReLU: all of them, or only those in `latents`."""
+        """Latent pre-activations, before the activation rule: all of them, or only those in `latents`."""
         if x_BD.shape[-1] != self.cfg.d_vit:
             raise ValueError(f"SAE expects d_vit={self.cfg.d_vit} but activations have width {x_BD.shape[-1]}")
         W_enc_DK, b_enc_K = self.W_enc, self.b_enc
@@ -100,12 +248,15 @@ class SparseAutoencoder(torch.nn.Module):
 
     @jaxtyped(typechecker=beartype.beartype)
     def encode(self, x_BD: Float[Tensor, "B D"], latents: slice | None = None) -> Float[Tensor, "B K"]:
-        """Latent activations f = relu((x - b_dec) @ W_enc + b_enc), shape [B, d_sae].
+        """Latent activations f = activation((x - b_dec) @ W_enc + b_enc), shape [B, d_sae].
 
-        With `latents` (e.g. slice(k_start, k_stop)) only those columns are computed, shape [B, len(range)]; their
-        values equal the same columns of the full encoding, without materialising all d_sae latents.
+        With `latents` (e.g. slice(k_start, k_stop)) only those columns are returned, shape [B, len(range)]; their
+        values equal the same columns of the full encoding. For per-latent rules (ReLU, JumpReLU) only those
+        columns are computed; for TopK the full encoding is computed and sliced (top-k is over all latents).
         """
-        return torch.relu(self.pre_acts(x_BD, latents))
+        if latents is None or self.activation.per_latent:
+            return self.activation(self.pre_acts(x_BD, latents))
+        return self.activation(self.pre_acts(x_BD))[:, latents]
 
     @jaxtyped(typechecker=beartype.beartype)
     def decode(self, f_BS: Float[Tensor, "B S"]) -> Float[Tensor, "B D"]:
@@ -118,31 +269,25 @@ class SparseAutoencoder(torch.nn.Module):
         f_BS = self.encode(x_BD)
         return SaeOutput(x_hat_BD=self.decode(f_BS), f_BS=f_BS)
 
-    @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale every decoder row (dictionary atom) to unit L2 norm, in place."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+        normalize_rows_(self.W_dec)
 
-    @torch.no_grad()
     def remove_parallel_grads_(self) -> None:
         """Remove from W_dec.grad the component parallel to each decoder row, in place.
 
         With unit-norm rows that component only changes the row norms, which `normalize_decoder_` undoes anyway;
         removing it keeps Adam's statistics about the directions that matter. Call between backward() and step().
         """
-        if self.W_dec.grad is None:
-            return
-        W_dec_SD = self.W_dec
-        parallel_S = (self.W_dec.grad * W_dec_SD).sum(dim=1) / (W_dec_SD * W_dec_SD).sum(dim=1)
-        self.W_dec.grad.sub_(parallel_S[:, None] * W_dec_SD)
+        remove_parallel_grads_(self.W_dec)
 
     @torch.no_grad()
     def fold_scale_(self, scale: float) -> None:
         """Rewrite the weights, in place, so the SAE takes raw activations instead of `raw * scale`.
 
-        Afterwards `encode(raw)` equals the old `encode(raw * scale)` (up to float rounding) and `decode` returns
-        raw-space reconstructions (the old reconstruction divided by `scale`). Decoder rows then have norm
-        1/scale, so do not call `normalize_decoder_` after folding.
+        Afterwards `pre_acts(raw)` and `encode(raw)` equal the old ones of `raw * scale` (up to float rounding), so
+        the activation rule (k, threshold) is unchanged, and `decode` returns raw-space reconstructions (the old
+        reconstruction divided by `scale`). Decoder rows then have norm 1/scale: do not normalize after folding.
         """
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive finite number, got {scale}")
@@ -152,9 +297,66 @@ class SparseAutoencoder(torch.nn.Module):
         self.b_dec.div_(scale)
 
 
+class SaeStack(torch.nn.Module):
+    """S SAEs of one shape as stacked parameters with a leading SAE axis, for batched training.
+
+    Parameters: `W_enc` [S, d_vit, d_sae], `b_enc` [S, d_sae], `W_dec` [S, d_sae, d_vit], `b_dec` [S, d_vit]; slice
+    s is initialised exactly like `SparseAutoencoder(cfgs[s])`. Every SAE reads the same input batch.
+    """
+
+    def __init__(self, cfgs: Sequence[SaeConfig]):
+        super().__init__()
+        if not cfgs:
+            raise ValueError("an SaeStack needs at least one SaeConfig")
+        shapes = {(cfg.d_vit, cfg.d_sae) for cfg in cfgs}
+        if len(shapes) != 1:
+            raise ValueError(f"SAEs in a stack must share d_vit and d_sae, got (d_vit, d_sae) in {sorted(shapes)}")
+        self.cfgs = tuple(cfgs)
+        saes = [SparseAutoencoder(cfg) for cfg in cfgs]
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            stacked = torch.stack([getattr(sae, name).detach() for sae in saes])
+            self.register_parameter(name, torch.nn.Parameter(stacked))
+
+    @property
+    def n_saes(self) -> int:
+        """S, the number of stacked SAEs."""
+        return len(self.cfgs)
+
+    @jaxtyped(typechecker=beartype.beartype)
+    def pre_acts(self, x_BD: Float[Tensor, "B D"]) -> Float[Tensor, "S B K"]:
+        """Pre-activations of every SAE on the shared batch: (x - b_dec[s]) @ W_enc[s] + b_enc[s]."""
+        x_SBD = x_BD.unsqueeze(0) - self.b_dec.unsqueeze(1)
+        return torch.baddbmm(self.b_enc.unsqueeze(1), x_SBD, self.W_enc)
+
+    @jaxtyped(typechecker=beartype.beartype)
+    def decode(self, f_SBK: Float[Tensor, "S B K"]) -> Float[Tensor, "S B D"]:
+        """Reconstructions of every SAE: f[s] @ W_dec[s] + b_dec[s]."""
+        return torch.baddbmm(self.b_dec.unsqueeze(1), f_SBK, self.W_dec)
+
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row of every SAE to unit L2 norm, in place."""
+        normalize_rows_(self.W_dec)
+
+    def remove_parallel_grads_(self) -> None:
+        """Remove from W_dec.grad the component parallel to each decoder row, in place (see SparseAutoencoder)."""
+        remove_parallel_grads_(self.W_dec)
+
+    @torch.no_grad()
+    def get_sae(self, s: int, activation: Activation = Relu()) -> SparseAutoencoder:
+        """A copy of SAE `s` as a `SparseAutoencoder` with the given inference `activation`, on the same device."""
+        sae = SparseAutoencoder(self.cfgs[s], activation).to(self.W_enc.device)
+        sae.load_state_dict({name: getattr(self, name)[s] for name in ("W_enc", "b_enc", "W_dec", "b_dec")})
+        return sae
+
+
+###############
+# Checkpoints #
+###############
+
+
 @beartype.beartype
 def save(sae: SparseAutoencoder, dpath: pathlib.Path | str) -> None:
-    """Write `sae` to the directory `dpath` as `sae.safetensors` (weights) and `sae.json` (config).
+    """Write `sae` to the directory `dpath` as `sae.safetensors` (weights) and `sae.json` (config + activation).
 
     Each file is written atomically (temp file + rename). The directory is created if needed.
     """
@@ -162,16 +364,18 @@ def save(sae: SparseAutoencoder, dpath: pathlib.Path | str) -> None:
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in sae.state_dict().items()}
     with artifacts.atomic_path(dpath / WEIGHTS_FNAME) as tmp_fpath:
         safetensors.torch.save_file(tensors, str(tmp_fpath))
-    artifacts.atomic_write_json(dpath / CONFIG_FNAME, dataclasses.asdict(sae.cfg))
+    config = {**dataclasses.asdict(sae.cfg), "activation": activation_to_json(sae.activation)}
+    artifacts.atomic_write_json(dpath / CONFIG_FNAME, config)
 
 
 @beartype.beartype
 def load(dpath: pathlib.Path | str, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Read an SAE written by `save` from the directory `dpath`.
+    """Read an SAE written by `save` from the directory `dpath` (a JSON without "activation" means ReLU).
 
     Raises:
         FileNotFoundError: `sae.json` or `sae.safetensors` is missing (the message names the file).
-        ValueError: the JSON is not a valid `SaeConfig`, or the tensors' names or shapes disagree with it.
+        ValueError: the JSON is not a valid `SaeConfig` + activation, or the tensors' names or shapes disagree
+            with it.
     """
     dpath = pathlib.Path(dpath)
     cfg_fpath, weights_fpath = dpath / CONFIG_FNAME, dpath / WEIGHTS_FNAME
@@ -180,11 +384,15 @@ def load(dpath: pathlib.Path | str, device: str | torch.device = "cpu") -> Spars
             raise FileNotFoundError(f"SAE checkpoint file {fpath} is missing")
 
     try:
-        cfg = SaeConfig(**json.loads(cfg_fpath.read_text()))
+        fields = json.loads(cfg_fpath.read_text())
+        if not isinstance(fields, dict):
+            raise TypeError(f"expected a JSON object, got {type(fields).__name__}")
+        activation = activation_from_json(fields.pop("activation", {"kind": Relu.kind}))
+        cfg = SaeConfig(**fields)
     except (json.JSONDecodeError, TypeError, ValueError) as err:
         raise ValueError(f"{cfg_fpath} is not a valid SaeConfig: {err}") from err
 
-    sae = SparseAutoencoder(cfg)
+    sae = SparseAutoencoder(cfg, activation)
     expected = {name: tuple(p.shape) for name, p in sae.state_dict().items()}
     try:
         tensors = safetensors.torch.load_file(str(weights_fpath), device="cpu")

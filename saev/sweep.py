@@ -10,10 +10,14 @@ Keys name fields by their dotted path from the top config class: `lr` is `TrainC
 NOT accepted: `seed` exists both as the data-order seed and as `sae.seed`, and a namespace where a key's meaning
 depends on which other fields exist would be fragile. An unknown key's error suggests the closest valid one.
 
-A list value is swept; a scalar is shared by every config. The grid is the cartesian product over the swept keys
+A list value is swept; a scalar is shared by every config. A tuple-typed field (e.g. `matryoshka_prefixes`)
+takes a list as ONE value; to sweep it give a list of lists (`[[64, 256], [128, 512]]`). The grid is the cartesian product over the swept keys
 sorted by dotted name, with the LAST key varying fastest (itertools.product order); so the order does not depend
 on how the file is laid out. For example {"lr": [1, 2], "sae.seed": [0, 1]} gives
 (lr=1, seed=0), (lr=1, seed=1), (lr=2, seed=0), (lr=2, seed=1).
+
+`group(cfgs)` splits an expanded sweep of `TrainConfig`s into groups that `saev.training.train_group` trains
+together (same shape, objective and data stream).
 """
 
 import dataclasses
@@ -23,9 +27,11 @@ import pathlib
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import beartype
+
+from saev import training
 
 T = typing.TypeVar("T")
 
@@ -53,14 +59,14 @@ def expand_sweep(table: Mapping[str, object], cls: type[T], *, defaults: Mapping
 
     flat = _flatten(table, fields)
     for key, value in _flatten(defaults or {}, fields).items():
-        if isinstance(value, list):
+        if _is_swept(value, fields[key]):
             raise SweepError(f"default for key '{key}' must be a single value, got a list")
         flat.setdefault(key, value)
 
     choices: dict[str, list[object]] = {}
     for key in sorted(flat):
         value = flat[key]
-        if isinstance(value, list):
+        if _is_swept(value, fields[key]):
             if not value:
                 raise SweepError(f"key '{key}' has an empty list; give at least one value")
             choices[key] = [_coerce(key, v, fields[key], i) for i, v in enumerate(value)]
@@ -97,9 +103,48 @@ def load_sweep(fpath: pathlib.Path | str, cls: type[T], *, defaults: Mapping[str
         raise SweepError(f"{fpath}: {err}") from err
 
 
+@beartype.beartype
+def group(cfgs: Sequence[training.TrainConfig], *, max_size: int | None = None) -> list[list[training.TrainConfig]]:
+    """Split a sweep into groups that can be trained together on one data stream (`training.train_group`).
+
+    Configs with the same `training.get_group_key` (d_vit, d_sae, objective and its shape fields, batch_size,
+    n_train, seed, n_eval) form a group. Deterministic: groups are ordered by their first config in `cfgs`, and
+    configs keep their sweep order within a group. With `max_size`, a larger group is cut into consecutive chunks
+    of at most that many configs (e.g. to fit GPU memory).
+
+    Raises:
+        ValueError: `max_size` is not positive.
+    """
+    if max_size is not None and max_size < 1:
+        raise ValueError(f"max_size must be positive, got {max_size}")
+    by_key: dict[tuple, list[training.TrainConfig]] = {}
+    for cfg in cfgs:
+        by_key.setdefault(tuple(training.get_group_key(cfg).items()), []).append(cfg)
+    groups = list(by_key.values())
+    if max_size is None:
+        return groups
+    return [g[i : i + max_size] for g in groups for i in range(0, len(g), max_size)]
+
+
 ###########
 # Helpers #
 ###########
+
+
+def _is_sequence_hint(hint: object) -> bool:
+    """Whether the field takes a tuple (then a list is one value, and a list of lists a sweep)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_sequence_hint(arg) for arg in typing.get_args(hint))
+    return origin is tuple or hint is tuple
+
+
+def _is_swept(value: object, leaf: "_Leaf") -> bool:
+    if not isinstance(value, list):
+        return False
+    if _is_sequence_hint(leaf.hint):
+        return bool(value) and all(isinstance(v, list) for v in value)
+    return True
 
 
 class _Leaf(typing.NamedTuple):
@@ -189,6 +234,15 @@ def _match(value: object, hint: object) -> tuple[bool, object]:
         return False, None
     if origin is typing.Literal:
         return any(value == a and type(value) is type(a) for a in typing.get_args(hint)), value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            return False, None
+        item_hints = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_hints) != len(value):
+            return False, None
+        items = [_match(v, h) for v, h in zip(value, item_hints, strict=True)]
+        return all(ok for ok, _ in items), tuple(v for _, v in items)
     if hint is type(None):
         return value is None, None
     if hint is bool:

@@ -10,6 +10,7 @@ rewritten. When every chunk is done, the labels are joined into labels.bin and t
 written.
 """
 
+import concurrent.futures
 import dataclasses
 import logging
 import pathlib
@@ -45,11 +46,13 @@ class Config:
     """Shards written by one dump job (one job-array task on Slurm); more jobs finish sooner on a cluster."""
     batch_size: int = artifacts.unhashed(64)
     """Images per ViT forward pass (memory only)."""
+    n_workers: int = artifacts.unhashed(2)
+    """Threads that load and preprocess images while the model runs."""
     device: str = artifacts.unhashed("auto")
     """'auto' (CUDA when available), 'cpu' or 'cuda'."""
 
     def __post_init__(self):
-        for name in ("max_patches_per_shard", "shards_per_job", "batch_size"):
+        for name in ("max_patches_per_shard", "shards_per_job", "batch_size", "n_workers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"dump.{name} must be positive, got {getattr(self, name)}")
 
@@ -125,29 +128,40 @@ def run(pipeline, plan, piece: Piece) -> None:
     img_start, img_stop = start * per, min(md.n_imgs, stop * per)
     labels_NP = np.empty((img_stop - img_start, md.n_patches_per_img), dtype=md.labels_dtype)
     progress = helpers.Progress(desc=f"dump shards {start}-{stop - 1}", total=img_stop - img_start, unit="images", logger=logger)
-    with shards.ShardWriter(art.dpath, md, start_shard=start, check_earlier=False) as writer:
-        for b_start in range(img_start, img_stop, cfg.batch_size):
-            b_stop = min(img_stop, b_start + cfg.batch_size)
-            samples = [dataset[i] for i in range(b_start, b_stop)]
-            x_B3SS = torch.stack([model.preprocess(s.image) for s in samples])
-            writer.write(model(x_B3SS).cpu().numpy())
-            for i, sample in enumerate(samples):
-                labels_NP[b_start - img_start + i] = labels.pool_patch_labels(
-                    sample.mask,
-                    n_side=model.n_side,
-                    img_size=model.img_size,
-                    n_classes=len(md.class_names),
-                    ignore=md.labels_ignore,
-                    prefer_fg=cfg.prefer_fg,
-                    background=dataset.background,
-                )
+    def prepare(i: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Image i as the model's input tensor, and its patch labels (runs in a worker thread)."""
+        sample = dataset[i]
+        labels_P = labels.pool_patch_labels(
+            sample.mask,
+            n_side=model.n_side,
+            img_size=model.img_size,
+            n_classes=len(md.class_names),
+            ignore=md.labels_ignore,
+            prefer_fg=cfg.prefer_fg,
+            background=dataset.background,
+        )
+        return model.preprocess(sample.image), labels_P
+
+    batches = [range(b, min(img_stop, b + cfg.batch_size)) for b in range(img_start, img_stop, cfg.batch_size)]
+    # Worker threads load and preprocess the next batch while the model runs on this one (PIL, numpy and torch
+    # release the GIL for their heavy work); at most two batches are in flight.
+    with concurrent.futures.ThreadPoolExecutor(cfg.n_workers) as pool, shards.ShardWriter(
+        art.dpath, md, start_shard=start, check_earlier=False
+    ) as writer:
+        pending = [pool.submit(prepare, i) for i in batches[0]] if batches else []
+        for k, batch in enumerate(batches):
+            items = [future.result() for future in pending]
+            if k + 1 < len(batches):
+                pending = [pool.submit(prepare, i) for i in batches[k + 1]]
+            writer.write(model(torch.stack([x for x, _ in items])).cpu().numpy())
+            labels_NP[batch.start - img_start : batch.stop - img_start] = np.stack([y for _, y in items])
             # Labels of each shard finished by this batch, written after the shard itself: they mark it done.
             for shard in range(start, writer.shard):
                 fpath = labels_part_fpath(art, shard)
                 if not fpath.exists():
                     lo, hi = shard * per - img_start, min(md.n_imgs, (shard + 1) * per) - img_start
                     artifacts.atomic_save_npy(fpath, labels_NP[lo:hi])
-            progress.update(b_stop - b_start)
+            progress.update(len(batch))
     progress.finish()
 
 

@@ -19,6 +19,8 @@ class Piece:
     """The one file this piece produces; None when the piece is the whole artifact."""
     label: str = ""
     """Human-readable name for plans and logs."""
+    also: tuple[artifacts.Artifact, ...] = ()
+    """Other whole artifacts the same piece writes (e.g. the SAEs of one training group)."""
 
     @property
     def id(self) -> str:
@@ -30,7 +32,7 @@ class Piece:
     def is_done(self) -> bool:
         """A whole-artifact piece is done when the artifact has its manifest; a file piece when its file exists."""
         if self.fpath is None:
-            return self.artifact.is_done()
+            return self.artifact.is_done() and all(art.is_done() for art in self.also)
         return self.fpath.is_file()
 
 

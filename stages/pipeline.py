@@ -7,10 +7,14 @@ lets the launcher submit every stage at once and resubmit a single missing piece
 import dataclasses
 import datetime
 import logging
+import os
 import pathlib
+import signal
+import subprocess
+import sys
 import typing
 
-from saev import artifacts, configs
+from saev import artifacts, configs, training
 from saev.slurm import SlurmConfig
 
 from . import dump as dump_stage
@@ -104,8 +108,32 @@ def run_pieces(pipeline: Pipeline, stage: str, piece_ids: typing.Sequence[str]) 
         raise ValueError(f"stage '{stage}' has no piece(s) {unknown}; did the config change since submission?")
     module = MODULES[stage]
     touched: dict[str, artifacts.Artifact] = {}
-    for pid in piece_ids:
-        piece = by_id[pid]
+    if os.environ.get("SLURM_JOB_ID"):
+        # Slurm's pre-timeout signal (submitit asks for USR2 before the limit): finish the current training step,
+        # save a checkpoint, requeue. Replaces submitit's handler, which would requeue without saving.
+        signal.signal(signal.SIGUSR2, training.request_checkpoint)
+    try:
+        _run(pipeline, plan, stage, module, [by_id[pid] for pid in piece_ids], touched)
+    except training.Preempted as err:
+        requeue(err)
+    for art in touched.values():
+        seal(pipeline, stage_plan, art)
+
+
+def requeue(err: Exception) -> None:
+    """Requeue this Slurm job (it resumes from its checkpoint when it runs again); outside Slurm, re-raise."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        raise err
+    if os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job_id = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    logger.warning("%s; requeueing job %s", err, job_id)
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    sys.exit(-1)  # Slurm stops this run and starts the job again; as submitit does after its own requeue
+
+
+def _run(pipeline, plan, stage, module, pieces, touched) -> None:
+    for piece in pieces:
         art = piece.artifact
         touched[art.key] = art
         if piece.is_done():
@@ -132,8 +160,6 @@ def run_pieces(pipeline: Pipeline, stage: str, piece_ids: typing.Sequence[str]) 
                 artifacts.remove_temp_files(piece.fpath.parent, piece.fpath.name)
             logger.info("%s %s: running", stage, piece.label)
             module.run(pipeline, plan, piece)
-    for art in touched.values():
-        seal(pipeline, stage_plan, art)
 
 
 def seal(pipeline: Pipeline, stage_plan: StagePlan, art: artifacts.Artifact) -> bool:

@@ -1,8 +1,13 @@
 """train: a sweep of SAEs on the dumped activations of one layer; each SAE is its own artifact.
 
-The sweep is a TOML file whose list values expand to a grid (see `saev.sweep`). Output per SAE,
-`<root>/train/<key>/`: `sae.safetensors` (weights, scale folded in so the SAE applies to raw activations),
-`sae.json` (its config) and `metrics.json` (MSE, normalized MSE, L0, dead and dense fractions on held-out rows).
+The sweep is a TOML file whose list values expand to a grid (see `saev.sweep`). SAEs that can share a data stream
+(same shape, objective, batch size, number of examples and data seed) form a group, trained together with batched
+matmuls in one job (one piece of work). Output per SAE, `<root>/train/<key>/`: `sae.safetensors` (weights, scale
+folded in so the SAE applies to raw activations), `sae.json` (its config and activation rule) and `metrics.json`
+(MSE, normalized MSE, L0, dead and dense fractions on held-out rows).
+
+Training saves a checkpoint every `checkpoint_every` steps and when asked to (Slurm's pre-timeout signal, see
+`stages.pipeline.run_pieces`); a rerun or a requeued job resumes from it and ends with the same weights.
 """
 
 import dataclasses
@@ -28,8 +33,17 @@ class Config:
     """Sweep TOML file (relative to the pipeline config's directory); its expanded contents, not its path, are hashed."""
     layer: int = -1
     """ViT layer whose patch activations the SAEs learn (a value of dump.vit.layers; negative counts from the end of the ViT)."""
+    max_group: int = artifacts.unhashed(16)
+    """At most this many SAEs trained together in one job (GPU memory); results do not depend on it."""
+    checkpoint_every: int = artifacts.unhashed(1000)
+    """Save the training state every this many steps (and on Slurm's pre-timeout signal)."""
     device: str = artifacts.unhashed("auto")
     """'auto' (CUDA when available), 'cpu' or 'cuda'."""
+
+    def __post_init__(self):
+        for name in ("max_group", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
 
 
 def get_layer(pipeline) -> int:
@@ -52,10 +66,15 @@ def get_sweep(pipeline) -> list[training.TrainConfig]:
     return sweep.load_sweep(fpath, training.TrainConfig, defaults={"sae.d_vit": d_vit})
 
 
+def describe(cfg: training.TrainConfig) -> str:
+    return f"{cfg.objective} d_sae={cfg.sae.d_sae} l1={cfg.l1_coeff:g} lr={cfg.lr:g} seed={cfg.sae.seed}"
+
+
 def plan(pipeline, upstream) -> StagePlan:
     dump_ref = upstream["dump"].artifacts[0].ref
     layer = get_layer(pipeline)
-    arts, pieces, all_params, all_inputs, info = [], [], {}, {}, {}
+    arts, all_params, all_inputs, info = [], {}, {}, {}
+    by_cfg: dict[training.TrainConfig, artifacts.Artifact] = {}
     for train_cfg in get_sweep(pipeline):
         params = {"sae": artifacts.hashed_params(train_cfg), "layer": layer}
         inputs = {"dump": dump_ref}
@@ -63,31 +82,43 @@ def plan(pipeline, upstream) -> StagePlan:
         if art.key in info:
             continue  # the same SAE twice in a sweep is trained once
         arts.append(art)
+        by_cfg[train_cfg] = art
         all_params[art.key] = params
         all_inputs[art.key] = inputs
         info[art.key] = {"config": train_cfg, "d_sae": train_cfg.sae.d_sae, "layer": layer}
-        label = (
-            f"d_sae={train_cfg.sae.d_sae} l1={train_cfg.l1_coeff:g} lr={train_cfg.lr:g} seed={train_cfg.sae.seed}"
-        )
-        pieces.append(Piece(NAME, art, label=label))
+    pieces = []
+    for group in sweep.group(list(by_cfg), max_size=pipeline.train.max_group):
+        group_arts = [by_cfg[cfg] for cfg in group]
+        label = describe(group[0]) if len(group) == 1 else f"group of {len(group)}: {describe(group[0])}, ..."
+        pieces.append(Piece(NAME, group_arts[0], label=label, also=tuple(group_arts[1:])))
     return StagePlan(NAME, tuple(arts), tuple(pieces), all_params, all_inputs, info)
 
 
 def run(pipeline, plan, piece: Piece) -> None:
     started = artifacts.now()
-    art = piece.artifact
-    info = plan[NAME].info[art.key]
-    train_cfg: training.TrainConfig = info["config"]
+    todo = [art for art in (piece.artifact, *piece.also) if not art.is_done()]
+    infos = [plan[NAME].info[art.key] for art in todo]
     shards = Shards(plan["dump"].artifacts[0].dpath)
-    acts_ND = shards.patches(info["layer"], 0, shards.n_imgs).reshape(-1, shards.metadata.d_vit)
+    acts_ND = shards.patches(infos[0]["layer"], 0, shards.n_imgs).reshape(-1, shards.metadata.d_vit)
     device = helpers.get_device(pipeline.train.device)
-    result = training.train(train_cfg, acts_ND, device=device)
-    nn.save(result.sae, art.dpath)
-    artifacts.atomic_write_json(art.dpath / "metrics.json", dataclasses.asdict(result.metrics))
-    art.write_manifest(
-        params=plan[NAME].params[art.key],
-        inputs=plan[NAME].inputs[art.key],
-        started=started,
-        extra={"metrics": dataclasses.asdict(result.metrics), "device": str(device)},
+    # The checkpoint lives beside the group's first SAE as a dot-file: never part of an artifact.
+    checkpoint_fpath = todo[0].dpath / ".checkpoint.safetensors"
+    results = training.train_group(
+        [info["config"] for info in infos],
+        acts_ND,
+        device=device,
+        checkpoint_fpath=checkpoint_fpath,
+        checkpoint_every=pipeline.train.checkpoint_every,
     )
-    logger.info("trained %s: %s", art.ref, result.metrics)
+    for art, result in zip(todo, results):
+        nn.save(result.sae, art.dpath)
+        metrics = dataclasses.asdict(result.metrics)
+        artifacts.atomic_write_json(art.dpath / "metrics.json", metrics)
+        art.write_manifest(
+            params=plan[NAME].params[art.key],
+            inputs=plan[NAME].inputs[art.key],
+            started=started,
+            extra={"metrics": metrics, "device": str(device), "group": [a.key for a in todo]},
+        )
+        logger.info("trained %s: nmse %.4f, l0 %.1f, dead %.3f", art.ref, result.metrics.nmse, result.metrics.l0, result.metrics.dead_frac)
+    checkpoint_fpath.unlink(missing_ok=True)

@@ -140,7 +140,12 @@ def test_save_writes_exactly_the_weights_and_the_config_as_json(tmp_path):
     sae = make_sae(d_vit=8, exp_factor=2, seed=3)
     nn.save(sae, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae.json", "sae.safetensors"]
-    assert json.loads((tmp_path / "sae.json").read_text()) == {"d_vit": 8, "exp_factor": 2, "seed": 3}
+    assert json.loads((tmp_path / "sae.json").read_text()) == {
+        "d_vit": 8,
+        "exp_factor": 2,
+        "seed": 3,
+        "activation": {"kind": "relu"},
+    }
 
 
 def test_load_moves_to_the_requested_device(tmp_path):
@@ -178,3 +183,124 @@ def test_saved_file_is_plain_safetensors(tmp_path):
     nn.save(sae, tmp_path)
     arrays = load_file(str(tmp_path / "sae.safetensors"))
     np.testing.assert_array_equal(arrays["W_enc"], sae.W_enc.detach().numpy())
+
+
+####################
+# Activation rules #
+####################
+
+
+def test_topk_activation_keeps_the_k_largest_of_each_example_through_a_relu():
+    pre_BS = torch.tensor([[3.0, -1.0, 2.0, 0.5], [-3.0, -2.0, 1.0, -0.5]])
+    f_BS = nn.TopK(2)(pre_BS)
+    assert torch.equal(f_BS, torch.tensor([[3.0, 0.0, 2.0, 0.0], [0.0, 0.0, 1.0, 0.0]]))
+
+
+def test_jumprelu_activation_zeroes_pre_activations_at_or_below_the_threshold():
+    pre_BS = torch.tensor([[0.5, 0.25, -1.0, 2.0]])
+    assert torch.equal(nn.JumpRelu(0.25)(pre_BS), torch.tensor([[0.5, 0.0, 0.0, 2.0]]))
+
+
+@pytest.mark.parametrize(
+    ("make", "msg"), [(lambda: nn.TopK(0), "k must be positive"), (lambda: nn.JumpRelu(-0.1), "threshold")]
+)
+def test_activation_parameters_are_checked(make, msg):
+    with pytest.raises(ValueError, match=msg):
+        make()
+
+
+@pytest.mark.parametrize("activation", [nn.Relu(), nn.TopK(3), nn.JumpRelu(0.3)])
+def test_encoding_a_block_equals_those_columns_for_every_activation(activation):
+    sae = make_sae(d_vit=8, exp_factor=4)
+    sae.activation = activation
+    x_BD = torch.randn(16, 8)
+    full_BS = sae.encode(x_BD)
+    for block in (slice(0, 8), slice(8, 20), slice(20, 32)):
+        torch.testing.assert_close(sae.encode(x_BD, latents=block), full_BS[:, block])
+
+
+def test_topk_sae_has_at_most_k_active_latents_per_example():
+    sae = make_sae(d_vit=8, exp_factor=4)
+    sae.activation = nn.TopK(3)
+    f_BS = sae.encode(torch.randn(64, 8))
+    assert (f_BS > 0).sum(dim=1).max() <= 3 and (f_BS > 0).sum(dim=1).max() == 3
+
+
+@pytest.mark.parametrize("activation", [nn.TopK(3), nn.JumpRelu(0.3)])
+def test_folding_the_scale_keeps_the_activation_rule_valid(activation):
+    """Folding preserves pre-activations, so k and the threshold mean the same on raw activations."""
+    unfolded, folded = make_sae().double(), make_sae().double()
+    unfolded.activation = folded.activation = activation
+    folded.fold_scale_(3.7)
+    raw_BD = torch.randn(64, 8, dtype=torch.float64)
+    torch.testing.assert_close(folded.encode(raw_BD), unfolded.encode(raw_BD * 3.7))
+
+
+@pytest.mark.parametrize(
+    ("activation", "saved"),
+    [
+        (nn.Relu(), {"kind": "relu"}),
+        (nn.TopK(3), {"kind": "topk", "k": 3}),
+        (nn.JumpRelu(0.125), {"kind": "jumprelu", "threshold": 0.125}),
+    ],
+)
+def test_save_load_round_trip_keeps_the_activation_rule(tmp_path, activation, saved):
+    sae = make_sae()
+    sae.activation = activation
+    nn.save(sae, tmp_path)
+    assert json.loads((tmp_path / "sae.json").read_text())["activation"] == saved
+    loaded = nn.load(tmp_path)
+    assert loaded.activation == activation
+    x_BD = torch.randn(8, 8)
+    assert torch.equal(loaded.encode(x_BD), sae.encode(x_BD))
+
+
+def test_config_without_an_activation_loads_as_relu(tmp_path):
+    """SAE directories written before activation rules existed stay readable."""
+    nn.save(make_sae(), tmp_path)
+    (tmp_path / "sae.json").write_text(json.dumps({"d_vit": 8, "exp_factor": 4, "seed": 0}))
+    assert nn.load(tmp_path).activation == nn.Relu()
+
+
+@pytest.mark.parametrize(
+    ("activation", "msg"),
+    [({"kind": "gelu"}, "unknown activation kind 'gelu'"), ({"kind": "topk"}, "invalid topk"), ("relu", "object")],
+)
+def test_load_refuses_a_bad_activation(tmp_path, activation, msg):
+    nn.save(make_sae(), tmp_path)
+    (tmp_path / "sae.json").write_text(json.dumps({"d_vit": 8, "exp_factor": 4, "seed": 0, "activation": activation}))
+    with pytest.raises(ValueError, match=rf"sae\.json is not a valid SaeConfig: .*{msg}"):
+        nn.load(tmp_path)
+
+
+#############
+# SAE stack #
+#############
+
+
+def test_stack_slices_are_initialised_like_single_saes():
+    cfgs = [nn.SaeConfig(d_vit=8, exp_factor=2, seed=s) for s in (0, 1, 2)]
+    stack = nn.SaeStack(cfgs)
+    for s, cfg in enumerate(cfgs):
+        for name, tensor in nn.SparseAutoencoder(cfg).state_dict().items():
+            assert torch.equal(getattr(stack, name)[s], tensor), (s, name)
+
+
+def test_stack_encodes_and_decodes_each_sae_like_the_single_sae():
+    cfgs = [nn.SaeConfig(d_vit=8, exp_factor=2, seed=s) for s in (0, 1)]
+    stack = nn.SaeStack(cfgs)
+    with torch.no_grad():
+        for p in stack.parameters():
+            p.copy_(torch.randn(p.shape))
+    x_BD = torch.randn(5, 8)
+    pre_SBK = stack.pre_acts(x_BD)
+    x_hat_SBD = stack.decode(torch.relu(pre_SBK))
+    for s in range(2):
+        sae = stack.get_sae(s)
+        torch.testing.assert_close(pre_SBK[s], sae.pre_acts(x_BD))
+        torch.testing.assert_close(x_hat_SBD[s], sae(x_BD).x_hat_BD)
+
+
+def test_stack_refuses_saes_of_different_shapes():
+    with pytest.raises(ValueError, match="must share d_vit and d_sae"):
+        nn.SaeStack([nn.SaeConfig(d_vit=8, exp_factor=2), nn.SaeConfig(d_vit=8, exp_factor=4)])

@@ -272,3 +272,25 @@ def test_class_folder_dataset_labels_whole_images(tiny_config):
     shards = Shards(plan["dump"].artifacts[0].dpath)
     assert shards.metadata.class_names == ("blue", "red")
     np.testing.assert_array_equal(np.asarray(shards.labels), np.repeat([[0], [0], [0], [1], [1], [1]], 64, axis=1))
+
+
+def test_preempted_training_resumes_to_the_same_weights(copy_of_done, capsys):
+    from safetensors.numpy import load_file
+
+    from saev import training
+
+    root = copy_of_done.parent / "runs"
+    originals = {p.parent.name: load_file(str(p)) for p in root.glob("train/*/sae.safetensors")}
+    for stage in ("train", "score", "reduce"):
+        shutil.rmtree(root / stage)
+    training.request_checkpoint()  # as Slurm's pre-timeout signal handler does
+    assert run(copy_of_done, "stage=train", "only") == 1
+    assert "preempted after step 1/" in capsys.readouterr().err
+    assert list(root.glob("train/*/.checkpoint.safetensors")) and not list(root.glob("train/*/manifest.json"))
+    assert run(copy_of_done) == 0
+    assert not list(root.glob("train/*/.checkpoint.safetensors"))
+    resumed = {p.parent.name: load_file(str(p)) for p in root.glob("train/*/sae.safetensors")}
+    assert resumed.keys() == originals.keys()
+    for key, tensors in originals.items():
+        for name, value in tensors.items():
+            np.testing.assert_array_equal(resumed[key][name], value)

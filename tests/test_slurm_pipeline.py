@@ -180,3 +180,37 @@ def test_pending_pieces_are_not_submitted_twice(tmp_path):
     pending = launch(cfg, "--status").stdout
     assert "pending:" in pending or "running:" in pending or "done" in pending
     wait_for(lambda: list((tmp_path / "runs").glob("reduce/*/manifest.json")), 600, "reduce to finish")
+
+
+def test_pre_timeout_signal_checkpoints_requeues_and_resumes_to_the_same_weights(tmp_path):
+    from safetensors.numpy import load_file
+
+    def config(dpath: pathlib.Path) -> pathlib.Path:
+        dpath.mkdir()
+        cfg = slurm_config(dpath)
+        sweep = dpath / "tiny-sweep.toml"
+        sweep.write_text(sweep.read_text().replace("n_train = 20480", "n_train = 3072000"))
+        cfg.write_text(cfg.read_text().replace('[train]\n', "[train]\ncheckpoint_every = 20\n"))
+        return cfg
+
+    interrupted, clean = config(tmp_path / "interrupted"), config(tmp_path / "clean")
+    first = launch(interrupted)
+    assert first.returncode == 0, first.stdout + first.stderr
+    (train_job,) = job_ids_of(first.stdout, "train")
+    root = interrupted.parent / "runs"
+    wait_for(lambda: list(root.glob("train/*/.checkpoint.safetensors")), 600, "a training checkpoint")
+    subprocess.run(["scancel", "--signal=USR2", train_job], check=True)
+    wait_for(lambda: list(root.glob("reduce/*/manifest.json")), 900, "the requeued pipeline to finish")
+    manifests = [json.loads(p.read_text()) for p in root.glob("train/*/manifest.json")]
+    assert manifests and all(m["slurm_restart_count"] >= 1 for m in manifests)  # it was requeued, not restarted
+    log = (interrupted.parent / "logs" / "train" / train_job / f"{train_job}_0_log.err").read_text()
+    assert "resumed from" in log, log[-3000:]  # the requeued run continued from the checkpoint
+
+    second = launch(clean)
+    assert second.returncode == 0, second.stdout + second.stderr
+    wait_for(lambda: list((clean.parent / "runs").glob("reduce/*/manifest.json")), 900, "the clean pipeline")
+    for fpath in root.glob("train/*/sae.safetensors"):
+        resumed = load_file(str(fpath))
+        reference = load_file(str(clean.parent / "runs" / "train" / fpath.parent.name / "sae.safetensors"))
+        for name, value in reference.items():
+            assert (resumed[name] == value).all(), name

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saev import nn, sweep
+from saev import nn, sweep, training
 from saev.training import TrainConfig
 
 
@@ -181,3 +181,105 @@ def test_toml_floats_like_inf_are_passed_to_the_config_check(tmp_path):
     fpath.write_text("sae.d_vit = 4\nlr = inf\n")
     with pytest.raises(sweep.SweepError, match="lr must be a positive finite number"):
         sweep.load_sweep(fpath, TrainConfig)
+
+
+################
+# Tuple fields #
+################
+
+
+def test_a_list_for_a_tuple_field_is_one_value():
+    (cfg,) = sweep.expand_sweep({"sae.d_vit": 8, "objective": "matryoshka", "matryoshka_prefixes": [4, 16]}, TrainConfig)
+    assert cfg.matryoshka_prefixes == (4, 16)
+
+
+def test_a_list_of_lists_for_a_tuple_field_is_swept():
+    table = {"sae.d_vit": 8, "objective": "matryoshka", "matryoshka_prefixes": [[4, 16], [8], []]}
+    assert [c.matryoshka_prefixes for c in sweep.expand_sweep(table, TrainConfig)] == [(4, 16), (8,), ()]
+
+
+def test_a_tuple_field_with_a_wrong_item_type_is_named():
+    with pytest.raises(sweep.SweepError, match=r"key 'matryoshka_prefixes' expects tuple\[int, \.\.\.\], got list"):
+        sweep.expand_sweep({"sae.d_vit": 8, "matryoshka_prefixes": [4, 2.5]}, TrainConfig)
+
+
+def test_tuple_fields_from_toml(tmp_path):
+    fpath = tmp_path / "sweep.toml"
+    fpath.write_text('objective = "matryoshka"\nk = [4, 8]\nmatryoshka_prefixes = [64, 256]\n[sae]\nd_vit = 64\n')
+    cfgs = sweep.load_sweep(fpath, TrainConfig)
+    assert [(c.k, c.matryoshka_prefixes) for c in cfgs] == [(4, (64, 256)), (8, (64, 256))]
+
+
+##########
+# Groups #
+##########
+
+
+def test_group_splits_by_shape_objective_and_data_stream_keeping_sweep_order():
+    table = {"sae.d_vit": 8, "objective": ["topk", "relu_l1"], "k": [2, 4], "batch_size": [64, 128], "lr": [1e-3, 1e-4]}
+    cfgs = sweep.expand_sweep(table, TrainConfig)
+    groups = sweep.group(cfgs)
+    assert [(g[0].batch_size, g[0].objective) for g in groups] == [
+        (64, "topk"), (64, "relu_l1"), (128, "topk"), (128, "relu_l1")
+    ]  # fmt: skip
+    assert [len(g) for g in groups] == [4, 4, 4, 4]
+    assert [(c.k, c.lr) for c in groups[0]] == [(2, 1e-3), (2, 1e-4), (4, 1e-3), (4, 1e-4)]
+    assert sorted(map(id, (c for g in groups for c in g))) == sorted(map(id, cfgs))
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        {"sae.exp_factor": [2, 4]},
+        {"seed": [0, 1]},
+        {"n_train": [2048, 4096]},
+        {"n_eval": [100, 200]},
+        {"objective": "matryoshka", "matryoshka_prefixes": [[4], [8]]},
+    ],
+)
+def test_configs_differing_in_a_group_field_go_to_different_groups(table):
+    cfgs = sweep.expand_sweep({"sae.d_vit": 8, "k": 2, **table}, TrainConfig)
+    assert sweep.group(cfgs) == [[cfgs[0]], [cfgs[1]]]
+
+
+def test_configs_differing_only_in_per_sae_fields_share_a_group():
+    table = {"sae.d_vit": 8, "objective": "topk", "sae.seed": [0, 1], "lr": [1e-3, 3e-3], "k": [2, 4],
+             "aux_k": [4, 8], "aux_coeff": [0.0, 0.1], "dead_tokens": [100, 200], "warmup_steps": [0, 5]}  # fmt: skip
+    cfgs = sweep.expand_sweep(table, TrainConfig)
+    assert sweep.group(cfgs) == [cfgs]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    exp_factors=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+    batch_sizes=st.lists(st.sampled_from([32, 64]), min_size=1, max_size=2, unique=True),
+    ks=st.lists(st.integers(1, 8), min_size=1, max_size=3),
+    objectives=st.lists(st.sampled_from(["relu_l1", "topk", "batchtopk"]), min_size=1, max_size=3, unique=True),
+    max_size=st.one_of(st.none(), st.integers(1, 4)),
+)
+def test_every_group_is_accepted_by_train_group(exp_factors, batch_sizes, ks, objectives, max_size):
+    table = {"sae.d_vit": 8, "sae.exp_factor": exp_factors, "batch_size": batch_sizes, "k": ks,
+             "objective": objectives}  # fmt: skip
+    cfgs = sweep.expand_sweep(table, TrainConfig)
+    groups = sweep.group(cfgs, max_size=max_size)
+    assert sorted(map(id, (c for g in groups for c in g))) == sorted(map(id, cfgs))
+    for g in groups:
+        training.check_group(g)
+        assert max_size is None or len(g) <= max_size
+    if max_size is None:  # whole groups: two groups never share a key
+        keys = [tuple(training.get_group_key(g[0]).items()) for g in groups]
+        assert len(set(keys)) == len(keys)
+
+
+def test_group_max_size_cuts_groups_into_chunks():
+    cfgs = sweep.expand_sweep({"sae.d_vit": 8, "lr": [1.0, 2.0, 3.0, 4.0, 5.0]}, TrainConfig)
+    assert sweep.group(cfgs, max_size=2) == [cfgs[0:2], cfgs[2:4], cfgs[4:5]]
+
+
+def test_group_max_size_must_be_positive():
+    with pytest.raises(ValueError, match="max_size must be positive"):
+        sweep.group([], max_size=0)
+
+
+def test_group_of_an_empty_sweep_is_empty():
+    assert sweep.group([]) == []

@@ -66,19 +66,28 @@ def test_training_is_deterministic(tiny_acts):
     assert a.metrics == b.metrics
 
 
+TINY_TOPK = dataclasses.replace(TINY, objective="topk", k=1, aux_k=2, dead_tokens=64)
+TINY_MATRYOSHKA = dataclasses.replace(TINY, objective="matryoshka", k=3, matryoshka_prefixes=(4,))
+
 CHANGES = {
     "sae.d_vit": None,  # fixed by the data; a mismatch is an error (test_width_mismatch_is_refused)
-    "sae.exp_factor": {"sae": nn.SaeConfig(d_vit=8, exp_factor=3)},
-    "sae.seed": {"sae": nn.SaeConfig(d_vit=8, exp_factor=2, seed=1)},
-    "l1_coeff": {"l1_coeff": 0.1},
-    "lr": {"lr": 3e-3},
-    "n_train": {"n_train": 704},
-    "batch_size": {"batch_size": 32},
-    "warmup_steps": {"warmup_steps": 1},
-    "seed": {"seed": 1},
-    "n_eval": {"n_eval": 100},
+    "sae.exp_factor": (TINY, {"sae": nn.SaeConfig(d_vit=8, exp_factor=3)}),
+    "sae.seed": (TINY, {"sae": nn.SaeConfig(d_vit=8, exp_factor=2, seed=1)}),
+    "objective": (TINY, {"objective": "topk", "k": 3}),
+    "l1_coeff": (TINY, {"l1_coeff": 0.1}),
+    "k": (TINY_TOPK, {"k": 2}),
+    "aux_k": (TINY_TOPK, {"aux_k": 1}),
+    "aux_coeff": (TINY_TOPK, {"aux_coeff": 0.5}),
+    "dead_tokens": (TINY_TOPK, {"dead_tokens": 2 * 64}),
+    "matryoshka_prefixes": (TINY_MATRYOSHKA, {"matryoshka_prefixes": (8,)}),
+    "lr": (TINY, {"lr": 3e-3}),
+    "n_train": (TINY, {"n_train": 704}),
+    "batch_size": (TINY, {"batch_size": 32}),
+    "warmup_steps": (TINY, {"warmup_steps": 1}),
+    "seed": (TINY, {"seed": 1}),
+    "n_eval": (TINY, {"n_eval": 100}),
 }
-"""A change of each TrainConfig field (by dotted name) from TINY."""
+"""A change of each TrainConfig field (by dotted name) from a base config where that field matters."""
 
 
 def test_changes_cover_every_config_field():
@@ -89,9 +98,101 @@ def test_changes_cover_every_config_field():
 
 @pytest.mark.parametrize("name", [name for name, change in CHANGES.items() if change is not None])
 def test_every_config_field_changes_the_weights(tiny_acts, name):
-    base = training.train(TINY, tiny_acts).sae
-    other = training.train(dataclasses.replace(TINY, **CHANGES[name]), tiny_acts).sae
+    base_cfg, change = CHANGES[name]
+    base = training.train(base_cfg, tiny_acts).sae
+    other = training.train(dataclasses.replace(base_cfg, **change), tiny_acts).sae
     assert base.W_enc.shape != other.W_enc.shape or not torch.equal(base.W_enc, other.W_enc)
+
+
+##########
+# Groups #
+##########
+
+GROUP_PAIRS = {
+    "relu_l1": (TINY, dataclasses.replace(TINY, l1_coeff=0.02, lr=3e-3, sae=nn.SaeConfig(d_vit=8, exp_factor=2, seed=1))),
+    "topk": (TINY_TOPK, dataclasses.replace(TINY_TOPK, k=3, aux_coeff=0.1, warmup_steps=1)),
+    "batchtopk": (
+        dataclasses.replace(TINY_TOPK, objective="batchtopk"),
+        dataclasses.replace(TINY_TOPK, objective="batchtopk", k=2, dead_tokens=128, lr=2e-3),
+    ),
+    "matryoshka": (TINY_MATRYOSHKA, dataclasses.replace(TINY_MATRYOSHKA, k=2, aux_k=1, dead_tokens=64)),
+}
+"""Two configs per objective that differ in every field a group lets differ (seed, lr, k, AuxK settings...)."""
+
+
+def test_group_pairs_cover_every_objective():
+    assert set(GROUP_PAIRS) == set(training.OBJECTIVES)
+
+
+@pytest.mark.parametrize("objective", list(GROUP_PAIRS))
+def test_group_trains_each_sae_bit_identically_to_training_it_alone(tiny_acts, objective):
+    """CPU, float32: torch.equal on every weight, and equal metrics (train() is train_group([cfg]))."""
+    cfgs = GROUP_PAIRS[objective]
+    grouped = training.train_group(list(cfgs), tiny_acts)
+    for cfg, result in zip(cfgs, grouped, strict=True):
+        alone = training.train(cfg, tiny_acts)
+        assert_same_weights(result.sae, alone.sae)
+        assert result.sae.activation == alone.sae.activation
+        assert result.metrics == alone.metrics
+    assert not torch.equal(grouped[0].sae.W_enc, grouped[1].sae.W_enc)
+
+
+@pytest.mark.parametrize(
+    ("field", "change"),
+    [
+        ("batch_size", {"batch_size": 32}),
+        ("n_train", {"n_train": 704}),
+        ("seed", {"seed": 1}),
+        ("n_eval", {"n_eval": 100}),
+        ("d_sae", {"sae": nn.SaeConfig(d_vit=8, exp_factor=3)}),
+        ("objective", {"objective": "topk", "k": 2}),
+    ],
+)
+def test_group_refuses_configs_that_cannot_share_a_data_stream_or_shape(tiny_acts, field, change):
+    other = dataclasses.replace(TINY, **change)
+    with pytest.raises(ValueError, match=rf"must share {field} .*config 0 has .*config 1 has .*saev.sweep.group"):
+        training.train_group([TINY, other], tiny_acts)
+
+
+def test_group_refuses_matryoshka_configs_with_different_prefixes(tiny_acts):
+    other = dataclasses.replace(TINY_MATRYOSHKA, matryoshka_prefixes=(8,))
+    with pytest.raises(ValueError, match="must share matryoshka_prefixes"):
+        training.train_group([TINY_MATRYOSHKA, other], tiny_acts)
+
+
+def test_empty_group_is_refused(tiny_acts):
+    with pytest.raises(ValueError, match="at least one TrainConfig"):
+        training.train_group([], tiny_acts)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "activation"),
+    [
+        (TINY, nn.Relu()),
+        (TINY_TOPK, nn.TopK(1)),
+        (dataclasses.replace(TINY_TOPK, objective="batchtopk"), nn.JumpRelu),
+        (TINY_MATRYOSHKA, nn.JumpRelu),
+    ],
+)
+def test_trained_sae_is_saved_with_its_inference_rule(tiny_acts, tmp_path, cfg, activation):
+    result = training.train(cfg, tiny_acts)
+    nn.save(result.sae, tmp_path)
+    loaded = nn.load(tmp_path)
+    if isinstance(activation, type):
+        assert isinstance(loaded.activation, activation) and loaded.activation.threshold > 0
+    else:
+        assert loaded.activation == activation
+    held_out = tiny_acts[-TINY.n_eval :]
+    assert training.get_metrics(loaded, held_out, n_steps=cfg.n_steps) == result.metrics
+
+
+def test_group_progress_lines_list_every_sae(tiny_acts, caplog):
+    with caplog.at_level(logging.INFO, logger="saev.training"):
+        training.train_group(list(GROUP_PAIRS["topk"]), tiny_acts, log_every=5)
+    step_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split()[1] for line in step_lines] == ["5/10", "10/10"]
+    fields = dict(part.strip().split(" ", 1) for part in step_lines[0].split("|")[3:])
+    assert [len(fields[name].split(",")) for name in ("loss", "mse", "l0")] == [2, 2, 2]
 
 
 def test_held_out_rows_do_not_influence_training(tiny_acts):
