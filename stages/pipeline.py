@@ -14,7 +14,7 @@ import subprocess
 import sys
 import typing
 
-from saev import artifacts, configs, training
+from saev import artifacts, configs, helpers, training
 from saev.slurm import SlurmConfig
 
 from . import dump as dump_stage
@@ -133,7 +133,8 @@ def requeue(err: Exception) -> None:
 
 
 def _run(pipeline, plan, stage, module, pieces, touched) -> None:
-    for piece in pieces:
+    # Many pieces in one job (local runs, several K-blocks): a line with rate and ETA at most every 10 s.
+    for piece in helpers.Progress(pieces, desc=stage, unit="pieces", logger=logger) if len(pieces) > 1 else pieces:
         art = piece.artifact
         touched[art.key] = art
         if piece.is_done():
