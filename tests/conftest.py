@@ -6,11 +6,34 @@ import pytest
 TESTS_DPATH = pathlib.Path(__file__).parent
 
 
+def write_tiny_config(dpath: pathlib.Path, root: pathlib.Path | None = None) -> pathlib.Path:
+    """Copy tests/tiny.toml (+ its sweep) into dpath with the artifact root set to `root` (default dpath/runs)."""
+    for name in ("tiny.toml", "tiny-sweep.toml"):
+        shutil.copy(TESTS_DPATH / name, dpath / name)
+    cfg = dpath / "tiny.toml"
+    cfg.write_text(cfg.read_text().replace('root = "runs"', f'root = "{root or dpath / "runs"}"'))
+    return cfg
+
+
 @pytest.fixture
 def tiny_config(tmp_path) -> pathlib.Path:
-    """A copy of tests/tiny.toml (+ its sweep) in a temp dir, with the artifact root inside it."""
-    for name in ("tiny.toml", "tiny-sweep.toml"):
-        shutil.copy(TESTS_DPATH / name, tmp_path / name)
-    text = (tmp_path / "tiny.toml").read_text().replace('root = "runs"', f'root = "{tmp_path / "runs"}"')
-    (tmp_path / "tiny.toml").write_text(text)
-    return tmp_path / "tiny.toml"
+    """A fresh copy of the tiny config in a temp dir; nothing has run."""
+    return write_tiny_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def done_config(tmp_path_factory) -> pathlib.Path:
+    """The tiny pipeline run once to completion (shared: tests that change anything use `copy_of_done`)."""
+    import launch
+
+    cfg = write_tiny_config(tmp_path_factory.mktemp("tiny-done"))
+    assert launch.main(launch.Args(config=cfg)) == 0
+    return cfg
+
+
+@pytest.fixture
+def copy_of_done(done_config, tmp_path) -> pathlib.Path:
+    """A private copy of the completed tiny run (config + artifacts) that a test may change."""
+    cfg = write_tiny_config(tmp_path)
+    shutil.copytree(done_config.parent / "runs", tmp_path / "runs")
+    return cfg

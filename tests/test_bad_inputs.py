@@ -147,27 +147,6 @@ def test_class_without_patches_is_reported_not_a_crash(tiny_config, capsys):
     assert rows["fish"]["ap"] is not None and not math.isnan(rows["fish"]["ap"])
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("finished")
-    for name in ("tiny.toml", "tiny-sweep.toml"):
-        shutil.copy(REPO / "tests" / name, tmp / name)
-    cfg = tmp / "tiny.toml"
-    cfg.write_text(cfg.read_text().replace('root = "runs"', f'root = "{tmp / "runs"}"'))
-    assert run(cfg) == 0
-    return cfg
-
-
-@pytest.fixture
-def broken_copy(finished, tmp_path):
-    for name in ("tiny.toml", "tiny-sweep.toml"):
-        shutil.copy(finished.parent / name, tmp_path / name)
-    shutil.copytree(finished.parent / "runs", tmp_path / "runs")
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(cfg.read_text().replace(str(finished.parent / "runs"), str(tmp_path / "runs")))
-    return cfg
-
-
 def _truncate_shard(root):
     fpath = next(root.glob("dump/*/acts000000.bin"))
     with open(fpath, "r+b") as fd:
@@ -202,13 +181,13 @@ BAD_ARTIFACTS = [
 
 
 @pytest.mark.parametrize("corrupt,rerun", [r[1:] for r in BAD_ARTIFACTS], ids=[r[0] for r in BAD_ARTIFACTS])
-def test_corrupt_inputs_are_refused_and_nothing_is_marked_done(broken_copy, capsys, corrupt, rerun):
-    root = broken_copy.parent / "runs"
+def test_corrupt_inputs_are_refused_and_nothing_is_marked_done(copy_of_done, capsys, corrupt, rerun):
+    root = copy_of_done.parent / "runs"
     message = corrupt(root)
     for dpath in root.glob(f"{rerun}/*"):  # so that the stage runs again, reading the corrupt input
         shutil.rmtree(dpath)
     before = manifests(root)
-    assert run(broken_copy, stage=rerun) == 1
+    assert run(copy_of_done, stage=rerun) == 1
     err = capsys.readouterr().err
     assert message in err, err
     assert manifests(root) <= before

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,18 +16,11 @@ import time
 import pytest
 
 from saev import artifacts
+from tests.conftest import write_tiny_config
 
 pytestmark = pytest.mark.slow
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-def write_config(dpath: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
-    for name in ("tiny.toml", "tiny-sweep.toml"):
-        shutil.copy(REPO / "tests" / name, dpath / name)
-    cfg = dpath / "tiny.toml"
-    cfg.write_text(cfg.read_text().replace('root = "runs"', f'root = "{root}"'))
-    return cfg
 
 
 def launch(cfg: pathlib.Path, *args: str) -> subprocess.Popen:
@@ -57,7 +49,7 @@ def assert_done_means_complete(root: pathlib.Path) -> None:
 def clean_root(tmp_path_factory) -> pathlib.Path:
     """The artifact root of an uninterrupted run."""
     tmp = tmp_path_factory.mktemp("clean")
-    cfg = write_config(tmp, tmp / "runs")
+    cfg = write_tiny_config(tmp, tmp / "runs")
     proc = launch(cfg)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
@@ -92,7 +84,7 @@ KILL_POINTS = [
 @pytest.mark.parametrize("pattern", [p for _, p in KILL_POINTS], ids=[n for n, _ in KILL_POINTS])
 def test_sigkill_then_rerun_gives_clean_result(tmp_path, reference, pattern):
     root = tmp_path / "runs"
-    cfg = write_config(tmp_path, root)
+    cfg = write_tiny_config(tmp_path, root)
     kill_when(launch(cfg), root, pattern)
     assert_done_means_complete(root)
     assert not list(root.glob("reduce/*/manifest.json")) or pattern.startswith("reduce")
@@ -106,7 +98,7 @@ def test_sigkill_then_rerun_gives_clean_result(tmp_path, reference, pattern):
 
 def test_killed_dump_resumes_without_rewriting_finished_shards(tmp_path, clean_root):
     root = tmp_path / "runs"
-    cfg = write_config(tmp_path, root)
+    cfg = write_tiny_config(tmp_path, root)
     kill_when(launch(cfg, "--stage", "dump", "--only"), root, "dump/*/parts/labels000001.npy")
     (dump_dpath,) = root.glob("dump/*")
     finished = {p.name: p.stat().st_mtime_ns for p in dump_dpath.glob("acts*.bin")}
@@ -126,7 +118,7 @@ def test_killed_dump_resumes_without_rewriting_finished_shards(tmp_path, clean_r
 
 def test_two_launches_at_once_run_each_piece_once(tmp_path, reference):
     root = tmp_path / "runs"
-    cfg = write_config(tmp_path, root)
+    cfg = write_tiny_config(tmp_path, root)
     procs = [launch(cfg) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
@@ -153,7 +145,7 @@ def small_disk(dpath: pathlib.Path, size: str):
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_full_disk_is_a_clear_error_and_leaves_no_manifest(tmp_path):
     with small_disk(tmp_path / "disk", "600k") as disk:
-        cfg = write_config(tmp_path, disk / "runs")
+        cfg = write_tiny_config(tmp_path, disk / "runs")
         proc = launch(cfg, "--stage", "dump")
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 1, out

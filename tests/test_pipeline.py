@@ -33,30 +33,6 @@ def snapshot(root) -> dict[str, int]:
     }
 
 
-@pytest.fixture(scope="module")
-def done_config(tmp_path_factory):
-    """A tiny pipeline run once to completion; tests copy it before changing anything."""
-    tmp_path = tmp_path_factory.mktemp("tiny")
-    for name in ("tiny.toml", "tiny-sweep.toml"):
-        shutil.copy(f"{REPO}/tests/{name}", tmp_path / name)
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(cfg.read_text().replace('root = "runs"', f'root = "{tmp_path / "runs"}"'))
-    assert run(cfg) == 0
-    return cfg
-
-
-@pytest.fixture
-def copy_of_done(done_config, tmp_path):
-    """A private copy of the completed tiny run (config + artifacts) that a test may change."""
-    src = done_config.parent
-    for name in ("tiny.toml", "tiny-sweep.toml"):
-        shutil.copy(src / name, tmp_path / name)
-    shutil.copytree(src / "runs", tmp_path / "runs")
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(cfg.read_text().replace(str(src / "runs"), str(tmp_path / "runs")))
-    return cfg
-
-
 def test_whole_graph_writes_every_stage_and_results(done_config):
     pipeline = pl.load(done_config)
     plan = pl.make_plan(pipeline)

@@ -28,12 +28,10 @@ def test_configs_are_parsed_never_executed():
 
 
 def test_artifacts_follow_the_umask_and_nothing_is_world_writable(tmp_path):
+    from tests.conftest import write_tiny_config
     from tests.test_pipeline import run
 
-    for name in ("tiny.toml", "tiny-sweep.toml"):
-        (tmp_path / name).write_text((REPO / "tests" / name).read_text())
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(cfg.read_text().replace('root = "runs"', f'root = "{tmp_path / "runs"}"'))
+    cfg = write_tiny_config(tmp_path)
     old = os.umask(0o027)
     try:
         assert run(cfg, "stage=dump", "only") == 0
