@@ -36,8 +36,8 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--objective", default="relu_l1", choices=list(training.OBJECTIVES))
     parser.add_argument("--k", type=int, default=32, help="k of the top-k objectives")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating batched/loop rounds")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating batched/loop rounds")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the rounds")
     return parser.parse_args()
 
@@ -71,12 +71,13 @@ def main() -> None:
     batched = training.GroupTrainer(cfgs, b_dec_D, device=device)
     looped = [training.GroupTrainer([cfg], b_dec_D, device=device) for cfg in cfgs]
 
+    # As in train_group between logging steps: no l0 statistic.
     def step_batched(x_BD: torch.Tensor) -> None:
-        batched.step_(x_BD)
+        batched.step_(x_BD, with_l0=False)
 
     def step_loop(x_BD: torch.Tensor) -> None:
         for trainer in looped:
-            trainer.step_(x_BD)
+            trainer.step_(x_BD, with_l0=False)
 
     print(
         f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} S={args.n_saes} "

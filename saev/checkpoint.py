@@ -62,4 +62,3 @@ def load(fpath: pathlib.Path, *, kind: str, version: int) -> tuple[dict[str, Ten
             f"expected {kind!r} version {version}"
         )
     return tensors, info["meta"]
-

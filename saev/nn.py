@@ -194,10 +194,10 @@ def remove_parallel_grads_(W_dec_SD: Tensor) -> None:
     """Remove from W_dec.grad the component parallel to each row (last axis; any leading axes), in place."""
     if W_dec_SD.grad is None:
         return
-    parallel_S = (W_dec_SD.grad * W_dec_SD).sum(dim=-1, keepdim=True) / (W_dec_SD * W_dec_SD).sum(
-        dim=-1, keepdim=True
-    )
-    W_dec_SD.grad.sub_(parallel_S * W_dec_SD)
+    # einsum and addcmul_ make no temporary of W's size (which, for a big stack, costs page faults every step).
+    dot_S = torch.einsum("...d,...d->...", W_dec_SD.grad, W_dec_SD)
+    parallel_S1 = (dot_S / W_dec_SD.norm(dim=-1).square()).unsqueeze(-1)
+    W_dec_SD.grad.addcmul_(parallel_S1, W_dec_SD, value=-1)
 
 
 #######
@@ -302,6 +302,8 @@ class SaeStack(torch.nn.Module):
 
     Parameters: `W_enc` [S, d_vit, d_sae], `b_enc` [S, d_sae], `W_dec` [S, d_sae, d_vit], `b_dec` [S, d_vit]; slice
     s is initialised exactly like `SparseAutoencoder(cfgs[s])`. Every SAE reads the same input batch.
+    `pre_acts` and `decode` are the plain (autograd-friendly) formulas; the training step (saev.training.Objective)
+    computes the same ones with reused buffers and hand-written gradients.
     """
 
     def __init__(self, cfgs: Sequence[SaeConfig]):

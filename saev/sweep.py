@@ -11,9 +11,9 @@ NOT accepted: `seed` exists both as the data-order seed and as `sae.seed`, and a
 depends on which other fields exist would be fragile. An unknown key's error suggests the closest valid one.
 
 A list value is swept; a scalar is shared by every config. A tuple-typed field (e.g. `matryoshka_prefixes`)
-takes a list as ONE value; to sweep it give a list of lists (`[[64, 256], [128, 512]]`). The grid is the cartesian product over the swept keys
-sorted by dotted name, with the LAST key varying fastest (itertools.product order); so the order does not depend
-on how the file is laid out. For example {"lr": [1, 2], "sae.seed": [0, 1]} gives
+takes a list as ONE value; to sweep it give a list of lists (`[[64, 256], [128, 512]]`). The grid is the cartesian
+product over the swept keys sorted by dotted name, with the LAST key varying fastest (itertools.product order); so
+the order does not depend on how the file is laid out. For example {"lr": [1, 2], "sae.seed": [0, 1]} gives
 (lr=1, seed=0), (lr=1, seed=1), (lr=2, seed=0), (lr=2, seed=1).
 
 `group(cfgs)` splits an expanded sweep of `TrainConfig`s into groups that `saev.training.train_group` trains

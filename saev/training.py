@@ -5,9 +5,10 @@ objective and one data stream (`get_group_key`; `saev.sweep.group` splits a swee
 
 1. Check the data (width, finiteness of every row, enough rows) and, in the same single pass, compute the
    activation scale (mean L2 norm of scaled training rows = sqrt(d_vit)) and the mean training row.
-2. Train every SAE of the group at once (a `GroupTrainer`: stacked weights, batched matmuls) with Adam on scaled,
-   shuffled minibatches from rows [0, N - n_eval). Every SAE sees the same batches. Decoder rows stay unit norm
-   and the gradient component parallel to them is removed before each step.
+2. Train every SAE of the group at once (a `GroupTrainer`: stacked weights, batched matmuls, a hand-written
+   backward pass, see `Objective`) with Adam (one learning rate per SAE) on scaled, shuffled minibatches from rows
+   [0, N - n_eval). Every SAE sees the same batches. Decoder rows stay unit norm and the gradient component
+   parallel to them is removed before each step.
 3. Fold the scale into the weights (the returned SAEs read RAW activations) and measure `Metrics` in float64 on
    the held-out rows [N - n_eval, N), which are never trained on (nor used for the scale or b_dec).
 
@@ -29,6 +30,7 @@ running loop save at the end of the current step and raise `Preempted`.
 """
 
 import dataclasses
+import itertools
 import logging
 import math
 import pathlib
@@ -39,7 +41,7 @@ from collections.abc import Iterator, Sequence
 import beartype
 import numpy as np
 import torch
-from jaxtyping import Float, Int, jaxtyped
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from saev import artifacts, checkpoint, nn
@@ -200,16 +202,25 @@ class Loss(typing.NamedTuple):
     aux: Tensor
     """AuxK loss, before its coefficient (0 when no latent is dead or the objective has no AuxK)."""
     l0: Tensor
-    """Mean number of active latents per example."""
+    """Mean number of active latents per example (NaN when the call was made without `with_l0`)."""
+    fired_SK: Tensor
+    """[S, d_sae] bool: latents active on at least one example of the batch."""
     f_SBK: Tensor
-    """The batch's latents [S, B, d_sae], detached (for dead-latent counts and thresholds)."""
+    """The batch's latents [S, B, d_sae]: a reused buffer, valid until the objective's next call."""
 
 
 class Objective:
-    """A training loss for a group of stacked SAEs, and the inference activation rule it gives each trained SAE.
+    """A training loss for a group of stacked SAEs with its gradient, and the inference activation rule it gives each
+    trained SAE. Subclasses register in `OBJECTIVES` under `name` and differ only in a few hooks (`select_`,
+    `prefixes`, `sparsity`, AuxK); an instance is built for one group and may keep per-SAE statistics gathered
+    during training (`state_dict`, saved in checkpoints).
 
-    Subclasses register in `OBJECTIVES` under `name`. An instance is built for one group (`cfgs`) and may hold
-    per-SAE statistics gathered during training (`state_dict`, saved in checkpoints).
+    Calling an objective runs the forward pass AND writes every stack parameter's `.grad`, with a hand-written
+    backward pass: all SAE formulas share the form f = pre * mask (mask = f > 0), so the backward is a few
+    batched matmuls. Unlike autograd it reuses its [S, B, d_sae] buffers from step to step (on CPU, fresh
+    allocations of that size are page-faulted anew every step, which cost as much as the matmuls) and skips the
+    matmul that autograd would spend on the gradient of b_dec through the encoder (a matrix-vector product
+    suffices). tests/test_objectives.py checks these gradients against autograd.
     """
 
     name: typing.ClassVar[str]
@@ -217,6 +228,9 @@ class Objective:
     def __init__(self, cfgs: Sequence[TrainConfig], device: torch.device):
         self.cfgs = tuple(cfgs)
         self.device = device
+        self.prefixes: tuple[int, ...] = (cfgs[0].sae.d_sae,)
+        """Nested dictionary sizes that each reconstruct the input (just d_sae, except for matryoshka)."""
+        self._buffers: dict[str, Tensor] = {}
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
@@ -227,9 +241,15 @@ class Objective:
         """Fields of this objective that SAEs trained together must share, beyond `get_group_key`'s."""
         return {}
 
-    def __call__(self, stack: nn.SaeStack, x_BD: Tensor, step: int, dead_SK: Tensor) -> Loss:
-        """Loss of every SAE on the scaled batch `x_BD` at 0-based `step`; `dead_SK` marks dead latents."""
+    def select_(self, pre_SBK: Tensor) -> None:
+        """Turn pre-activations into latents, in place; every latent must be 0 or its pre-activation."""
         raise NotImplementedError
+
+    def sparsity(self, W_dec_SKD: Tensor, fsum_SK: Tensor, B: int, step: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """A sparsity penalty that is a function of each latent's batch sum and decoder row: (penalty [S], its
+        gradient w.r.t. every latent [S, K] (the same for every example), c [S, K] such that its gradient w.r.t.
+        W_dec is c[:, :, None] * W_dec); None if there is none."""
+        return None
 
     def observe_(self, loss: Loss) -> None:
         """Update training statistics after an optimisation step (default: none)."""
@@ -245,53 +265,149 @@ class Objective:
     def load_state_dict(self, tensors: dict[str, Tensor]) -> None:
         """Restore `state_dict()`."""
 
+    def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        dtype = dtype or like.dtype
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != like.device:
+            buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=like.device)
+        return buf
 
-def _mse_S(x_hat_SBD: Tensor, x_BD: Tensor) -> Tensor:
-    return (x_hat_SBD - x_BD).pow(2).mean(dim=(1, 2))
+    def _select_aux(self, pre_SBK: Tensor, dead_SK: Tensor, scratch_SBK: Tensor) -> tuple[Tensor, ...] | None:
+        """AuxK's latents among the dead ones (values, indices [S, B, aux_k], has-dead [S]) or None (`_TopKFamily`)."""
+        return None
+
+    @torch.no_grad()
+    def __call__(self, stack: nn.SaeStack, x_BD: Tensor, step: int, dead_SK: Tensor, *, with_l0: bool = True) -> Loss:
+        """Loss of every SAE on the scaled batch `x_BD` at 0-based `step` (`dead_SK` marks dead latents); sets the
+        gradient of every parameter of `stack`. Without `with_l0`, `Loss.l0` (an extra pass) is NaN."""
+        W_enc, b_enc, W_dec, b_dec = stack.W_enc, stack.b_enc, stack.W_dec, stack.b_dec
+        for p in (W_enc, b_enc, W_dec, b_dec):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        (S, D, K), B = W_enc.shape, x_BD.shape[0]
+        x_BD = x_BD.to(W_enc.dtype)
+
+        # Forward: pre-activations, the auxiliary selection (needs them), latents in place.
+        f_SBK = self._buffer("f", (S, B, K), W_enc)
+        grad_SBK = self._buffer("grad", (S, B, K), W_enc)
+        xc_SBD = x_BD.unsqueeze(0) - b_dec.unsqueeze(1)
+        torch.baddbmm(b_enc.unsqueeze(1), xc_SBD, W_enc, out=f_SBK)
+        aux_sel = self._select_aux(f_SBK, dead_SK, scratch_SBK=grad_SBK)
+        self.select_(f_SBK)
+        fsum_SK = f_SBK.sum(dim=1)
+
+        # Reconstruction by each nested prefix; g_j = d mse_j / d x_hat_j, and the gradient reaching the latents of
+        # chunk j is the suffix sum h_j = g_j + g_{j+1} + ... (prefix j and every larger one contain chunk j).
+        x_hat_SBD, recon_S, g_SBDs, start = b_dec.unsqueeze(1), 0.0, [], 0
+        for stop in self.prefixes:
+            x_hat_SBD = torch.baddbmm(x_hat_SBD, f_SBK[:, :, start:stop], W_dec[:, start:stop])
+            r_SBD = x_hat_SBD - x_BD
+            mse_S = r_SBD.pow(2).mean(dim=(1, 2))
+            recon_S, start = recon_S + mse_S, stop
+            g_SBDs.append(r_SBD.mul_(2 / (B * D)))
+        h_SBDs = list(itertools.accumulate(reversed(g_SBDs), torch.add))[::-1]
+
+        # Backward of the decoder: d/d f (into grad_SBK) and d/d W_dec, chunk by chunk.
+        start = 0
+        for stop, h_SBD in zip(self.prefixes, h_SBDs, strict=True):
+            if (start, stop) == (0, K):
+                torch.bmm(h_SBD, W_dec.transpose(1, 2), out=grad_SBK)
+                torch.bmm(f_SBK.transpose(1, 2), h_SBD, out=W_dec.grad)
+            else:
+                grad_SBK[:, :, start:stop] = torch.bmm(h_SBD, W_dec[:, start:stop].transpose(1, 2))
+                W_dec.grad[:, start:stop] = torch.bmm(f_SBK[:, :, start:stop].transpose(1, 2), h_SBD)
+            start = stop
+        grad_b_dec_SD = h_SBDs[0].sum(dim=1)
+
+        zero_S = torch.zeros(S, dtype=W_enc.dtype, device=W_enc.device)
+        penalty = self.sparsity(W_dec, fsum_SK, B, step)
+        sparsity_S = zero_S
+        if penalty is not None:
+            sparsity_S, grad_f_SK, grad_W_dec_scale_SK = penalty
+            grad_SBK.add_(grad_f_SK.unsqueeze(1))
+            W_dec.grad.addcmul_(grad_W_dec_scale_SK.unsqueeze(2), W_dec)
+
+        # Through the activation: only active latents (f > 0) pass gradient. In place, without a mask tensor.
+        torch.ops.aten.threshold_backward.grad_input(grad_SBK, f_SBK, 0, grad_input=grad_SBK)
+        aux_S = zero_S
+        if aux_sel is not None:
+            aux_S = self._aux_backward_(stack, x_BD - x_hat_SBD, aux_sel, grad_SBK)
+
+        # Backward of the encoder; b_dec's gradient through it is -(sum over the batch) @ W_enc^T, a mat-vec.
+        torch.bmm(xc_SBD.transpose(1, 2), grad_SBK, out=W_enc.grad)
+        grad_pre_SK = grad_SBK.sum(dim=1)
+        b_enc.grad.copy_(grad_pre_SK)
+        torch.sub(grad_b_dec_SD, torch.bmm(grad_pre_SK.unsqueeze(1), W_enc.transpose(1, 2)).squeeze(1), out=b_dec.grad)
+
+        aux_coeff_S = torch.tensor([cfg.aux_coeff for cfg in self.cfgs], dtype=W_enc.dtype, device=W_enc.device)
+        return Loss(
+            loss=recon_S + sparsity_S + aux_coeff_S * aux_S,
+            mse=mse_S,
+            sparsity=sparsity_S,
+            aux=aux_S,
+            l0=self._count_active_S(f_SBK) / B if with_l0 else torch.full_like(zero_S, math.nan),
+            fired_SK=fsum_SK > 0,  # latents are non-negative: one fired iff its batch sum is positive
+            f_SBK=f_SBK,
+        )
+
+    def _count_active_S(self, f_SBK: Tensor) -> Tensor:
+        """Number of positive latents of each SAE, without an [S, B, K] integer copy: the bool mask is summed as
+        uint8 in blocks of at most 255 entries (no overflow), then the block sums in int64."""
+        S = f_SBK.shape[0]
+        active_SN = torch.gt(f_SBK, 0, out=self._buffer("active", tuple(f_SBK.shape), f_SBK, torch.bool)).view(S, -1)
+        n = active_SN.shape[1]
+        block = max(b for b in range(1, 256) if n % b == 0)
+        per_block = active_SN.view(torch.uint8).view(S, n // block, block).sum(dim=2, dtype=torch.uint8)
+        return per_block.sum(dim=1).to(f_SBK.dtype)
+
+    def _aux_backward_(self, stack: nn.SaeStack, e_SBD: Tensor, aux_sel: tuple[Tensor, ...], grad_SBK: Tensor):
+        raise NotImplementedError
 
 
-def _l0_S(f_SBK: Tensor) -> Tensor:
-    return (f_SBK > 0).sum(dim=2).float().mean(dim=1)
-
-
-def _keep_top(values_SN: Tensor, n_S: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """Per SAE s, the n_S[s] largest entries of values_SN[s] through a ReLU, as (values, indices) [S, max n_S];
-    entries beyond an SAE's own n are zeroed. With one n for all SAEs this is a plain (unsorted) topk."""
+def _keep_top(values_SRM: Tensor, n_S: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """For SAE s, the n_S[s] largest entries of every row values_SRM[s, r] through a ReLU, as (values, indices)
+    [S, R, max n_S]; entries beyond an SAE's own n are zeroed. With one n for all SAEs this is a plain (unsorted)
+    topk."""
     n_max = max(n_S)
     uniform = all(n == n_max for n in n_S)
-    vals_SJ, idx_SJ = values_SN.topk(n_max, dim=-1, sorted=not uniform)
-    vals_SJ = torch.relu(vals_SJ)
+    vals_SRJ, idx_SRJ = values_SRM.topk(n_max, dim=-1, sorted=not uniform)
+    vals_SRJ = torch.relu(vals_SRJ)
     if not uniform:
-        n_S1 = torch.tensor(n_S, device=values_SN.device).unsqueeze(1)
-        vals_SJ = vals_SJ * (torch.arange(n_max, device=values_SN.device) < n_S1)
-    return vals_SJ, idx_SJ
+        n_S11 = torch.tensor(n_S, device=values_SRM.device).view(-1, 1, 1)
+        vals_SRJ = vals_SRJ * (torch.arange(n_max, device=values_SRM.device) < n_S11)
+    return vals_SRJ, idx_SRJ
 
 
 @beartype.beartype
 class ReluL1Objective(Objective):
-    """ReLU latents with an L1 penalty weighted by decoder-row norm (Anthropic, April 2024 update); the L1
-    coefficient rises linearly over `warmup_steps`, which keeps latents from dying early. Inference: ReLU."""
+    """ReLU latents with an L1 penalty weighted by decoder-row norm (Anthropic, April 2024 update): the penalty is
+    sum_s f_s * ||W_dec[s]|| summed over latents and averaged over the batch; its coefficient rises linearly over
+    `warmup_steps`, which keeps latents from dying early. Inference: ReLU."""
 
     name = "relu_l1"
 
-    def __call__(self, stack: nn.SaeStack, x_BD: Tensor, step: int, dead_SK: Tensor) -> Loss:
-        f_SBK = torch.relu(stack.pre_acts(x_BD))
-        x_hat_SBD = stack.decode(f_SBK)
-        mse_S = _mse_S(x_hat_SBD, x_BD)
-        l1_S = (f_SBK * stack.W_dec.norm(dim=2).unsqueeze(1)).sum(dim=2).mean(dim=1)
-        coeffs = [cfg.l1_coeff * _warmup(step, cfg.warmup_steps) for cfg in self.cfgs]
-        sparsity_S = torch.tensor(coeffs, device=x_BD.device) * l1_S
-        zero_S = torch.zeros_like(mse_S)
-        with torch.no_grad():
-            l0_S = _l0_S(f_SBK)
-        return Loss(mse_S + sparsity_S, mse_S, sparsity_S, zero_S, l0_S, f_SBK.detach())
+    def select_(self, pre_SBK: Tensor) -> None:
+        pre_SBK.clamp_(min=0)
+
+    def sparsity(self, W_dec_SKD: Tensor, fsum_SK: Tensor, B: int, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        coeffs = [cfg.l1_coeff * _warmup(step, cfg.warmup_steps) / B for cfg in self.cfgs]
+        coeff_S1 = torch.tensor(coeffs, dtype=W_dec_SKD.dtype, device=W_dec_SKD.device).unsqueeze(1)
+        norm_SK = W_dec_SKD.norm(dim=2)
+        penalty_S = (coeff_S1 * fsum_SK * norm_SK).sum(dim=1)
+        return penalty_S, coeff_S1 * norm_SK, coeff_S1 * fsum_SK / norm_SK
 
     def get_activation(self, s: int) -> nn.Activation:
         return nn.Relu()
 
 
 class _TopKFamily(Objective):
-    """Shared by the top-k objectives: k and AuxK settings, the loss skeleton (select latents, reconstruct, AuxK)."""
+    """Shared by the top-k objectives: k and AuxK settings.
+
+    AuxK (Gao et al. 2024): the top-aux_k DEAD latents of each example reconstruct the residual e = x - x_hat
+    (treated as a constant, no decoder bias); the loss is that error's sum of squares over the residual's total
+    variance (0 for an SAE without dead latents). Dead latents with a positive pre-activation get gradient and can
+    come back to life.
+    """
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
@@ -303,46 +419,33 @@ class _TopKFamily(Objective):
         d_sae = cfgs[0].sae.d_sae
         self.k_S = [cfg.k for cfg in cfgs]
         self.aux_k_S = [min(cfg.aux_k, d_sae) for cfg in cfgs]
-        self.aux_coeff_S = torch.tensor([cfg.aux_coeff for cfg in cfgs], device=device)
         self.use_aux = any(cfg.aux_coeff > 0 for cfg in cfgs)
 
-    def select(self, pre_SBK: Tensor) -> Tensor:
-        """Latents f [S, B, K] from pre-activations."""
-        raise NotImplementedError
+    def _select_aux(self, pre_SBK: Tensor, dead_SK: Tensor, scratch_SBK: Tensor) -> tuple[Tensor, ...] | None:
+        if not self.use_aux or not bool(dead_SK.any()):  # one device sync per step
+            return None
+        minus_inf = torch.tensor(-math.inf, dtype=pre_SBK.dtype)
+        masked_SBK = torch.where(dead_SK.unsqueeze(1), pre_SBK, minus_inf, out=scratch_SBK)
+        vals_SBJ, idx_SBJ = _keep_top(masked_SBK, self.aux_k_S)
+        return vals_SBJ, idx_SBJ, dead_SK.any(dim=1)
 
-    def reconstruct(self, stack: nn.SaeStack, x_BD: Tensor, f_SBK: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(reconstruction loss [S], mse of the full reconstruction [S], full reconstruction [S, B, D])."""
-        x_hat_SBD = stack.decode(f_SBK)
-        mse_S = _mse_S(x_hat_SBD, x_BD)
-        return mse_S, mse_S, x_hat_SBD
-
-    def __call__(self, stack: nn.SaeStack, x_BD: Tensor, step: int, dead_SK: Tensor) -> Loss:
-        pre_SBK = stack.pre_acts(x_BD)
-        f_SBK = self.select(pre_SBK)
-        recon_S, mse_S, x_hat_SBD = self.reconstruct(stack, x_BD, f_SBK)
-        aux_S = self.auxk(stack, x_BD, x_hat_SBD, pre_SBK, dead_SK)
-        with torch.no_grad():
-            l0_S = _l0_S(f_SBK)
-        loss_S = recon_S + self.aux_coeff_S * aux_S
-        return Loss(loss_S, mse_S, torch.zeros_like(mse_S), aux_S, l0_S, f_SBK.detach())
-
-    def auxk(self, stack: nn.SaeStack, x_BD: Tensor, x_hat_SBD: Tensor, pre_SBK: Tensor, dead_SK: Tensor) -> Tensor:
-        """AuxK (Gao et al. 2024): the top-aux_k DEAD latents of each example reconstruct the residual x - x_hat
-        (detached, no decoder bias); the loss is that error's sum of squares over the residual's total variance.
-        Dead latents with a positive pre-activation get gradient and can come back to life. 0 where no latent is
-        dead."""
-        n_dead_S = dead_SK.sum(dim=1)
-        if not self.use_aux or not bool((n_dead_S > 0).any()):  # one device sync per step
-            return torch.zeros(stack.n_saes, device=x_BD.device)
-        S, B, K = pre_SBK.shape
-        masked_SBK = pre_SBK.masked_fill(~dead_SK.unsqueeze(1), -math.inf)
-        vals_SJ, idx_SJ = _keep_top(masked_SBK.reshape(S * B, K), [n for n in self.aux_k_S for _ in range(B)])
-        f_aux_SBK = torch.zeros_like(masked_SBK.reshape(S * B, K)).scatter(-1, idx_SJ, vals_SJ).reshape(S, B, K)
-        e_hat_SBD = torch.bmm(f_aux_SBK, stack.W_dec)
-        e_SBD = (x_BD - x_hat_SBD).detach()
-        total_var_S = (e_SBD - e_SBD.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2))
-        aux_S = (e_hat_SBD - e_SBD).pow(2).sum(dim=(1, 2)) / total_var_S.clamp_min(1e-12)
-        return torch.where(n_dead_S > 0, aux_S, torch.zeros_like(aux_S))
+    def _aux_backward_(self, stack: nn.SaeStack, e_SBD: Tensor, aux_sel: tuple[Tensor, ...], grad_SBK: Tensor):
+        """AuxK loss [S]; adds its gradients to W_dec.grad and to `grad_SBK` (the gradient w.r.t. pre-activations)."""
+        vals_SBJ, idx_SBJ, has_dead_S = aux_sel
+        S, B, K = grad_SBK.shape
+        W_dec = stack.W_dec
+        f_aux_SBK = self._buffer("aux", (S, B, K), W_dec)
+        f_aux_SBK.zero_().scatter_(2, idx_SBJ, vals_SBJ)
+        diff_SBD = torch.bmm(f_aux_SBK, W_dec).sub_(e_SBD)
+        total_var_S = (e_SBD - e_SBD.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2)).clamp_min(1e-12)
+        aux_S = torch.where(has_dead_S, diff_SBD.pow(2).sum(dim=(1, 2)) / total_var_S, 0.0)
+        coeffs = torch.tensor([cfg.aux_coeff for cfg in self.cfgs], dtype=W_dec.dtype, device=W_dec.device)
+        g_SBD = diff_SBD.mul_((2 * coeffs * has_dead_S / total_var_S)[:, None, None])
+        W_dec.grad.baddbmm_(f_aux_SBK.transpose(1, 2), g_SBD)
+        torch.bmm(g_SBD, W_dec.transpose(1, 2), out=f_aux_SBK)  # the buffer now holds d aux / d f_aux
+        g_SBJ = f_aux_SBK.gather(2, idx_SBJ).mul_(vals_SBJ > 0)
+        grad_SBK.scatter_add_(2, idx_SBJ, g_SBJ)
+        return aux_S
 
 
 @beartype.beartype
@@ -352,11 +455,9 @@ class TopKObjective(_TopKFamily):
 
     name = "topk"
 
-    def select(self, pre_SBK: Tensor) -> Tensor:
-        S, B, K = pre_SBK.shape
-        pre_NK = pre_SBK.reshape(S * B, K)
-        vals_NJ, idx_NJ = _keep_top(pre_NK, [k for k in self.k_S for _ in range(B)])
-        return torch.zeros_like(pre_NK).scatter(-1, idx_NJ, vals_NJ).reshape(S, B, K)
+    def select_(self, pre_SBK: Tensor) -> None:
+        vals_SBJ, idx_SBJ = _keep_top(pre_SBK, self.k_S)
+        pre_SBK.zero_().scatter_(2, idx_SBJ, vals_SBJ)
 
     def get_activation(self, s: int) -> nn.Activation:
         return nn.TopK(self.k_S[s])
@@ -375,17 +476,18 @@ class BatchTopKObjective(_TopKFamily):
         super().__init__(cfgs, device)
         self.threshold_S = torch.zeros(len(cfgs), dtype=torch.float64, device=device)
         self.n_observed_S = torch.zeros(len(cfgs), dtype=torch.int64, device=device)
+        self._min_positive_S: Tensor | None = None
 
-    def select(self, pre_SBK: Tensor) -> Tensor:
+    def select_(self, pre_SBK: Tensor) -> None:
         S, B, K = pre_SBK.shape
-        pre_SN = pre_SBK.reshape(S, B * K)
-        vals_SJ, idx_SJ = _keep_top(pre_SN, [k * B for k in self.k_S])
-        return torch.zeros_like(pre_SN).scatter(-1, idx_SJ, vals_SJ).reshape(S, B, K)
+        pre_S1N = pre_SBK.view(S, 1, B * K)
+        vals_S1J, idx_S1J = _keep_top(pre_S1N, [k * B for k in self.k_S])
+        pre_S1N.zero_().scatter_(2, idx_S1J, vals_S1J)
+        self._min_positive_S = vals_S1J.masked_fill(vals_S1J <= 0, math.inf).amin(dim=(1, 2)).double()
 
     @torch.no_grad()
     def observe_(self, loss: Loss) -> None:
-        f_SBK = loss.f_SBK
-        min_pos_S = f_SBK.masked_fill(f_SBK <= 0, math.inf).amin(dim=(1, 2)).double()
+        min_pos_S = self._min_positive_S
         seen_S = torch.isfinite(min_pos_S)
         self.n_observed_S += seen_S
         rate_S = 1.0 / self.n_observed_S.clamp(1, _THRESHOLD_WINDOW).double()
@@ -427,15 +529,6 @@ class MatryoshkaObjective(BatchTopKObjective):
     def __init__(self, cfgs: Sequence[TrainConfig], device: torch.device):
         super().__init__(cfgs, device)
         self.prefixes = get_matryoshka_prefixes(cfgs[0])
-
-    def reconstruct(self, stack: nn.SaeStack, x_BD: Tensor, f_SBK: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x_hat_SBD = stack.b_dec.unsqueeze(1)
-        recon_S, start = 0.0, 0
-        for stop in self.prefixes:
-            x_hat_SBD = torch.baddbmm(x_hat_SBD, f_SBK[:, :, start:stop], stack.W_dec[:, start:stop])
-            mse_S = _mse_S(x_hat_SBD, x_BD)
-            recon_S, start = recon_S + mse_S, stop
-        return recon_S, mse_S, x_hat_SBD
 
 
 @beartype.beartype
@@ -577,13 +670,12 @@ class GroupTrainer:
     """The training state of a group of same-shape SAEs (see `check_group`) and one optimisation step.
 
     Holds the stacked weights (`nn.SaeStack`), Adam's moments (betas 0.9/0.999, eps 1e-8, one learning rate per
-    SAE), how many examples each latent has gone without firing, the objective's statistics and the step count.
-    `train_group` drives it; it is public for benchmarks and tests that step SAEs by hand.
+    SAE), how many examples each latent has gone without firing, the objective (which computes the gradients and
+    keeps [S, B, d_sae] work buffers: about 13 bytes per element, the group's main memory cost besides the weights)
+    and the step count. `train_group` drives it; it is public for benchmarks and tests that step SAEs by hand.
     """
 
-    def __init__(
-        self, cfgs: Sequence[TrainConfig], b_dec_D: np.ndarray, *, device: str | torch.device = "cpu"
-    ):
+    def __init__(self, cfgs: Sequence[TrainConfig], b_dec_D: np.ndarray, *, device: str | torch.device = "cpu"):
         """`b_dec_D` is the initial decoder bias of every SAE, in scaled units (the scaled mean training row)."""
         check_group(cfgs)
         self.cfgs = tuple(cfgs)
@@ -595,25 +687,22 @@ class GroupTrainer:
         self.objective = OBJECTIVES[cfgs[0].objective](cfgs, self.device)
         self.exp_avg = {name: torch.zeros_like(p) for name, p in self.stack.named_parameters()}
         self.exp_avg_sq = {name: torch.zeros_like(p) for name, p in self.stack.named_parameters()}
+        self._update = {name: torch.empty_like(p) for name, p in self.stack.named_parameters()}
         d_sae = cfgs[0].sae.d_sae
         self.tokens_since_fired_SK = torch.zeros(len(cfgs), d_sae, dtype=torch.int64, device=self.device)
         self.dead_tokens_S = torch.tensor([cfg.dead_tokens for cfg in cfgs], device=self.device)
         self.step = 0
         """Optimisation steps taken."""
 
-    def step_(self, x_BD: Tensor) -> Loss:
-        """One optimisation step of every SAE on the scaled batch `x_BD` (on the trainer's device)."""
-        loss = self.objective(self.stack, x_BD, self.step, self.dead_mask())
-        for p in self.stack.parameters():
-            p.grad = None
-        # The SAEs' parameters are disjoint, so the gradient of the sum is each SAE's own gradient, exactly.
-        loss.loss.sum().backward()
+    def step_(self, x_BD: Tensor, *, with_l0: bool = True) -> Loss:
+        """One optimisation step of every SAE on the scaled batch `x_BD` (on the trainer's device). Without
+        `with_l0`, the returned `Loss.l0` is NaN (it costs a pass over the latents; only logging needs it)."""
+        loss = self.objective(self.stack, x_BD, self.step, self.dead_mask(), with_l0=with_l0)  # also sets gradients
         self.stack.remove_parallel_grads_()
         self._adam_step_()
         self.stack.normalize_decoder_()
         with torch.no_grad():
-            fired_SK = (loss.f_SBK > 0).any(dim=1)
-            self.tokens_since_fired_SK = torch.where(fired_SK, 0, self.tokens_since_fired_SK + x_BD.shape[0])
+            self.tokens_since_fired_SK = torch.where(loss.fired_SK, 0, self.tokens_since_fired_SK + x_BD.shape[0])
         self.objective.observe_(loss)
         self.step += 1
         return loss
@@ -623,15 +712,15 @@ class GroupTrainer:
         beta1, beta2 = _ADAM_BETAS
         t = self.step + 1
         bias1, bias2_sqrt = 1 - beta1**t, math.sqrt(1 - beta2**t)
-        lrs = [cfg.lr * _warmup(self.step, cfg.warmup_steps) / bias1 for cfg in self.cfgs]
-        step_size_S = torch.tensor(lrs, device=self.device)
+        step_sizes = [cfg.lr * _warmup(self.step, cfg.warmup_steps) / bias1 for cfg in self.cfgs]
+        step_size_S = torch.tensor(step_sizes, dtype=self.stack.W_enc.dtype, device=self.device)
         for name, p in self.stack.named_parameters():
-            exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
+            exp_avg, exp_avg_sq, update = self.exp_avg[name], self.exp_avg_sq[name], self._update[name]
             exp_avg.lerp_(p.grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(_ADAM_EPS)
-            step_size = step_size_S.view(-1, *[1] * (p.dim() - 1))
-            p.sub_(step_size * exp_avg / denom)
+            torch.sqrt(exp_avg_sq, out=update).div_(bias2_sqrt).add_(_ADAM_EPS)
+            torch.div(exp_avg, update, out=update).mul_(step_size_S.view(-1, *[1] * (p.dim() - 1)))
+            p.sub_(update)  # one learning rate per SAE, through step_size_S
 
     def dead_mask(self) -> Tensor:
         """[S, d_sae] bool: latents that have not fired for their config's `dead_tokens` examples."""
@@ -760,10 +849,10 @@ def train_group(
     start, start_step = time.perf_counter(), trainer.step
     for idx_B in batch_indices(n_train_rows, cfg.batch_size, n_steps, cfg.seed, start_step=trainer.step):
         x_BD = torch.from_numpy(np.asarray(acts_ND[idx_B], dtype=np.float32)).to(device) * stats.scale
-        loss = trainer.step_(x_BD)
-
-        done = trainer.step
-        if done % log_every == 0 or done == n_steps:
+        done = trainer.step + 1
+        log_now = done % log_every == 0 or done == n_steps
+        loss = trainer.step_(x_BD, with_l0=log_now)
+        if log_now:
             elapsed = time.perf_counter() - start
             _log_progress(logger, loss, done, n_steps, done - start_step, cfg.batch_size, elapsed)
         preempted = _take_checkpoint_request()

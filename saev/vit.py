@@ -7,6 +7,7 @@ local cache (compute nodes usually have no internet: fetch weights on a login no
 set HF_HUB_OFFLINE=1 so nothing tries the network).
 """
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -69,9 +70,10 @@ def _shape_info(model: str) -> tuple[int, int, int, int]:
         size = vision["image_size"]
         size = size if isinstance(size, int) else size[0]
         return vision["width"], vision["layers"], size, vision["patch_size"]
-    # timm towers (SigLIP): build a random-weight copy once to read its shape.
-    visual = open_clip.create_model(model, pretrained=None).visual
-    trunk = visual.trunk
+    # timm towers (SigLIP): their config names a timm model, so build it on the meta device (no memory, no weights,
+    # no RNG draws; a fraction of a second even for SO400M) and read its shape.
+    with _quiet_root_logger(), torch.device("meta"):
+        trunk = open_clip.create_model(model, pretrained=None, device="meta").visual.trunk
     size = trunk.patch_embed.img_size[0]
     return trunk.embed_dim, len(trunk.blocks), size, trunk.patch_embed.patch_size[0]
 
@@ -105,6 +107,33 @@ def resolve_layers(model: str, layers: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """Silence open_clip's root-logger warning that no weights were loaded: random weights are what we asked for."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def get_norm_stats(model: str, pretrained: str, visual: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) that normalise the model's input images.
+
+    open_clip sets them from the pretrained tag; for random weights or a checkpoint file it falls back to OpenAI's
+    values, which are wrong for e.g. SigLIP (0.5, 0.5), so those take the values of the model's first known tag.
+    """
+    pp = getattr(visual, "preprocess_cfg", None) or {}
+    if not pretrained or os.path.isfile(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        pp = open_clip.get_pretrained_cfg(model, tags[0]) if tags else {}
+    mean = tuple(pp.get("mean") or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(pp.get("std") or open_clip.OPENAI_DATASET_STD)
+    return mean, std
+
+
 class _Stop(Exception):
     """Raised by the last hook to skip the rest of the forward pass."""
 
@@ -131,9 +160,7 @@ class Vit(torch.nn.Module):
         self.n_side = self.img_size // patch
         self.n_patches_per_img = self.n_side * self.n_side
         self.layers = resolve_layers(cfg.model, cfg.layers)
-        pp = getattr(visual, "preprocess_cfg", {}) or {}
-        self.mean = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
-        self.std = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
+        self.mean, self.std = get_norm_stats(cfg.model, cfg.pretrained, visual)
         self._outputs: dict[int, Tensor] = {}
         for layer in self.layers:
             self.blocks[layer].register_forward_hook(self._make_hook(layer))
@@ -187,17 +214,10 @@ def make_vit(cfg: VitConfig, device: torch.device | str = "cpu") -> Vit:
             raise FileNotFoundError(f"pretrained weights file not found: {cfg.pretrained}")
         model = open_clip.create_model(cfg.model, pretrained=cfg.pretrained, require_pretrained=True)
     else:
-        # open_clip warns (on the root logger) that no weights were loaded; random weights are what we asked for.
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)
         # fork_rng: seed the weights without resetting the caller's global torch RNG.
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.init_seed)
-                model = open_clip.create_model(cfg.model, pretrained=None)
-        finally:
-            root.setLevel(level)
+        with _quiet_root_logger(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            model = open_clip.create_model(cfg.model, pretrained=None)
     visual = model.visual.to(device, _DTYPES[cfg.dtype]).eval()
     del model
     return Vit(cfg, visual, device)

@@ -100,6 +100,7 @@ def run_pieces(pipeline: Pipeline, stage: str, piece_ids: typing.Sequence[str]) 
     This is what a Slurm job or the local executor calls. It recomputes the plan from the pipeline config, so a job
     needs nothing but the config to run.
     """
+    helpers.setup_logging()  # a Slurm job starts with no log handler: progress lines must reach its log file
     plan = make_plan(pipeline)
     stage_plan = plan[stage]
     by_id = {piece.id: piece for piece in stage_plan.pieces}

@@ -87,6 +87,35 @@ def test_negative_pixels_vote_for_nothing():
     np.testing.assert_array_equal(pool([[-1, -1, -1], [1, 2, 2], [-1, 1, 1]]), [1])
 
 
+def test_pixels_equal_to_the_ignore_value_vote_for_nothing():
+    mask = np.array([[255, 255], [255, 2]], dtype=np.uint8)  # e.g. the "void" pixels of VOC-style masks
+    np.testing.assert_array_equal(pool(mask), [2])
+    np.testing.assert_array_equal(pool(np.full((2, 2), 255, np.uint8)), [IGNORE])
+
+
+def test_the_default_ignore_value_is_255():
+    mask = np.array([[255, 1], [1, 255]], dtype=np.uint8)
+    np.testing.assert_array_equal(pool_patch_labels(mask, n_side=1, img_size=2, n_classes=4), [1])
+    np.testing.assert_array_equal(pool_patch_labels(np.full((2, 2), -1), n_side=1, img_size=2, n_classes=4), [255])
+
+
+def test_min_frac_gives_patches_without_a_clear_majority_the_ignore_value():
+    mask = [[1, 1], [2, 3]]  # class 1 covers half the patch
+    np.testing.assert_array_equal(pool(mask, min_frac=0.5), [1])
+    np.testing.assert_array_equal(pool(mask, min_frac=0.6), [IGNORE])
+
+
+def test_min_frac_counts_only_labelled_pixels():
+    np.testing.assert_array_equal(pool([[-1, -1, -1], [-1, -1, -1], [-1, 2, 2]], n_classes=3, min_frac=1.0), [2])
+
+
+def test_min_frac_with_prefer_foreground_falls_back_to_the_majority():
+    mask = [[0, 0, 0], [0, 0, 0], [0, 0, 2]]  # foreground is 1/9 of the patch
+    np.testing.assert_array_equal(pool(mask, prefer_fg=True, min_frac=0.1), [2])
+    np.testing.assert_array_equal(pool(mask, prefer_fg=True, min_frac=0.2), [0])
+    np.testing.assert_array_equal(pool(mask, prefer_fg=True, min_frac=0.9), [IGNORE])
+
+
 def test_a_patch_without_a_labelled_pixel_gets_the_ignore_value():
     mask = [[-1, -1, 1, 1], [-1, -1, 1, 1], [0, 0, -1, -1], [0, 0, -1, -1]]
     np.testing.assert_array_equal(pool(mask, n_side=2), [IGNORE, 1, 0, IGNORE])
@@ -150,6 +179,12 @@ def test_an_ignore_value_that_is_a_class_id_is_an_error():
         pool_patch_labels(np.zeros((4, 4), np.int64), n_side=2, img_size=4, n_classes=2, ignore=1)
 
 
+@pytest.mark.parametrize("min_frac", [-0.1, 1.5])
+def test_min_frac_outside_zero_to_one_is_an_error(min_frac):
+    with pytest.raises(ValueError, match=f"min_frac={min_frac} is not a fraction"):
+        pool([[0, 1], [1, 1]], min_frac=min_frac)
+
+
 def test_prefer_foreground_with_a_background_outside_the_classes_is_an_error():
     with pytest.raises(ValueError, match="background=4 is not a class id"):
         pool([[0, 1], [1, 1]], prefer_fg=True, background=4)
@@ -160,7 +195,7 @@ def test_prefer_foreground_with_a_background_outside_the_classes_is_an_error():
 ######################
 
 
-def reference_labels(mask_HW, n_side, img_size, n_classes, ignore, prefer_fg, background):
+def reference_labels(mask_HW, n_side, img_size, n_classes, ignore, prefer_fg, background, min_frac):
     """Slow, obvious version: sample each input pixel's centre, then count each patch's pixels with a Counter."""
     h, w = mask_HW.shape
     p = img_size // n_side
@@ -172,15 +207,19 @@ def reference_labels(mask_HW, n_side, img_size, n_classes, ignore, prefer_fg, ba
                 for x in range(pc * p, (pc + 1) * p):
                     # Exact integer form of floor((y + 0.5) * h / img_size).
                     v = int(mask_HW[(2 * y + 1) * h // (2 * img_size), (2 * x + 1) * w // (2 * img_size)])
-                    if v >= 0:
+                    if v >= 0 and v != ignore:
                         votes[v] += 1
-            if prefer_fg and background is not None and any(c != background for c in votes):
-                del votes[background]
-            if not votes:
-                out.append(ignore)
-                continue
-            best = max(votes.values())
-            out.append(min(c for c, n in votes.items() if n == best))
+            total = sum(votes.values())
+
+            def winner(candidates):
+                best = max(candidates.values())
+                return min(c for c, n in candidates.items() if n == best) if best / total >= min_frac else None
+
+            fg = {c: n for c, n in votes.items() if c != background}
+            label = winner(fg) if prefer_fg and background is not None and fg else None
+            if label is None and votes:
+                label = winner(votes)
+            out.append(ignore if label is None else label)
     return np.array(out)
 
 
@@ -193,12 +232,24 @@ def reference_labels(mask_HW, n_side, img_size, n_classes, ignore, prefer_fg, ba
     n_classes=st.integers(1, 5),
     prefer_fg=st.booleans(),
     background=st.one_of(st.none(), st.integers(0, 4)),
+    ignore_above=st.one_of(st.none(), st.integers(0, 3)),
+    min_frac=st.one_of(st.sampled_from([0.0, 0.3, 0.5, 1.0]), st.floats(0.0, 1.0)),
     data=st.data(),
 )
-def test_pooling_matches_a_per_patch_counter(h, w, n_side, p, n_classes, prefer_fg, background, data):
+def test_pooling_matches_a_per_patch_counter(
+    h, w, n_side, p, n_classes, prefer_fg, background, ignore_above, min_frac, data
+):
     background = None if background is None else background % n_classes
-    mask = data.draw(hnp.arrays(np.int64, (h, w), elements=st.integers(-2, n_classes - 1)))
+    ignore = -1 if ignore_above is None else n_classes + ignore_above
+    pixels = st.one_of(st.integers(-2, n_classes - 1), st.just(ignore))
+    mask = data.draw(hnp.arrays(np.int64, (h, w), elements=pixels))
     kwargs = dict(
-        n_side=n_side, img_size=n_side * p, n_classes=n_classes, ignore=-1, prefer_fg=prefer_fg, background=background
+        n_side=n_side,
+        img_size=n_side * p,
+        n_classes=n_classes,
+        ignore=ignore,
+        prefer_fg=prefer_fg,
+        background=background,
+        min_frac=min_frac,
     )
     np.testing.assert_array_equal(pool_patch_labels(mask, **kwargs), reference_labels(mask, **kwargs))

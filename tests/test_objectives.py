@@ -54,6 +54,77 @@ def test_decoder_rows_are_unit_norm_after_a_step(objective):
     torch.testing.assert_close(W_dec.norm(dim=2), torch.ones(1, 32))
 
 
+#############
+# Gradients #
+#############
+
+
+def reference_loss_S(cfgs, W_enc, b_enc, W_dec, b_dec, x_BD, step, dead_SK) -> torch.Tensor:
+    """The objectives written plainly for autograd: the specification the hand-written backward must match."""
+    pre_SBK = (x_BD.unsqueeze(0) - b_dec.unsqueeze(1)) @ W_enc + b_enc.unsqueeze(1)
+    S, B, K = pre_SBK.shape
+    objective = cfgs[0].objective
+    fs = []
+    for s, cfg in enumerate(cfgs):
+        if objective == "relu_l1":
+            fs.append(torch.relu(pre_SBK[s]))
+        elif objective == "topk":
+            vals_BJ, idx_BJ = pre_SBK[s].topk(cfg.k, dim=1)
+            fs.append(torch.zeros(B, K, dtype=x_BD.dtype).scatter(1, idx_BJ, torch.relu(vals_BJ)))
+        else:
+            vals_J, idx_J = pre_SBK[s].reshape(-1).topk(cfg.k * B)
+            fs.append(torch.zeros(B * K, dtype=x_BD.dtype).scatter(0, idx_J, torch.relu(vals_J)).view(B, K))
+    f_SBK = torch.stack(fs)
+    prefixes = training.get_matryoshka_prefixes(cfgs[0]) if objective == "matryoshka" else (K,)
+    loss_S = 0.0
+    for m in prefixes:
+        x_hat_SBD = f_SBK[:, :, :m] @ W_dec[:, :m] + b_dec.unsqueeze(1)
+        loss_S = loss_S + (x_hat_SBD - x_BD).pow(2).mean(dim=(1, 2))
+    if objective == "relu_l1":
+        coeff_S = torch.tensor([c.l1_coeff * min(1.0, (step + 1) / max(c.warmup_steps, 1)) for c in cfgs])
+        loss_S = loss_S + coeff_S * (f_SBK * W_dec.norm(dim=2).unsqueeze(1)).sum(dim=2).mean(dim=1)
+    else:
+        e_SBD = (x_BD - x_hat_SBD).detach()
+        for s, cfg in enumerate(cfgs):
+            if dead_SK[s].any():
+                masked_BK = torch.where(dead_SK[s], pre_SBK[s], -math.inf)
+                vals_BJ, idx_BJ = masked_BK.topk(min(cfg.aux_k, K), dim=1)
+                f_aux_BK = torch.zeros(B, K, dtype=x_BD.dtype).scatter(1, idx_BJ, torch.relu(vals_BJ))
+                err = (f_aux_BK @ W_dec[s] - e_SBD[s]).pow(2).sum()
+                aux = err / (e_SBD[s] - e_SBD[s].mean(dim=0)).pow(2).sum()
+                loss_S = loss_S + cfg.aux_coeff * aux * torch.eye(S)[s]
+    return loss_S
+
+
+@pytest.mark.parametrize("objective", list(training.OBJECTIVES))
+def test_hand_written_gradients_equal_autograd(objective):
+    """float64, a group of two SAEs with different k, aux_k, aux_coeff and l1_coeff, dead latents for AuxK."""
+    cfgs = [
+        make_cfg(objective, k=3, aux_k=3, aux_coeff=0.5, l1_coeff=0.1, warmup_steps=5, matryoshka_prefixes=(4, 12)),
+        make_cfg(objective, k=5, aux_k=2, aux_coeff=0.25, l1_coeff=0.2, matryoshka_prefixes=(4, 12)),
+    ]
+    stack = nn.SaeStack([cfg.sae for cfg in cfgs]).double()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in stack.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
+    x_BD = torch.randn(16, D_VIT, generator=gen, dtype=torch.float64)
+    dead_SK = torch.zeros(2, 32, dtype=torch.bool)
+    dead_SK[0, [1, 4, 7, 20]] = True
+    dead_SK[1, [2, 30]] = True
+    objective_fn = training.OBJECTIVES[objective](cfgs, torch.device("cpu"))
+    loss = objective_fn(stack, x_BD, 2, dead_SK)
+
+    params = [p.detach().clone().requires_grad_(True) for p in (stack.W_enc, stack.b_enc, stack.W_dec, stack.b_dec)]
+    expected_S = reference_loss_S(cfgs, *params, x_BD, 2, dead_SK)
+    expected_S.sum().backward()
+    torch.testing.assert_close(loss.loss, expected_S.detach())
+    for name, ref in zip(("W_enc", "b_enc", "W_dec", "b_dec"), params, strict=True):
+        torch.testing.assert_close(getattr(stack, name).grad, ref.grad, msg=name)
+    if objective != "relu_l1":
+        assert (loss.aux > 0).all()
+
+
 ########
 # TopK #
 ########

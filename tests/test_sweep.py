@@ -189,7 +189,8 @@ def test_toml_floats_like_inf_are_passed_to_the_config_check(tmp_path):
 
 
 def test_a_list_for_a_tuple_field_is_one_value():
-    (cfg,) = sweep.expand_sweep({"sae.d_vit": 8, "objective": "matryoshka", "matryoshka_prefixes": [4, 16]}, TrainConfig)
+    table = {"sae.d_vit": 8, "objective": "matryoshka", "matryoshka_prefixes": [4, 16]}
+    (cfg,) = sweep.expand_sweep(table, TrainConfig)
     assert cfg.matryoshka_prefixes == (4, 16)
 
 

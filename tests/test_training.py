@@ -109,7 +109,7 @@ def test_every_config_field_changes_the_weights(tiny_acts, name):
 ##########
 
 GROUP_PAIRS = {
-    "relu_l1": (TINY, dataclasses.replace(TINY, l1_coeff=0.02, lr=3e-3, sae=nn.SaeConfig(d_vit=8, exp_factor=2, seed=1))),
+    "relu_l1": (TINY, dataclasses.replace(TINY, l1_coeff=0.02, lr=3e-3, sae=dataclasses.replace(TINY.sae, seed=1))),
     "topk": (TINY_TOPK, dataclasses.replace(TINY_TOPK, k=3, aux_coeff=0.1, warmup_steps=1)),
     "batchtopk": (
         dataclasses.replace(TINY_TOPK, objective="batchtopk"),
@@ -192,7 +192,9 @@ def test_group_progress_lines_list_every_sae(tiny_acts, caplog):
     step_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [line.split()[1] for line in step_lines] == ["5/10", "10/10"]
     fields = dict(part.strip().split(" ", 1) for part in step_lines[0].split("|")[3:])
-    assert [len(fields[name].split(",")) for name in ("loss", "mse", "l0")] == [2, 2, 2]
+    values = {name: [float(v) for v in fields[name].split(",")] for name in ("loss", "mse", "l0")}
+    assert [len(v) for v in values.values()] == [2, 2, 2]
+    assert all(math.isfinite(v) and v > 0 for vs in values.values() for v in vs)
 
 
 def test_held_out_rows_do_not_influence_training(tiny_acts):

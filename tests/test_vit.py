@@ -149,6 +149,29 @@ def test_shape_of_a_big_model_comes_without_building_it(monkeypatch):
     assert get_n_layers("ViT-B-16") == 12
 
 
+def test_shape_of_a_timm_tower_comes_without_weights_or_global_rng_draws():
+    vits._shape_info.cache_clear()
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    assert (get_d_vit("ViT-B-16-SigLIP"), get_n_layers("ViT-B-16-SigLIP")) == (768, 12)
+    assert get_patch_grid("ViT-B-16-SigLIP") == (224, 14)
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
+def test_siglip_inputs_are_normalised_with_siglip_statistics_even_without_its_weights(tmp_path):
+    """open_clip only knows SigLIP's (0.5, 0.5) from a pretrained tag; random weights or a file must not get CLIP's."""
+    half = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    ckpt_fpath = tmp_path / "siglip.pt"
+    ckpt_fpath.touch()
+    assert vits.get_norm_stats("ViT-B-16-SigLIP", "", torch.nn.Module()) == half
+    assert vits.get_norm_stats("ViT-B-16-SigLIP", str(ckpt_fpath), torch.nn.Module()) == half
+
+
+def test_clip_inputs_are_normalised_with_openai_statistics(model):
+    assert (model.mean, model.std) == (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+
+
 def test_unknown_model_name_is_a_value_error():
     with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Q-99'"):
         get_d_vit("ViT-Q-99")
@@ -195,3 +218,13 @@ def test_vit_b_16_with_random_weights_gives_197_tokens_of_768():
     model = make_vit(VitConfig(model="ViT-B-16", layers=(-2,)))
     out = model(torch.randn(1, 3, 224, 224))
     assert out.shape == (1, 1, 14 * 14 + 1, 768) and torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_siglip_has_no_cls_token_and_gives_196_patch_tokens_of_768():
+    with pytest.raises(ValueError, match="has no CLS token; set vit.cls_token = false"):
+        make_vit(VitConfig(family="siglip", model="ViT-B-16-SigLIP"))
+    model = make_vit(VitConfig(family="siglip", model="ViT-B-16-SigLIP", cls_token=False, layers=(0, -1)))
+    assert (model.mean, model.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    out = model(torch.randn(2, 3, 224, 224))
+    assert out.shape == (2, 2, 14 * 14, 768) and torch.isfinite(out).all()
