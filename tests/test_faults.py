@@ -74,6 +74,7 @@ def kill_when(proc: subprocess.Popen, root: pathlib.Path, pattern: str) -> None:
 KILL_POINTS = [
     ("dump-mid-shards", "dump/*/acts000002.bin"),
     ("dump-labels", "dump/*/labels.bin"),
+    ("train-checkpoint", "train/*/.checkpoint.safetensors"),
     ("train-weights", "train/*/sae.safetensors"),
     ("mask-keep", "mask/*/keep.npy"),
     ("score-partial", "score/*/partials/block00001.safetensors"),
@@ -85,6 +86,8 @@ KILL_POINTS = [
 def test_sigkill_then_rerun_gives_clean_result(tmp_path, reference, pattern):
     root = tmp_path / "runs"
     cfg = write_tiny_config(tmp_path, root)
+    if "checkpoint" in pattern:  # checkpoint often enough that the kill lands between checkpoints
+        cfg.write_text(cfg.read_text().replace("[train]\n", "[train]\ncheckpoint_every = 3\n"))
     kill_when(launch(cfg), root, pattern)
     assert_done_means_complete(root)
     assert not list(root.glob("reduce/*/manifest.json")) or pattern.startswith("reduce")
