@@ -1,18 +1,20 @@
-"""Training sparse autoencoders on an in-memory or memory-mapped activation matrix, alone or as a batched group.
+"""Training sparse autoencoders on activation rows (an array, a memmap or a dump directory's layer), alone or as a
+batched group.
 
-`train_group(cfgs, acts_ND)` is the job body of the train stage for a group of SAEs that share one shape, one
+`train_group(cfgs, data)` is the job body of the train stage for a group of SAEs that share one shape, one
 objective and one data stream (`get_group_key`; `saev.sweep.group` splits a sweep into such groups):
 
 1. Check the data (width, finiteness of every row, enough rows) and, in the same single pass, compute the
    activation scale (mean L2 norm of scaled training rows = sqrt(d_vit)) and the mean training row.
 2. Train every SAE of the group at once (a `GroupTrainer`: stacked weights, batched matmuls, a hand-written
    backward pass, see `Objective`) with Adam (one learning rate per SAE) on scaled, shuffled minibatches from rows
-   [0, N - n_eval). Every SAE sees the same batches. Decoder rows stay unit norm and the gradient component
+   [0, N - n_eval), read by `saev.data.loader.ShuffledLoader` (large contiguous reads, shuffled in RAM, on a
+   background thread). Every SAE sees the same batches. Decoder rows stay unit norm and the gradient component
    parallel to them is removed before each step.
 3. Fold the scale into the weights (the returned SAEs read RAW activations) and measure `Metrics` in float64 on
    the held-out rows [N - n_eval, N), which are never trained on (nor used for the scale or b_dec).
 
-`train(cfg, acts_ND)` is `train_group([cfg], acts_ND)[0]`: one implementation, so an SAE trained alone and the same
+`train(cfg, data)` is `train_group([cfg], data)[0]`: one implementation, so an SAE trained alone and the same
 SAE trained in a group end with the same weights (bit-identical on CPU in our tests; on GPU batched kernels may
 round differently).
 
@@ -36,18 +38,19 @@ import math
 import pathlib
 import time
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import beartype
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from saev import artifacts, checkpoint, nn
+from saev.data import loader
 
 _LOGGER_NAME = "saev.training"
-_STATS_CHUNK_ROWS = 8192
+_STATS_CHUNK_ROWS = 16384
 _EVAL_CHUNK_ROWS = 1024
 _DENSE_THRESHOLD = 0.1
 _ADAM_BETAS = (0.9, 0.999)
@@ -56,7 +59,7 @@ _THRESHOLD_WINDOW = 1000
 """BatchTopK's threshold is the running mean of each batch's minimum positive activation over the first this-many
 batches, then an exponential moving average with this window (so it tracks the end of training)."""
 _CHECKPOINT_KIND = "saev.training.GroupTrainer"
-_CHECKPOINT_VERSION = 1
+_CHECKPOINT_VERSION = 2
 
 
 @beartype.beartype
@@ -93,14 +96,23 @@ class TrainConfig:
     warmup_steps: int = 100
     """Steps over which the learning rate (and relu_l1's L1 coefficient) rise linearly from ~0 to their values."""
     seed: int = 0
-    """Seed of the data order (the shuffling of training rows)."""
+    """Seed of the data order (the shuffling of training rows, see `saev.data.loader`)."""
+    chunk_rows: int = 16_384
+    """Rows read from disk as one contiguous chunk (64 MB at width 1024: large reads reach the disk's streaming
+    speed); part of the data order."""
+    buffer_rows: int = 262_144
+    """Rows shuffled together in RAM: a window of buffer_rows // chunk_rows chunks from random places in the data
+    (16 by default). The loader holds two such buffers (2 GiB at width 1024, less when the data is smaller). Larger
+    mixes better; part of the data order."""
     n_eval: int = 4096
     """Held-out examples for `Metrics`: the LAST n_eval rows of the activations, never trained on."""
 
     def __post_init__(self):
-        for name in ("n_train", "batch_size", "n_eval", "k", "aux_k", "dead_tokens"):
+        for name in ("n_train", "batch_size", "n_eval", "k", "aux_k", "dead_tokens", "chunk_rows", "buffer_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.buffer_rows < self.chunk_rows:
+            raise ValueError(f"buffer_rows={self.buffer_rows} is smaller than chunk_rows={self.chunk_rows}")
         if self.n_train < self.batch_size:
             raise ValueError(f"n_train={self.n_train} is smaller than one batch (batch_size={self.batch_size})")
         if self.warmup_steps < 0:
@@ -560,7 +572,7 @@ def _warmup(step: int, warmup_steps: int) -> float:
 @beartype.beartype
 def get_group_key(cfg: TrainConfig) -> dict[str, object]:
     """What SAEs trained together must share: one shape and objective (stacked weights, one loss) and one data
-    stream (batch_size, n_train, seed, n_eval). Everything else (lr, l1_coeff, k, sae.seed, ...) may differ."""
+    stream (batch_size, n_train, seed, n_eval, chunk_rows, buffer_rows). Everything else (lr, l1_coeff, k, sae.seed, ...) may differ."""
     return {
         "sae.d_vit": cfg.sae.d_vit,
         "d_sae": cfg.sae.d_sae,
@@ -569,6 +581,8 @@ def get_group_key(cfg: TrainConfig) -> dict[str, object]:
         "n_train": cfg.n_train,
         "seed": cfg.seed,
         "n_eval": cfg.n_eval,
+        "chunk_rows": cfg.chunk_rows,
+        "buffer_rows": cfg.buffer_rows,
         **OBJECTIVES[cfg.objective].group_key(cfg),
     }
 
@@ -595,39 +609,6 @@ def check_group(cfgs: Sequence[TrainConfig]) -> None:
 ########
 
 
-@beartype.beartype
-def batch_indices(
-    n_rows: int, batch_size: int, n_steps: int, seed: int, start_step: int = 0
-) -> Iterator[Int[np.ndarray, " B"]]:
-    """Row indices of training batches start_step, ..., n_steps - 1: the concatenation of seeded permutations of
-    range(n_rows) (one per epoch), cut into consecutive batches.
-
-    A batch that straddles two epochs takes the end of one permutation and the start of the next. Indices within a
-    batch are sorted (faster reads from a memmap; the batch is the same set). Only rows < n_rows are ever yielded.
-    Batch t depends only on (n_rows, batch_size, seed, t): a run resumed at `start_step` sees the batches an
-    uninterrupted run would (skipping costs one permutation per skipped epoch).
-    """
-    if not 1 <= batch_size <= n_rows:
-        raise ValueError(f"batch_size={batch_size} must be in [1, n_rows={n_rows}]")
-    if not 0 <= start_step <= n_steps:
-        raise ValueError(f"start_step={start_step} must be in [0, n_steps={n_steps}]")
-    rng = np.random.default_rng(seed)
-    epoch, pos = divmod(start_step * batch_size, n_rows)
-    perm_R = rng.permutation(n_rows)
-    for _ in range(epoch):
-        perm_R = rng.permutation(n_rows)
-    for _ in range(start_step, n_steps):
-        if pos + batch_size <= n_rows:
-            idx_B = perm_R[pos : pos + batch_size]
-            pos += batch_size
-        else:
-            rest = perm_R[pos:]
-            perm_R = rng.permutation(n_rows)
-            pos = batch_size - len(rest)
-            idx_B = np.concatenate([rest, perm_R[:pos]])
-        yield np.sort(idx_B)
-
-
 class DataStats(typing.NamedTuple):
     """Statistics of the training rows, from one pass over the data."""
 
@@ -638,16 +619,21 @@ class DataStats(typing.NamedTuple):
 
 
 @beartype.beartype
-def get_data_stats(acts_ND: np.ndarray, n_train_rows: int) -> DataStats:
-    """Check every row is finite and compute `DataStats` over rows [0, n_train_rows), in chunks (memmap friendly).
+def get_data_stats(data: "np.ndarray | loader.Rows", n_train_rows: int) -> DataStats:
+    """Check every row is finite and compute `DataStats` over rows [0, n_train_rows), in one sequential pass of
+    chunks (an array, a memmap or any `loader.Rows`, e.g. a dump directory's layer).
 
     Raises:
         ValueError: a row (of the whole matrix, held-out rows included) contains NaN or inf; the message names it.
     """
-    n, d = acts_ND.shape
+    rows = _as_rows(data)
+    n, d = rows.n_rows, rows.d
     norm_sum, sum_D = 0.0, np.zeros(d, dtype=np.float64)
+    buf_CD = np.empty((min(n, _STATS_CHUNK_ROWS), d), dtype=np.float32)
     for start in range(0, n, _STATS_CHUNK_ROWS):
-        chunk_CD = np.asarray(acts_ND[start : start + _STATS_CHUNK_ROWS], dtype=np.float64)
+        stop = min(n, start + _STATS_CHUNK_ROWS)
+        rows.read(start, stop, buf_CD[: stop - start])
+        chunk_CD = buf_CD[: stop - start].astype(np.float64)
         finite_C = np.isfinite(chunk_CD).all(axis=1)
         if not finite_C.all():
             row = start + int(np.argmin(finite_C))
@@ -759,10 +745,14 @@ class GroupTrainer:
         self.step = step
 
 
+def _as_rows(data: "np.ndarray | loader.Rows") -> loader.Rows:
+    return loader.ArrayRows(data) if isinstance(data, np.ndarray) else data
+
+
 @beartype.beartype
 def train(
     cfg: TrainConfig,
-    acts_ND: Float[np.ndarray, "N D"],
+    data: "Float[np.ndarray, 'N D'] | loader.Rows",
     *,
     device: str | torch.device = "cpu",
     log_every: int = 100,
@@ -772,7 +762,7 @@ def train(
 ) -> TrainResult:
     """Train one SAE: `train_group([cfg], ...)[0]` (see `train_group` for everything else)."""
     (result,) = train_group(
-        [cfg], acts_ND, device=device, log_every=log_every, logger=logger,
+        [cfg], data, device=device, log_every=log_every, logger=logger,
         checkpoint_fpath=checkpoint_fpath, checkpoint_every=checkpoint_every,
     )  # fmt: skip
     return result
@@ -781,7 +771,7 @@ def train(
 @beartype.beartype
 def train_group(
     cfgs: Sequence[TrainConfig],
-    acts_ND: Float[np.ndarray, "N D"],
+    data: "Float[np.ndarray, 'N D'] | loader.Rows",
     *,
     device: str | torch.device = "cpu",
     log_every: int = 100,
@@ -789,7 +779,11 @@ def train_group(
     checkpoint_fpath: pathlib.Path | None = None,
     checkpoint_every: int = 1000,
 ) -> list[TrainResult]:
-    """Train a group of SAEs together on `acts_ND` (float32 [N, D], may be a np.memmap), one result per config.
+    """Train a group of SAEs together on the rows of `data`, one result per config.
+
+    `data` is a float32 [N, D] array (in memory or a np.memmap) or any `loader.Rows`, e.g. `loader.ShardRows` (one
+    layer of a dump directory, read from disk as training goes). Batches come from `loader.ShuffledLoader` (large
+    contiguous reads on a background thread, shuffled in a RAM buffer of `buffer_rows` rows).
 
     The configs must share a shape, an objective and a data stream (`check_group`); each SAE then ends with the
     same weights as when trained alone. Metrics are measured on the last n_eval rows.
@@ -814,7 +808,8 @@ def train_group(
     logger = logger or logging.getLogger(_LOGGER_NAME)
     check_group(cfgs)
     cfg = cfgs[0]
-    n, d = acts_ND.shape
+    rows = _as_rows(data)
+    n, d = rows.n_rows, rows.d
     if d != cfg.sae.d_vit:
         raise ValueError(f"SAE expects d_vit={cfg.sae.d_vit} but activations have width {d}")
     n_train_rows = n - cfg.n_eval
@@ -829,7 +824,7 @@ def train_group(
         raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every}")
 
     logger.info("checking %d activation rows and computing the activation scale", n)
-    stats = get_data_stats(acts_ND, n_train_rows)
+    stats = get_data_stats(rows, n_train_rows)
     trainer = GroupTrainer(cfgs, stats.mean_D * stats.scale, device=device)
     n_steps = cfg.n_steps
     meta = {
@@ -846,26 +841,34 @@ def train_group(
         "training %d SAE(s) (%s) d_vit=%d d_sae=%d on %d rows (%d held out): %d steps of %d, scale=%.4g",
         len(cfgs), cfg.objective, d, cfg.sae.d_sae, n_train_rows, cfg.n_eval, n_steps, cfg.batch_size, stats.scale,
     )  # fmt: skip
+    data_loader = loader.ShuffledLoader(
+        rows, n_rows=n_train_rows, batch_size=cfg.batch_size, seed=cfg.seed,
+        chunk_rows=cfg.chunk_rows, buffer_rows=cfg.buffer_rows,
+    )  # fmt: skip
     start, start_step = time.perf_counter(), trainer.step
-    for idx_B in batch_indices(n_train_rows, cfg.batch_size, n_steps, cfg.seed, start_step=trainer.step):
-        x_BD = torch.from_numpy(np.asarray(acts_ND[idx_B], dtype=np.float32)).to(device) * stats.scale
-        done = trainer.step + 1
-        log_now = done % log_every == 0 or done == n_steps
-        loss = trainer.step_(x_BD, with_l0=log_now)
-        if log_now:
-            elapsed = time.perf_counter() - start
-            _log_progress(logger, loss, done, n_steps, done - start_step, cfg.batch_size, elapsed)
-        preempted = _take_checkpoint_request()
-        if checkpoint_fpath is not None and (preempted or done % checkpoint_every == 0):
-            checkpoint.save(checkpoint_fpath, trainer.state_dict(), kind=_CHECKPOINT_KIND,
-                            version=_CHECKPOINT_VERSION, meta={**meta, "step": done})  # fmt: skip
-        if preempted:
-            logger.warning("checkpoint requested: stopping after step %d/%d", done, n_steps)
-            raise Preempted(done, n_steps, checkpoint_fpath)
+    with data_loader.batches(trainer.step, n_steps) as batches:
+        for x_BD in batches:
+            x_BD = x_BD.to(device) * stats.scale
+            done = trainer.step + 1
+            log_now = done % log_every == 0 or done == n_steps
+            loss = trainer.step_(x_BD, with_l0=log_now)
+            if log_now:
+                elapsed = time.perf_counter() - start
+                wait = batches.stats.wait_s / max(elapsed, 1e-9)
+                _log_progress(logger, loss, done, n_steps, done - start_step, cfg.batch_size, elapsed, wait)
+            preempted = _take_checkpoint_request()
+            if checkpoint_fpath is not None and (preempted or done % checkpoint_every == 0):
+                checkpoint.save(checkpoint_fpath, trainer.state_dict(), kind=_CHECKPOINT_KIND,
+                                version=_CHECKPOINT_VERSION, meta={**meta, "step": done})  # fmt: skip
+            if preempted:
+                logger.warning("checkpoint requested: stopping after step %d/%d", done, n_steps)
+                raise Preempted(done, n_steps, checkpoint_fpath)
 
+    eval_ND = np.empty((cfg.n_eval, d), dtype=np.float32)
+    rows.read(n_train_rows, n, eval_ND)
     results = []
     for s, sae in enumerate(trainer.get_saes(stats.scale)):
-        metrics = get_metrics(sae, acts_ND[n_train_rows:], n_steps=n_steps)
+        metrics = get_metrics(sae, eval_ND, n_steps=n_steps)
         logger.info(
             "done%s: nmse=%.4f mse=%.4g l0=%.1f dead=%.3f dense=%.3f", f" (SAE {s})" if len(cfgs) > 1 else "",
             metrics.nmse, metrics.mse, metrics.l0, metrics.dead_frac, metrics.dense_frac,
@@ -892,9 +895,17 @@ def _resume(trainer: GroupTrainer, fpath: pathlib.Path, meta: dict[str, object])
 
 
 def _log_progress(
-    logger: logging.Logger, loss: Loss, done: int, n_steps: int, steps_here: int, batch_size: int, elapsed: float
+    logger: logging.Logger,
+    loss: Loss,
+    done: int,
+    n_steps: int,
+    steps_here: int,
+    batch_size: int,
+    elapsed: float,
+    wait_frac: float,
 ):
-    """Log one progress line; `steps_here` steps (of `batch_size` examples) took `elapsed` seconds in this run."""
+    """Log one progress line; `steps_here` steps (of `batch_size` examples) took `elapsed` seconds in this run, a
+    `wait_frac` fraction of which went to waiting for data."""
     loss_S = loss.loss.tolist()  # .tolist() syncs the device, which is why this runs only every log_every steps.
     for s, value in enumerate(loss_S):
         if not math.isfinite(value):
@@ -904,8 +915,8 @@ def _log_progress(
     rate = steps_here * batch_size / elapsed
     eta = (n_steps - done) * elapsed / max(steps_here, 1)
     logger.info(
-        "step %d/%d | %.0f ex/s | ETA %s | loss %s | mse %s | l0 %s",
-        done, n_steps, rate, _fmt_seconds(eta), _fmt_values(loss_S), _fmt_values(loss.mse.tolist()),
+        "step %d/%d | %.0f ex/s | ETA %s | data wait %.0f%% | loss %s | mse %s | l0 %s",
+        done, n_steps, rate, _fmt_seconds(eta), 100 * wait_frac, _fmt_values(loss_S), _fmt_values(loss.mse.tolist()),
         ",".join(f"{v:.1f}" for v in loss.l0.tolist()),
     )  # fmt: skip
 

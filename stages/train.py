@@ -1,8 +1,9 @@
 """train: a sweep of SAEs on the dumped activations of one layer; each SAE is its own artifact.
 
 The sweep is a TOML file whose list values expand to a grid (see `saev.sweep`). SAEs that can share a data stream
-(same shape, objective, batch size, number of examples and data seed) form a group, trained together with batched
-matmuls in one job (one piece of work). Output per SAE, `<root>/train/<key>/`: `sae.safetensors` (weights, scale
+(same shape, objective, batch size, number of examples, data seed and loader sizes) form a group, trained together
+with batched matmuls in one job (one piece of work), on one stream of shuffled batches read from the dump's shards
+(`saev.data.loader`: large contiguous reads on a background thread, shuffled in a RAM buffer). Output per SAE, `<root>/train/<key>/`: `sae.safetensors` (weights, scale
 folded in so the SAE applies to raw activations), `sae.json` (its config and activation rule) and `metrics.json`
 (MSE, normalized MSE, L0, dead and dense fractions on held-out rows).
 
@@ -15,12 +16,13 @@ import logging
 import pathlib
 
 from saev import artifacts, helpers, nn, sweep, training, vit
+from saev.data import loader
 from saev.data.shards import Shards
 
 from .graph import Piece, StagePlan
 
 NAME = "train"
-VERSION = 1
+VERSION = 2  # 2: batches from saev.data.loader (chunked windows) instead of a global permutation
 
 logger = logging.getLogger("stages.train")
 
@@ -98,14 +100,14 @@ def run(pipeline, plan, piece: Piece) -> None:
     started = artifacts.now()
     todo = [art for art in (piece.artifact, *piece.also) if not art.is_done()]
     infos = [plan[NAME].info[art.key] for art in todo]
-    shards = Shards(plan["dump"].artifacts[0].dpath)
-    acts_ND = shards.patches(infos[0]["layer"], 0, shards.n_imgs).reshape(-1, shards.metadata.d_vit)
+    # Rows stream from the shards on disk (the layer is never loaded whole; see saev.data.loader).
+    rows = loader.ShardRows(Shards(plan["dump"].artifacts[0].dpath), infos[0]["layer"])
     device = helpers.get_device(pipeline.train.device)
     # The checkpoint lives beside the group's first SAE as a dot-file: never part of an artifact.
     checkpoint_fpath = todo[0].dpath / ".checkpoint.safetensors"
     results = training.train_group(
         [info["config"] for info in infos],
-        acts_ND,
+        rows,
         device=device,
         checkpoint_fpath=checkpoint_fpath,
         checkpoint_every=pipeline.train.checkpoint_every,

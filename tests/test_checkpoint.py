@@ -134,23 +134,6 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 ##############
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    n_rows=st.integers(1, 50),
-    batch_size=st.integers(1, 50),
-    n_steps=st.integers(0, 12),
-    seed=st.integers(0, 3),
-    data=st.data(),
-)
-def test_batches_from_a_start_step_are_the_rest_of_the_full_sequence(n_rows, batch_size, n_steps, seed, data):
-    batch_size = min(batch_size, n_rows)
-    start = data.draw(st.integers(0, n_steps))
-    full = list(training.batch_indices(n_rows, batch_size, n_steps, seed))
-    rest = list(training.batch_indices(n_rows, batch_size, n_steps, seed, start_step=start))
-    assert len(rest) == n_steps - start
-    assert all(np.array_equal(a, b) for a, b in zip(full[start:], rest, strict=True))
-
-
 ##########
 # Resume #
 ##########
@@ -163,7 +146,7 @@ def test_preempted_then_resumed_run_equals_an_uninterrupted_run(tiny_acts, tmp_p
     with pytest.raises(training.Preempted) as info:
         train_with(cfgs, tiny_acts, action_at=(stop_at, training.request_checkpoint), checkpoint_fpath=fpath)
     assert (info.value.step, info.value.n_steps, info.value.checkpoint_fpath) == (stop_at, 10, fpath)
-    assert checkpoint.load(fpath, kind="saev.training.GroupTrainer", version=1)[1]["step"] == stop_at
+    assert checkpoint.load(fpath, kind="saev.training.GroupTrainer", version=2)[1]["step"] == stop_at
 
     resumed = train_with(cfgs, tiny_acts, checkpoint_fpath=fpath)
     assert_same_results(resumed, training.train_group(cfgs, tiny_acts))
@@ -177,7 +160,7 @@ def test_a_killed_run_resumes_from_its_last_periodic_checkpoint(tiny_acts, tmp_p
 
     with pytest.raises(KeyboardInterrupt):
         train_with([TINY_BATCHTOPK], tiny_acts, action_at=(8, crash), checkpoint_fpath=fpath, checkpoint_every=3)
-    assert checkpoint.load(fpath, kind="saev.training.GroupTrainer", version=1)[1]["step"] == 6
+    assert checkpoint.load(fpath, kind="saev.training.GroupTrainer", version=2)[1]["step"] == 6
 
     resumed = train_with([TINY_BATCHTOPK], tiny_acts, checkpoint_fpath=fpath, checkpoint_every=3)
     assert_same_results(resumed, [training.train(TINY_BATCHTOPK, tiny_acts)])

@@ -68,6 +68,7 @@ def test_training_is_deterministic(tiny_acts):
 
 TINY_TOPK = dataclasses.replace(TINY, objective="topk", k=1, aux_k=2, dead_tokens=64)
 TINY_MATRYOSHKA = dataclasses.replace(TINY, objective="matryoshka", k=3, matryoshka_prefixes=(4,))
+TINY_WINDOWED = dataclasses.replace(TINY, chunk_rows=32, buffer_rows=128)  # 4 windows per epoch of 512 rows
 
 CHANGES = {
     "sae.d_vit": None,  # fixed by the data; a mismatch is an error (test_width_mismatch_is_refused)
@@ -86,6 +87,8 @@ CHANGES = {
     "warmup_steps": (TINY, {"warmup_steps": 1}),
     "seed": (TINY, {"seed": 1}),
     "n_eval": (TINY, {"n_eval": 100}),
+    "chunk_rows": (TINY_WINDOWED, {"chunk_rows": 16}),
+    "buffer_rows": (TINY_WINDOWED, {"buffer_rows": 256}),
 }
 """A change of each TrainConfig field (by dotted name) from a base config where that field matters."""
 
@@ -207,21 +210,6 @@ def test_held_out_rows_do_not_influence_training(tiny_acts):
     assert a.metrics != b.metrics  # ...while the metrics are measured on exactly those rows
 
 
-def test_batches_only_use_training_rows_and_visit_each_once_per_epoch():
-    batches = list(training.batch_indices(n_rows=100, batch_size=30, n_steps=10, seed=0))
-    all_idx = np.concatenate(batches)
-    assert all(len(b) == 30 for b in batches)
-    assert all_idx.min() >= 0 and all_idx.max() < 100
-    assert sorted(all_idx[:90]) == sorted(set(all_idx[:90]))  # the first 3 batches of epoch 1 never repeat a row
-    assert set(all_idx[:120]) == set(range(100))  # epoch 1 ends inside batch 4, having visited every row
-
-
-def test_batch_order_depends_on_the_seed():
-    a = np.concatenate(list(training.batch_indices(100, 30, 3, seed=0)))
-    b = np.concatenate(list(training.batch_indices(100, 30, 3, seed=1)))
-    assert not np.array_equal(a, b)
-
-
 def test_memmap_input_gives_the_same_sae_as_an_array(tiny_acts, tmp_path):
     fpath = tmp_path / "acts.bin"
     mm = np.memmap(fpath, dtype=np.float32, mode="w+", shape=tiny_acts.shape)
@@ -309,3 +297,21 @@ def test_too_few_training_rows_is_refused(tiny_acts):
 def test_config_rejects_n_train_below_one_batch():
     with pytest.raises(ValueError, match="n_train"):
         dataclasses.replace(TINY, n_train=10)
+
+
+def test_training_from_shards_on_disk_equals_training_from_the_array(tiny_acts, tmp_path):
+    """The train stage streams a dump's layer from disk (loader.ShardRows); same rows, same SAE."""
+    from saev.data import loader
+    from saev.data.shards import Shards
+    from tests.test_shards import make_md, write_dump
+
+    md = make_md(n_imgs=150, n_patches=4, cls_token=True, layers=(2, 5), d_vit=8, budget=4 * 5 * 2 * 16)
+    acts_NLTD = np.zeros((md.n_imgs, 2, 5, 8), dtype=np.float32)
+    acts_NLTD[:, 1, 1:] = tiny_acts.reshape(150, 4, 8)  # layer 5's patches are tiny_acts; CLS and layer 2 are not
+    acts_NLTD[:, 0] = -1.0
+    write_dump(tmp_path, md, acts_NLTD, batch_sizes=(7,))
+    cfg = dataclasses.replace(TINY_WINDOWED, chunk_rows=24)  # chunks straddle images and shards
+    from_disk = training.train(cfg, loader.ShardRows(Shards(tmp_path), 5))
+    in_ram = training.train(cfg, tiny_acts)
+    assert_same_weights(from_disk.sae, in_ram.sae)
+    assert from_disk.metrics == in_ram.metrics
