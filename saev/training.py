@@ -46,7 +46,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from saev import artifacts, checkpoint, nn
+from saev import artifacts, checkpoint, helpers, nn
 from saev.data import loader
 
 _LOGGER_NAME = "saev.training"
@@ -619,9 +619,12 @@ class DataStats(typing.NamedTuple):
 
 
 @beartype.beartype
-def get_data_stats(data: "np.ndarray | loader.Rows", n_train_rows: int) -> DataStats:
+def get_data_stats(
+    data: "np.ndarray | loader.Rows", n_train_rows: int, *, logger: logging.Logger | None = None
+) -> DataStats:
     """Check every row is finite and compute `DataStats` over rows [0, n_train_rows), in one sequential pass of
-    chunks (an array, a memmap or any `loader.Rows`, e.g. a dump directory's layer).
+    chunks (an array, a memmap or any `loader.Rows`, e.g. a dump directory's layer). Progress lines (every 10 s,
+    and a last one) go to `logger` (default "saev.training").
 
     Raises:
         ValueError: a row (of the whole matrix, held-out rows included) contains NaN or inf; the message names it.
@@ -630,6 +633,9 @@ def get_data_stats(data: "np.ndarray | loader.Rows", n_train_rows: int) -> DataS
     n, d = rows.n_rows, rows.d
     norm_sum, sum_D = 0.0, np.zeros(d, dtype=np.float64)
     buf_CD = np.empty((min(n, _STATS_CHUNK_ROWS), d), dtype=np.float32)
+    progress = helpers.Progress(
+        desc="checking activations", total=n, unit="rows", logger=logger or logging.getLogger(_LOGGER_NAME)
+    )
     for start in range(0, n, _STATS_CHUNK_ROWS):
         stop = min(n, start + _STATS_CHUNK_ROWS)
         rows.read(start, stop, buf_CD[: stop - start])
@@ -641,6 +647,8 @@ def get_data_stats(data: "np.ndarray | loader.Rows", n_train_rows: int) -> DataS
         train_CD = chunk_CD[: max(0, n_train_rows - start)]
         norm_sum += float(np.linalg.norm(train_CD, axis=1).sum())
         sum_D += train_CD.sum(axis=0)
+        progress.update(stop - start)
+    progress.finish()
     mean_norm = norm_sum / n_train_rows
     if mean_norm == 0.0:
         raise ValueError("all training activations are zero; cannot scale them")
@@ -824,7 +832,7 @@ def train_group(
         raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every}")
 
     logger.info("checking %d activation rows and computing the activation scale", n)
-    stats = get_data_stats(rows, n_train_rows)
+    stats = get_data_stats(rows, n_train_rows, logger=logger)
     trainer = GroupTrainer(cfgs, stats.mean_D * stats.scale, device=device)
     n_steps = cfg.n_steps
     meta = {
