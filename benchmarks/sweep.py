@@ -2,8 +2,8 @@
 the same S SAEs stepped one after the other in a Python loop (S single-SAE GroupTrainers), on the same batches.
 
 Both sides do the same work per batch (every SAE takes one optimisation step); a "step" below is one batch for all
-S SAEs. Rounds alternate batched/loop so background load hits both alike; each side reports the median over
-rounds. The SAEs differ in init seed and learning rate, as in a real sweep. After the timed rounds the two sides
+S SAEs. Rounds alternate batched/loop (and which goes first) so background load hits both alike; each side reports
+the median over rounds. The SAEs differ in init seed and learning rate, as in a real sweep. After the timed rounds the two sides
 have trained on identical batches, and the largest weight difference between them is printed ("alone" and "in a
 group" share one implementation: 0 on CPU at the default shape; at larger shapes bmm and mm may split their sums
 differently, e.g. 1e-4 after 9 steps at d_vit=768). The last line is machine-readable:
@@ -38,7 +38,7 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--objective", default="relu_l1", choices=list(training.OBJECTIVES))
     parser.add_argument("--k", type=int, default=32, help="k of the top-k objectives")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating batched/loop rounds")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating batched/loop rounds")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the rounds")
     return parser.parse_args()
 
@@ -94,7 +94,8 @@ def main() -> None:
     times: dict[str, list[float]] = {"batched": [], "loop": []}
     for r in range(args.rounds):
         round_batches = batches[args.warmup + r * args.steps : args.warmup + (r + 1) * args.steps]
-        for name, step in (("batched", step_batched), ("loop", step_loop)):
+        order = (("batched", step_batched), ("loop", step_loop))
+        for name, step in order if r % 2 == 0 else order[::-1]:  # ABBA: neither side always goes first
             start = time.perf_counter()
             for x_BD in round_batches:
                 step(x_BD)
