@@ -227,3 +227,14 @@ def test_a_checkpoint_of_other_data_is_refused(tiny_acts, tmp_path):
 def test_checkpoint_every_must_be_positive(tiny_acts, tmp_path):
     with pytest.raises(ValueError, match="checkpoint_every must be positive"):
         training.train(TINY, tiny_acts, checkpoint_fpath=tmp_path / "c.safetensors", checkpoint_every=0)
+
+
+def test_a_tiled_group_resumes_to_the_uninterrupted_result(tiny_acts, tmp_path, monkeypatch):
+    """BatchTopK thresholds live in per-tile objectives; the checkpoint gathers and restores them."""
+    cfgs = [TINY_BATCHTOPK, dataclasses.replace(TINY_BATCHTOPK, k=2, lr=3e-3), dataclasses.replace(TINY_BATCHTOPK, k=3)]
+    uninterrupted = training.train_group(cfgs, tiny_acts)
+    monkeypatch.setattr(training, "_CPU_TILE_BYTES", 1)  # one SAE per tile
+    fpath = tmp_path / "ckpt.safetensors"
+    with pytest.raises(training.Preempted):
+        train_with(cfgs, tiny_acts, action_at=(4, training.request_checkpoint), checkpoint_fpath=fpath)
+    assert_same_results(train_with(cfgs, tiny_acts, checkpoint_fpath=fpath), uninterrupted)

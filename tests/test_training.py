@@ -315,3 +315,18 @@ def test_training_from_shards_on_disk_equals_training_from_the_array(tiny_acts, 
     in_ram = training.train(cfg, tiny_acts)
     assert_same_weights(from_disk.sae, in_ram.sae)
     assert from_disk.metrics == in_ram.metrics
+
+
+@pytest.mark.parametrize("objective", list(GROUP_PAIRS))
+def test_a_group_computed_in_tiles_equals_the_group_computed_at_once(tiny_acts, monkeypatch, objective):
+    """On CPU large groups are computed a few SAEs at a time (training.get_tile_size); same weights, metrics and
+    inference thresholds."""
+    cfgs = list(GROUP_PAIRS[objective]) + [dataclasses.replace(GROUP_PAIRS[objective][0], lr=5e-3)]
+    at_once = training.train_group(cfgs, tiny_acts)
+    monkeypatch.setattr(training, "_CPU_TILE_BYTES", 2 * TINY.batch_size * cfgs[0].sae.d_sae * 4)  # tiles of 2, 1
+    assert isinstance(training.GroupTrainer(cfgs, np.zeros(8)).objective, training.TiledObjective)
+    tiled = training.train_group(cfgs, tiny_acts)
+    for a, b in zip(at_once, tiled, strict=True):
+        assert_same_weights(a.sae, b.sae)
+        assert a.metrics == b.metrics
+        assert a.sae.activation == b.sae.activation
