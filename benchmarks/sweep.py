@@ -5,8 +5,8 @@ Both sides do the same work per batch (every SAE takes one optimisation step); a
 S SAEs. Rounds alternate batched/loop (and which goes first) so background load hits both alike; each side reports
 the median over rounds. The SAEs differ in init seed and learning rate, as in a real sweep. After the timed rounds the two sides
 have trained on identical batches, and the largest weight difference between them is printed ("alone" and "in a
-group" share one implementation: 0 on CPU at the default shape; at larger shapes bmm and mm may split their sums
-differently, e.g. 1e-4 after 9 steps at d_vit=768). The last line is machine-readable:
+group" share one implementation: 0 on CPU at the default shape; at larger shapes batched and single-SAE kernels
+may split their sums differently, e.g. 1.3e-4 after 9 steps at d_vit=768). The last line is machine-readable:
 
     RESULT batched_vs_loop=<loop seconds per step / batched seconds per step>
 
