@@ -240,6 +240,8 @@ class Objective:
     """
 
     name: typing.ClassVar[str]
+    uses: typing.ClassVar[tuple[str, ...]] = ()
+    """The objective-specific `TrainConfig` fields (of `OBJECTIVE_FIELDS`) this objective reads."""
 
     def __init__(self, cfgs: Sequence[TrainConfig], device: torch.device):
         self.cfgs = tuple(cfgs)
@@ -403,6 +405,7 @@ class ReluL1Objective(Objective):
     `warmup_steps`, which keeps latents from dying early. Inference: ReLU."""
 
     name = "relu_l1"
+    uses = ("l1_coeff",)
 
     def select_(self, pre_SBK: Tensor) -> None:
         pre_SBK.clamp_(min=0)
@@ -426,6 +429,8 @@ class _TopKFamily(Objective):
     variance (0 for an SAE without dead latents). Dead latents with a positive pre-activation get gradient and can
     come back to life.
     """
+
+    uses = ("k", "aux_k", "aux_coeff", "dead_tokens")
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
@@ -530,6 +535,7 @@ class MatryoshkaObjective(BatchTopKObjective):
     prefix sizes m of the MSE of f[:, :m] @ W_dec[:m] + b_dec; + AuxK. Inference: JumpReLU(threshold)."""
 
     name = "matryoshka"
+    uses = (*_TopKFamily.uses, "matryoshka_prefixes")
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
@@ -563,6 +569,19 @@ OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls for cls in (ReluL1Objective, TopKObjective, BatchTopKObjective, MatryoshkaObjective)
 }
 """Objective name (`TrainConfig.objective`) -> its class."""
+
+
+OBJECTIVE_FIELDS = ("l1_coeff", "k", "aux_k", "aux_coeff", "dead_tokens", "matryoshka_prefixes")
+"""`TrainConfig` fields that only some objectives read (see `Objective.uses`)."""
+
+
+@beartype.beartype
+def get_canonical(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the objective-specific fields its objective does not read reset to their defaults, so configs that
+    train the same SAE are equal (and hash alike): e.g. sweeping `k` over relu_l1 SAEs gives one SAE, not copies."""
+    unused = set(OBJECTIVE_FIELDS) - set(OBJECTIVES[cfg.objective].uses)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in unused}
+    return dataclasses.replace(cfg, **defaults)
 
 
 class StackSlice(typing.NamedTuple):

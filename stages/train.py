@@ -62,10 +62,19 @@ def get_layer(pipeline) -> int:
 
 
 def get_sweep(pipeline) -> list[training.TrainConfig]:
-    """The expanded sweep with the SAE input width taken from the ViT config."""
+    """The expanded sweep with the SAE input width taken from the ViT config, each config canonical
+    (`training.get_canonical`) and each distinct SAE once, in sweep order."""
     fpath = pipeline.config_dpath / pipeline.train.sweep
     d_vit = vit.get_d_vit(pipeline.dump.vit.model)
-    return sweep.load_sweep(fpath, training.TrainConfig, defaults={"sae.d_vit": d_vit})
+    expanded = sweep.load_sweep(fpath, training.TrainConfig, defaults={"sae.d_vit": d_vit})
+    distinct = list(dict.fromkeys(training.get_canonical(cfg) for cfg in expanded))
+    if len(distinct) < len(expanded):
+        logger.warning(
+            "%s expands to %d configs but only %d distinct SAEs: a value was repeated, or an objective-specific "
+            "field (%s) was swept for an objective that does not read it",
+            fpath, len(expanded), len(distinct), ", ".join(training.OBJECTIVE_FIELDS),
+        )  # fmt: skip
+    return distinct
 
 
 def describe(cfg: training.TrainConfig) -> str:

@@ -88,6 +88,18 @@ def test_changing_l1_recomputes_only_downstream(copy_of_done):
     assert after["reduce"] != before["reduce"]
 
 
+def test_sweeping_a_field_the_objective_ignores_trains_no_copies(tiny_config, caplog):
+    """relu_l1 does not read k: k = [8, 16] over the two L1 values still plans two SAEs, with the keys of the sweep
+    without k, and says so."""
+    before = keys(tiny_config)
+    sweep = tiny_config.parent / "tiny-sweep.toml"
+    sweep.write_text(sweep.read_text().replace("lr = 3e-3", "lr = 3e-3\nk = [8, 16]", 1))
+    with caplog.at_level("WARNING", logger="stages.train"):
+        after = keys(tiny_config)
+    assert after == before
+    assert "expands to 4 configs but only 2 distinct SAEs" in caplog.text
+
+
 def test_slurm_only_values_change_no_key(copy_of_done):
     before = keys(copy_of_done)
     text = copy_of_done.read_text()

@@ -330,3 +330,12 @@ def test_a_group_computed_in_tiles_equals_the_group_computed_at_once(tiny_acts, 
         assert_same_weights(a.sae, b.sae)
         assert a.metrics == b.metrics
         assert a.sae.activation == b.sae.activation
+
+
+def test_canonical_config_resets_only_the_fields_its_objective_ignores():
+    relu = dataclasses.replace(TINY, k=5, aux_k=3, dead_tokens=7, l1_coeff=0.2)
+    assert training.get_canonical(relu) == dataclasses.replace(TINY, l1_coeff=0.2)
+    topk = dataclasses.replace(TINY_TOPK, l1_coeff=0.2)
+    assert training.get_canonical(topk) == TINY_TOPK
+    assert training.get_canonical(TINY_MATRYOSHKA) == TINY_MATRYOSHKA
+    assert set(training.OBJECTIVE_FIELDS) == {name for cls in training.OBJECTIVES.values() for name in cls.uses}
