@@ -253,3 +253,38 @@ def test_pooling_matches_a_per_patch_counter(
         min_frac=min_frac,
     )
     np.testing.assert_array_equal(pool_patch_labels(mask, **kwargs), reference_labels(mask, **kwargs))
+
+
+#########
+# Batch #
+#########
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_imgs=st.integers(1, 5),
+    h=st.integers(1, 12),
+    n_side=st.integers(1, 4),
+    p=st.integers(1, 3),
+    n_classes=st.integers(1, 5),
+    prefer_fg=st.booleans(),
+    min_frac=st.sampled_from([0.0, 0.5]),
+    dtype=st.sampled_from([np.uint8, np.int16, np.int64]),
+    data=st.data(),
+)
+def test_a_batch_of_masks_is_pooled_like_each_mask_alone(n_imgs, h, n_side, p, n_classes, prefer_fg, min_frac, dtype, data):
+    ignore = n_classes + 1
+    low = -1 if np.issubdtype(dtype, np.signedinteger) else 0
+    masks = data.draw(hnp.arrays(dtype, (n_imgs, h, h), elements=st.one_of(st.integers(low, n_classes - 1), st.just(ignore))))
+    kwargs = dict(n_side=n_side, img_size=n_side * p, n_classes=n_classes, ignore=ignore, prefer_fg=prefer_fg, min_frac=min_frac)
+    batch = pool_patch_labels(masks, **kwargs)
+    assert batch.shape == (n_imgs, n_side * n_side)
+    for i in range(n_imgs):
+        np.testing.assert_array_equal(batch[i], pool_patch_labels(masks[i], **kwargs))
+
+
+def test_a_batch_may_have_several_leading_dimensions():
+    masks = np.random.default_rng(0).integers(0, 3, size=(2, 3, 8, 8))
+    labels = pool_patch_labels(masks, n_side=2, img_size=8, n_classes=3)
+    assert labels.shape == (2, 3, 4)
+    np.testing.assert_array_equal(labels[1, 2], pool_patch_labels(masks[1, 2], n_side=2, img_size=8, n_classes=3))
