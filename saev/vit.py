@@ -18,9 +18,11 @@ import beartype
 import numpy as np
 import open_clip
 import torch
-from jaxtyping import Float, jaxtyped
+from jaxtyping import Float, UInt8, jaxtyped
 from PIL import Image
 from torch import Tensor
+
+from saev.data import datasets
 
 logger = logging.getLogger("saev.vit")
 
@@ -161,6 +163,9 @@ class Vit(torch.nn.Module):
         self.n_patches_per_img = self.n_side * self.n_side
         self.layers = resolve_layers(cfg.model, cfg.layers)
         self.mean, self.std = get_norm_stats(cfg.model, cfg.pretrained, visual)
+        mean, std = torch.tensor(self.mean, dtype=torch.float64), torch.tensor(self.std, dtype=torch.float64)
+        self._scale_311 = (1 / (255 * std)).float().to(device)[:, None, None]
+        self._shift_311 = (-mean / std).float().to(device)[:, None, None]
         self._outputs: dict[int, Tensor] = {}
         for layer in self.layers:
             self.blocks[layer].register_forward_hook(self._make_hook(layer))
@@ -177,12 +182,17 @@ class Vit(torch.nn.Module):
         return hook
 
     def preprocess(self, image: Image.Image) -> Float[Tensor, "3 S S"]:
-        """Resize to S x S (bicubic, no crop: masks are resized the same way) and normalise."""
-        image = image.convert("RGB").resize((self.img_size, self.img_size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return (x - mean) / std
+        """One image as the model's input: resized to S x S (bicubic, no crop: masks are resized the same way) and
+        normalised, on the model's device."""
+        return self.normalize(datasets.resize_image(image, self.img_size)[None])[0]
+
+    @jaxtyped(typechecker=beartype.beartype)
+    def normalize(self, images_B3SS: UInt8[np.ndarray, "B 3 S S"]) -> Float[Tensor, "B 3 S S"]:
+        """uint8 RGB images at the input size (channels first) as the model's normalised float input, on its device."""
+        # Moved as uint8 (a quarter of the bytes of float32); (x / 255 - mean) / std as one multiply that converts to
+        # float32 and one in-place add.
+        x_B3SS = torch.mul(torch.from_numpy(images_B3SS).to(self.device), self._scale_311).contiguous()
+        return x_B3SS.add_(self._shift_311)
 
     @torch.inference_mode()
     def forward(self, x_B3SS: Float[Tensor, "B 3 S S"]) -> Float[Tensor, "B L T D"]:

@@ -25,7 +25,7 @@ from saev.data import datasets, labels, shards
 from .graph import Piece, StagePlan
 
 NAME = "dump"
-VERSION = 1
+VERSION = 2  # 2: synthetic images rendered in batches (new pixels)
 
 logger = logging.getLogger("stages.dump")
 
@@ -47,7 +47,7 @@ class Config:
     batch_size: int = artifacts.unhashed(64)
     """Images per ViT forward pass (memory only)."""
     n_workers: int = artifacts.unhashed(2)
-    """Threads that load and preprocess images while the model runs."""
+    """Threads that load and resize images of the folder datasets (decoding releases the GIL)."""
     device: str = artifacts.unhashed("auto")
     """'auto' (CUDA when available), 'cpu' or 'cuda'."""
 
@@ -122,17 +122,19 @@ def run(pipeline, plan, piece: Piece) -> None:
     if start > first:
         logger.info("resuming at shard %d: shards %d-%d are already written", start, first, start - 1)
 
+    helpers.keep_freed_memory()  # batches allocate and free the same arrays: reuse their pages
     device = helpers.get_device(cfg.device)
     model = vits.make_vit(cfg.vit, device)
     per = md.n_imgs_per_shard
     img_start, img_stop = start * per, min(md.n_imgs, stop * per)
     labels_NP = np.empty((img_stop - img_start, md.n_patches_per_img), dtype=md.labels_dtype)
     progress = helpers.Progress(desc=f"dump shards {start}-{stop - 1}", total=img_stop - img_start, unit="images", logger=logger)
-    def prepare(i: int) -> tuple[torch.Tensor, np.ndarray]:
-        """Image i as the model's input tensor, and its patch labels (runs in a worker thread)."""
-        sample = dataset[i]
-        labels_P = labels.pool_patch_labels(
-            sample.mask,
+
+    def prepare(batch: range) -> tuple[torch.Tensor, np.ndarray]:
+        """A batch as the model's input tensor, with its patch labels."""
+        items = datasets.load_batch(dataset, batch, model.img_size, pool)
+        labels_BP = labels.pool_patch_labels(
+            items.masks,
             n_side=model.n_side,
             img_size=model.img_size,
             n_classes=len(md.class_names),
@@ -140,21 +142,27 @@ def run(pipeline, plan, piece: Piece) -> None:
             prefer_fg=cfg.prefer_fg,
             background=dataset.background,
         )
-        return model.preprocess(sample.image), labels_P
+        return model.normalize(items.images), labels_BP
 
     batches = [range(b, min(img_stop, b + cfg.batch_size)) for b in range(img_start, img_stop, cfg.batch_size)]
-    # Worker threads load and preprocess the next batch while the model runs on this one (PIL, numpy and torch
-    # release the GIL for their heavy work); at most two batches are in flight.
-    with concurrent.futures.ThreadPoolExecutor(cfg.n_workers) as pool, shards.ShardWriter(
-        art.dpath, md, start_shard=start, check_earlier=False
-    ) as writer:
-        pending = [pool.submit(prepare, i) for i in batches[0]] if batches else []
+    # On an accelerator the next batch is prepared on a thread while the model runs. On CPU the forward pass already
+    # uses every core: preparing alongside it would only slow it down, so batches are prepared in between.
+    ahead = device.type != "cpu"
+    with (
+        concurrent.futures.ThreadPoolExecutor(cfg.n_workers) as pool,
+        concurrent.futures.ThreadPoolExecutor(1) as thread,
+        shards.ShardWriter(art.dpath, md, start_shard=start, check_earlier=False) as writer,
+    ):
+        pending = thread.submit(prepare, batches[0]) if ahead and batches else None
         for k, batch in enumerate(batches):
-            items = [future.result() for future in pending]
-            if k + 1 < len(batches):
-                pending = [pool.submit(prepare, i) for i in batches[k + 1]]
-            writer.write(model(torch.stack([x for x, _ in items])).cpu().numpy())
-            labels_NP[batch.start - img_start : batch.stop - img_start] = np.stack([y for _, y in items])
+            if ahead:
+                x_B3SS, labels_BP = pending.result()
+                if k + 1 < len(batches):
+                    pending = thread.submit(prepare, batches[k + 1])
+            else:
+                x_B3SS, labels_BP = prepare(batch)
+            writer.write(model(x_B3SS).cpu().numpy())
+            labels_NP[batch.start - img_start : batch.stop - img_start] = labels_BP
             # Labels of each shard finished by this batch, written after the shard itself: they mark it done.
             for shard in range(start, writer.shard):
                 fpath = labels_part_fpath(art, shard)

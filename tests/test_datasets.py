@@ -1,5 +1,6 @@
 """Segmentation datasets: the seeded synthetic demo and real image/mask folders, with errors that name the file."""
 
+import concurrent.futures
 import pathlib
 import re
 
@@ -9,6 +10,7 @@ from PIL import Image
 
 from saev.data import datasets
 from saev.data.datasets import DatasetError, SegFolder, Synthetic, make_dataset
+from saev.data.labels import resize_nearest
 
 
 def same_sample(a: datasets.Sample, b: datasets.Sample) -> bool:
@@ -63,6 +65,37 @@ def test_synthetic_masks_align_with_the_coloured_pixels():
         np.testing.assert_array_equal(dist_NK.argmin(axis=1), sample.mask[fg] - 1)
         spread_HW = rgb_HW3.max(axis=2) - rgb_HW3.min(axis=2)
         assert (spread_HW[~fg] < 80).all() and (spread_HW[fg] > 80).all()
+
+
+def test_synthetic_batch_rendering_equals_rendering_each_image_alone():
+    cfg = Synthetic(n_imgs=40, seed=5)
+    indices = [7, 3, 39, 0, 12, 25, 3, 18]  # any order, repeats allowed
+    images_B3SS, masks_BSS = datasets.render_synthetic(cfg, indices)
+    assert images_B3SS.shape == (len(indices), 3, 64, 64) and masks_BSS.shape == (len(indices), 64, 64)
+    for b, i in enumerate(indices):
+        image_13SS, mask_1SS = datasets.render_synthetic(cfg, [i])
+        np.testing.assert_array_equal(images_B3SS[b], image_13SS[0])
+        np.testing.assert_array_equal(masks_BSS[b], mask_1SS[0])
+
+
+def test_synthetic_item_is_its_batch_of_one_rendering():
+    cfg = Synthetic(n_imgs=10, img_size=32, seed=2)
+    images_B3SS, masks_BSS = datasets.render_synthetic(cfg, range(10))
+    sample = make_dataset(cfg)[6]
+    np.testing.assert_array_equal(np.asarray(sample.image), images_B3SS[6].transpose(1, 2, 0))
+    np.testing.assert_array_equal(sample.mask, masks_BSS[6])
+
+
+def test_synthetic_images_hold_from_one_to_max_shapes_shapes():
+    ds = make_dataset(Synthetic(n_imgs=60, max_shapes=3))
+    # Distinct shape classes per image (two shapes of one kind, or a hidden one, count once): 1 to 3 all occur.
+    n_kinds = {len(np.unique(ds[i].mask)) - 1 for i in range(len(ds))}
+    assert n_kinds == {1, 2, 3}
+
+
+def test_synthetic_seed_must_be_a_non_negative_64_bit_integer():
+    with pytest.raises(ValueError, match="data.seed"):
+        Synthetic(seed=-1)
 
 
 def test_synthetic_index_out_of_range_is_an_index_error():
@@ -260,3 +293,33 @@ def test_class_folder_errors_name_the_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(datasets.DatasetError, match="no images .* in the class subdirectories"):
         datasets.make_dataset(datasets.ClassFolder(root=str(tmp_path)))
+
+
+#########
+# Batch #
+#########
+
+
+def test_load_batch_of_the_synthetic_dataset_at_its_size_equals_its_items():
+    ds = make_dataset(Synthetic(n_imgs=12, seed=4))
+    batch = datasets.load_batch(ds, range(2, 9), 64)
+    for b, i in enumerate(range(2, 9)):
+        np.testing.assert_array_equal(batch.images[b], np.asarray(ds[i].image).transpose(2, 0, 1))
+        np.testing.assert_array_equal(batch.masks[b], ds[i].mask)
+
+
+def test_load_batch_at_another_size_resizes_each_item_like_the_model_does(tmp_path):
+    """Bicubic images without a crop (as `Vit.preprocess`), nearest-neighbour masks (as the labels); threads or not."""
+    make_folder(tmp_path, n=3, h=24, w=40)
+    ds = make_dataset(SegFolder(root=str(tmp_path)))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        batch = datasets.load_batch(ds, [2, 0], 32, pool)
+    alone = datasets.load_batch(ds, [2, 0], 32)
+    np.testing.assert_array_equal(batch.images, alone.images)
+    np.testing.assert_array_equal(batch.masks, alone.masks)
+    for b, i in enumerate([2, 0]):
+        expected = np.asarray(ds[i].image.resize((32, 32), Image.BICUBIC)).transpose(2, 0, 1)
+        np.testing.assert_array_equal(batch.images[b], expected)
+        np.testing.assert_array_equal(batch.masks[b], resize_nearest(ds[i].mask, 32))
+    synthetic = datasets.load_batch(make_dataset(Synthetic(n_imgs=2)), [1], 48)
+    assert synthetic.images.shape == (1, 3, 48, 48) and synthetic.masks.shape == (1, 48, 48)

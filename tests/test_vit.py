@@ -133,6 +133,16 @@ def test_preprocess_resizes_without_cropping(model):
     assert (x[:, :, :31] > 1).all() and (x[:, :, 33:] < -1).all()
 
 
+def test_a_normalised_batch_equals_each_image_preprocessed_alone(model):
+    """The dump normalises whole batches of uint8 images; the result is bit-identical to preprocessing one by one."""
+    images_B3SS = np.random.default_rng(0).integers(0, 256, size=(5, 3, 64, 64), dtype=np.uint8)
+    batch = model.normalize(images_B3SS)
+    assert batch.dtype == torch.float32 and batch.is_contiguous()
+    for b in range(5):
+        alone = model.preprocess(Image.fromarray(images_B3SS[b].transpose(1, 2, 0)))
+        torch.testing.assert_close(batch[b], alone, rtol=0, atol=0)
+
+
 ##########
 # Errors #
 ##########
@@ -228,3 +238,4 @@ def test_siglip_has_no_cls_token_and_gives_196_patch_tokens_of_768():
     assert (model.mean, model.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     out = model(torch.randn(2, 3, 224, 224))
     assert out.shape == (2, 2, 14 * 14, 768) and torch.isfinite(out).all()
+

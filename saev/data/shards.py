@@ -170,7 +170,8 @@ class ShardWriter:
         # Convert before checking: float64 values beyond the float32 range would become inf on disk.
         with np.errstate(over="ignore"):  # reported below as inf, naming the image
             acts_BLTD = np.ascontiguousarray(acts_BLTD, dtype=np.float32)
-        if not np.isfinite(acts_BLTD).all():
+        # min and max are NaN when any value is, and infinite when any value is: two passes, no temporary array.
+        if acts_BLTD.size and not (np.isfinite(acts_BLTD.min()) and np.isfinite(acts_BLTD.max())):
             bad = int(np.flatnonzero(~np.isfinite(acts_BLTD).reshape(len(acts_BLTD), -1).all(axis=1))[0])
             raise ValueError(f"NaN/inf activations for image {self.n_written + bad}; check the model dtype")
         if self.n_written + len(acts_BLTD) > self.md.n_imgs:
@@ -181,7 +182,7 @@ class ShardWriter:
                 self._open()
             take = min(len(acts_BLTD) - i, self.md.shard_n_imgs(self.shard) - self._in_shard)
             try:
-                self._fd.write(acts_BLTD[i : i + take].tobytes())
+                self._fd.write(acts_BLTD[i : i + take].data)  # C-contiguous: its bytes, without a copy
             except OSError as err:
                 # Route through atomic_path: it removes the temp file and raises a WriteError naming the shard.
                 ctx, self._ctx = self._ctx, None
