@@ -48,11 +48,13 @@ class Config:
     """Images per ViT forward pass (memory only)."""
     n_workers: int = artifacts.unhashed(2)
     """Threads that load and resize images of the folder datasets (decoding releases the GIL)."""
+    prepare_mib: int = artifacts.unhashed(64)
+    """Images prepared ahead of the forward passes (uint8, at the model's input size), in MiB; whole batches, at least one."""
     device: str = artifacts.unhashed("auto")
     """'auto' (CUDA when available), 'cpu' or 'cuda'."""
 
     def __post_init__(self):
-        for name in ("max_patches_per_shard", "shards_per_job", "batch_size", "n_workers"):
+        for name in ("max_patches_per_shard", "shards_per_job", "batch_size", "n_workers", "prepare_mib"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"dump.{name} must be positive, got {getattr(self, name)}")
 
@@ -130,46 +132,53 @@ def run(pipeline, plan, piece: Piece) -> None:
     labels_NP = np.empty((img_stop - img_start, md.n_patches_per_img), dtype=md.labels_dtype)
     progress = helpers.Progress(desc=f"dump shards {start}-{stop - 1}", total=img_stop - img_start, unit="images", logger=logger)
 
-    def prepare(batch: range) -> tuple[torch.Tensor, np.ndarray]:
-        """A batch as the model's input tensor, with its patch labels."""
-        items = datasets.load_batch(dataset, batch, model.img_size, pool)
-        labels_BP = labels.pool_patch_labels(
-            items.masks,
-            n_side=model.n_side,
-            img_size=model.img_size,
-            n_classes=len(md.class_names),
-            ignore=md.labels_ignore,
-            prefer_fg=cfg.prefer_fg,
-            background=dataset.background,
-        )
-        return model.normalize(items.images), labels_BP
+    def prepare(batches: list[range]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each batch's images at the model's input size (uint8, channels first), with their patch labels."""
+        out = []
+        for batch in batches:
+            items = datasets.load_batch(dataset, batch, model.img_size, pool)
+            labels_BP = labels.pool_patch_labels(
+                items.masks,
+                n_side=model.n_side,
+                img_size=model.img_size,
+                n_classes=len(md.class_names),
+                ignore=md.labels_ignore,
+                prefer_fg=cfg.prefer_fg,
+                background=dataset.background,
+            )
+            out.append((items.images, labels_BP))
+        return out
 
     batches = [range(b, min(img_stop, b + cfg.batch_size)) for b in range(img_start, img_stop, cfg.batch_size)]
-    # On an accelerator the next batch is prepared on a thread while the model runs. On CPU the forward pass already
-    # uses every core: preparing alongside it would only slow it down, so batches are prepared in between.
+    # Images are prepared a group of batches at a time. On an accelerator the next group is prepared on a thread while
+    # the model runs. On CPU the forward pass already uses every core, so a group is prepared between forward passes,
+    # and running each phase many batches in a row keeps its caches warm.
+    per_group = max(1, (cfg.prepare_mib << 20) // (cfg.batch_size * 3 * model.img_size**2))
+    groups = [batches[g : g + per_group] for g in range(0, len(batches), per_group)]
     ahead = device.type != "cpu"
     with (
         concurrent.futures.ThreadPoolExecutor(cfg.n_workers) as pool,
         concurrent.futures.ThreadPoolExecutor(1) as thread,
         shards.ShardWriter(art.dpath, md, start_shard=start, check_earlier=False) as writer,
     ):
-        pending = thread.submit(prepare, batches[0]) if ahead and batches else None
-        for k, batch in enumerate(batches):
+        pending = thread.submit(prepare, groups[0]) if ahead and groups else None
+        for g, group in enumerate(groups):
             if ahead:
-                x_B3SS, labels_BP = pending.result()
-                if k + 1 < len(batches):
-                    pending = thread.submit(prepare, batches[k + 1])
+                prepared = pending.result()
+                if g + 1 < len(groups):
+                    pending = thread.submit(prepare, groups[g + 1])
             else:
-                x_B3SS, labels_BP = prepare(batch)
-            writer.write(model(x_B3SS).cpu().numpy())
-            labels_NP[batch.start - img_start : batch.stop - img_start] = labels_BP
-            # Labels of each shard finished by this batch, written after the shard itself: they mark it done.
-            for shard in range(start, writer.shard):
-                fpath = labels_part_fpath(art, shard)
-                if not fpath.exists():
-                    lo, hi = shard * per - img_start, min(md.n_imgs, (shard + 1) * per) - img_start
-                    artifacts.atomic_save_npy(fpath, labels_NP[lo:hi])
-            progress.update(len(batch))
+                prepared = prepare(group)
+            for batch, (images_B3SS, labels_BP) in zip(group, prepared):
+                writer.write(model(model.normalize(images_B3SS)).cpu().numpy())
+                labels_NP[batch.start - img_start : batch.stop - img_start] = labels_BP
+                # Labels of each shard finished by this batch, written after the shard itself: they mark it done.
+                for shard in range(start, writer.shard):
+                    fpath = labels_part_fpath(art, shard)
+                    if not fpath.exists():
+                        lo, hi = shard * per - img_start, min(md.n_imgs, (shard + 1) * per) - img_start
+                        artifacts.atomic_save_npy(fpath, labels_NP[lo:hi])
+                progress.update(len(batch))
     progress.finish()
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import pytest
 import safetensors.numpy
 
 import launch
-from saev import artifacts
+from saev import artifacts, vit
+from saev.data import datasets
+from stages import dump as dump_stage
 from stages import pipeline as pl
 
 REPO = launch.__file__.rsplit("/", 1)[0]
@@ -282,3 +285,25 @@ def test_preempted_training_resumes_to_the_same_weights(copy_of_done, capsys):
     for key, tensors in originals.items():
         for name, value in tensors.items():
             np.testing.assert_array_equal(resumed[key][name], value)
+
+
+def test_dump_bytes_do_not_depend_on_batching_or_grouping(tmp_path):
+    """Batch size and how many batches are prepared at a time change memory use only: the files are byte-identical."""
+    def dump(root, batch_size, prepare_mib):
+        cfg = dump_stage.Config(
+            data=datasets.Synthetic(n_imgs=150, seed=3),
+            vit=vit.VitConfig(layers=(0, -1)),
+            max_patches_per_shard=4000,
+            batch_size=batch_size,
+            prepare_mib=prepare_mib,
+            device="cpu",
+        )
+        pipeline = dataclasses.replace(pl.Pipeline(), root=root, dump=cfg, config_dpath=pathlib.Path(REPO) / "configs")
+        plan = pl.make_plan(pipeline)
+        pl.run_pieces(pipeline, "dump", [piece.id for piece in plan["dump"].pieces])
+        art = plan["dump"].artifacts[0]
+        return {p.name: p.read_bytes() for p in sorted(art.dpath.iterdir()) if p.suffix == ".bin"}
+
+    one_batch_per_group = dump(tmp_path / "a", batch_size=64, prepare_mib=1)  # 64 images of 64 px: 0.75 MiB
+    many = dump(tmp_path / "b", batch_size=7, prepare_mib=64)
+    assert len(one_batch_per_group) > 2 and one_batch_per_group == many
