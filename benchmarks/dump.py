@@ -29,7 +29,7 @@ from stages import pipeline as pl  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=vit.TINY_MODEL, help="open_clip model name (random weights)")
-    parser.add_argument("--n-imgs", type=int, default=2048)
+    parser.add_argument("--n-imgs", type=int, default=8192, help="images to dump (a few seconds of work: shorter runs are noisy)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--n-workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
