@@ -380,7 +380,9 @@ class Objective:
         per_block = active_SN.view(torch.uint8).view(S, n // block, block).sum(dim=2, dtype=torch.uint8)
         return per_block.sum(dim=1).to(f_SBK.dtype)
 
-    def _aux_backward_(self, stack: "nn.SaeStack | StackSlice", e_SBD: Tensor, aux_sel: tuple[Tensor, ...], grad_SBK: Tensor):
+    def _aux_backward_(
+        self, stack: "nn.SaeStack | StackSlice", e_SBD: Tensor, aux_sel: tuple[Tensor, ...], grad_SBK: Tensor
+    ):
         raise NotImplementedError
 
 
@@ -452,7 +454,9 @@ class _TopKFamily(Objective):
         vals_SBJ, idx_SBJ = _keep_top(masked_SBK, self.aux_k_S)
         return vals_SBJ, idx_SBJ, dead_SK.any(dim=1)
 
-    def _aux_backward_(self, stack: "nn.SaeStack | StackSlice", e_SBD: Tensor, aux_sel: tuple[Tensor, ...], grad_SBK: Tensor):
+    def _aux_backward_(
+        self, stack: "nn.SaeStack | StackSlice", e_SBD: Tensor, aux_sel: tuple[Tensor, ...], grad_SBK: Tensor
+    ):
         """AuxK loss [S]; adds its gradients to W_dec.grad and to `grad_SBK` (the gradient w.r.t. pre-activations)."""
         vals_SBJ, idx_SBJ, has_dead_S = aux_sel
         S, B, K = grad_SBK.shape
@@ -666,7 +670,8 @@ def _warmup(step: int, warmup_steps: int) -> float:
 @beartype.beartype
 def get_group_key(cfg: TrainConfig) -> dict[str, object]:
     """What SAEs trained together must share: one shape and objective (stacked weights, one loss) and one data
-    stream (batch_size, n_train, seed, n_eval, chunk_rows, buffer_rows). Everything else (lr, l1_coeff, k, sae.seed, ...) may differ."""
+    stream (batch_size, n_train, seed, n_eval, chunk_rows, buffer_rows). Everything else (lr, l1_coeff, k,
+    sae.seed, ...) may differ."""
     return {
         "sae.d_vit": cfg.sae.d_vit,
         "d_sae": cfg.sae.d_sae,
@@ -761,7 +766,8 @@ class GroupTrainer:
     SAE), how many examples each latent has gone without firing, the objective (which computes the gradients and
     keeps [S, B, d_sae] work buffers: about 13 bytes per element, the group's main memory cost besides the weights;
     on CPU it runs in tiles of a few SAEs, see `get_tile_size`, and keeps buffers per tile) and the step count.
-    Everything else (Adam, decoder normalisation, dead-latent counters) is batched over the whole group. `train_group` drives it; it is public for benchmarks and tests that step SAEs by hand.
+    Everything else (Adam, decoder normalisation, dead-latent counters) is batched over the whole group.
+    `train_group` drives it; it is public for benchmarks and tests that step SAEs by hand.
     """
 
     def __init__(self, cfgs: Sequence[TrainConfig], b_dec_D: np.ndarray, *, device: str | torch.device = "cpu"):

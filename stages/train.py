@@ -3,9 +3,10 @@
 The sweep is a TOML file whose list values expand to a grid (see `saev.sweep`). SAEs that can share a data stream
 (same shape, objective, batch size, number of examples, data seed and loader sizes) form a group, trained together
 with batched matmuls in one job (one piece of work), on one stream of shuffled batches read from the dump's shards
-(`saev.data.loader`: large contiguous reads on a background thread, shuffled in a RAM buffer). Output per SAE, `<root>/train/<key>/`: `sae.safetensors` (weights, scale
-folded in so the SAE applies to raw activations), `sae.json` (its config and activation rule) and `metrics.json`
-(MSE, normalized MSE, L0, dead and dense fractions on held-out rows).
+(`saev.data.loader`: large contiguous reads on a background thread, shuffled in a RAM buffer). Output per SAE,
+`<root>/train/<key>/`: `sae.safetensors` (weights, scale folded in so the SAE applies to raw activations),
+`sae.json` (its config and activation rule) and `metrics.json` (MSE, normalized MSE, L0, dead and dense fractions
+on held-out rows).
 
 Training saves a checkpoint every `checkpoint_every` steps and when asked to (Slurm's pre-timeout signal, see
 `stages.pipeline.run_pieces`); a rerun or a requeued job resumes from it and ends with the same weights.

@@ -108,23 +108,21 @@ class ShardRows:
             shard_stop = min(stop, (shard + 1) * per_shard_rows)
             fd = os.open(self.dpath / shard_name(shard), os.O_RDONLY)
             try:
-                if self.one_layer:
-                    img, patch = divmod(row - shard * per_shard_rows, p)
-                    _pread_scattered(fd, self._views(out[row - start : shard_stop - start], patch), self._offset(img, patch))
-                    row = shard_stop
                 while row < shard_stop:
                     img, patch = divmod(row - shard * per_shard_rows, p)
-                    take = min(shard_stop - row, p - patch)
-                    _pread_scattered(fd, [memoryview(out[row - start : row - start + take]).cast("B")], self._offset(img, patch))
+                    # One layer: the rest of the shard's range in one read; several: the rest of this image.
+                    take = shard_stop - row if self.one_layer else min(shard_stop - row, p - patch)
+                    views = self._views(out[row - start : row - start + take], patch)
+                    _pread_scattered(fd, views, self._offset(img, patch))
                     row += take
             finally:
                 os.close(fd)
 
     def _views(self, out: np.ndarray, first_patch: int) -> list[memoryview]:
         """Byte views that a contiguous read of rows `out` (starting at patch `first_patch` of an image) fills in
-        file order: runs of patch rows, with a scratch row for each CLS token in between."""
+        file order: runs of patch rows, with a scratch row for each CLS token in between (one image's rows: one run)."""
         flat = memoryview(out).cast("B")
-        if not self.metadata.cls_token:
+        if not self.metadata.cls_token or len(out) <= self.n_patches - first_patch:
             return [flat]
         scratch = memoryview(bytearray(self.row_bytes))
         views, done, n, run = [], 0, len(out), self.n_patches - first_patch
@@ -181,7 +179,8 @@ def get_windows(n_rows: int, chunk_rows: int, buffer_rows: int, seed: int, epoch
     order = np.random.default_rng([seed, epoch]).permutation(n_chunks)
     windows = []
     for w, first in enumerate(range(0, n_chunks, per_window)):
-        chunks = tuple((int(c) * chunk_rows, min(n_rows, (int(c) + 1) * chunk_rows)) for c in order[first : first + per_window])
+        starts = [int(c) * chunk_rows for c in order[first : first + per_window]]
+        chunks = tuple((start, min(n_rows, start + chunk_rows)) for start in starts)
         windows.append(Window(epoch, w, chunks))
     return windows
 
