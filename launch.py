@@ -43,6 +43,8 @@ class Args:
     """With --stage NAME: run that stage alone, not the stages downstream of it."""
     root: pathlib.Path | None = None
     """Override the artifact root from the config (e.g. a scratch directory)."""
+    verify: bool = False
+    """Hash every file of every artifact this config uses and compare with the checksums in its manifest; report each bad file and what was made from it, unseal the damaged artifacts (a rerun recomputes them) and exit 1 if any."""
 
 
 def selected_stages(stage: str, only: bool) -> list[str]:
@@ -188,8 +190,11 @@ def check_inputs(pipeline: pl.Pipeline, plan: pl.Plan, stages: list[str]) -> Non
         for key in plan[name].inputs:
             for art in plan[name].input_artifacts(key, pipeline.root):
                 if art.stage not in stages and not art.is_done() and plan[art.stage].missing():
+                    note = art.damage_note()
+                    why = f" (it was found damaged and unsealed: {note})" if note else ""
                     raise artifacts.IncompleteArtifactError(
-                        f"stage '{name}' needs {art.ref}, which is not done; run `--stage {art.stage}` (or `--stage all`) first"
+                        f"stage '{name}' needs {art.ref}, which is not done{why}; "
+                        f"run `--stage {art.stage}` (or `--stage all`) first"
                     )
 
 
@@ -216,6 +221,16 @@ def main(args: Args) -> int:
         return 2
     stages = selected_stages(args.stage, args.only)
     print(f"config: {args.config}  root: {pipeline.root}  executor: {executor}")
+    if args.verify:
+        lines, n_arts, n_bytes = pl.verify_store(pipeline, plan)
+        for line in lines:
+            print(line)
+        print(f"verified {n_arts} artifact(s), {n_bytes / 2**20:.1f} MiB hashed: "
+              + (f"{sum(line.startswith('bad: ') for line in lines)} bad file(s)" if lines else "every file matches its checksum"))
+        return 1 if lines else 0
+    if not (args.dry_run or args.status):
+        for line in pl.repair_store(pipeline, plan, stages):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     jobs = piece_jobs(plan) if executor == "slurm" else {}
     print(describe_plan(pipeline, plan, stages, verbose=args.status, jobs=jobs), flush=True)
     if args.dry_run or args.status:

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import platform
@@ -24,11 +25,23 @@ import typing
 from collections.abc import Callable, Iterator, Mapping
 
 import beartype
+import xxhash
+
+logger = logging.getLogger("saev.artifacts")
 
 MANIFEST = "manifest.json"
 """Name of the file whose presence marks an artifact as done."""
 
 _TMP_MARK = ".tmp-"
+
+CHECKSUM = "xxh3_128"
+"""The checksum recorded for every file of an artifact (xxHash's XXH3, 128 bits: about 20 GB/s on one core, so
+hashing while writing costs next to nothing; it detects corruption, it is not a cryptographic signature)."""
+
+_SUM_SUFFIX = ".sum"
+_VERIFIED = ".verified.json"
+_DAMAGE_NOTE = ".damaged"
+_READ_CHUNK = 16 << 20
 
 
 class IncompleteArtifactError(RuntimeError):
@@ -37,6 +50,10 @@ class IncompleteArtifactError(RuntimeError):
 
 class ArtifactBusyError(RuntimeError):
     """Another process holds the lock of this artifact (it is being written now)."""
+
+
+class DamagedArtifactError(IncompleteArtifactError):
+    """An artifact's files disagree with its manifest (missing, wrong size, wrong checksum, another key's manifest)."""
 
 
 class WriteError(OSError):
@@ -113,10 +130,13 @@ def get_key(stage: str, version: int, params: object, inputs: Mapping[str, str])
 
 @contextlib.contextmanager
 def atomic_path(fpath: pathlib.Path | str) -> Iterator[pathlib.Path]:
-    """Yield a temporary path next to `fpath`; on success fsync it and rename it onto `fpath`.
+    """Yield a temporary path next to `fpath`; on success fsync it, record its checksum and rename it onto `fpath`.
 
-    On any exception the temporary file is removed and `fpath` is left untouched. A full disk or a permission
-    problem surfaces as `WriteError` naming the file.
+    The checksum goes to a hidden side file `.<name>.sum` (size and XXH3-128), written before the rename, so every
+    file of an artifact carries the checksum it had when written; `Artifact.write_manifest` collects them. Writers
+    that stream large files hash while writing (`HashingFile`, `set_digest`); otherwise the temporary file is read
+    back once (small files). On any exception the temporary file is removed and `fpath` is left untouched. A full
+    disk or a permission problem surfaces as `WriteError` naming the file. Files follow the umask (0666 & ~umask).
     """
     fpath = pathlib.Path(fpath)
     tmp_fpath = fpath.with_name(f".{fpath.name}{_TMP_MARK}{os.getpid()}")
@@ -125,8 +145,14 @@ def atomic_path(fpath: pathlib.Path | str) -> Iterator[pathlib.Path]:
         yield tmp_fpath
         with open(tmp_fpath, "rb") as fd:
             os.fsync(fd.fileno())
+        digest = _DIGESTS.pop(str(tmp_fpath), None)
+        if digest is None:
+            digest = file_checksum(tmp_fpath)
+        if digest:  # "" = deliberately unhashed (benchmarks measuring the cost of hashing)
+            _write_sum(fpath, tmp_fpath.stat().st_size, digest)
         os.replace(tmp_fpath, fpath)
     except OSError as err:
+        _DIGESTS.pop(str(tmp_fpath), None)
         with contextlib.suppress(OSError):
             tmp_fpath.unlink(missing_ok=True)
         if isinstance(err, WriteError):
@@ -134,9 +160,119 @@ def atomic_path(fpath: pathlib.Path | str) -> Iterator[pathlib.Path]:
         hint = " (disk full?)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         raise WriteError(err.errno, f"could not write {fpath}{hint}: {err.strerror or err}") from err
     except BaseException:
+        _DIGESTS.pop(str(tmp_fpath), None)
         tmp_fpath.unlink(missing_ok=True)
         raise
     _fsync_dir(fpath.parent)
+
+
+_DIGESTS: dict[str, str] = {}
+"""Temporary path -> checksum of its contents, set by writers that hashed while writing (see `set_digest`)."""
+
+
+def set_digest(tmp_fpath: pathlib.Path, digest: str) -> None:
+    """Tell the enclosing `atomic_path` the checksum of what was written to `tmp_fpath`, so it need not read it back
+    ("" records none: only for measuring what hashing costs)."""
+    _DIGESTS[str(tmp_fpath)] = digest
+
+
+def new_hasher() -> "xxhash.xxh3_128":
+    """A fresh incremental hasher of the artifact checksum (`CHECKSUM`)."""
+    return xxhash.xxh3_128()
+
+
+class HashingFile:
+    """A binary file opened for writing that hashes every byte written (no second read of large files)."""
+
+    def __init__(self, fpath: pathlib.Path):
+        self.fpath = fpath
+        self.hasher = new_hasher()
+        self._fd = open(fpath, "wb")
+
+    def write(self, data) -> int:
+        self.hasher.update(data)
+        return self._fd.write(data)
+
+    def close(self) -> str:
+        """Close the file and return its checksum."""
+        self._fd.close()
+        return self.hasher.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_file(fpath: pathlib.Path | str) -> Iterator[HashingFile]:
+    """`atomic_path`, yielding a file object that hashes while writing; closed (and checksummed) on success."""
+    with atomic_path(fpath) as tmp_fpath:
+        fd = HashingFile(tmp_fpath)
+        try:
+            yield fd
+        finally:
+            digest = fd.close()
+        set_digest(tmp_fpath, digest)
+
+
+def file_checksum(fpath: pathlib.Path | str, on_bytes: Callable[[int], None] | None = None) -> str:
+    """XXH3-128 of a file's contents, read in 16 MiB chunks (`on_bytes(n)` after each, e.g. for progress)."""
+    hasher = new_hasher()
+    with open(fpath, "rb") as fd:
+        while chunk := fd.read(_READ_CHUNK):
+            hasher.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+    return hasher.hexdigest()
+
+
+def _sum_fpath(fpath: pathlib.Path) -> pathlib.Path:
+    return fpath.with_name(f".{fpath.name}{_SUM_SUFFIX}")
+
+
+def _write_sum(fpath: pathlib.Path, size: int, digest: str) -> None:
+    """Write the side file holding `fpath`'s size and checksum (atomically: temp file + rename)."""
+    sum_fpath = _sum_fpath(fpath)
+    tmp = sum_fpath.with_name(f"{sum_fpath.name}{_TMP_MARK}{os.getpid()}")
+    with open(tmp, "w") as fd:
+        json.dump({"size": size, CHECKSUM: digest}, fd)
+        fd.flush()
+        os.fsync(fd.fileno())
+    os.replace(tmp, sum_fpath)
+
+
+def recorded_checksum(fpath: pathlib.Path) -> tuple[int, str] | None:
+    """(size, checksum) recorded when `fpath` was written by `atomic_path`, or None if there is no readable record."""
+    try:
+        with open(_sum_fpath(fpath)) as fd:
+            obj = json.load(fd)
+        return int(obj["size"]), str(obj[CHECKSUM])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@beartype.beartype
+def verify_file(fpath: pathlib.Path) -> None:
+    """Hash one written file and compare with the checksum recorded when it was written; `DamagedArtifactError`
+    naming the file if they differ or the file is missing. A file with no record (older version) passes."""
+    record = recorded_checksum(fpath)
+    if record is None:
+        if not fpath.is_file():
+            raise DamagedArtifactError(f"{fpath} is missing")
+        return
+    try:
+        ok = fpath.stat().st_size == record[0] and file_checksum(fpath) == record[1]
+    except OSError as err:
+        raise DamagedArtifactError(f"cannot read {fpath}: {err.strerror or err}") from err
+    if not ok:
+        raise DamagedArtifactError(f"{fpath} does not match the checksum it was written with (changed or corrupted)")
+
+
+@beartype.beartype
+def is_intact(fpath: pathlib.Path) -> bool:
+    """Cheap check of one written file (a piece of an artifact): present, with the size recorded when it was written."""
+    try:
+        size = fpath.stat().st_size
+    except OSError:
+        return False
+    record = recorded_checksum(fpath)
+    return record is not None and record[0] == size
 
 
 def _fsync_dir(dpath: pathlib.Path) -> None:
@@ -158,6 +294,7 @@ def atomic_write_bytes(fpath: pathlib.Path | str, data: bytes) -> None:
     with atomic_path(fpath) as tmp_fpath:
         with open(tmp_fpath, "wb") as fd:
             fd.write(data)
+        set_digest(tmp_fpath, xxhash.xxh3_128_hexdigest(data))
 
 
 @beartype.beartype
@@ -171,9 +308,8 @@ def atomic_save_npy(fpath: pathlib.Path | str, array: "np.ndarray") -> None:
     """Save a numpy array as .npy atomically (no pickled objects)."""
     import numpy as np
 
-    with atomic_path(fpath) as tmp_fpath:
-        with open(tmp_fpath, "wb") as fd:
-            np.save(fd, array, allow_pickle=False)
+    with atomic_file(fpath) as fd:
+        np.save(fd, array, allow_pickle=False)
 
 
 @beartype.beartype
@@ -227,43 +363,137 @@ class Artifact:
         return self.dpath / MANIFEST
 
     def is_done(self) -> bool:
-        """Cheap check: the manifest exists (it is written last, atomically)."""
-        return self.manifest_fpath.is_file()
+        """Cheap check: a readable manifest of this stage and key, every listed file present with its size."""
+        return self.check().state == "done"
 
     def read_manifest(self) -> dict[str, typing.Any]:
         """The parsed manifest; `IncompleteArtifactError` if it is missing or unreadable."""
         try:
-            with open(self.manifest_fpath) as fd:
-                return json.load(fd)
+            with open(self.manifest_fpath, "rb") as fd:
+                manifest = json.loads(fd.read().decode("utf-8"))
         except FileNotFoundError:
             raise IncompleteArtifactError(
                 f"{self.ref} is not done: {self.manifest_fpath} is missing"
             ) from None
-        except (OSError, json.JSONDecodeError) as err:
-            raise IncompleteArtifactError(f"{self.ref}: cannot read {self.manifest_fpath}: {err}") from err
-
-    def verify(self) -> dict[str, typing.Any]:
-        """Check the artifact is complete: manifest present and every listed file present with its size.
-
-        Returns the manifest. Raises `IncompleteArtifactError` naming the first problem found.
-        """
-        manifest = self.read_manifest()
-        for rel, size in manifest.get("files", {}).items():
-            fpath = self.dpath / rel
-            try:
-                actual = fpath.stat().st_size
-            except FileNotFoundError:
-                raise IncompleteArtifactError(
-                    f"{self.ref} is incomplete: {fpath} is missing (scratch purged?); rerun its stage"
-                ) from None
-            if actual != size:
-                raise IncompleteArtifactError(
-                    f"{self.ref} is incomplete: {fpath} has {actual} bytes, the manifest says {size}; rerun its stage"
-                )
+        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise DamagedArtifactError(f"{self.ref}: cannot read {self.manifest_fpath}: {err}") from err
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise DamagedArtifactError(f"{self.ref}: {self.manifest_fpath} is not an artifact manifest")
         return manifest
 
+    def check(
+        self,
+        checksums: typing.Literal["none", "changed", "all"] = "none",
+        *,
+        params: object = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> "Health":
+        """Compare the artifact's files with its manifest; nothing is changed on disk.
+
+        Args:
+            checksums: "none" checks the manifest (readable, this stage and key, and `params` if given) and every
+                listed file's presence and size (stat only); "changed" also hashes each file whose size, mtime, ctime
+                or inode differ from when it was last verified (written or hashed here: a file edited in place, even
+                at the same size, is caught; an untouched one is not read again); "all" hashes every file.
+            params: the hashed params the plan expects; a manifest recording others is damaged.
+            on_bytes: called with the number of bytes after each hashed chunk (progress).
+        """
+        try:
+            manifest = self.read_manifest()
+        except DamagedArtifactError as err:
+            return Health("damaged", [Problem(MANIFEST, str(err).removeprefix(f"{self.ref}: "))])
+        except IncompleteArtifactError:
+            return Health("missing", [])
+        if (manifest.get("stage"), manifest.get("key")) != (self.stage, self.key):
+            where = " (a link to another artifact?)" if self.dpath.is_symlink() else " (a copied directory?)"
+            found = f"{manifest.get('stage')}/{manifest.get('key')}"
+            return Health("damaged", [Problem(MANIFEST, f"names {found}, not {self.ref}{where}")])
+        if params is not None and manifest.get("params") != json.loads(canonical_json(params)):
+            return Health("damaged", [Problem(MANIFEST, "records other parameters than the config gives for this key")])
+        problems, verified = [], self._read_verified() if checksums == "changed" else {}
+        newly_verified = {}
+        for rel, entry in manifest["files"].items():
+            size, digest = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get(CHECKSUM))
+            fpath = self.dpath / rel
+            try:
+                st = fpath.stat()
+            except FileNotFoundError:
+                problems.append(Problem(rel, "is missing (scratch purged?)"))
+                continue
+            except OSError as err:
+                problems.append(Problem(rel, f"cannot be read: {err.strerror or err}"))
+                continue
+            if st.st_size != size:
+                problems.append(Problem(rel, f"has {st.st_size} bytes, the manifest says {size}"))
+                continue
+            if checksums == "none" or digest is None:
+                continue
+            sig = _stat_sig(st)
+            if checksums == "changed" and verified.get(rel) == sig:
+                continue
+            try:
+                actual = file_checksum(fpath, on_bytes)
+            except OSError as err:
+                problems.append(Problem(rel, f"cannot be read: {err.strerror or err}"))
+                continue
+            if actual != digest:
+                problems.append(Problem(rel, "does not match its checksum (changed or corrupted since written)"))
+            else:
+                newly_verified[rel] = sig
+        if newly_verified:
+            self._update_verified(newly_verified)
+        return Health("damaged" if problems else "done", problems)
+
+    def verify(self, *, params: object = None) -> dict[str, typing.Any]:
+        """Check the artifact before a stage reads it: manifest, key, sizes, and the checksum of any file changed
+        since it was last verified. A damaged artifact is unsealed (`repair`) so that rerunning its stage
+        recomputes it. Returns the manifest; raises `IncompleteArtifactError` naming the first problem."""
+        health = self.check("changed", params=params)
+        if health.state == "missing":
+            self.read_manifest()  # raises "not done"
+        if health.state == "damaged":
+            self.repair(health)
+            raise DamagedArtifactError(f"{self.ref} is damaged: {health.describe(self)}; rerun its stage")
+        return self.read_manifest()
+
+    def repair(self, health: "Health") -> list[str]:
+        """Make a damaged artifact not done, so that its stage recomputes what is needed; returns what was done.
+
+        Files that disagree with their checksum are moved aside (`.<name>.corrupt`; their pieces are then missing),
+        the manifest is moved aside (`.manifest.json.replaced`), and a link to another artifact's directory is
+        removed (the directory it points to is left alone). Nothing else is deleted.
+        """
+        actions = []
+        if self.dpath.is_symlink() and any("names" in p.what for p in health.problems):
+            self.dpath.unlink()
+            return [f"removed the link {self.dpath} (it pointed to another artifact)"]
+        for problem in health.problems:
+            if problem.rel == MANIFEST:
+                continue
+            fpath = self.dpath / problem.rel
+            if "checksum" in problem.what or "bytes" in problem.what:
+                with contextlib.suppress(OSError):
+                    os.replace(fpath, fpath.with_name(f".{fpath.name}.corrupt"))
+                    _sum_fpath(fpath).unlink(missing_ok=True)
+                    actions.append(f"moved {problem.rel} aside")
+        if self.manifest_fpath.exists():
+            with contextlib.suppress(OSError):
+                os.replace(self.manifest_fpath, self.dpath / f".{MANIFEST}.replaced")
+                actions.append("unsealed it")
+        with contextlib.suppress(OSError):
+            (self.dpath / _DAMAGE_NOTE).write_text(health.describe(self) + "\n")
+        return actions
+
+    def damage_note(self) -> str | None:
+        """Why this artifact was last unsealed by `repair` (None when it was not, or has been sealed since)."""
+        try:
+            return (self.dpath / _DAMAGE_NOTE).read_text().strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
+
     def list_files(self) -> dict[str, int]:
-        """Relative path -> size of every file in the directory except the manifest, locks and temp files."""
+        """Relative path -> size of every file in the directory except the manifest and hidden files (locks, temp
+        files, checksum records, checkpoints)."""
         files = {}
         if not self.dpath.is_dir():
             return files
@@ -281,13 +511,22 @@ class Artifact:
         started: str,
         extra: Mapping[str, object] | None = None,
     ) -> dict[str, typing.Any]:
-        """Mark the artifact done: write `manifest.json` (atomically, last) listing every file with its size."""
+        """Mark the artifact done: write `manifest.json` (atomically, last) listing every file with its size and the
+        checksum recorded when it was written (a file written without one is hashed now, and logged)."""
+        files = {}
+        for rel, size in self.list_files().items():
+            fpath = self.dpath / rel
+            record = recorded_checksum(fpath)
+            if record is None or record[0] != size:
+                logger.warning("%s: %s has no checksum recorded at write time; hashing it now", self.ref, rel)
+                record = (size, file_checksum(fpath))
+            files[rel] = {"size": size, CHECKSUM: record[1]}
         manifest = {
             "stage": self.stage,
             "key": self.key,
             "params": params,
             "inputs": dict(inputs),
-            "files": self.list_files(),
+            "files": files,
             "started": started,
             "finished": now(),
             "host": socket.gethostname(),
@@ -297,8 +536,34 @@ class Artifact:
             "versions": _versions(),
             **dict(extra or {}),
         }
+        # The files were hashed as they were written: their current state is the verified one.
+        self._update_verified({rel: _stat_sig((self.dpath / rel).stat()) for rel in files}, replace=True)
         atomic_write_json(self.manifest_fpath, manifest)
+        (self.dpath / _DAMAGE_NOTE).unlink(missing_ok=True)
         return manifest
+
+    def _read_verified(self) -> dict[str, list[int]]:
+        try:
+            with open(self.dpath / _VERIFIED) as fd:
+                obj = json.load(fd)
+            return obj if isinstance(obj, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _update_verified(self, sigs: Mapping[str, list[int]], *, replace: bool = False) -> None:
+        """Remember the stat signature at which each file last matched its checksum (best effort: a store that is
+        not writable, or a lost race with another process, only means hashing again later)."""
+        merged = {} if replace else self._read_verified()
+        merged.update(sigs)
+        fpath = self.dpath / _VERIFIED
+        tmp = fpath.with_name(f"{fpath.name}{_TMP_MARK}{os.getpid()}")
+        try:
+            with open(tmp, "w") as fd:
+                json.dump(merged, fd)
+            os.replace(tmp, fpath)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def lock(
@@ -312,7 +577,7 @@ class Artifact:
         """
         self.dpath.mkdir(parents=True, exist_ok=True)
         lock_fpath = self.dpath / (f".lock-{part}" if part else ".lock")
-        fd = os.open(lock_fpath, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_fpath, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides: group-shared roots
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -327,6 +592,34 @@ class Artifact:
             yield
         finally:
             os.close(fd)
+
+
+class Problem(typing.NamedTuple):
+    """One file of an artifact that disagrees with the manifest."""
+
+    rel: str
+    """Path relative to the artifact directory (or `manifest.json` itself)."""
+    what: str
+    """What is wrong, e.g. "is missing (scratch purged?)"."""
+
+
+class Health(typing.NamedTuple):
+    """The result of `Artifact.check`."""
+
+    state: typing.Literal["done", "missing", "damaged"]
+    """done: matches its manifest; missing: no manifest (not done, nothing wrong); damaged: see problems."""
+    problems: list[Problem]
+    """What disagrees with the manifest (empty unless damaged)."""
+
+    def describe(self, art: "Artifact", limit: int = 3) -> str:
+        shown = [f"{art.dpath / p.rel} {p.what}" for p in self.problems[:limit]]
+        more = len(self.problems) - limit
+        return "; ".join(shown) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _stat_sig(st: os.stat_result) -> list[int]:
+    """What identifies a file's current contents without reading it: any write changes the ctime."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 @beartype.beartype

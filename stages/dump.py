@@ -84,6 +84,16 @@ def labels_part_fpath(art: artifacts.Artifact, shard: int) -> pathlib.Path:
     return art.dpath / "parts" / f"labels{shard:06d}.npy"
 
 
+def shard_files(art: artifacts.Artifact, shard: int) -> tuple[pathlib.Path, pathlib.Path]:
+    """The files one shard of a chunk leaves: its activations, then its labels part (written last: marks it done)."""
+    return art.dpath / shards.shard_name(shard), labels_part_fpath(art, shard)
+
+
+def shard_done(art: artifacts.Artifact, shard: int) -> bool:
+    """Both files of the shard exist with the sizes they were written with."""
+    return all(artifacts.is_intact(f) for f in shard_files(art, shard))
+
+
 def plan(pipeline, upstream) -> StagePlan:
     cfg: Config = pipeline.dump
     vits.resolve_layers(cfg.vit.model, cfg.vit.layers)  # bad model or layers: fail now
@@ -92,8 +102,15 @@ def plan(pipeline, upstream) -> StagePlan:
     md = make_metadata(cfg, datasets.make_dataset(cfg.data))
     chunks = [(s, min(md.n_shards, s + cfg.shards_per_job)) for s in range(0, md.n_shards, cfg.shards_per_job)]
     pieces = tuple(
-        # A chunk writes its shards in order, so its last shard's labels mark it done.
-        Piece(NAME, art, labels_part_fpath(art, stop - 1), f"shards {start}-{stop - 1} of {md.n_shards}")
+        # A chunk writes its shards in order, each followed by its labels; the last shard's labels mark it done,
+        # and a damaged shard or labels part of the chunk (missing, or not the size it was written with) undoes that.
+        Piece(
+            NAME,
+            art,
+            labels_part_fpath(art, stop - 1),
+            f"shards {start}-{stop - 1} of {md.n_shards}",
+            owns=tuple(f for s in range(start, stop) for f in shard_files(art, s))[:-1],
+        )
         for start, stop in chunks
     )
     info = {art.key: {"chunks": {stop - 1: (start, stop) for start, stop in chunks}}}
@@ -119,8 +136,8 @@ def run(pipeline, plan, piece: Piece) -> None:
     md = make_metadata(cfg, dataset)
     last = int(piece.fpath.stem.removeprefix("labels"))
     first, stop = plan[NAME].info[art.key]["chunks"][last]
-    # Resume: shards whose labels exist are finished; start at the first one without.
-    start = next(s for s in range(first, stop) if not labels_part_fpath(art, s).exists())
+    # Resume: shards whose files are intact are finished; start at the first one that is not (missing or damaged).
+    start = next(s for s in range(first, stop) if not shard_done(art, s))
     if start > first:
         logger.info("resuming at shard %d: shards %d-%d are already written", start, first, start - 1)
 
@@ -185,7 +202,11 @@ def run(pipeline, plan, piece: Piece) -> None:
 def finalize(pipeline, plan, art: artifacts.Artifact) -> None:
     """Once every chunk is written: join the label parts into labels.bin, then write shards.json and metadata.json."""
     md = make_metadata(pipeline.dump, datasets.make_dataset(pipeline.dump.data))
-    parts = [np.load(labels_part_fpath(art, s), allow_pickle=False) for s in range(md.n_shards)]
+    parts = []
+    for s in range(md.n_shards):
+        fpath = labels_part_fpath(art, s)
+        artifacts.verify_file(fpath)  # small: hash it before its labels enter labels.bin
+        parts.append(np.load(fpath, allow_pickle=False))
     writer = shards.ShardWriter(art.dpath, md, start_shard=md.n_shards)  # checks every shard file's size
     writer.write_labels(np.concatenate(parts))
     writer.close()

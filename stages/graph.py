@@ -21,6 +21,8 @@ class Piece:
     """Human-readable name for plans and logs."""
     also: tuple[artifacts.Artifact, ...] = ()
     """Other whole artifacts the same piece writes (e.g. the SAEs of one training group)."""
+    owns: tuple[pathlib.Path, ...] = ()
+    """Other files this piece writes besides `fpath` (e.g. a dump chunk's shards); a damaged one makes it not done."""
 
     @property
     def id(self) -> str:
@@ -30,10 +32,18 @@ class Piece:
         return f"{self.artifact.key}/{self.fpath.relative_to(self.artifact.dpath).as_posix()}"
 
     def is_done(self) -> bool:
-        """A whole-artifact piece is done when the artifact has its manifest; a file piece when its file exists."""
+        """A whole-artifact piece is done when its artifacts match their manifests (`Artifact.is_done`); a file piece
+        when each of its files exists with the size recorded when it was written (`artifacts.is_intact`; a file with
+        no record, from an older version, only has to exist)."""
         if self.fpath is None:
             return self.artifact.is_done() and all(art.is_done() for art in self.also)
-        return self.fpath.is_file()
+        return all(_file_done(f) for f in (self.fpath, *self.owns))
+
+
+def _file_done(fpath: pathlib.Path) -> bool:
+    if artifacts.recorded_checksum(fpath) is None:
+        return fpath.is_file()
+    return artifacts.is_intact(fpath)
 
 
 @dataclasses.dataclass(frozen=True)

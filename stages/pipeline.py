@@ -80,18 +80,98 @@ def make_plan(pipeline: Pipeline) -> Plan:
 
 
 def verify_inputs(pipeline: Pipeline, plan: Plan, stage: str, key: str) -> None:
-    """Refuse to start when an input artifact is incomplete (afterok alone is not trusted).
+    """Refuse to start when an input artifact is incomplete or damaged (afterok alone is not trusted).
 
-    An input whose pieces all exist but whose manifest is missing (its last job died between writing its piece and
-    sealing) is sealed here first.
+    Each input must have a manifest naming its key and the params the plan expects, with every file present at its
+    recorded size, and each file changed since it was last verified must match its checksum (`Artifact.verify`);
+    a damaged input is unsealed so that rerunning its stage recomputes it. An input whose pieces all exist but whose
+    manifest is missing (its last job died between writing its piece and sealing) is sealed here first.
     """
     for art in plan[stage].input_artifacts(key, pipeline.root):
-        if not art.is_done() and art.stage in plan:
+        if not art.is_done() and art.stage in plan and art.check().state == "missing":
             seal(pipeline, plan[art.stage], art)
         try:
-            art.verify()
+            art.verify(params=plan[art.stage].params.get(art.key) if art.stage in plan else None)
         except artifacts.IncompleteArtifactError as err:
-            raise artifacts.IncompleteArtifactError(f"stage '{stage}' cannot start: input {err}") from None
+            raise artifacts.IncompleteArtifactError(
+                f"stage '{stage}' cannot start: input {err} (`--stage {art.stage}`)"
+            ) from None
+
+
+def upstream_and(stages: typing.Sequence[str]) -> list[str]:
+    """The selected stages and every stage upstream of them, in dependency order."""
+    last = max(STAGES.index(name) for name in stages)
+    return list(STAGES[: last + 1])
+
+
+def repair_store(pipeline: Pipeline, plan: Plan, stages: typing.Sequence[str]) -> list[str]:
+    """Before a run: check every artifact the selected stages write or read against its manifest, hashing each file
+    changed since it was last verified, and unseal the damaged ones (`Artifact.repair`), so that the run recomputes
+    exactly what is needed. Returns one line per damaged artifact (what was wrong, what was done)."""
+    lines = []
+    for name in upstream_and(stages):
+        for art in plan[name].artifacts:
+            if not art.dpath.exists() and not art.dpath.is_symlink():
+                continue
+            health = art.check("changed", params=plan[name].params[art.key])
+            if health.state != "damaged":
+                continue
+            actions = art.repair(health)
+            lines.append(
+                f"{art.ref} is damaged: {health.describe(art)}; {', '.join(actions) or 'left as is'}: "
+                f"stage {name} recomputes it"
+            )
+    return lines
+
+
+def verify_store(pipeline: Pipeline, plan: Plan) -> tuple[list[str], int, int]:
+    """`launch.py --verify`: hash every file of every artifact the config uses and compare with its manifest.
+
+    Damaged artifacts are reported file by file, with the artifacts downstream that were made from them, and unsealed
+    so that rerunning recomputes them. Returns (report lines, artifacts checked, bytes hashed).
+    """
+    arts = [(name, art) for name in STAGES for art in plan[name].artifacts if art.check().state != "missing"]
+    total = 0
+    for _, art in arts:
+        with_sizes = art.check()  # cheap: only to size the progress line
+        if with_sizes.state == "done":
+            total += sum(e["size"] if isinstance(e, dict) else e for e in art.read_manifest()["files"].values())
+    progress = helpers.Progress(desc="verify", total=max(1, total >> 20), unit="MiB", logger=logger)
+    hashed, pending = 0, 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal hashed, pending
+        hashed += n
+        pending += n
+        if pending >= 1 << 20:
+            progress.update(pending >> 20)
+            pending &= (1 << 20) - 1
+
+    lines = []
+    for name, art in arts:
+        health = art.check("all", params=plan[name].params[art.key], on_bytes=on_bytes)
+        if health.state != "damaged":
+            continue
+        lines.extend(f"bad: {art.dpath / p.rel} {p.what}" for p in health.problems)
+        affected = downstream(plan, art.ref)
+        if affected:
+            lines.append(f"  made from {art.ref}: {', '.join(affected)} (kept: a recomputed {name} has the same key)")
+        actions = art.repair(health)
+        lines.append(f"  {art.ref}: {', '.join(actions)}; run `--stage {name}` (or `--stage all`) to recompute it")
+    progress.finish()
+    return lines, len(arts), hashed
+
+
+def downstream(plan: Plan, ref: str) -> list[str]:
+    """Refs of every artifact made, directly or not, from the artifact `ref`."""
+    found: list[str] = []
+    frontier = {ref}
+    for name in STAGES:
+        for art in plan[name].artifacts:
+            if frontier & set(plan[name].inputs[art.key].values()):
+                found.append(art.ref)
+                frontier.add(art.ref)
+    return found
 
 
 def run_pieces(pipeline: Pipeline, stage: str, piece_ids: typing.Sequence[str]) -> None:
@@ -151,10 +231,13 @@ def _run(pipeline, plan, stage, module, pieces, touched) -> None:
             if piece.is_done():  # finished by a concurrent launch while we waited
                 logger.info("%s %s: done by another process, skipping", stage, piece.label)
                 continue
-            if piece.fpath is not None and art.is_done():
-                # A piece of a sealed artifact vanished (deleted, purged): the manifest no longer tells the truth.
-                logger.warning("%s: %s is missing; unsealing %s to recompute it", stage, piece.fpath, art.ref)
-                art.manifest_fpath.unlink(missing_ok=True)
+            for target in (art, *piece.also):
+                health = target.check()
+                if health.state == "damaged" or (piece.fpath is not None and health.state == "done"):
+                    # A file of a sealed artifact vanished or changed (deleted, purged, edited): the manifest no
+                    # longer tells the truth. Unseal it; this piece recomputes what is missing.
+                    logger.warning("%s: %s; unsealing it to recompute", stage, health.describe(target) or piece.label)
+                    target.repair(health)
             # Leftovers of a killed job (we hold the lock that covers them, so no live writer owns them).
             if piece.fpath is None:
                 artifacts.remove_temp_files(art.dpath)

