@@ -379,7 +379,9 @@ def to_rgb(image: Image.Image, source: str = "image") -> Image.Image:
         if image.mode == "I":
             match = _INT_STORAGE.fullmatch(storage or "I")
             if match is None:
-                raise DatasetError(f"{source} has mode I stored as {storage}, which is not supported; save it as 8 or 16 bits")
+                raise DatasetError(
+                    f"{source} has mode I stored as {storage}, which is not supported; save it as 8 or 16 bits"
+                )
             bits = int(match.group(1) or 32)
             signed = match.group(2) is not None or match.group(1) is None
             values_HW = np.asarray(image).astype(np.int64)
@@ -469,7 +471,8 @@ def read_class_names(fpath: pathlib.Path) -> tuple[str, ...]:
         if not name:
             raise DatasetError(f"class-names file {fpath} has a blank line {i + 1} between class names")
         if name in first_line:
-            raise DatasetError(f"class-names file {fpath} names class {name!r} twice: lines {first_line[name] + 1} and {i + 1}")
+            lines = f"lines {first_line[name] + 1} and {i + 1}"
+            raise DatasetError(f"class-names file {fpath} names class {name!r} twice: {lines}")
         first_line[name] = i
     return tuple(names)
 
@@ -489,7 +492,8 @@ class Fingerprint:
     """
 
     digest: str
-    """16 hex digits (SHA-256, truncated) over the kind, the class names, `files` and the class-names file's contents."""
+    """16 hex digits (SHA-256, truncated) over the kind, the class names, `files` and the class-names file's
+    contents (the synthetic dataset: its config)."""
     files: dict[str, list[int]]
     """Every file read, by path relative to the dataset root ('/'-separated) -> [size in bytes, mtime in ns]."""
 
@@ -500,7 +504,9 @@ class Fingerprint:
         return sorted(p for p in paths if list(old_files.get(p, ())) != self.files.get(p, []))
 
 
-def _make_fingerprint(kind: str, class_names: Sequence[str], root: pathlib.Path, fpaths: Sequence[pathlib.Path], extra: object) -> Fingerprint:
+def _make_fingerprint(
+    kind: str, class_names: Sequence[str], root: pathlib.Path, fpaths: Sequence[pathlib.Path], extra: object
+) -> Fingerprint:
     """Stat `fpaths` (paths under `root`, or relative to it) and digest them with the kind, class names and `extra`."""
     files: dict[str, list[int]] = {}
     for fpath in fpaths:
@@ -563,7 +569,9 @@ class FolderDataset:
         self.class_names = read_class_names(self.classes_fpath)
         n_classes = len(self.class_names)
         if cfg.background is not None and not 0 <= cfg.background < n_classes:
-            raise DatasetError(f"background class id {cfg.background} is outside the {n_classes} classes of {self.classes_fpath}")
+            raise DatasetError(
+                f"background class id {cfg.background} is outside the {n_classes} classes of {self.classes_fpath}"
+            )
         self.background = cfg.background
 
         self.img_fpaths = _image_files(imgs_dpath)
@@ -594,13 +602,15 @@ class FolderDataset:
         mask = read_mask(mask_fpath, self.cfg.max_image_pixels)
         if mask.shape != (image.height, image.width):
             raise DatasetError(
-                f"mask {mask_fpath} is {mask.shape[1]}x{mask.shape[0]} but image {img_fpath} is {image.width}x{image.height}"
+                f"mask {mask_fpath} is {mask.shape[1]}x{mask.shape[0]} "
+                f"but image {img_fpath} is {image.width}x{image.height}"
             )
         valid = mask if self.cfg.mask_ignore is None else mask[mask != self.cfg.mask_ignore]
         if valid.size and (valid.min() < 0 or valid.max() >= len(self.class_names)):
             bad = int(valid.max() if valid.max() >= len(self.class_names) else valid.min())
             raise DatasetError(
-                f"mask {mask_fpath} has class id {bad}, outside the {len(self.class_names)} classes of {self.classes_fpath}"
+                f"mask {mask_fpath} has class id {bad}, "
+                f"outside the {len(self.class_names)} classes of {self.classes_fpath}"
             )
         if self.cfg.mask_ignore is not None:
             mask = np.where(mask == self.cfg.mask_ignore, -1, mask)
@@ -660,7 +670,8 @@ class ClassFolderDataset:
     def __getitem__(self, i: int) -> Sample:
         fpath, c = self.items[i]
         image = read_image(fpath, self.cfg.max_image_pixels)
-        return Sample(image, np.full((image.height, image.width), c, dtype=np.int64), f"{fpath.parent.name}/{fpath.stem}")
+        mask = np.full((image.height, image.width), c, dtype=np.int64)
+        return Sample(image, mask, f"{fpath.parent.name}/{fpath.stem}")
 
     def fingerprint(self) -> Fingerprint:
         """Every image, plus the class names (an empty class subdirectory adds a class; see `Fingerprint`)."""
