@@ -3,6 +3,11 @@
 - `Synthetic`: the built-in demo, generated deterministically from a seed (coloured shapes on textured backgrounds).
 - `SegFolder`: real data laid out as `images/`, `masks/` (same stem, `.png` class ids) and `classes.txt`.
 - `ClassFolder`: classification data, one subdirectory per class; every patch gets its image's class.
+
+Folder datasets read every image as 8-bit RGB by its full range (`to_rgb`: 16-bit grayscale rescaled, not clipped;
+alpha dropped; floating-point refused) and masks with their values exact (16-bit ids kept). A file that cannot be
+read, an image over the pixel limit (`pixel_limit`, a guard against decompression bombs) or a malformed class-names
+file is a `DatasetError` naming the file. `fingerprint` summarises the files a dataset reads, for the dump key.
 """
 
 import concurrent.futures
@@ -318,6 +323,8 @@ def _open(fpath: pathlib.Path, what: str, max_image_pixels: int | None) -> Image
     """Open an image file (header only), refusing one over the pixel limit (see `pixel_limit`) with a `DatasetError`
     that names the file, its size and how to allow it. With no `max_image_pixels`, Pillow's check runs as usual: an
     image over `Image.MAX_IMAGE_PIXELS` (but within twice that) still loads, with Pillow's DecompressionBombWarning."""
+    with _UNCHECKED_OPEN_LOCK:  # Pillow's limit as set, not as lifted for a moment by another thread
+        limit = pixel_limit(max_image_pixels)
     try:
         if max_image_pixels is None:
             try:
@@ -328,7 +335,6 @@ def _open(fpath: pathlib.Path, what: str, max_image_pixels: int | None) -> Image
             image = _open_unchecked(fpath)
     except _DECODE_ERRORS as err:
         raise DatasetError(f"cannot read {what} {fpath}: {type(err).__name__}: {err}") from err
-    limit = pixel_limit(max_image_pixels)
     n_pixels = image.width * image.height
     if limit is not None and n_pixels > limit:
         image.close()
@@ -405,7 +411,11 @@ def read_image(fpath: pathlib.Path, max_image_pixels: int | None = None) -> Imag
     """The image file `fpath`, decoded in full and converted to 8-bit RGB (see `to_rgb`); an image over the pixel
     limit (see `pixel_limit`), an unsupported mode, or a file Pillow cannot decode is a `DatasetError` naming it."""
     image = _open(fpath, "image", max_image_pixels)
-    rgb = to_rgb(image, f"image {fpath}")
+    try:
+        rgb = to_rgb(image, f"image {fpath}")
+    except DatasetError:
+        image.close()
+        raise
     if rgb is not image:
         image.close()  # the file of a multi-frame image stays open until closed
     return rgb
