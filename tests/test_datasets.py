@@ -363,6 +363,17 @@ def test_32_bit_signed_tiff_is_rescaled_by_the_int32_range(tmp_path):
     np.testing.assert_array_equal(got, [[0, 127, 128, 129, 255]] * 3)
 
 
+def test_32_bit_unsigned_tiff_is_rescaled_by_the_uint32_range(tmp_path):
+    """Pillow writes int32 TIFFs only; its SampleFormat tag (339, SHORT, one value) is patched to 1, unsigned."""
+    cfg = make_one(tmp_path, Image.fromarray(np.array([[0, 2**24, -1] * 5] * 3, dtype=np.int32)), "img00.tif", 3, 15)
+    fpath = tmp_path / "images" / "img00.tif"
+    signed, unsigned = (bytes.fromhex("5301030001000000") + bytes([v, 0]) for v in (2, 1))
+    assert fpath.read_bytes().count(signed) == 1
+    fpath.write_bytes(fpath.read_bytes().replace(signed, unsigned))
+    got = np.asarray(make_dataset(cfg)[0].image)[..., 0]
+    np.testing.assert_array_equal(got, [[0, 1, 255] * 5] * 3)  # 0xFFFFFFFF is white, not -1
+
+
 def test_to_rgb_of_an_in_memory_mode_i_image_takes_it_as_int32():
     image = Image.fromarray(np.array([[-(2**31), 0, 2**31 - 1]], dtype=np.int32))
     np.testing.assert_array_equal(np.asarray(datasets.to_rgb(image))[..., 1], [[0, 128, 255]])
