@@ -556,7 +556,8 @@ class SegFolder:
     """Mask value meaning "unlabelled" (e.g. 255 in many datasets); such pixels vote for no class."""
     max_image_pixels: int | None = artifacts.unhashed(None)
     """Largest image or mask read (width x height); a larger one is refused as a possible decompression bomb. Leave
-    out for Pillow's limit (about 179 million pixels); raise it for genuinely huge images. Changes no result."""
+    out for Pillow's limit (about 179 million pixels; Pillow warns above half that); when set, it is the one limit,
+    with no warning. Raise it for genuinely huge images. Changes no result."""
 
     def __post_init__(self):
         if self.max_image_pixels is not None and self.max_image_pixels <= 0:
