@@ -191,3 +191,50 @@ def test_corrupt_inputs_are_refused_and_nothing_is_marked_done(copy_of_done, cap
     err = capsys.readouterr().err
     assert message in err, err
     assert manifests(root) <= before
+
+
+def _duplicate_class(data):
+    (data / "classes.txt").write_text("background\nfish\nfish\n")
+
+
+def _latin1_classes(data):
+    (data / "classes.txt").write_bytes("background\nfish\nfin d\u00e9\n".encode("latin-1"))
+
+
+def _not_an_image(data):
+    (data / "images" / "img5.png").write_text("not an image")
+
+
+def _float_image(data):
+    Image.fromarray(np.zeros((40, 48), np.float32)).save(data / "images" / "img4.png", format="TIFF")
+
+
+def folder_with(line: str):
+    """A folder dataset whose [dump.data] table has one more line."""
+
+    def mutate(cfg: pathlib.Path) -> None:
+        folder()(cfg)
+        cfg.write_text(cfg.read_text().replace('kind = "segfolder"\n', f'kind = "segfolder"\n{line}\n', 1))
+
+    return mutate
+
+
+# Image files and class-names files (same columns as BAD_CONFIGS).
+BAD_DATA_FILES = [
+    ("classes-duplicate", folder(_duplicate_class), 2, r"classes.txt names class 'fish' twice: lines 2 and 3"),
+    ("classes-not-utf8", folder(_latin1_classes), 2, r"classes.txt is not UTF-8: byte 21 \(line 3\)"),
+    ("corrupt-image", folder(_not_an_image), 1, r"cannot read image .*img5.png: UnidentifiedImageError"),
+    ("float-image", folder(_float_image), 1, r"image .*img4.png has mode F \(floating-point pixels\)"),
+    (
+        "image-over-pixel-limit",
+        folder_with("max_image_pixels = 100"),
+        1,
+        r"image .*img\d+.png is 48x40 = 1,920 pixels, over the limit of 100",
+    ),
+    ("max-image-pixels-zero", folder_with("max_image_pixels = 0"), 2, r"max_image_pixels must be positive, got 0"),
+]
+
+
+@pytest.mark.parametrize("mutate,code,message", [r[1:] for r in BAD_DATA_FILES], ids=[r[0] for r in BAD_DATA_FILES])
+def test_bad_data_file_is_refused_with_a_clear_message(tiny_config, capsys, mutate, code, message):
+    test_bad_config_is_refused_with_a_clear_message(tiny_config, capsys, mutate, code, message)

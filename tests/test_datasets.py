@@ -1,6 +1,7 @@
 """Segmentation datasets: the seeded synthetic demo and real image/mask folders, with errors that name the file."""
 
 import concurrent.futures
+import os
 import pathlib
 import re
 
@@ -323,3 +324,355 @@ def test_load_batch_at_another_size_resizes_each_item_like_the_model_does(tmp_pa
         np.testing.assert_array_equal(batch.masks[b], resize_nearest(ds[i].mask, 32))
     synthetic = datasets.load_batch(make_dataset(Synthetic(n_imgs=2)), [1], 48)
     assert synthetic.images.shape == (1, 3, 48, 48) and synthetic.masks.shape == (1, 48, 48)
+
+
+##########################
+# Image modes and depths #
+##########################
+
+
+def make_one(root: pathlib.Path, image: Image.Image, fname: str = "img00.png", h: int = 3, w: int = 5) -> SegFolder:
+    """A one-image segmentation folder holding `image` (as `fname`) with an all-zero mask."""
+    make_folder(root, n=0)
+    (root / "images").mkdir(exist_ok=True)
+    image.save(root / "images" / fname)
+    write_png(root / "masks" / f"{pathlib.Path(fname).stem}.png", np.zeros((h, w), np.uint8))
+    return SegFolder(root=str(root))
+
+
+GRAY16 = np.array([[0, 255, 256, 32768, 65535]] * 3, dtype=np.uint16)
+GRAY16_AS_8 = np.array([[0, 0, 1, 128, 255]] * 3, dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    "array, fname",
+    [(GRAY16, "img00.png"), (GRAY16, "img00.tif"), (GRAY16.astype(">u2"), "img00.tif")],
+    ids=["png-I;16", "tiff-I;16", "tiff-I;16B"],
+)
+def test_16_bit_grayscale_image_is_rescaled_by_its_full_range_not_clipped(tmp_path, array, fname):
+    cfg = make_one(tmp_path, Image.fromarray(array), fname)
+    sample = make_dataset(cfg)[0]
+    assert sample.image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(sample.image), np.repeat(GRAY16_AS_8[..., None], 3, axis=2))
+
+
+def test_32_bit_signed_tiff_is_rescaled_by_the_int32_range(tmp_path):
+    array = np.array([[-(2**31), -1, 0, 2**24, 2**31 - 1]] * 3, dtype=np.int32)
+    cfg = make_one(tmp_path, Image.fromarray(array), "img00.tif")
+    got = np.asarray(make_dataset(cfg)[0].image)[..., 0]
+    np.testing.assert_array_equal(got, [[0, 127, 128, 129, 255]] * 3)
+
+
+def test_32_bit_unsigned_tiff_is_rescaled_by_the_uint32_range(tmp_path):
+    """Pillow writes int32 TIFFs only; its SampleFormat tag (339, SHORT, one value) is patched to 1, unsigned."""
+    cfg = make_one(tmp_path, Image.fromarray(np.array([[0, 2**24, -1] * 5] * 3, dtype=np.int32)), "img00.tif", 3, 15)
+    fpath = tmp_path / "images" / "img00.tif"
+    signed, unsigned = (bytes.fromhex("5301030001000000") + bytes([v, 0]) for v in (2, 1))
+    assert fpath.read_bytes().count(signed) == 1
+    fpath.write_bytes(fpath.read_bytes().replace(signed, unsigned))
+    got = np.asarray(make_dataset(cfg)[0].image)[..., 0]
+    np.testing.assert_array_equal(got, [[0, 1, 255] * 5] * 3)  # 0xFFFFFFFF is white, not -1
+
+
+def test_to_rgb_of_an_in_memory_mode_i_image_takes_it_as_int32():
+    image = Image.fromarray(np.array([[-(2**31), 0, 2**31 - 1]], dtype=np.int32))
+    np.testing.assert_array_equal(np.asarray(datasets.to_rgb(image))[..., 1], [[0, 128, 255]])
+
+
+def test_load_batch_of_a_16_bit_image_is_not_clipped(tmp_path):
+    cfg = make_one(tmp_path, Image.fromarray(np.full((3, 5), 0x4000, np.uint16)))
+    batch = datasets.load_batch(make_dataset(cfg), [0], 8)
+    assert (batch.images == 0x40).all()
+    resized = datasets.resize_image(Image.fromarray(np.full((3, 5), 0x4000, np.uint16)), 8)
+    assert (resized == 0x40).all()
+
+
+def test_class_folder_16_bit_image_is_rescaled(tmp_path):
+    (tmp_path / "cat").mkdir()
+    Image.fromarray(GRAY16).save(tmp_path / "cat" / "a.png")
+    image = make_dataset(datasets.ClassFolder(root=str(tmp_path)))[0].image
+    np.testing.assert_array_equal(np.asarray(image)[..., 2], GRAY16_AS_8)
+
+
+def test_alpha_is_dropped_not_composited(tmp_path):
+    rgba = np.zeros((3, 5, 4), np.uint8)
+    rgba[..., :3] = (200, 100, 50)
+    rgba[..., 3] = [[0, 64, 128, 192, 255]] * 3
+    cfg = make_one(tmp_path, Image.fromarray(rgba, mode="RGBA"))
+    assert (np.asarray(make_dataset(cfg)[0].image) == (200, 100, 50)).all()
+    la = Image.fromarray(np.stack([np.full((3, 5), 90, np.uint8), rgba[..., 3]], axis=2), mode="LA")
+    la.save(tmp_path / "images" / "img00.png")
+    assert (np.asarray(make_dataset(cfg)[0].image) == 90).all()
+
+
+@pytest.mark.parametrize(
+    "mode, fname", [("1", "png"), ("P", "png"), ("CMYK", "tif"), ("CMYK", "jpg"), ("YCbCr", "tif")]
+)
+def test_other_modes_convert_as_pillow_converts_them(tmp_path, mode, fname):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (3, 5, 3), dtype=np.uint8)).convert(mode)
+    cfg = make_one(tmp_path, image, f"img00.{fname}")
+    got = make_dataset(cfg)[0].image
+    assert got.mode == "RGB"
+    expected = Image.open(tmp_path / "images" / f"img00.{fname}").convert("RGB")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+@pytest.mark.parametrize("mode, fname", [("F", "tif"), ("LAB", "tif")])
+def test_float_and_lab_images_are_refused_naming_the_file_and_mode(tmp_path, mode, fname):
+    image = Image.fromarray(np.zeros((3, 5), np.float32)) if mode == "F" else Image.new("LAB", (5, 3))
+    cfg = make_one(tmp_path, image, f"img00.{fname}")
+    expected = f"image {tmp_path / 'images' / f'img00.{fname}'} has mode {mode}"
+    with pytest.raises(DatasetError, match=re.escape(expected)):
+        make_dataset(cfg)[0]
+
+
+def test_16_bit_mask_keeps_class_ids_above_255(tmp_path):
+    make_folder(tmp_path, n=1, h=3, w=5)
+    (tmp_path / "classes.txt").write_text("\n".join(f"class{i}" for i in range(301)) + "\n")
+    mask = np.zeros((3, 5), np.uint16)
+    mask[1, 2], mask[2, 4] = 300, 256
+    write_png(tmp_path / "masks" / "img00.png", mask)
+    assert Image.open(tmp_path / "masks" / "img00.png").mode == "I;16"
+    got = make_dataset(SegFolder(root=str(tmp_path)))[0].mask
+    np.testing.assert_array_equal(got, mask.astype(np.int64))
+    mask[0, 0] = 301
+    write_png(tmp_path / "masks" / "img00.png", mask)
+    with pytest.raises(DatasetError, match="has class id 301, outside the 301 classes"):
+        make_dataset(SegFolder(root=str(tmp_path)))[0]
+
+
+#######################
+# Decompression bombs #
+#######################
+
+
+def test_image_over_pillows_limit_is_a_dataset_error_saying_how_to_allow_it(tmp_path, monkeypatch):
+    make_folder(tmp_path, n=1, h=12, w=20)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses above twice this
+    ds = make_dataset(SegFolder(root=str(tmp_path)))
+    expected = f"image {tmp_path / 'images' / 'img00.png'} is 20x12 = 240 pixels, over the limit of 200"
+    with pytest.raises(DatasetError, match=re.escape(expected)) as info:
+        ds[0]
+    assert "set max_image_pixels = 240 (or more)" in str(info.value)
+    assert Image.MAX_IMAGE_PIXELS == 100
+
+
+def test_max_image_pixels_raises_or_lowers_the_limit_and_leaves_pillows_alone(tmp_path, monkeypatch):
+    make_folder(tmp_path, n=1, h=12, w=20)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    assert make_dataset(SegFolder(root=str(tmp_path), max_image_pixels=240))[0].image.size == (20, 12)
+    assert Image.MAX_IMAGE_PIXELS == 100
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10**6)
+    with pytest.raises(DatasetError, match="240 pixels, over the limit of 239"):
+        make_dataset(SegFolder(root=str(tmp_path), max_image_pixels=239))[0]
+    (tmp_path / "classes" / "cat").mkdir(parents=True)
+    Image.new("RGB", (20, 12)).save(tmp_path / "classes" / "cat" / "a.png")
+    with pytest.raises(DatasetError, match=re.escape(f"image {tmp_path / 'classes' / 'cat' / 'a.png'} is 20x12")):
+        make_dataset(datasets.ClassFolder(root=str(tmp_path / "classes"), max_image_pixels=239))[0]
+
+
+def test_max_image_pixels_must_be_positive_and_is_not_hashed(tmp_path):
+    from saev import artifacts
+
+    with pytest.raises(ValueError, match="data.max_image_pixels must be positive, got 0"):
+        SegFolder(root=str(tmp_path), max_image_pixels=0)
+    with pytest.raises(ValueError, match="data.max_image_pixels"):
+        datasets.ClassFolder(root=str(tmp_path), max_image_pixels=-1)
+    plain, raised = SegFolder(root="x"), SegFolder(root="x", max_image_pixels=10**10)
+    assert artifacts.hashed_params(plain) == artifacts.hashed_params(raised)
+
+
+###########################
+# Corrupt files, hostile  #
+###########################
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_truncated_image_is_an_error_naming_the_image(tmp_path, suffix):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    cfg = make_one(tmp_path, image, f"img00{suffix}", 64, 64)
+    fpath = tmp_path / "images" / f"img00{suffix}"
+    fpath.write_bytes(fpath.read_bytes()[: fpath.stat().st_size // 2])
+    with pytest.raises(DatasetError, match=re.escape(f"cannot read image {fpath}")):
+        make_dataset(cfg)[0]
+
+
+def test_non_image_file_with_an_image_suffix_is_an_error_naming_it(tmp_path):
+    make_folder(tmp_path, n=2)
+    (tmp_path / "images" / "img01.png").write_text("not an image")
+    (tmp_path / "masks" / "img00.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    ds = make_dataset(SegFolder(root=str(tmp_path)))
+    with pytest.raises(DatasetError, match=re.escape(f"cannot read image {tmp_path / 'images' / 'img01.png'}")):
+        ds[1]
+    with pytest.raises(DatasetError, match=re.escape(f"cannot read mask {tmp_path / 'masks' / 'img00.png'}")):
+        ds[0]
+    (tmp_path / "classes" / "cat").mkdir(parents=True)
+    (tmp_path / "classes" / "cat" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(DatasetError, match=re.escape(f"cannot read image {tmp_path / 'classes' / 'cat' / 'a.jpg'}")):
+        make_dataset(datasets.ClassFolder(root=str(tmp_path / "classes")))[0]
+
+
+def test_mask_that_is_a_directory_is_named(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "masks" / "img01.png").unlink()
+    (tmp_path / "masks" / "img01.png").mkdir()
+    with pytest.raises(DatasetError, match=re.escape(f"mask {tmp_path / 'masks' / 'img01.png'} is a directory")):
+        make_dataset(SegFolder(root=str(tmp_path)))
+
+
+def test_broken_link_among_the_images_is_named_and_a_directory_is_skipped(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "images" / "album.png").mkdir()
+    assert len(make_dataset(SegFolder(root=str(tmp_path)))) == 3
+    (tmp_path / "images" / "img09.png").symlink_to(tmp_path / "nowhere.png")
+    expected = f"image {tmp_path / 'images' / 'img09.png'} is not a regular file"
+    with pytest.raises(DatasetError, match=re.escape(expected)):
+        make_dataset(SegFolder(root=str(tmp_path)))
+
+
+def test_unreadable_directory_is_an_error_naming_it(tmp_path, monkeypatch):
+    make_folder(tmp_path)
+    denied = tmp_path / "images"
+    iterdir = pathlib.Path.iterdir
+
+    def guarded(self):
+        if self == denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", guarded)  # chmod cannot stop root, who runs some test machines
+    with pytest.raises(DatasetError, match=re.escape(f"cannot list directory {denied}: Permission denied")):
+        make_dataset(SegFolder(root=str(tmp_path)))
+    with pytest.raises(DatasetError, match=re.escape(f"cannot list directory {denied}")):
+        make_dataset(datasets.ClassFolder(root=str(tmp_path)))
+
+
+###############
+# Class names #
+###############
+
+
+def test_class_names_are_stripped_and_may_start_with_a_byte_order_mark(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "classes.txt").write_bytes("\ufeff background \r\n\tcat\r\ndog  \r\n\r\n  \n".encode())
+    assert make_dataset(SegFolder(root=str(tmp_path))).class_names == CLASSES
+
+
+def test_class_names_file_that_is_not_utf8_is_named(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "classes.txt").write_bytes("background\ncat\nchien d\u00e9\n".encode("latin-1"))
+    expected = f"class-names file {tmp_path / 'classes.txt'} is not UTF-8: byte 22 (line 3)"
+    with pytest.raises(DatasetError, match=re.escape(expected)):
+        make_dataset(SegFolder(root=str(tmp_path)))
+
+
+def test_blank_class_name_between_names_is_an_error_naming_the_line(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "classes.txt").write_text("background\n\ncat\ndog\n")
+    expected = f"{tmp_path / 'classes.txt'} has a blank line 2 between class names"
+    with pytest.raises(DatasetError, match=re.escape(expected)):
+        make_dataset(SegFolder(root=str(tmp_path)))
+
+
+def test_duplicate_class_name_names_both_lines(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "classes.txt").write_text("background\ncat\ndog\n cat\n")
+    expected = f"{tmp_path / 'classes.txt'} names class 'cat' twice: lines 2 and 4"
+    with pytest.raises(DatasetError, match=re.escape(expected)):
+        make_dataset(SegFolder(root=str(tmp_path)))
+
+
+###############
+# Fingerprint #
+###############
+
+
+def test_fingerprint_lists_every_file_read_and_is_stable(tmp_path):
+    make_folder(tmp_path, n=2)
+    cfg = SegFolder(root=str(tmp_path))
+    fp = datasets.fingerprint(cfg)
+    images_and_masks = {f"{d}/img0{i}.png" for d in ("images", "masks") for i in range(2)}
+    assert set(fp.files) == {"classes.txt", *images_and_masks}
+    st = (tmp_path / "masks" / "img01.png").stat()
+    assert fp.files["masks/img01.png"] == [st.st_size, st.st_mtime_ns]
+    assert re.fullmatch(r"[0-9a-f]{16}", fp.digest)
+    assert datasets.fingerprint(cfg) == fp == make_dataset(cfg).fingerprint()
+    assert fp.changed(fp.files) == []
+
+
+def test_fingerprint_changes_when_an_image_is_edited_in_place(tmp_path):
+    make_folder(tmp_path, n=2)
+    cfg = SegFolder(root=str(tmp_path))
+    before = datasets.fingerprint(cfg)
+    fpath = tmp_path / "images" / "img01.png"
+    st = fpath.stat()
+    fpath.write_bytes(fpath.read_bytes())  # rewritten in place, same size: only the modification time moves
+    os.utime(fpath, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    after = datasets.fingerprint(cfg)
+    assert after.digest != before.digest
+    assert after.changed(before.files) == ["images/img01.png"]
+
+
+@pytest.mark.parametrize("change", ["rename", "add", "remove"])
+def test_fingerprint_changes_when_a_file_is_renamed_added_or_removed(tmp_path, change):
+    make_folder(tmp_path, n=3)
+    cfg = SegFolder(root=str(tmp_path))
+    before = datasets.fingerprint(cfg)
+    if change == "rename":
+        (tmp_path / "images" / "img02.png").rename(tmp_path / "images" / "img09.png")
+        (tmp_path / "masks" / "img02.png").rename(tmp_path / "masks" / "img09.png")
+        expected = ["images/img02.png", "images/img09.png", "masks/img02.png", "masks/img09.png"]
+    elif change == "add":
+        write_png(tmp_path / "images" / "img03.jpg", np.zeros((12, 20, 3), np.uint8))
+        write_png(tmp_path / "masks" / "img03.png", np.zeros((12, 20), np.uint8))
+        expected = ["images/img03.jpg", "masks/img03.png"]
+    else:
+        (tmp_path / "images" / "img00.png").unlink()
+        (tmp_path / "masks" / "img00.png").unlink()
+        expected = ["images/img00.png", "masks/img00.png"]
+    after = datasets.fingerprint(cfg)
+    assert after.digest != before.digest and after.changed(before.files) == expected
+
+
+def test_fingerprint_sees_class_names_edited_with_the_same_size_and_time(tmp_path):
+    make_folder(tmp_path)
+    cfg = SegFolder(root=str(tmp_path))
+    before = datasets.fingerprint(cfg)
+    fpath = tmp_path / "classes.txt"
+    st = fpath.stat()
+    fpath.write_text(fpath.read_text().replace("cat", "cow"))
+    os.utime(fpath, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = datasets.fingerprint(cfg)
+    assert after.files == before.files and after.digest != before.digest
+
+
+def test_fingerprint_ignores_files_the_dataset_does_not_read(tmp_path):
+    make_folder(tmp_path)
+    cfg = SegFolder(root=str(tmp_path))
+    before = datasets.fingerprint(cfg)
+    (tmp_path / "images" / "notes.txt").write_text("not read")
+    (tmp_path / "README").write_text("not read")
+    assert datasets.fingerprint(cfg) == before
+
+
+def test_class_folder_fingerprint_sees_files_and_empty_classes(tmp_path):
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / name / "0.png")
+    cfg = datasets.ClassFolder(root=str(tmp_path))
+    before = datasets.fingerprint(cfg)
+    assert set(before.files) == {"cat/0.png", "dog/0.png"} and datasets.fingerprint(cfg) == before
+    (tmp_path / "eel").mkdir()  # a new class, no file
+    with_class = datasets.fingerprint(cfg)
+    assert with_class.digest != before.digest and with_class.files == before.files
+    Image.new("RGB", (4, 4)).save(tmp_path / "dog" / "1.png")
+    assert datasets.fingerprint(cfg).changed(with_class.files) == ["dog/1.png"]
+
+
+def test_synthetic_fingerprint_is_its_config_alone():
+    fp = datasets.fingerprint(Synthetic(n_imgs=8))
+    assert fp.files == {} and fp == datasets.fingerprint(Synthetic(n_imgs=8))
+    assert fp.digest != datasets.fingerprint(Synthetic(n_imgs=8, seed=1)).digest
+    assert fp.digest != datasets.fingerprint(Synthetic(n_imgs=9)).digest

@@ -3,13 +3,25 @@
 - `Synthetic`: the built-in demo, generated deterministically from a seed (coloured shapes on textured backgrounds).
 - `SegFolder`: real data laid out as `images/`, `masks/` (same stem, `.png` class ids) and `classes.txt`.
 - `ClassFolder`: classification data, one subdirectory per class; every patch gets its image's class.
+
+Folder datasets read every image as 8-bit RGB by its full range (`to_rgb`: 16-bit grayscale rescaled, not clipped;
+alpha dropped; floating-point refused) and masks with their values exact (16-bit ids kept). A file that cannot be
+read, an image over the pixel limit (`pixel_limit`, a guard against decompression bombs) or a malformed class-names
+file is a `DatasetError` naming the file. `fingerprint` summarises the files a dataset reads, for the dump key.
 """
 
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
+import json
+import os
 import pathlib
-from collections.abc import Sequence
+import re
+import struct
+import threading
+import zlib
+from collections.abc import Mapping, Sequence
 
 import beartype
 import numpy as np
@@ -17,6 +29,7 @@ import torch
 from jaxtyping import Integer, UInt8, jaxtyped
 from PIL import Image
 
+from saev import artifacts
 from saev.data import labels
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -102,6 +115,10 @@ class SyntheticDataset:
         images_B3SS, masks_BSS = render_synthetic(self.cfg, [i])  # a batch of one
         image = Image.fromarray(images_B3SS[0].transpose(1, 2, 0))
         return Sample(image, masks_BSS[0].astype(np.int64), f"synthetic-{i:06d}")
+
+    def fingerprint(self) -> "Fingerprint":
+        """No files: the config alone (every image follows from it; see `Fingerprint`)."""
+        return _make_fingerprint("synthetic", self.class_names, pathlib.Path("."), [], dataclasses.asdict(self.cfg))
 
 
 _SHAPE_RGB_K3 = np.array([_SHAPE_RGB[kind] for kind in SHAPES], dtype=np.float32)
@@ -262,6 +279,257 @@ def shape_rows(kind: str, dy: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np
     raise ValueError(f"unknown shape {kind!r}")
 
 
+#################
+# Reading files #
+#################
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+"""What Pillow raises on a file it cannot decode (unknown format, truncated or corrupt data, bad header fields)."""
+
+_UNCHECKED_OPEN_LOCK = threading.Lock()
+"""Held while Pillow's process-wide pixel limit is lifted to open one file (see `_open_unchecked`)."""
+
+_INT_STORAGE = re.compile(r"I(?:;(8|16|32)[BLN]?(S)?)?")
+"""Pillow's raw modes for integer pixels read into mode "I": bits per pixel (32 if absent) and S for signed."""
+
+_ALPHA_DROPPED = frozenset({"1", "L", "P", "PA", "LA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "HSV"})
+"""Modes that Pillow converts to RGB correctly (any alpha channel is dropped, the colour kept as stored)."""
+
+MASK_MODES = frozenset({"1", "L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N"})
+"""Single-channel mask modes: pixel values (palette indices for "P") are the class ids, 16- and 32-bit ids kept."""
+
+
+def pixel_limit(max_image_pixels: int | None = None) -> int | None:
+    """The largest image (width x height) read: `max_image_pixels` if given, else Pillow's own error threshold
+    (2 x `PIL.Image.MAX_IMAGE_PIXELS`, about 179 million pixels unless changed; None: no limit)."""
+    if max_image_pixels is not None:
+        return max_image_pixels
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
+
+
+def _open_unchecked(fpath: pathlib.Path) -> Image.Image:
+    """`Image.open` without Pillow's decompression-bomb check (the caller checks the size itself). Pillow reads its
+    limit from a module global, so it is lifted for this call only, under a lock; opening reads the header alone."""
+    with _UNCHECKED_OPEN_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(fpath)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _open(fpath: pathlib.Path, what: str, max_image_pixels: int | None) -> Image.Image:
+    """Open an image file (header only), refusing one over the pixel limit (see `pixel_limit`) with a `DatasetError`
+    that names the file, its size and how to allow it. With no `max_image_pixels`, Pillow's check runs as usual: an
+    image over `Image.MAX_IMAGE_PIXELS` (but within twice that) still loads, with Pillow's DecompressionBombWarning."""
+    with _UNCHECKED_OPEN_LOCK:  # Pillow's limit as set, not as lifted for a moment by another thread
+        limit = pixel_limit(max_image_pixels)
+    try:
+        if max_image_pixels is None:
+            try:
+                image = Image.open(fpath)
+            except Image.DecompressionBombError:
+                image = _open_unchecked(fpath)  # only to report its size below
+        else:
+            image = _open_unchecked(fpath)
+    except _DECODE_ERRORS as err:
+        raise DatasetError(f"cannot read {what} {fpath}: {type(err).__name__}: {err}") from err
+    n_pixels = image.width * image.height
+    if limit is not None and n_pixels > limit:
+        image.close()
+        raise DatasetError(
+            f"{what} {fpath} is {image.width}x{image.height} = {n_pixels:,} pixels, over the limit of {limit:,} "
+            f"(a guard against decompression bombs); if the file is genuine, set max_image_pixels = {n_pixels} "
+            "(or more) in the dataset config"
+        )
+    return image
+
+
+def _storage_mode(image: Image.Image) -> str | None:
+    """The raw mode Pillow will decode `image` from (e.g. "I;16B", "I;32S"), known only until it is loaded."""
+    tile = getattr(image, "tile", None)
+    if not tile:
+        return None
+    args = tile[0][3]
+    if isinstance(args, tuple):
+        args = args[0] if args else None
+    return args if isinstance(args, str) else None
+
+
+@beartype.beartype
+def to_rgb(image: Image.Image, source: str = "image") -> Image.Image:
+    """`image` as 8-bit RGB, its full range kept; `source` names it in errors (a `DatasetError`).
+
+    - RGB is unchanged; 1-bit, grayscale, palette, CMYK, YCbCr and HSV are converted by Pillow.
+    - Alpha (LA, PA, RGBA, RGBa, a palette or tRNS transparency) is dropped, not composited: each pixel keeps the
+      colour it stores (RGBa is un-premultiplied first), whatever its opacity. This is what `convert("RGB")` did.
+    - 16-bit grayscale (I;16*) and mode I (integers) are rescaled by the full range of the type they were stored as,
+      which Pillow reports until the image is loaded: unsigned 16-bit v -> v >> 8, unsigned 32-bit v -> v >> 24,
+      signed types offset by their minimum first (so 0 is mid-grey). Mode I of unknown storage (an image made in
+      memory, or already loaded) is taken as Pillow's native signed 32-bit. (`convert("RGB")` clips such images at
+      255, so a 16-bit image would be almost white.)
+    - Refused: floating-point images (mode F: no range to rescale by; convert them to 8 or 16 bits), LAB (Pillow
+      converts it to RGB wrongly), and every other mode.
+    """
+    storage = _storage_mode(image)
+    try:
+        image.load()  # decode now, so that a truncated or corrupt file is reported here, naming it
+        if image.mode == "RGB":
+            return image
+        if image.mode in _ALPHA_DROPPED:
+            return image.convert("RGB")
+        if image.mode.startswith("I;16"):
+            gray_HW = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+            return Image.fromarray(gray_HW, mode="L").convert("RGB")
+        if image.mode == "I":
+            match = _INT_STORAGE.fullmatch(storage or "I")
+            if match is None:
+                raise DatasetError(
+                    f"{source} has mode I stored as {storage}, which is not supported; save it as 8 or 16 bits"
+                )
+            bits = int(match.group(1) or 32)
+            signed = match.group(2) is not None or match.group(1) is None
+            values_HW = np.asarray(image).astype(np.int64)
+            if bits == 32 and not signed:
+                values_HW &= 0xFFFFFFFF  # Pillow stores unsigned 32-bit values in int32: undo the wrap-around
+            if signed:
+                values_HW += 1 << (bits - 1)
+            gray_HW = (np.clip(values_HW, 0, (1 << bits) - 1) >> (bits - 8)).astype(np.uint8)
+            return Image.fromarray(gray_HW, mode="L").convert("RGB")
+    except _DECODE_ERRORS as err:
+        raise DatasetError(f"cannot read {source}: {type(err).__name__}: {err}") from err
+    if image.mode == "F":
+        raise DatasetError(
+            f"{source} has mode F (floating-point pixels), which has no range to rescale by; save it as 8 or 16 bits"
+        )
+    raise DatasetError(f"{source} has mode {image.mode}, which is not supported; save it as RGB")
+
+
+@beartype.beartype
+def read_image(fpath: pathlib.Path, max_image_pixels: int | None = None) -> Image.Image:
+    """The image file `fpath`, decoded in full and converted to 8-bit RGB (see `to_rgb`); an image over the pixel
+    limit (see `pixel_limit`), an unsupported mode, or a file Pillow cannot decode is a `DatasetError` naming it."""
+    image = _open(fpath, "image", max_image_pixels)
+    try:
+        rgb = to_rgb(image, f"image {fpath}")
+    except DatasetError:
+        image.close()
+        raise
+    if rgb is not image:
+        image.close()  # the file of a multi-frame image stays open until closed
+    return rgb
+
+
+@beartype.beartype
+def read_mask(fpath: pathlib.Path, max_image_pixels: int | None = None) -> np.ndarray:
+    """int64 [H, W] class ids of the mask file `fpath`: a single-channel image (see `MASK_MODES`), values kept
+    exactly (16-bit ids above 255 included). Errors are a `DatasetError` naming the file."""
+    image = _open(fpath, "mask", max_image_pixels)
+    try:
+        image.load()  # decode now, so that a truncated or corrupt mask is reported here, naming it
+        if image.mode not in MASK_MODES:
+            raise DatasetError(f"mask {fpath} has mode {image.mode}; expected a single-channel image of class ids")
+        return np.asarray(image).astype(np.int64)
+    except _DECODE_ERRORS as err:
+        raise DatasetError(f"cannot read mask {fpath}: {type(err).__name__}: {err}") from err
+    finally:
+        image.close()
+
+
+def _list_dir(dpath: pathlib.Path) -> list[pathlib.Path]:
+    """The entries of a directory, sorted; an unreadable directory is a `DatasetError` naming it."""
+    try:
+        return sorted(dpath.iterdir())
+    except OSError as err:
+        raise DatasetError(f"cannot list directory {dpath}: {err.strerror or err}") from err
+
+
+def _image_files(dpath: pathlib.Path) -> list[pathlib.Path]:
+    """The image files of a directory (by suffix, see `IMAGE_SUFFIXES`), sorted. Subdirectories are skipped; an entry
+    with an image suffix that is neither a file nor a directory (a broken link, a pipe) is a `DatasetError`."""
+    fpaths = []
+    for p in _list_dir(dpath):
+        if p.suffix.lower() not in IMAGE_SUFFIXES or p.is_dir():
+            continue
+        if not p.is_file():
+            raise DatasetError(f"image {p} is not a regular file (a broken link?)")
+        fpaths.append(p)
+    return fpaths
+
+
+def read_class_names(fpath: pathlib.Path) -> tuple[str, ...]:
+    """Class names from a text file, one per line (line i names class id i): UTF-8 (a leading byte-order mark is
+    allowed), each name stripped of surrounding whitespace, blank lines allowed only at the end, no name twice.
+    Every fault is a `DatasetError` naming the file (and the line)."""
+    if not fpath.is_file():
+        raise DatasetError(f"class-names file not found: {fpath}")
+    try:
+        text = fpath.read_bytes().decode("utf-8-sig")
+    except OSError as err:
+        raise DatasetError(f"cannot read class-names file {fpath}: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        line = fpath.read_bytes()[: err.start].count(b"\n") + 1
+        raise DatasetError(f"class-names file {fpath} is not UTF-8: byte {err.start} (line {line}) is invalid") from err
+    names = [line.strip() for line in text.splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise DatasetError(f"class-names file is empty: {fpath}")
+    first_line: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not name:
+            raise DatasetError(f"class-names file {fpath} has a blank line {i + 1} between class names")
+        if name in first_line:
+            lines = f"lines {first_line[name] + 1} and {i + 1}"
+            raise DatasetError(f"class-names file {fpath} names class {name!r} twice: {lines}")
+        first_line[name] = i
+    return tuple(names)
+
+
+###############
+# Fingerprint #
+###############
+
+
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """What a dataset reads, cheaply summarised (file sizes and modification times, no contents except the class-names
+    file): meant to enter the dump key, so that editing, adding, removing or renaming a file gives a new key.
+
+    A file rewritten with the same size and modification time (e.g. restored with `touch -r`) goes unseen; a copy of
+    the dataset that does not preserve modification times (`cp` without `-p`) gets a new digest.
+    """
+
+    digest: str
+    """16 hex digits (SHA-256, truncated) over the kind, the class names, `files` and the class-names file's
+    contents (the synthetic dataset: its config)."""
+    files: dict[str, list[int]]
+    """Every file read, by path relative to the dataset root ('/'-separated) -> [size in bytes, mtime in ns]."""
+
+    def changed(self, old_files: Mapping[str, Sequence[int]]) -> list[str]:
+        """Sorted paths of the files added, removed or changed since an earlier `files` listing (e.g. one read back
+        from JSON), to say why a digest differs."""
+        paths = set(self.files) | set(old_files)
+        return sorted(p for p in paths if list(old_files.get(p, ())) != self.files.get(p, []))
+
+
+def _make_fingerprint(
+    kind: str, class_names: Sequence[str], root: pathlib.Path, fpaths: Sequence[pathlib.Path], extra: object
+) -> Fingerprint:
+    """Stat `fpaths` (paths under `root`, or relative to it) and digest them with the kind, class names and `extra`."""
+    files: dict[str, list[int]] = {}
+    for fpath in fpaths:
+        try:
+            st = fpath.stat()
+        except OSError as err:
+            raise DatasetError(f"cannot stat {fpath}: {err.strerror or err}") from err
+        files[pathlib.Path(os.path.relpath(fpath, root)).as_posix()] = [st.st_size, st.st_mtime_ns]
+    payload = {"kind": kind, "class_names": list(class_names), "files": sorted(files.items()), "extra": extra}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return Fingerprint(hashlib.sha256(text.encode()).hexdigest()[:16], dict(sorted(files.items())))
+
+
 ##########
 # Folder #
 ##########
@@ -269,7 +537,10 @@ def shape_rows(kind: str, dy: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np
 
 @dataclasses.dataclass(frozen=True)
 class SegFolder:
-    """Real data: `<root>/images/*` with same-stem `<root>/masks/*.png` (integer class ids) and `<root>/classes.txt`."""
+    """Real data: `<root>/images/*` with same-stem `<root>/masks/*.png` (integer class ids) and `<root>/classes.txt`.
+
+    Images of any mode are read as 8-bit RGB by their full range (see `to_rgb`: 16-bit grayscale rescaled, alpha
+    dropped, floating-point refused); masks keep their values exactly (16-bit ids included)."""
 
     root: str
     """Dataset directory."""
@@ -278,11 +549,19 @@ class SegFolder:
     masks: str = "masks"
     """Mask subdirectory: single-channel PNGs of class ids, same stem and size as the images."""
     classes: str = "classes.txt"
-    """Class names, one per line; line i names class id i."""
+    """Class names, one per line (UTF-8); line i names class id i. Blank lines only at the end; no name twice."""
     background: int | None = 0
     """Class id of the background (used by prefer-foreground labelling); leave out if none."""
     mask_ignore: int | None = None
     """Mask value meaning "unlabelled" (e.g. 255 in many datasets); such pixels vote for no class."""
+    max_image_pixels: int | None = artifacts.unhashed(None)
+    """Largest image or mask read (width x height); a larger one is refused as a possible decompression bomb. Leave
+    out for Pillow's limit (about 179 million pixels; Pillow warns above half that); when set, it is the one limit,
+    with no warning. Raise it for genuinely huge images. Changes no result."""
+
+    def __post_init__(self):
+        if self.max_image_pixels is not None and self.max_image_pixels <= 0:
+            raise ValueError(f"data.max_image_pixels must be positive, got {self.max_image_pixels}")
 
 
 class FolderDataset:
@@ -294,25 +573,19 @@ class FolderDataset:
         if not root.is_dir():
             raise DatasetError(f"dataset directory not found: {root}")
         imgs_dpath, masks_dpath = root / cfg.images, root / cfg.masks
-        classes_fpath = root / cfg.classes
+        self.classes_fpath = root / cfg.classes
         for dpath in (imgs_dpath, masks_dpath):
             if not dpath.is_dir():
                 raise DatasetError(f"dataset directory not found: {dpath}")
-        if not classes_fpath.is_file():
-            raise DatasetError(f"class-names file not found: {classes_fpath}")
-        names = [line.strip() for line in classes_fpath.read_text().splitlines()]
-        while names and not names[-1]:
-            names.pop()
-        if not names:
-            raise DatasetError(f"class-names file is empty: {classes_fpath}")
-        self.class_names = tuple(names)
-        if cfg.background is not None and not 0 <= cfg.background < len(names):
-            raise DatasetError(f"background class id {cfg.background} is outside the {len(names)} classes of {classes_fpath}")
+        self.class_names = read_class_names(self.classes_fpath)
+        n_classes = len(self.class_names)
+        if cfg.background is not None and not 0 <= cfg.background < n_classes:
+            raise DatasetError(
+                f"background class id {cfg.background} is outside the {n_classes} classes of {self.classes_fpath}"
+            )
         self.background = cfg.background
 
-        self.img_fpaths = sorted(
-            p for p in imgs_dpath.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        self.img_fpaths = _image_files(imgs_dpath)
         if not self.img_fpaths:
             raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {imgs_dpath}")
         stems: dict[str, pathlib.Path] = {}
@@ -321,7 +594,12 @@ class FolderDataset:
                 raise DatasetError(f"images {stems[p.stem]} and {p} share the mask {masks_dpath / (p.stem + '.png')}")
             stems[p.stem] = p
         self.mask_fpaths = [masks_dpath / f"{p.stem}.png" for p in self.img_fpaths]
-        missing = [p for p in self.mask_fpaths if not p.is_file()]
+        missing = []
+        for p in self.mask_fpaths:
+            if p.is_dir():
+                raise DatasetError(f"mask {p} is a directory, not an image file")
+            if not p.is_file():
+                missing.append(p)
         if missing:
             shown = ", ".join(str(p) for p in missing[:5])
             raise DatasetError(f"{len(missing)} image(s) have no mask; expected e.g. {shown}")
@@ -331,32 +609,32 @@ class FolderDataset:
 
     def __getitem__(self, i: int) -> Sample:
         img_fpath, mask_fpath = self.img_fpaths[i], self.mask_fpaths[i]
-        try:
-            image = Image.open(img_fpath).convert("RGB")
-        except OSError as err:
-            raise DatasetError(f"cannot read image {img_fpath}: {err}") from err
-        try:
-            mask_img = Image.open(mask_fpath)
-            mask_img.load()  # decode now so that a truncated mask is reported here, naming the file
-        except OSError as err:
-            raise DatasetError(f"cannot read mask {mask_fpath}: {err}") from err
-        if mask_img.mode not in ("L", "P", "I", "I;16", "1"):
-            raise DatasetError(f"mask {mask_fpath} has mode {mask_img.mode}; expected a single-channel image of class ids")
-        mask = np.asarray(mask_img).astype(np.int64)
+        image = read_image(img_fpath, self.cfg.max_image_pixels)
+        mask = read_mask(mask_fpath, self.cfg.max_image_pixels)
         if mask.shape != (image.height, image.width):
             raise DatasetError(
-                f"mask {mask_fpath} is {mask.shape[1]}x{mask.shape[0]} but image {img_fpath} is {image.width}x{image.height}"
+                f"mask {mask_fpath} is {mask.shape[1]}x{mask.shape[0]} "
+                f"but image {img_fpath} is {image.width}x{image.height}"
             )
         valid = mask if self.cfg.mask_ignore is None else mask[mask != self.cfg.mask_ignore]
         if valid.size and (valid.min() < 0 or valid.max() >= len(self.class_names)):
             bad = int(valid.max() if valid.max() >= len(self.class_names) else valid.min())
             raise DatasetError(
-                f"mask {mask_fpath} has class id {bad}, outside the {len(self.class_names)} classes "
-                f"of {pathlib.Path(self.cfg.root) / self.cfg.classes}"
+                f"mask {mask_fpath} has class id {bad}, "
+                f"outside the {len(self.class_names)} classes of {self.classes_fpath}"
             )
         if self.cfg.mask_ignore is not None:
             mask = np.where(mask == self.cfg.mask_ignore, -1, mask)
         return Sample(image, mask, img_fpath.stem)
+
+    def fingerprint(self) -> Fingerprint:
+        """Every image and mask, and the class-names file, with its contents' hash (see `Fingerprint`)."""
+        try:
+            classes_sha256 = hashlib.sha256(self.classes_fpath.read_bytes()).hexdigest()
+        except OSError as err:
+            raise DatasetError(f"cannot read class-names file {self.classes_fpath}: {err.strerror or err}") from err
+        fpaths = [*self.img_fpaths, *self.mask_fpaths, self.classes_fpath]
+        return _make_fingerprint("segfolder", self.class_names, pathlib.Path(self.cfg.root), fpaths, classes_sha256)
 
 
 ################
@@ -367,10 +645,17 @@ class FolderDataset:
 @dataclasses.dataclass(frozen=True)
 class ClassFolder:
     """Classification data: `<root>/<class name>/*` images. Every patch of an image is labelled with the image's
-    class (there are no masks), so AP measures how well a latent fires on images of that class, patch by patch."""
+    class (there are no masks), so AP measures how well a latent fires on images of that class, patch by patch.
+    Images are read as in `SegFolder`."""
 
     root: str
     """Dataset directory with one subdirectory per class (class ids follow the sorted subdirectory names)."""
+    max_image_pixels: int | None = artifacts.unhashed(None)
+    """Largest image read (width x height); see `SegFolder.max_image_pixels`. Changes no result."""
+
+    def __post_init__(self):
+        if self.max_image_pixels is not None and self.max_image_pixels <= 0:
+            raise ValueError(f"data.max_image_pixels must be positive, got {self.max_image_pixels}")
 
 
 class ClassFolderDataset:
@@ -381,17 +666,12 @@ class ClassFolderDataset:
         root = pathlib.Path(cfg.root)
         if not root.is_dir():
             raise DatasetError(f"dataset directory not found: {root}")
-        class_dpaths = sorted(p for p in root.iterdir() if p.is_dir())
+        class_dpaths = [p for p in _list_dir(root) if p.is_dir()]
         if not class_dpaths:
             raise DatasetError(f"no class subdirectories in {root}")
         self.class_names = tuple(p.name for p in class_dpaths)
         self.background: int | None = None
-        self.items = [
-            (fpath, c)
-            for c, dpath in enumerate(class_dpaths)
-            for fpath in sorted(dpath.iterdir())
-            if fpath.is_file() and fpath.suffix.lower() in IMAGE_SUFFIXES
-        ]
+        self.items = [(fpath, c) for c, dpath in enumerate(class_dpaths) for fpath in _image_files(dpath)]
         if not self.items:
             raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class subdirectories of {root}")
 
@@ -400,11 +680,14 @@ class ClassFolderDataset:
 
     def __getitem__(self, i: int) -> Sample:
         fpath, c = self.items[i]
-        try:
-            image = Image.open(fpath).convert("RGB")
-        except OSError as err:
-            raise DatasetError(f"cannot read image {fpath}: {err}") from err
-        return Sample(image, np.full((image.height, image.width), c, dtype=np.int64), f"{fpath.parent.name}/{fpath.stem}")
+        image = read_image(fpath, self.cfg.max_image_pixels)
+        mask = np.full((image.height, image.width), c, dtype=np.int64)
+        return Sample(image, mask, f"{fpath.parent.name}/{fpath.stem}")
+
+    def fingerprint(self) -> Fingerprint:
+        """Every image, plus the class names (an empty class subdirectory adds a class; see `Fingerprint`)."""
+        fpaths = [fpath for fpath, _ in self.items]
+        return _make_fingerprint("classfolder", self.class_names, pathlib.Path(self.cfg.root), fpaths, None)
 
 
 Dataset = SyntheticDataset | FolderDataset | ClassFolderDataset
@@ -428,8 +711,9 @@ class Batch:
 @beartype.beartype
 def resize_image(image: Image.Image, size: int) -> UInt8[np.ndarray, "3 size size"]:
     """RGB pixels at size x size, channels first: bicubic, no crop (masks are resized the same way, nearest-neighbour,
-    so pixels and patches line up). An image already at that size is unchanged."""
-    image = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    so pixels and patches line up). An image already at that size is unchanged. An image of another mode is
+    converted first as `to_rgb` does (16-bit grayscale rescaled, not clipped)."""
+    image = to_rgb(image).resize((size, size), Image.BICUBIC)
     return np.asarray(image).transpose(2, 0, 1).copy()
 
 
@@ -458,6 +742,13 @@ def make_dataset(cfg: Synthetic | SegFolder | ClassFolder) -> Dataset:
     """Open a dataset (folder datasets are checked up front: directories, class file, a mask for every image)."""
     factories = {Synthetic: SyntheticDataset, SegFolder: FolderDataset, ClassFolder: ClassFolderDataset}
     return factories[type(cfg)](cfg)
+
+
+@beartype.beartype
+def fingerprint(cfg: Synthetic | SegFolder | ClassFolder) -> Fingerprint:
+    """The dataset's `Fingerprint` (opening it first, with its checks): the files it reads, by size and modification
+    time, digested. Meant to enter the dump key next to the config, so that an edited dataset gets a new dump."""
+    return make_dataset(cfg).fingerprint()
 
 
 def describe(cfg: Synthetic | SegFolder | ClassFolder) -> str:
