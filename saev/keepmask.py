@@ -61,7 +61,7 @@ def make_masks(labelled_N: Bool[np.ndarray, " N"], n_keep: int | None, n_heldout
 
 
 class MaskFileError(KeepMaskError):
-    """A keep.npy or heldout.npy file of the mask stage cannot be read or holds invalid indices; the message names it."""
+    """A keep.npy or heldout.npy of the mask stage cannot be read or holds invalid indices; the message names it."""
 
 
 @beartype.beartype
@@ -80,7 +80,9 @@ def load_mask_file(fpath: pathlib.Path) -> np.ndarray:
 
 
 @beartype.beartype
-def check_mask(idx: np.ndarray, *, n_patches: int, labelled_N: np.ndarray | None = None, fpath: pathlib.Path | str) -> None:
+def check_mask(
+    idx: np.ndarray, *, n_patches: int, labelled_N: np.ndarray | None = None, fpath: pathlib.Path | str
+) -> None:
     """Check one array of global patch indices as the mask stage writes it.
 
     It must be a 1-D array of an integer dtype (a float array is refused, not cast), strictly increasing (sorted,

@@ -231,8 +231,10 @@ def read_partials(
         out_of_range = ~nan_CK & ((ap_CK < 0) | (ap_CK > 1))
         if out_of_range.any():
             c, k = (int(x) for x in np.argwhere(out_of_range)[0])
-            raise PartialError(f"{fpath}: AP {ap_CK[c, k]!r} of class {c}, latent {k_start + k} is not within [0, 1]")
-        wrong_nan_C = nan_CK.any(axis=1) & ~(empty_C & nan_CK.all(axis=1))
+            raise PartialError(
+                f"{fpath}: AP {float(ap_CK[c, k])} of class {c}, latent {k_start + k} is not within [0, 1]"
+            )
+        wrong_nan_C = ~empty_C & nan_CK.any(axis=1)
         if wrong_nan_C.any():
             c = int(np.flatnonzero(wrong_nan_C)[0])
             k = int(np.flatnonzero(nan_CK[c])[0])
@@ -240,16 +242,19 @@ def read_partials(
                 f"{fpath}: AP of class {c}, latent {k_start + k} is NaN but the class has {int(counts_C[c])} kept "
                 "patches (NaN means a class without any)"
             )
-        if (~nan_CK.any(axis=1) & empty_C).any():
-            c = int(np.flatnonzero(~nan_CK.any(axis=1) & empty_C)[0])
+        wrong_number_C = empty_C & ~nan_CK.all(axis=1)
+        if wrong_number_C.any():
+            c = int(np.flatnonzero(wrong_number_C)[0])
+            k = int(np.flatnonzero(~nan_CK[c])[0])
             raise PartialError(
-                f"{fpath}: class {c} has no kept patches but APs in this partial; it was scored on another mask"
+                f"{fpath}: class {c} has no kept patches but latent {k_start + k} has AP {float(ap_CK[c, k])} "
+                "(expected NaN); it was scored on another mask"
             )
         bad_K = ~np.isfinite(min_K) | ~np.isfinite(max_K) | (min_K > max_K)
         if bad_K.any():
             k = int(np.flatnonzero(bad_K)[0])
             raise PartialError(
-                f"{fpath}: latent {k_start + k} has min {min_K[k]!r} and max {max_K[k]!r} "
+                f"{fpath}: latent {k_start + k} has min {float(min_K[k])} and max {float(max_K[k])} "
                 "(expected finite, min <= max)"
             )
         blocks.append(tensors)

@@ -117,7 +117,8 @@ def test_an_unlabelled_index_is_refused(tmp_path):
     labelled_N = np.ones(100, dtype=bool)
     labelled_N[42] = False
     write_masks(tmp_path, np.array([1, 2]), np.array([42, 50]))
-    with pytest.raises(keepmask.MaskFileError, match=re.escape(f"{tmp_path / 'heldout.npy'}: index 42 is an unlabelled")):
+    msg = f"{tmp_path / 'heldout.npy'}: index 42 is an unlabelled"
+    with pytest.raises(keepmask.MaskFileError, match=re.escape(msg)):
         load(tmp_path, labelled_N=labelled_N)
 
 
