@@ -547,3 +547,12 @@ def test_a_budget_below_one_image_is_a_value_error_naming_the_setting():
     md = make_md(n_patches=4, cls_token=True, layers=(0, 1), budget=9)
     with pytest.raises(ValueError, match=r"max_patches_per_shard=9 is smaller than one image .*raise dump.max_patches"):
         md.n_shards
+
+
+def test_metadata_json_with_a_budget_below_one_image_is_named(dump):
+    fpath = dump.dpath / "metadata.json"
+    md = json.loads(fpath.read_text())
+    md["max_patches_per_shard"] = 3
+    fpath.write_text(json.dumps(md))
+    with pytest.raises(ValueError, match=re.escape(f"{fpath}: max_patches_per_shard=3 is smaller than one image")):
+        Shards(dump.dpath)

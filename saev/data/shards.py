@@ -272,7 +272,11 @@ class Shards:
             raise ShardError(f"{shards_fpath} is missing") from None
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ShardError(f"{shards_fpath} is not a valid shard list: {err}") from err
-        if sizes != [(shard_name(s), md.shard_n_imgs(s)) for s in range(md.n_shards)]:
+        try:
+            n_shards = md.n_shards
+        except ShardValueError as err:
+            raise ShardValueError(f"{md_fpath}: {err}") from None
+        if sizes != [(shard_name(s), md.shard_n_imgs(s)) for s in range(n_shards)]:
             raise ShardError(f"{shards_fpath} does not match the shard sizing of {md_fpath}")
         for shard in range(md.n_shards):
             check_shard_file(self.dpath, md, shard)
