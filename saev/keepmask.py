@@ -6,6 +6,7 @@ labelled patches: the first `n_keep` are kept, the next `n_heldout` are held out
 kept set does not depend on `n_heldout`.
 """
 
+import pathlib
 import typing
 
 import beartype
@@ -57,3 +58,107 @@ def make_masks(labelled_N: Bool[np.ndarray, " N"], n_keep: int | None, n_heldout
     keep = np.sort(labelled_idx[order[:n_keep]])
     heldout = np.sort(labelled_idx[order[n_keep : n_keep + n_heldout]])
     return Masks(keep, heldout)
+
+
+class MaskFileError(KeepMaskError):
+    """A keep.npy or heldout.npy of the mask stage cannot be read or holds invalid indices; the message names it."""
+
+
+@beartype.beartype
+def load_mask_file(fpath: pathlib.Path) -> np.ndarray:
+    """Read one mask file (a plain .npy array; pickles are refused) without casting it.
+
+    Raises:
+        MaskFileError: the file is missing, truncated, corrupt, not a .npy file, or a pickled object array.
+    """
+    try:
+        return np.load(fpath, allow_pickle=False)
+    except FileNotFoundError:
+        raise MaskFileError(f"{fpath} is missing; rerun the mask stage") from None
+    except (ValueError, OSError, EOFError) as err:
+        raise MaskFileError(f"{fpath} is not a readable .npy array ({err}); rerun the mask stage") from None
+
+
+@beartype.beartype
+def check_mask(
+    idx: np.ndarray, *, n_patches: int, labelled_N: np.ndarray | None = None, fpath: pathlib.Path | str
+) -> None:
+    """Check one array of global patch indices as the mask stage writes it.
+
+    It must be a 1-D array of an integer dtype (a float array is refused, not cast), strictly increasing (sorted,
+    no duplicates), within [0, n_patches), and (when `labelled_N` is given) select labelled patches only.
+
+    Args:
+        idx: the array read from `fpath`.
+        n_patches: patches of the dump (images x patches per image).
+        labelled_N: bool [n_patches], which patches have a class label; None skips that check.
+        fpath: the file the array came from, named in every error.
+
+    Raises:
+        MaskFileError: naming `fpath` and the first bad value.
+    """
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise MaskFileError(f"{fpath}: dtype {idx.dtype} is not an integer type (expected int64 patch indices)")
+    if idx.ndim != 1:
+        raise MaskFileError(f"{fpath}: shape {idx.shape} is not 1-D (expected a flat list of patch indices)")
+    if not idx.size:
+        return
+    idx = idx.astype(np.int64, copy=False)
+    steps = np.diff(idx)
+    if (steps <= 0).any():
+        i = int(np.flatnonzero(steps <= 0)[0])
+        if steps[i] == 0:
+            raise MaskFileError(f"{fpath}: index {int(idx[i])} appears twice (positions {i} and {i + 1})")
+        raise MaskFileError(
+            f"{fpath}: indices are not sorted: {int(idx[i])} at position {i} is followed by {int(idx[i + 1])}"
+        )
+    if idx[0] < 0 or idx[-1] >= n_patches:
+        bad = int(idx[0] if idx[0] < 0 else idx[-1])
+        raise MaskFileError(f"{fpath}: index {bad} is outside [0, {n_patches}) (the patches of the dump)")
+    if labelled_N is not None:
+        if labelled_N.shape != (n_patches,):
+            raise ValueError(f"labelled_N has shape {labelled_N.shape}, expected ({n_patches},)")
+        unlabelled = ~labelled_N[idx]
+        if unlabelled.any():
+            bad = int(idx[np.flatnonzero(unlabelled)[0]])
+            raise MaskFileError(
+                f"{fpath}: index {bad} is an unlabelled patch ({int(unlabelled.sum())} of {len(idx)} are); "
+                "the mask does not belong to this dump"
+            )
+
+
+@beartype.beartype
+def check_masks(
+    keep: np.ndarray,
+    heldout: np.ndarray,
+    *,
+    n_patches: int,
+    labelled_N: np.ndarray | None = None,
+    fpaths: tuple[pathlib.Path | str, pathlib.Path | str] = ("keep.npy", "heldout.npy"),
+) -> None:
+    """Check the kept and held-out indices (see `check_mask`) and that no patch is in both.
+
+    Raises:
+        MaskFileError: naming the file at fault (for an overlap, both files and the first shared index).
+    """
+    check_mask(keep, n_patches=n_patches, labelled_N=labelled_N, fpath=fpaths[0])
+    check_mask(heldout, n_patches=n_patches, labelled_N=labelled_N, fpath=fpaths[1])
+    shared = np.intersect1d(keep, heldout, assume_unique=True)
+    if shared.size:
+        raise MaskFileError(
+            f"{fpaths[1]}: index {int(shared[0])} is also in {fpaths[0]} ({shared.size} shared); "
+            "kept and held-out patches must be disjoint"
+        )
+
+
+@beartype.beartype
+def load_masks(dpath: pathlib.Path, *, n_patches: int, labelled_N: np.ndarray | None = None) -> Masks:
+    """Read and check `keep.npy` and `heldout.npy` of a mask artifact (see `check_masks`), as int64 arrays.
+
+    Raises:
+        MaskFileError: a file is missing, unreadable or holds invalid indices; the message names it.
+    """
+    fpaths = (dpath / "keep.npy", dpath / "heldout.npy")
+    keep, heldout = (load_mask_file(fpath) for fpath in fpaths)
+    check_masks(keep, heldout, n_patches=n_patches, labelled_N=labelled_N, fpaths=fpaths)
+    return Masks(keep.astype(np.int64, copy=False), heldout.astype(np.int64, copy=False))

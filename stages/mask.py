@@ -6,6 +6,7 @@ patches report its AP, so selection and reporting never use the same patches.
 """
 
 import dataclasses
+import pathlib
 import typing
 
 import numpy as np
@@ -95,11 +96,22 @@ def max_kept(pipeline) -> int:
     return dump_stage.count_patches(pipeline)
 
 
-def load_keep(dpath) -> np.ndarray:
-    """The sorted global indices of the kept patches of the mask artifact in `dpath`."""
-    return np.load(dpath / "keep.npy", allow_pickle=False)
+def load_keep(dpath: pathlib.Path, shards: Shards) -> np.ndarray:
+    """The sorted global indices of the kept patches of the mask artifact in `dpath`, checked against the dump.
+
+    Both mask files are read and checked (`keepmask.load_masks`): integer, 1-D, strictly increasing, within the
+    dump's patches, labelled, and disjoint from the held-out ones. Raises `keepmask.MaskFileError` naming the file.
+    """
+    return _load_masks(dpath, shards).keep
 
 
-def load_heldout(dpath) -> np.ndarray:
-    """The sorted global indices of the held-out patches (disjoint from the kept ones; may be empty)."""
-    return np.load(dpath / "heldout.npy", allow_pickle=False)
+def load_heldout(dpath: pathlib.Path, shards: Shards) -> np.ndarray:
+    """The sorted global indices of the held-out patches (disjoint from the kept ones; may be empty), checked as
+    in `load_keep`."""
+    return _load_masks(dpath, shards).heldout
+
+
+def _load_masks(dpath: pathlib.Path, shards: Shards) -> keepmask.Masks:
+    md = shards.metadata
+    labelled_N = np.asarray(shards.labels).reshape(-1) != md.labels_ignore  # labels are checked when first read
+    return keepmask.load_masks(pathlib.Path(dpath), n_patches=md.n_imgs * md.n_patches_per_img, labelled_N=labelled_N)

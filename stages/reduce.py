@@ -60,7 +60,7 @@ def run(pipeline, plan, piece: Piece) -> None:
     class_names = list(shards.metadata.class_names)
     n_classes = len(class_names)
     flat_labels = np.asarray(shards.labels).reshape(-1)
-    keep, heldout = mask_stage.load_keep(mask_art.dpath), mask_stage.load_heldout(mask_art.dpath)
+    keep, heldout = mask_stage.load_keep(mask_art.dpath, shards), mask_stage.load_heldout(mask_art.dpath, shards)
     labels_N = flat_labels[keep].astype(np.int64)
     labels_H = flat_labels[heldout].astype(np.int64)
     counts_C = np.bincount(labels_N, minlength=n_classes)
@@ -71,7 +71,7 @@ def run(pipeline, plan, piece: Piece) -> None:
     per_sae, chosen, ap_by_sae = {}, [None] * n_classes, {}
     for score_art in score_plan.artifacts:
         info = score_plan.info[score_art.key]
-        partials = score_stage.read_partials(score_art, info["d_sae"])
+        partials = score_stage.read_partials(score_art, info["d_sae"], info["block_size"], info["sae"], counts_C)
         ap_by_sae[info["sae"]] = partials.ap_CK
         dead_K = partials.min_K == partials.max_K
         best_ap_C, best_k_C = ap.best_per_class(torch.from_numpy(partials.ap_CK))

@@ -107,9 +107,13 @@ def plan(pipeline, upstream) -> StagePlan:
 
 @functools.lru_cache(maxsize=2)
 def load_kept(dump_dpath: pathlib.Path, mask_dpath: pathlib.Path, layer: int) -> tuple[np.ndarray, np.ndarray]:
-    """Activations [n_keep, D] and labels [n_keep] of the kept patches (cached: every block of a job reuses them)."""
+    """Activations [n_keep, D] and labels [n_keep] of the kept patches (cached: every block of a job reuses them).
+
+    The keep-mask, the labels and the gathered activations are checked where they are read (a bad file raises an
+    error naming it: `keepmask.MaskFileError`, `ShardValueError`), so no bad value reaches the AP engine.
+    """
     shards = Shards(dump_dpath)
-    keep = mask_stage.load_keep(mask_dpath)
+    keep = mask_stage.load_keep(mask_dpath, shards)  # checked: in range, labelled, sorted, disjoint from held-out
     labels = np.asarray(shards.labels).reshape(-1)[keep].astype(np.int64)
     acts = shards.patches_flat(layer, keep)
     return acts, labels
@@ -177,22 +181,112 @@ class Partials(typing.NamedTuple):
     """float32 [d_sae] highest score; equal to min_K for a constant (dead) latent."""
 
 
-def read_partials(art: artifacts.Artifact, d_sae: int) -> Partials:
-    """Concatenate every block partial of a score artifact, checking that the blocks tile [0, d_sae)."""
-    fpaths = sorted((art.dpath / "partials").glob("block*.safetensors"))
-    blocks, covered = [], 0
-    for fpath in fpaths:
-        tensors = safetensors.numpy.load_file(str(fpath))
-        k_start, k_stop = (int(x) for x in tensors["k_range"])
-        if k_start != covered:
-            raise artifacts.IncompleteArtifactError(
-                f"{art.ref}: partial {fpath.name} starts at latent {k_start}, expected {covered}"
+class PartialError(artifacts.IncompleteArtifactError):
+    """A score partial is missing, unreadable, or does not hold what its artifact implies; the message names it."""
+
+
+_PARTIAL_DTYPES = {"ap_CK": np.float64, "min_K": np.float32, "max_K": np.float32, "k_range": np.int64}
+"""Every tensor of a partial file and its dtype (nothing else may be in the file)."""
+
+
+def read_partials(
+    art: artifacts.Artifact, d_sae: int, block_size: int, sae_key: str, counts_C: np.ndarray
+) -> Partials:
+    """Read and check exactly the partials that tile [0, d_sae) of a score artifact, and concatenate them.
+
+    Block b is `partials/block{b:05d}.safetensors` and covers latents [b * block_size, min(d_sae, (b + 1) *
+    block_size)). Other files in partials/ are not read. Each file must hold exactly ap_CK (float64 [C, block]),
+    min_K and max_K (float32 [block], finite, min <= max) and k_range (int64, the block's range), record
+    `sae_key` as its "sae" metadata, and have APs within [0, 1]; an AP row is NaN exactly when its class has no
+    kept patch (counts_C[c] == 0), and then wholly NaN.
+
+    Args:
+        art: the score artifact.
+        d_sae: latents of its SAE.
+        block_size: latents per block (the score plan's `block_size`).
+        sae_key: key of the train artifact the partials must come from.
+        counts_C: int [C] kept patches of each class; C is the number of classes.
+
+    Raises:
+        PartialError: naming the file and what is wrong with it (missing, corrupt, from another SAE, ...).
+    """
+    counts_C = np.asarray(counts_C)
+    n_classes = len(counts_C)
+    empty_C = counts_C == 0
+    blocks = []
+    for block in range(math.ceil(d_sae / block_size)):
+        fpath = partial_fpath(art, block)
+        k_start, k_stop = block * block_size, min(d_sae, (block + 1) * block_size)
+        tensors = _read_partial(fpath, sae_key)
+        width = k_stop - k_start
+        shapes = {"ap_CK": (n_classes, width), "min_K": (width,), "max_K": (width,), "k_range": (2,)}
+        for name, shape in shapes.items():
+            if tensors[name].shape != shape:
+                raise PartialError(f"{fpath}: {name} has shape {list(tensors[name].shape)}, expected {list(shape)}")
+        got_range = [int(x) for x in tensors["k_range"]]
+        if got_range != [k_start, k_stop]:
+            raise PartialError(f"{fpath}: k_range is {got_range}, expected [{k_start}, {k_stop}]")
+        ap_CK, min_K, max_K = tensors["ap_CK"], tensors["min_K"], tensors["max_K"]
+        nan_CK = np.isnan(ap_CK)
+        out_of_range = ~nan_CK & ((ap_CK < 0) | (ap_CK > 1))
+        if out_of_range.any():
+            c, k = (int(x) for x in np.argwhere(out_of_range)[0])
+            raise PartialError(
+                f"{fpath}: AP {float(ap_CK[c, k])} of class {c}, latent {k_start + k} is not within [0, 1]"
+            )
+        wrong_nan_C = ~empty_C & nan_CK.any(axis=1)
+        if wrong_nan_C.any():
+            c = int(np.flatnonzero(wrong_nan_C)[0])
+            k = int(np.flatnonzero(nan_CK[c])[0])
+            raise PartialError(
+                f"{fpath}: AP of class {c}, latent {k_start + k} is NaN but the class has {int(counts_C[c])} kept "
+                "patches (NaN means a class without any)"
+            )
+        wrong_number_C = empty_C & ~nan_CK.all(axis=1)
+        if wrong_number_C.any():
+            c = int(np.flatnonzero(wrong_number_C)[0])
+            k = int(np.flatnonzero(~nan_CK[c])[0])
+            raise PartialError(
+                f"{fpath}: class {c} has no kept patches but latent {k_start + k} has AP {float(ap_CK[c, k])} "
+                "(expected NaN); it was scored on another mask"
+            )
+        bad_K = ~np.isfinite(min_K) | ~np.isfinite(max_K) | (min_K > max_K)
+        if bad_K.any():
+            k = int(np.flatnonzero(bad_K)[0])
+            raise PartialError(
+                f"{fpath}: latent {k_start + k} has min {float(min_K[k])} and max {float(max_K[k])} "
+                "(expected finite, min <= max)"
             )
         blocks.append(tensors)
-        covered = k_stop
-    if covered != d_sae:
-        raise artifacts.IncompleteArtifactError(f"{art.ref}: partials cover {covered} of {d_sae} latents")
     return Partials(*(np.concatenate([b[name] for b in blocks], axis=-1) for name in Partials._fields))
+
+
+def _read_partial(fpath: pathlib.Path, sae_key: str) -> dict[str, np.ndarray]:
+    """The tensors of one partial file, checked for their names, dtypes and "sae" metadata."""
+    remedy = "delete it and rerun `--stage score`"
+    if not fpath.is_file():
+        raise PartialError(f"{fpath} is missing; rerun `--stage score`")
+    try:
+        with safetensors.safe_open(str(fpath), framework="numpy") as fd:
+            metadata = fd.metadata() or {}
+            names = set(fd.keys())
+            if names != set(_PARTIAL_DTYPES):
+                raise PartialError(
+                    f"{fpath}: holds tensors {sorted(names)}, expected {sorted(_PARTIAL_DTYPES)}; {remedy}"
+                )
+            tensors = {name: fd.get_tensor(name) for name in _PARTIAL_DTYPES}
+    except PartialError:
+        raise
+    except Exception as err:  # safetensors raises SafetensorError (or others) on a corrupt header or short file
+        raise PartialError(f"{fpath} is not a readable safetensors file ({err}); {remedy}") from None
+    if metadata.get("sae") != sae_key:
+        raise PartialError(
+            f"{fpath}: scores SAE {metadata.get('sae')!r}, expected {sae_key!r} (a partial of another SAE); {remedy}"
+        )
+    for name, dtype in _PARTIAL_DTYPES.items():
+        if tensors[name].dtype != dtype:
+            raise PartialError(f"{fpath}: {name} has dtype {tensors[name].dtype}, expected {np.dtype(dtype)}; {remedy}")
+    return tensors
 
 
 def manifest_extra(pipeline, art: artifacts.Artifact) -> dict[str, object]:

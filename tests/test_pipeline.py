@@ -191,8 +191,8 @@ def test_heldout_ap_is_sklearn_on_heldout_patches(done_config):
     plan = pl.make_plan(pipeline)
     best = json.loads((plan["reduce"].artifacts[0].dpath / "best.json").read_text())
     shards = Shards(plan["dump"].artifacts[0].dpath)
-    keep = mask_stage.load_keep(plan["mask"].artifacts[0].dpath)
-    heldout = mask_stage.load_heldout(plan["mask"].artifacts[0].dpath)
+    keep = mask_stage.load_keep(plan["mask"].artifacts[0].dpath, shards)
+    heldout = mask_stage.load_heldout(plan["mask"].artifacts[0].dpath, shards)
     assert not set(keep) & set(heldout)
     labels = np.asarray(shards.labels).reshape(-1)[heldout]
     checked = 0
@@ -221,11 +221,13 @@ def test_partials_are_sklearn_ap_over_kept_patches(done_config):
     pipeline = pl.load(done_config)
     plan = pl.make_plan(pipeline)
     shards = Shards(plan["dump"].artifacts[0].dpath)
-    keep = mask_stage.load_keep(plan["mask"].artifacts[0].dpath)
+    keep = mask_stage.load_keep(plan["mask"].artifacts[0].dpath, shards)
     labels = np.asarray(shards.labels).reshape(-1)[keep]
     score_art = plan["score"].artifacts[0]
     info = plan["score"].info[score_art.key]
-    partials = score_stage.read_partials(score_art, info["d_sae"])
+    n_classes = len(shards.metadata.class_names)
+    counts_C = np.bincount(labels.astype(np.int64), minlength=n_classes)
+    partials = score_stage.read_partials(score_art, info["d_sae"], info["block_size"], info["sae"], counts_C)
     sae = nn.load(pipeline.root / "train" / info["sae"])
     with torch.inference_mode():
         scores = sae.encode(torch.from_numpy(shards.patches_flat(info["layer"], keep))).numpy()

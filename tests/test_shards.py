@@ -3,6 +3,7 @@
 The writer and reader are checked against each other, and against a reader written from the protocol text alone.
 """
 
+import dataclasses
 import hashlib
 import json
 import pathlib
@@ -470,3 +471,90 @@ def test_start_shard_beyond_the_shards_is_an_error(tmp_path):
 def test_metadata_round_trips_through_json(dump):
     dpath, md, _, _ = dump
     assert Metadata.from_json(json.loads((dpath / "metadata.json").read_text())) == md
+
+
+######################################################
+# Values checked where they are read (labels, NaNs) #
+######################################################
+
+
+def test_a_class_id_outside_the_classes_is_named_with_image_patch_and_value(tmp_path):
+    from saev.data.shards import ShardValueError
+
+    md = make_md(class_names=("a", "b", "c"))
+    labels = np.zeros((md.n_imgs, md.n_patches_per_img), dtype=np.uint8)
+    labels[2, 1] = 255  # the ignore label is fine
+    labels[3, 2], labels[5, 0] = 3, 200
+    shards = Shards(write_dump(tmp_path, md, logical_tensor(md), labels=labels))
+    msg = f"{tmp_path / 'labels.bin'}: class id 3 at image 3, patch 2 is not in [0, 3) nor the ignore label 255 (2 bad"
+    with pytest.raises(ShardError, match=re.escape(msg)) as info:
+        shards.labels
+    assert isinstance(info.value, (ShardValueError, ValueError))
+
+
+def test_negative_int16_labels_other_than_the_ignore_value_are_refused(tmp_path):
+    md = make_md(labels_dtype="int16", labels_ignore=-1, class_names=("a", "b"))
+    labels = np.full((md.n_imgs, md.n_patches_per_img), -1, dtype=np.int16)
+    labels[6, 3] = -2
+    shards = Shards(write_dump(tmp_path, md, logical_tensor(md), labels=labels))
+    with pytest.raises(ValueError, match=re.escape("labels.bin: class id -2 at image 6, patch 3 is not in [0, 2)")):
+        shards.labels
+
+
+def test_labels_corrupted_in_place_after_a_good_write_are_caught(dump):
+    fpath = dump.dpath / "labels.bin"
+    raw = bytearray(fpath.read_bytes())
+    raw[-1] = 7  # same size; the metadata names no classes here, so only negatives would be refused
+    fpath.write_bytes(bytes(raw))
+    Shards(dump.dpath).labels  # no class names: 7 is accepted
+    md = dataclasses.replace(dump.md, class_names=("a", "b", "c", "d"))
+    (dump.dpath / "metadata.json").write_text(json.dumps(md.to_json()))
+    with pytest.raises(ValueError, match=re.escape(f"{fpath}: class id 7 at image 6, patch 3")):
+        Shards(dump.dpath).labels
+
+
+def _poison(dpath: pathlib.Path, md: Metadata, img: int, layer_idx: int, token: int, value: float) -> None:
+    """Write `value` into one activation of the dump at (image, layer index, token), keeping the file size."""
+    per = md.n_imgs_per_shard
+    shard, local = divmod(img, per)
+    acts = np.memmap(dpath / f"acts{shard:06d}.bin", dtype=np.float32, mode="r+").reshape(
+        md.shard_n_imgs(shard), len(md.layers), md.n_tokens_per_img, md.d_vit
+    )
+    acts[local, layer_idx, token, 1] = value
+    acts.flush()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_activations_are_named_by_shard_image_and_layer_when_gathered(dump, value):
+    md = dump.md
+    _poison(dump.dpath, md, img=5, layer_idx=1, token=1 + 2, value=value)  # CLS is token 0: patch 2
+    shards = Shards(dump.dpath)
+    msg = f"{dump.dpath / 'acts000002.bin'}: NaN/inf activation at image 5, patch 2, layer 3"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        shards.patches_flat(3, np.array([0, 5 * md.n_patches_per_img + 2]))
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        shards.patches(3, 0, md.n_imgs)
+    # Other patches, the other layer and the CLS token are still readable.
+    shards.patches_flat(3, np.array([5 * md.n_patches_per_img + 1]))
+    shards.patches(1, 0, md.n_imgs)
+    shards.patches(3, 0, 5)
+
+
+def test_nan_in_the_cls_token_is_not_read_so_not_refused(dump):
+    _poison(dump.dpath, dump.md, img=0, layer_idx=0, token=0, value=np.nan)
+    Shards(dump.dpath).patches(1, 0, dump.md.n_imgs)
+
+
+def test_a_budget_below_one_image_is_a_value_error_naming_the_setting():
+    md = make_md(n_patches=4, cls_token=True, layers=(0, 1), budget=9)
+    with pytest.raises(ValueError, match=r"max_patches_per_shard=9 is smaller than one image .*raise dump.max_patches"):
+        md.n_shards
+
+
+def test_metadata_json_with_a_budget_below_one_image_is_named(dump):
+    fpath = dump.dpath / "metadata.json"
+    md = json.loads(fpath.read_text())
+    md["max_patches_per_shard"] = 3
+    fpath.write_text(json.dumps(md))
+    with pytest.raises(ValueError, match=re.escape(f"{fpath}: max_patches_per_shard=3 is smaller than one image")):
+        Shards(dump.dpath)

@@ -28,6 +28,12 @@ class ShardError(RuntimeError):
     """A dump directory is missing a file or a file has the wrong size; the message names it."""
 
 
+class ShardValueError(ShardError, ValueError):
+    """A dump holds a bad value (NaN/inf activations, a label outside the classes) or is sized impossibly (a shard
+    smaller than one image); the message names the file or setting and the value. Also a ValueError, so that the
+    launcher reports it as an error line rather than a traceback."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Metadata:
     """The contents of metadata.json."""
@@ -69,9 +75,10 @@ class Metadata:
     def n_imgs_per_shard(self) -> int:
         n = self.max_patches_per_shard // (self.n_tokens_per_img * len(self.layers))
         if n < 1:
-            raise ShardError(
+            raise ShardValueError(
                 f"max_patches_per_shard={self.max_patches_per_shard} is smaller than one image "
-                f"({self.n_tokens_per_img} tokens x {len(self.layers)} layers)"
+                f"({self.n_tokens_per_img} tokens x {len(self.layers)} layers = "
+                f"{self.n_tokens_per_img * len(self.layers)} activation vectors); raise dump.max_patches_per_shard"
             )
         return n
 
@@ -281,7 +288,11 @@ class Shards:
             raise ShardError(f"{shards_fpath} is missing") from None
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ShardError(f"{shards_fpath} is not a valid shard list: {err}") from err
-        if sizes != [(shard_name(s), md.shard_n_imgs(s)) for s in range(md.n_shards)]:
+        try:
+            n_shards = md.n_shards
+        except ShardValueError as err:
+            raise ShardValueError(f"{md_fpath}: {err}") from None
+        if sizes != [(shard_name(s), md.shard_n_imgs(s)) for s in range(n_shards)]:
             raise ShardError(f"{shards_fpath} does not match the shard sizing of {md_fpath}")
         for shard in range(md.n_shards):
             check_shard_file(self.dpath, md, shard)
@@ -299,13 +310,19 @@ class Shards:
 
     @property
     def labels(self) -> np.ndarray:
-        """Per-patch class ids [n_imgs, n_patches_per_img] (memory-mapped)."""
+        """Per-patch class ids [n_imgs, n_patches_per_img] (memory-mapped), checked on first read.
+
+        Every id is `labels_ignore` or within [0, len(class_names)) (only >= 0 when the metadata names no classes);
+        otherwise a `ShardValueError` names labels.bin and the first bad (image, patch, value).
+        """
         if self._labels is None:
             fpath = self.dpath / "labels.bin"
             if not fpath.exists():
                 raise ShardError(f"{fpath} is missing: this dump has no labels")
             md = self.metadata
-            self._labels = np.memmap(fpath, dtype=md.labels_dtype, mode="r", shape=(md.n_imgs, md.n_patches_per_img))
+            labels = np.memmap(fpath, dtype=md.labels_dtype, mode="r", shape=(md.n_imgs, md.n_patches_per_img))
+            check_labels(labels, md, fpath)
+            self._labels = labels
         return self._labels
 
     def shard(self, shard: int) -> np.memmap:
@@ -333,7 +350,12 @@ class Shards:
         while i < img_stop:
             shard, offset = divmod(i, per)
             take = min(img_stop - i, md.shard_n_imgs(shard) - offset)
-            out[i - img_start : i - img_start + take] = self.shard(shard)[offset : offset + take, li, t0:, :]
+            block = out[i - img_start : i - img_start + take]
+            block[...] = self.shard(shard)[offset : offset + take, li, t0:, :]
+            if not _all_finite(block):
+                bad = np.flatnonzero(~np.isfinite(block).reshape(take * md.n_patches_per_img, -1).all(axis=1))[0]
+                img, patch = divmod(int(bad), md.n_patches_per_img)
+                self._raise_nonfinite(shard, i + img, patch, layer)
             i += take
         return out
 
@@ -356,5 +378,43 @@ class Shards:
         for shard in np.unique(shard_of):
             sel = np.flatnonzero(shard_of == shard)
             local = img[sel] - shard * md.n_imgs_per_shard
-            out[sel] = self.shard(int(shard))[local, li, t0 + patch[sel], :]
+            block = self.shard(int(shard))[local, li, t0 + patch[sel], :]
+            if not _all_finite(block):
+                bad = sel[np.flatnonzero(~np.isfinite(block).all(axis=1))[0]]
+                self._raise_nonfinite(int(shard), int(img[bad]), int(patch[bad]), layer)
+            out[sel] = block
         return out
+
+    def _raise_nonfinite(self, shard: int, img: int, patch: int, layer: int) -> typing.NoReturn:
+        raise ShardValueError(
+            f"{self.dpath / shard_name(shard)}: NaN/inf activation at image {img}, patch {patch}, layer {layer}; "
+            "the dump is corrupt, delete it and rerun the dump stage"
+        )
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """Whether every value is finite: NaN propagates through min and max, so two passes without a temporary array."""
+    return not x.size or bool(np.isfinite(x.min()) and np.isfinite(x.max()))
+
+
+def check_labels(labels: np.ndarray, md: Metadata, fpath: pathlib.Path | str) -> None:
+    """Refuse class ids outside [0, len(md.class_names)) other than `md.labels_ignore` (vectorised, whole array).
+
+    With no class names in the metadata only negative ids (other than the ignore label) are refused.
+
+    Raises:
+        ShardValueError: naming `fpath` and the first bad (image, patch, value).
+    """
+    n_classes = len(md.class_names)
+    flat = np.asarray(labels).reshape(-1)
+    bad = flat < 0 if not n_classes else (flat < 0) | (flat >= n_classes)
+    bad &= flat != md.labels_ignore
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        img, patch = divmod(first, md.n_patches_per_img)
+        allowed = f"[0, {n_classes})" if n_classes else ">= 0"
+        raise ShardValueError(
+            f"{fpath}: class id {int(flat[first])} at image {img}, patch {patch} is not in {allowed} nor the "
+            f"ignore label {md.labels_ignore} ({int(bad.sum())} bad patches); the labels do not match the "
+            f"{n_classes} classes of the metadata"
+        )
