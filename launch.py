@@ -102,6 +102,8 @@ def describe_plan(
         keys = stage_plan.artifacts
         key = keys[0].key if len(keys) == 1 else f"{len(keys)} artifacts"
         lines.append(f"{name:<8} {key:<18} {state:<8} {n_done:>4}/{n_total:<4}  {action}")
+        if name in stages and state != "done":
+            lines.extend(f"    why: {why}" for why in pl.explain(pipeline, plan, name))
         if not verbose:
             continue
         for art in stage_plan.artifacts:

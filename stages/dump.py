@@ -12,6 +12,7 @@ written.
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import pathlib
 
@@ -26,6 +27,8 @@ from .graph import Piece, StagePlan
 
 NAME = "dump"
 VERSION = 2  # 2: synthetic images rendered in batches (new pixels)
+DATASET_FILES = "dataset.json"
+"""Folder datasets: the listing the dump was made from (path -> [size, mtime_ns]) and its digest (in the key)."""
 
 logger = logging.getLogger("stages.dump")
 
@@ -97,9 +100,15 @@ def shard_done(art: artifacts.Artifact, shard: int) -> bool:
 def plan(pipeline, upstream) -> StagePlan:
     cfg: Config = pipeline.dump
     vits.resolve_layers(cfg.vit.model, cfg.vit.layers)  # bad model or layers: fail now
+    dataset = datasets.make_dataset(cfg.data)
+    fingerprint = dataset.fingerprint()
     params = artifacts.hashed_params(cfg)
+    if fingerprint.files:
+        # A folder dataset: its listing (paths, sizes, modification times) enters the key, so that editing, adding or
+        # removing an image or mask gives a new dump instead of the old activations and labels.
+        params["dataset_files"] = fingerprint.digest
     art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, {}))
-    md = make_metadata(cfg, datasets.make_dataset(cfg.data))
+    md = make_metadata(cfg, dataset)
     chunks = [(s, min(md.n_shards, s + cfg.shards_per_job)) for s in range(0, md.n_shards, cfg.shards_per_job)]
     pieces = tuple(
         # A chunk writes its shards in order, each followed by its labels; the last shard's labels mark it done,
@@ -113,7 +122,7 @@ def plan(pipeline, upstream) -> StagePlan:
         )
         for start, stop in chunks
     )
-    info = {art.key: {"chunks": {stop - 1: (start, stop) for start, stop in chunks}}}
+    info = {art.key: {"chunks": {stop - 1: (start, stop) for start, stop in chunks}, "fingerprint": fingerprint}}
     return StagePlan(NAME, (art,), pieces, {art.key: params}, {art.key: {}}, info)
 
 
@@ -210,6 +219,18 @@ def finalize(pipeline, plan, art: artifacts.Artifact) -> None:
     writer = shards.ShardWriter(art.dpath, md, start_shard=md.n_shards)  # checks every shard file's size
     writer.write_labels(np.concatenate(parts))
     writer.close()
+    fingerprint = plan[NAME].info[art.key]["fingerprint"]
+    if fingerprint.files:  # what the dump was made from, so that a later run can say which files changed
+        artifacts.atomic_write_json(art.dpath / DATASET_FILES, {"digest": fingerprint.digest, "files": fingerprint.files})
+
+
+def changed_files(old: artifacts.Artifact, fingerprint: datasets.Fingerprint) -> list[str] | None:
+    """Dataset files added, removed or changed since the dump `old` was made (None if it did not record them)."""
+    try:
+        with open(old.dpath / DATASET_FILES) as fd:
+            return fingerprint.changed(json.load(fd)["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def manifest_extra(pipeline, art: artifacts.Artifact) -> dict[str, object]:

@@ -6,6 +6,7 @@ lets the launcher submit every stage at once and resubmit a single missing piece
 
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import pathlib
@@ -172,6 +173,65 @@ def downstream(plan: Plan, ref: str) -> list[str]:
                 found.append(art.ref)
                 frontier.add(art.ref)
     return found
+
+
+def explain(pipeline: Pipeline, plan: Plan, name: str, limit: int = 2) -> list[str]:
+    """Why a stage has work to do: for up to `limit` of its artifacts that were never made, the closest earlier
+    artifact of the stage under the same root and what differs (params, inputs; for a dump, which dataset files)."""
+    stage_plan = plan[name]
+    new = [a for a in stage_plan.artifacts if a.check().state == "missing" and a.damage_note() is None]
+    lines = [f"{a.ref} was unsealed: {a.damage_note()}" for a in stage_plan.artifacts if a.damage_note()][:limit]
+    if not new:
+        return lines
+    earlier = []
+    for fpath in sorted((pipeline.root / name).glob("*/manifest.json"))[:500]:
+        try:
+            manifest = json.loads(fpath.read_text())
+            earlier.append((manifest["key"], manifest["params"], manifest["inputs"], manifest.get("finished", "")))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    for art in new[:limit]:
+        params = json.loads(artifacts.canonical_json(stage_plan.params[art.key]))
+        best = None
+        for key, old_params, old_inputs, finished in earlier:
+            if key == art.key:
+                continue
+            diffs = _diff(old_params, params, "") + [
+                f"input {k}" for k in sorted(set(old_inputs) | set(stage_plan.inputs[art.key]))
+                if old_inputs.get(k) != stage_plan.inputs[art.key].get(k)
+            ]
+            if best is None or (len(diffs), finished) < (len(best[1]), best[2]) or (
+                len(diffs) == len(best[1]) and finished > best[2]
+            ):
+                best = (key, diffs, finished)
+        if best is None:  # nothing to compare with (a first run): nothing to explain
+            continue
+        key, diffs, _ = best
+        shown = ", ".join(diffs[:4]) + (f" and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        line = f"{art.ref}: new key; {name}/{key} differs in {shown or 'nothing recorded (format version?)'}"
+        if name == "dump" and "dataset_files" in diffs:
+            files = dump_stage.changed_files(
+                artifacts.Artifact(pipeline.root, name, key), stage_plan.info[art.key]["fingerprint"]
+            )
+            if files:
+                line += f"; dataset files changed: {', '.join(files[:5])}" + (
+                    f" and {len(files) - 5} more" if len(files) > 5 else ""
+                )
+        lines.append(line)
+    return lines
+
+
+def _diff(old: object, new: object, prefix: str) -> list[str]:
+    """Dotted paths at which two JSON values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            if k == "__class__" and old.get(k) != new.get(k):
+                out.append(prefix.rstrip(".") or "kind")
+            elif k != "__class__":
+                out.extend(_diff(old.get(k), new.get(k), f"{prefix}{k}."))
+        return out
+    return [] if old == new else [prefix.rstrip(".") or "value"]
 
 
 def run_pieces(pipeline: Pipeline, stage: str, piece_ids: typing.Sequence[str]) -> None:

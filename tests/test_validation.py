@@ -352,10 +352,48 @@ CORRUPTIONS = [
 ]
 
 
+def _reseal(root: pathlib.Path) -> None:
+    """Make every artifact's checksums agree with its files again, as if the bad contents had been written by the
+    pipeline itself: the checksums cannot catch them, so only the readers' validation stands between them and a
+    result."""
+    for manifest_fpath in root.glob("*/*/manifest.json"):
+        manifest = json.loads(manifest_fpath.read_text())
+        for rel in manifest["files"]:
+            fpath = manifest_fpath.parent / rel
+            digest = artifacts.file_checksum(fpath)
+            manifest["files"][rel] = {"size": fpath.stat().st_size, artifacts.CHECKSUM: digest}
+            artifacts._write_sum(fpath, fpath.stat().st_size, digest)
+        manifest_fpath.write_text(json.dumps(manifest))
+        (manifest_fpath.parent / ".verified.json").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("corrupt,rerun", [r[1:] for r in CORRUPTIONS], ids=[r[0] for r in CORRUPTIONS])
+def test_corrupt_files_at_the_same_size_are_caught_by_their_checksums(copy_of_done, capsys, corrupt, rerun):
+    root = copy_of_done.parent / "runs"
+    before_files = {p: p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    message = corrupt(root)
+    changed = [
+        p for p, size in before_files.items() if p.exists() and p.stat().st_mtime_ns and p.stat().st_size == size
+        and artifacts.recorded_checksum(p) and artifacts.recorded_checksum(p)[1] != artifacts.file_checksum(p)
+    ]
+    for dpath in root.glob(f"{rerun}/*"):
+        shutil.rmtree(dpath)
+    code = run(copy_of_done, stage=rerun, only=True)
+    err = capsys.readouterr().err
+    if message is None:  # stray files: not part of any artifact, ignored
+        assert code == 0, err
+        return
+    assert changed, "the corruption should change a file at the same size"
+    # Refused naming the file (exit 1), or repaired on the way when the file can be remade from its pieces (labels.bin).
+    assert code in (0, 1) and "Traceback" not in err, err
+    assert changed[0].name in err and "does not match its checksum" in err, err
+
+
 @pytest.mark.parametrize("corrupt,rerun", [r[1:] for r in CORRUPTIONS], ids=[r[0] for r in CORRUPTIONS])
 def test_corrupt_files_at_the_same_size_are_named_by_the_stage_that_reads_them(copy_of_done, capsys, corrupt, rerun):
     root = copy_of_done.parent / "runs"
     message = corrupt(root)
+    _reseal(root)
     for dpath in root.glob(f"{rerun}/*"):  # so that the stage runs again, reading the corrupt input
         shutil.rmtree(dpath)
     before = manifests(root)
