@@ -312,7 +312,7 @@ class Artifact:
         """
         self.dpath.mkdir(parents=True, exist_ok=True)
         lock_fpath = self.dpath / (f".lock-{part}" if part else ".lock")
-        fd = os.open(lock_fpath, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_fpath, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -25,13 +25,16 @@ def save(
 ) -> None:
     """Write `tensors` (moved to cpu) and the JSON-serialisable `meta` to `fpath` atomically.
 
+    The file is serialised in memory and written by `artifacts.atomic_write_bytes`, so it follows the umask like
+    every other artifact file (safetensors' own `save_file` creates 0600 files) and a full disk is a `WriteError`
+    (`save_file` raises its own `SafetensorError` instead of an OSError).
+
     Raises:
         artifacts.WriteError: the file could not be written (e.g. disk full); the previous checkpoint is kept.
     """
     header = json.dumps({"kind": kind, "version": version, "meta": dict(meta)}, allow_nan=False)
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    with artifacts.atomic_path(fpath) as tmp_fpath:
-        safetensors.torch.save_file(cpu, str(tmp_fpath), metadata={_META_KEY: header})
+    artifacts.atomic_write_bytes(fpath, safetensors.torch.save(cpu, metadata={_META_KEY: header}))
 
 
 @beartype.beartype
