@@ -43,10 +43,14 @@ def load(fpath: pathlib.Path, *, kind: str, version: int) -> tuple[dict[str, Ten
 
     Raises:
         FileNotFoundError: no file at `fpath`.
+        PermissionError: the file is not readable by this user (the error names it).
         ValueError: not a readable safetensors file, not a saev checkpoint, or of another kind or version.
     """
     if not fpath.is_file():
         raise FileNotFoundError(f"checkpoint {fpath} is missing")
+    # safetensors reports an unreadable file as "No such file or directory": open it ourselves first.
+    with open(fpath, "rb"):
+        pass
     try:
         with safetensors.safe_open(str(fpath), framework="pt", device="cpu") as fd:
             header = (fd.metadata() or {}).get(_META_KEY)

@@ -380,6 +380,7 @@ def load(dpath: pathlib.Path | str, device: str | torch.device = "cpu") -> Spars
 
     Raises:
         FileNotFoundError: `sae.json` or `sae.safetensors` is missing (the message names the file).
+        PermissionError: a file is not readable by this user (the error names the file).
         ValueError: the JSON is not a valid `SaeConfig` + activation, or the tensors' names or shapes disagree
             with it.
     """
@@ -400,6 +401,9 @@ def load(dpath: pathlib.Path | str, device: str | torch.device = "cpu") -> Spars
 
     sae = SparseAutoencoder(cfg, activation)
     expected = {name: tuple(p.shape) for name, p in sae.state_dict().items()}
+    # safetensors reports an unreadable file as "No such file or directory": open it ourselves first.
+    with open(weights_fpath, "rb"):
+        pass
     try:
         tensors = safetensors.torch.load_file(str(weights_fpath), device="cpu")
     except safetensors.SafetensorError as err:

@@ -266,3 +266,32 @@ def test_sae_save_disk_full_without_tmpfs(tmp_path, monkeypatch):
     with pytest.raises(artifacts.WriteError) as info:
         nn.save(sae, tmp_path / "sae")
     _assert_disk_full(info.value, tmp_path / "sae" / nn.WEIGHTS_FNAME)
+
+
+####################
+# Unreadable files #
+####################
+
+
+@pytest.mark.parametrize("which", ["sae", "checkpoint"])
+def test_unreadable_weights_are_permission_error_not_missing(tmp_path, monkeypatch, which):
+    """safetensors reports EACCES as 'No such file or directory'; load opens the file itself first, so a
+    labmate's 0600 file is a PermissionError naming it (we run as root, so the denial is simulated)."""
+    if which == "sae":
+        nn.save(nn.SparseAutoencoder(nn.SaeConfig(d_vit=4, exp_factor=2)), tmp_path)
+        fpath, module, load = tmp_path / nn.WEIGHTS_FNAME, nn, lambda: nn.load(tmp_path)
+    else:
+        fpath = tmp_path / "ckpt.safetensors"
+        checkpoint.save(fpath, {"w": torch.ones(2)}, kind="t", version=1, meta={})
+        module, load = checkpoint, lambda: checkpoint.load(fpath, kind="t", version=1)
+
+    real_open = open
+
+    def deny(file, *args, **kwargs):
+        if pathlib.Path(file) == fpath:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(module, "open", deny, raising=False)
+    with pytest.raises(PermissionError, match=rf"Permission denied: '{fpath}'"):
+        load()

@@ -26,7 +26,8 @@ SCORE_PARTIALS_XFAIL = pytest.mark.xfail(
     strict=True,
     reason="stages/score.py writes partials with safetensors.numpy.save_file, which creates 0600 files; it needs "
     "safetensors.numpy.save(...) bytes written by artifacts.atomic_write_bytes (as saev/nn.py and "
-    "saev/checkpoint.py do). Remove this mark when it does.",
+    "saev/checkpoint.py do). Another user then fails to read them, which safetensors misreports as 'No such file "
+    "or directory' (read_partials should open each file itself first). Remove this mark when it does.",
 )
 
 
