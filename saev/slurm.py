@@ -23,8 +23,14 @@ QUERY_TIMEOUT_S = 30.0
 class SlurmError(RuntimeError):
     """Slurm refused or could not take a submission (controller unreachable, bad partition or account, no sbatch).
 
-    The message is one line: what failed, the first line of sbatch's error, and what to check.
+    The message is one line: what failed, the first line of sbatch's error, and what to check. `submitted` holds
+    the job ids (array tasks as `ARRAYID_TASK`, in `args_list` order) that this `submit` call did get queued
+    before the failure, so a caller can record them instead of submitting those pieces twice.
     """
+
+    def __init__(self, msg: str, submitted: Sequence[str] = ()):
+        super().__init__(msg)
+        self.submitted: tuple[str, ...] = tuple(submitted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +157,7 @@ def submit(
     except Exception as err:
         if not _is_submission_error(err):
             raise
-        raise SlurmError(_submission_message(stage, err, ids)) from err
+        raise SlurmError(_submission_message(stage, err, ids), submitted=ids) from err
     return ids
 
 

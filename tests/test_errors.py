@@ -165,6 +165,13 @@ def test_submit_reports_arrays_already_submitted(fake_slurm, tmp_path):
     cfg = slurm.SlurmConfig(log_dpath=tmp_path / "logs", max_array_size=2)
     with pytest.raises(slurm.SlurmError, match=r"Invalid account; .*\(already submitted for this stage: 4242\)$"):
         slurm.submit(cfg, "score", _job, [(i,) for i in range(4)])
+    with pytest.raises(slurm.SlurmError) as info:  # the counter file exists now: the first array fails too
+        slurm.submit(cfg, "score", _job, [(i,) for i in range(4)])
+    assert info.value.submitted == ()
+    counter.unlink()
+    with pytest.raises(slurm.SlurmError) as info:
+        slurm.submit(cfg, "score", _job, [(i,) for i in range(4)])
+    assert info.value.submitted == ("4242_0", "4242_1")
 
 
 def test_submit_garbled_sbatch_output_is_slurm_error(fake_slurm, tmp_path):
