@@ -25,13 +25,16 @@ def save(
 ) -> None:
     """Write `tensors` (moved to cpu) and the JSON-serialisable `meta` to `fpath` atomically.
 
+    The file is serialised in memory and written by `artifacts.atomic_write_bytes`, so it follows the umask like
+    every other artifact file (safetensors' own `save_file` creates 0600 files) and a full disk is a `WriteError`
+    (`save_file` raises its own `SafetensorError` instead of an OSError).
+
     Raises:
         artifacts.WriteError: the file could not be written (e.g. disk full); the previous checkpoint is kept.
     """
     header = json.dumps({"kind": kind, "version": version, "meta": dict(meta)}, allow_nan=False)
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    with artifacts.atomic_path(fpath) as tmp_fpath:
-        safetensors.torch.save_file(cpu, str(tmp_fpath), metadata={_META_KEY: header})
+    artifacts.atomic_write_bytes(fpath, safetensors.torch.save(cpu, metadata={_META_KEY: header}))
 
 
 @beartype.beartype
@@ -40,10 +43,14 @@ def load(fpath: pathlib.Path, *, kind: str, version: int) -> tuple[dict[str, Ten
 
     Raises:
         FileNotFoundError: no file at `fpath`.
+        PermissionError: the file is not readable by this user (the error names it).
         ValueError: not a readable safetensors file, not a saev checkpoint, or of another kind or version.
     """
     if not fpath.is_file():
         raise FileNotFoundError(f"checkpoint {fpath} is missing")
+    # safetensors reports an unreadable file as "No such file or directory": open it ourselves first.
+    with open(fpath, "rb"):
+        pass
     try:
         with safetensors.safe_open(str(fpath), framework="pt", device="cpu") as fd:
             header = (fd.metadata() or {}).get(_META_KEY)

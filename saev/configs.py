@@ -20,20 +20,45 @@ class ConfigError(ValueError):
 
 @beartype.beartype
 def load_toml(fpath: pathlib.Path | str) -> dict[str, typing.Any]:
-    """Parse a TOML file; syntax errors become `ConfigError` naming the file and line."""
+    """Parse a TOML file; every problem reading or parsing it becomes one `ConfigError` naming the file.
+
+    Raises:
+        ConfigError: the file is missing, a directory, unreadable (permissions or any other OSError), not UTF-8
+            text, or not valid TOML (the message has the line and column).
+    """
     fpath = pathlib.Path(fpath)
     try:
-        with open(fpath, "rb") as fd:
-            return tomllib.load(fd)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {fpath}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config path is a directory, not a TOML file: {fpath}") from None
-    except PermissionError:
-        raise ConfigError(f"config file is not readable: {fpath}") from None
+        return tomllib.loads(read_text(fpath, "config"))
     except tomllib.TOMLDecodeError as err:
         # tomllib's message ends with "(at line L, column C)".
         raise ConfigError(f"TOML syntax error in {fpath}: {err}") from None
+
+
+@beartype.beartype
+def read_text(fpath: pathlib.Path, what: str = "config") -> str:
+    """The whole text of the TOML file `fpath`, or `ConfigError` naming it (`what` names the kind of file).
+
+    Raises:
+        ConfigError: missing, a directory, unreadable, any other OSError (e.g. EIO on a flaky mount), or not UTF-8.
+    """
+    try:
+        data = fpath.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {fpath}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} path is a directory, not a TOML file: {fpath}") from None
+    except PermissionError:
+        raise ConfigError(f"{what} file is not readable (permission denied): {fpath}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} file {fpath}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{what} file {fpath} is not UTF-8 text (byte {data[err.start]:#04x} at line {line}); "
+            "TOML files must be UTF-8"
+        ) from None
 
 
 def closest(name: str, options: typing.Iterable[str]) -> str:

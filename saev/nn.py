@@ -360,12 +360,16 @@ class SaeStack(torch.nn.Module):
 def save(sae: SparseAutoencoder, dpath: pathlib.Path | str) -> None:
     """Write `sae` to the directory `dpath` as `sae.safetensors` (weights) and `sae.json` (config + activation).
 
-    Each file is written atomically (temp file + rename). The directory is created if needed.
+    Each file is written atomically (temp file + rename) with mode 0666 & ~umask; the weights are serialised in
+    memory first (safetensors' `save_file` would create a 0600 file and report a full disk as `SafetensorError`).
+    The directory is created if needed.
+
+    Raises:
+        artifacts.WriteError: a file could not be written (disk full, permissions); the message names it.
     """
     dpath = pathlib.Path(dpath)
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in sae.state_dict().items()}
-    with artifacts.atomic_path(dpath / WEIGHTS_FNAME) as tmp_fpath:
-        safetensors.torch.save_file(tensors, str(tmp_fpath))
+    artifacts.atomic_write_bytes(dpath / WEIGHTS_FNAME, safetensors.torch.save(tensors))
     config = {**dataclasses.asdict(sae.cfg), "activation": activation_to_json(sae.activation)}
     artifacts.atomic_write_json(dpath / CONFIG_FNAME, config)
 
@@ -376,6 +380,7 @@ def load(dpath: pathlib.Path | str, device: str | torch.device = "cpu") -> Spars
 
     Raises:
         FileNotFoundError: `sae.json` or `sae.safetensors` is missing (the message names the file).
+        PermissionError: a file is not readable by this user (the error names the file).
         ValueError: the JSON is not a valid `SaeConfig` + activation, or the tensors' names or shapes disagree
             with it.
     """
@@ -396,6 +401,9 @@ def load(dpath: pathlib.Path | str, device: str | torch.device = "cpu") -> Spars
 
     sae = SparseAutoencoder(cfg, activation)
     expected = {name: tuple(p.shape) for name, p in sae.state_dict().items()}
+    # safetensors reports an unreadable file as "No such file or directory": open it ourselves first.
+    with open(weights_fpath, "rb"):
+        pass
     try:
         tensors = safetensors.torch.load_file(str(weights_fpath), device="cpu")
     except safetensors.SafetensorError as err:

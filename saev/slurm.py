@@ -16,6 +16,22 @@ import beartype
 
 logger = logging.getLogger("saev.slurm")
 
+QUERY_TIMEOUT_S = 30.0
+"""How long `job_states` waits for sacct or squeue before giving up on it."""
+
+
+class SlurmError(RuntimeError):
+    """Slurm refused or could not take a submission (controller unreachable, bad partition or account, no sbatch).
+
+    The message is one line: what failed, the first line of sbatch's error, and what to check. `submitted` holds
+    the job ids (array tasks as `ARRAYID_TASK`, in `args_list` order) that this `submit` call did get queued
+    before the failure, so a caller can record them instead of submitting those pieces twice.
+    """
+
+    def __init__(self, msg: str, submitted: Sequence[str] = ()):
+        super().__init__(msg)
+        self.submitted: tuple[str, ...] = tuple(submitted)
+
 
 @dataclasses.dataclass(frozen=True)
 class Resources:
@@ -115,19 +131,78 @@ def submit(
     """Submit `fn(*args)` for each args tuple: one job, or job arrays of at most `max_array_size` tasks.
 
     Returns the Slurm job ids (array tasks as `ARRAYID_TASK`), suitable for `after=` of a downstream stage.
+
+    Raises:
+        SlurmError: no Slurm client here (no srun/sbatch on PATH), or sbatch failed (e.g. the controller is
+            unreachable, an unknown partition or account) or answered something that is not a job id. Arrays
+            submitted before the failing one stay queued; their ids are in the message.
     """
     if not args_list:
         return []
-    executor = make_executor(cfg, stage, after=after)
-    if len(args_list) == 1:
-        job = executor.submit(fn, *args_list[0])
-        return [str(job.job_id)]
-    ids = []
-    for start in range(0, len(args_list), cfg.max_array_size):
-        chunk = args_list[start : start + cfg.max_array_size]
-        jobs = executor.map_array(fn, *zip(*chunk))
-        ids.extend(str(job.job_id) for job in jobs)
+    try:
+        executor = make_executor(cfg, stage, after=after)
+    except RuntimeError as err:  # submitit: 'Could not detect "srun", are you indeed on a slurm cluster?'
+        raise SlurmError(
+            f"cannot submit stage '{stage}': {_first_line(str(err))} (run on a Slurm login node, or use --executor local)"
+        ) from err
+    ids: list[str] = []
+    try:
+        if len(args_list) == 1:
+            job = executor.submit(fn, *args_list[0])
+            return [str(job.job_id)]
+        for start in range(0, len(args_list), cfg.max_array_size):
+            chunk = args_list[start : start + cfg.max_array_size]
+            jobs = executor.map_array(fn, *zip(*chunk))
+            ids.extend(str(job.job_id) for job in jobs)
+    except Exception as err:
+        if not _is_submission_error(err):
+            raise
+        raise SlurmError(_submission_message(stage, err, ids), submitted=ids) from err
     return ids
+
+
+def _is_submission_error(err: BaseException) -> bool:
+    """Whether `err` is how submitit reports a failed `sbatch`: `FailedJobError` (sbatch exited non-zero; its
+    stderr is the message), `FailedSubmissionError` (no job id in sbatch's output), `CalledProcessError`, or an
+    OSError from starting sbatch (not on PATH, not executable)."""
+    import subprocess
+
+    from submitit.core import utils as submitit_utils
+
+    return isinstance(
+        err,
+        (submitit_utils.FailedJobError, submitit_utils.FailedSubmissionError, subprocess.CalledProcessError, OSError),
+    )
+
+
+def _submission_message(stage: str, err: BaseException, submitted: Sequence[str]) -> str:
+    """One line: which stage, sbatch's first error line (or the file submitit could not write), what to check."""
+    import subprocess
+
+    if isinstance(err, OSError) and str(err.filename) != "sbatch":
+        # submitit writes the job script and pickles under [slurm] log_dpath before it runs sbatch.
+        msg = f"cannot submit stage '{stage}': could not write {err.filename}: {err.strerror or err}; check [slurm] log_dpath"
+    elif isinstance(err, OSError):
+        what = "sbatch not found on PATH" if isinstance(err, FileNotFoundError) else f"could not run sbatch: {err.strerror or err}"
+        msg = f"cannot submit stage '{stage}': {what}; run on a Slurm login node, or use --executor local"
+    else:
+        if isinstance(err, subprocess.CalledProcessError):
+            detail = err.stderr or err.output or str(err)
+            detail = detail.decode("utf-8", "replace") if isinstance(detail, bytes) else str(detail)
+        else:
+            detail = str(err)
+        msg = (
+            f"sbatch failed for stage '{stage}': {_first_line(detail) or type(err).__name__}; check that the Slurm "
+            "controller is reachable (`sinfo`) and the partition/account in [slurm]"
+        )
+    if submitted:
+        msg += f" (already submitted for this stage: {', '.join(array_ids(submitted))})"
+    return msg
+
+
+def _first_line(text: str) -> str:
+    """The first non-empty line of `text`, stripped ('' if none)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 @beartype.beartype
@@ -151,11 +226,14 @@ ACTIVE_STATES = frozenset(
 
 
 @beartype.beartype
-def job_states(job_ids: Sequence[str]) -> dict[str, str]:
+def job_states(job_ids: Sequence[str], *, timeout_s: float = QUERY_TIMEOUT_S) -> dict[str, str]:
     """Current state of each job (array tasks as `ARRAY_TASK`): from sacct, or squeue when accounting is unavailable.
 
     Jobs Slurm no longer knows are left out. States are Slurm's words (PENDING, RUNNING, COMPLETED, FAILED,
     CANCELLED, TIMEOUT, OUT_OF_MEMORY, ...); "CANCELLED by 0" is shortened to "CANCELLED".
+
+    Never raises for Slurm's sake: when neither sacct nor squeue answers within `timeout_s` seconds each (no
+    controller, not on PATH, an error), every job is "UNKNOWN" and one warning names the reason.
     """
     import subprocess
 
@@ -164,15 +242,10 @@ def job_states(job_ids: Sequence[str]) -> dict[str, str]:
     wanted = set(job_ids)
     base_ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))
     states: dict[str, str] = {}
-    try:
-        out = subprocess.run(
-            ["sacct", "-n", "-P", "-X", "-j", base_ids, "-o", "JobID,State"],
-            capture_output=True, text=True, timeout=30,
-        )
-        ok = out.returncode == 0 and "disabled" not in out.stderr.lower()
-    except (OSError, subprocess.TimeoutExpired):
-        ok = False
-    if ok:
+    out, sacct_problem = _query(["sacct", "-n", "-P", "-X", "-j", base_ids, "-o", "JobID,State"], timeout_s)
+    if out is not None and "disabled" in out.stderr.lower():
+        out, sacct_problem = None, "accounting disabled"
+    if out is not None:
         for line in out.stdout.splitlines():
             job_id, _, state = line.partition("|")
             state = state.split()[0] if state else ""
@@ -184,17 +257,34 @@ def job_states(job_ids: Sequence[str]) -> dict[str, str]:
                     if f"{base}_{task}" in wanted:
                         states[f"{base}_{task}"] = state
         return states
-    try:
-        out = subprocess.run(
-            ["squeue", "-h", "-r", "-j", base_ids, "-o", "%i|%T"], capture_output=True, text=True, timeout=30
+    out, squeue_problem = _query(["squeue", "-h", "-r", "-j", base_ids, "-o", "%i|%T"], timeout_s)
+    if out is None:
+        logger.warning(
+            "job states unknown: sacct %s; squeue %s; is the Slurm controller reachable (`sinfo`)?",
+            sacct_problem,
+            squeue_problem,
         )
-    except (OSError, subprocess.TimeoutExpired):
-        return states
+        return {job_id: "UNKNOWN" for job_id in job_ids}
     for line in out.stdout.splitlines():
         job_id, _, state = line.partition("|")
         if job_id in wanted:
             states[job_id] = state.strip()
     return states
+
+
+def _query(cmd: list[str], timeout_s: float) -> tuple["subprocess.CompletedProcess[str] | None", str]:
+    """Run a Slurm query: (the finished process, "") when it exited 0, else (None, why it failed, one line)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return None, f"did not answer within {timeout_s:g} s"
+    except OSError as err:
+        return None, f"could not run ({err.strerror or err})"
+    if out.returncode != 0:
+        return None, f"failed (exit {out.returncode}): {_first_line(out.stderr) or 'no message'}"
+    return out, ""
 
 
 def _expand_array_spec(spec: str) -> list[int]:

@@ -86,15 +86,31 @@ def load_sweep(fpath: pathlib.Path | str, cls: type[T], *, defaults: Mapping[str
     """Read the TOML file `fpath` (its top-level table is the sweep) and expand it with `expand_sweep`.
 
     Raises:
-        SweepError: the file is missing, is not valid TOML (the message has the line and column), or the sweep is
-            invalid; every message starts with the file path.
+        SweepError: the file is missing, a directory, unreadable (permissions or any other OSError), not UTF-8, not
+            valid TOML (the message has the line and column), or the sweep is invalid; every message starts with
+            the file path.
     """
     fpath = pathlib.Path(fpath)
     try:
-        with open(fpath, "rb") as fd:
-            table = tomllib.load(fd)
+        data = fpath.read_bytes()
     except FileNotFoundError as err:
         raise SweepError(f"{fpath}: sweep file not found") from err
+    except IsADirectoryError as err:
+        raise SweepError(f"{fpath}: sweep path is a directory, not a TOML file") from err
+    except PermissionError as err:
+        raise SweepError(f"{fpath}: sweep file is not readable (permission denied)") from err
+    except OSError as err:
+        raise SweepError(f"{fpath}: cannot read sweep file: {err.strerror or err}") from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise SweepError(
+            f"{fpath}: sweep file is not UTF-8 text (byte {data[err.start]:#04x} at line {line}); "
+            "TOML files must be UTF-8"
+        ) from err
+    try:
+        table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise SweepError(f"{fpath}: invalid TOML: {err}") from err
     try:

@@ -122,7 +122,9 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    # checkpoint.save serialises in memory and writes through artifacts.atomic_path, which fsyncs the temp file
+    # (where a full disk surfaces on filesystems that allocate late).
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save(fpath, {"w": torch.zeros(2)}, kind="test", version=1, meta={"step": 2})
     assert checkpoint.load(fpath, kind="test", version=1)[1] == {"step": 1}

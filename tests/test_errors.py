@@ -1,0 +1,304 @@
+"""A user's mistake or a broken environment is one clear error naming the file (or what to check), never a traceback:
+config and sweep files that are not UTF-8, directories or unreadable; an unreachable Slurm controller; a full disk
+while writing SAE weights or training checkpoints."""
+
+import contextlib
+import errno
+import logging
+import os
+import pathlib
+import shutil
+import stat
+import subprocess
+import textwrap
+
+import pytest
+import torch
+
+import launch
+from saev import artifacts, checkpoint, configs, nn, slurm, sweep, training
+
+NOT_UTF8 = b'# caf\xe9 (latin-1)\nroot = "runs"\n'
+"""A TOML file saved in latin-1: byte 0xe9 is not valid UTF-8."""
+
+CONTROLLER_DOWN = "slurm_load_partitions: Unable to contact slurm controller (connect failure)"
+
+
+################
+# Config files #
+################
+
+
+def test_config_not_utf8_names_the_file(tmp_path):
+    fpath = tmp_path / "latin1.toml"
+    fpath.write_bytes(NOT_UTF8)
+    with pytest.raises(configs.ConfigError, match=rf"{fpath} is not UTF-8 text \(byte 0xe9 at line 1\)"):
+        configs.load_toml(fpath)
+
+
+def test_config_directory_names_it(tmp_path):
+    with pytest.raises(configs.ConfigError, match=rf"config path is a directory, not a TOML file: {tmp_path}"):
+        configs.load_toml(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "err, msg",
+    [
+        (PermissionError(errno.EACCES, "Permission denied"), "config file is not readable \\(permission denied\\)"),
+        (OSError(errno.EIO, "Input/output error"), "cannot read config file .*: Input/output error"),
+    ],
+)
+def test_config_unreadable_names_it(tmp_path, monkeypatch, err, msg):
+    fpath = tmp_path / "a.toml"
+    fpath.write_text('root = "runs"\n')
+
+    def fail(self):
+        raise err
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", fail)
+    with pytest.raises(configs.ConfigError, match=msg) as info:
+        configs.load_toml(fpath)
+    assert str(fpath) in str(info.value)
+
+
+def test_launcher_not_utf8_config_is_one_error_line(tmp_path, capsys):
+    fpath = tmp_path / "latin1.toml"
+    fpath.write_bytes(NOT_UTF8)
+    assert launch.main(launch.Args(config=fpath)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(fpath) in err and "Traceback" not in err
+
+
+def test_sweep_not_utf8_names_the_file(tmp_path):
+    fpath = tmp_path / "sweep.toml"
+    fpath.write_bytes(b"lr = [1e-3]\n# \xff\n")
+    with pytest.raises(sweep.SweepError, match=rf"{fpath}: sweep file is not UTF-8 text \(byte 0xff at line 2\)"):
+        sweep.load_sweep(fpath, training.TrainConfig)
+
+
+def test_sweep_directory_names_it(tmp_path):
+    with pytest.raises(sweep.SweepError, match=rf"{tmp_path}: sweep path is a directory"):
+        sweep.load_sweep(tmp_path, training.TrainConfig)
+
+
+@pytest.mark.parametrize(
+    "err, msg",
+    [
+        (PermissionError(errno.EACCES, "Permission denied"), "sweep file is not readable \\(permission denied\\)"),
+        (OSError(errno.EIO, "Input/output error"), "cannot read sweep file: Input/output error"),
+    ],
+)
+def test_sweep_unreadable_names_it(tmp_path, monkeypatch, err, msg):
+    fpath = tmp_path / "sweep.toml"
+    fpath.write_text("lr = [1e-3]\n")
+
+    def fail(self):
+        raise err
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", fail)
+    with pytest.raises(sweep.SweepError, match=rf"{fpath}: {msg}"):
+        sweep.load_sweep(fpath, training.TrainConfig)
+
+
+@pytest.mark.parametrize("case", ["not-utf8", "directory"])
+def test_launcher_bad_sweep_is_one_error_line(tiny_config, capsys, case):
+    sweep_fpath = tiny_config.parent / "tiny-sweep.toml"
+    if case == "not-utf8":
+        sweep_fpath.write_bytes(sweep_fpath.read_bytes() + b"# \xe9\n")
+    else:
+        sweep_fpath.unlink()
+        sweep_fpath.mkdir()
+    assert launch.main(launch.Args(config=tiny_config, dry_run=True)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(sweep_fpath) in err
+
+
+#########
+# Slurm #
+#########
+
+
+def _job(x: int) -> int:
+    return x
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> pathlib.Path:
+    """A directory first on PATH with `srun`, `sbatch`, `sacct`, `squeue` and `sinfo` that behave like a login
+    node whose controller is down: the message on stderr, exit 1. Tests replace single scripts."""
+    bin_dpath = tmp_path / "bin"
+    bin_dpath.mkdir()
+    for name in ("srun", "sbatch", "sacct", "squeue", "sinfo"):
+        _script(bin_dpath / name, f'echo "{name}: error: {CONTROLLER_DOWN}" >&2\nexit 1')
+    monkeypatch.setenv("PATH", f"{bin_dpath}{os.pathsep}{os.environ['PATH']}")
+    return bin_dpath
+
+
+def _script(fpath: pathlib.Path, body: str) -> None:
+    fpath.write_text("#!/bin/sh\n" + textwrap.dedent(body) + "\n")
+    fpath.chmod(fpath.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+@pytest.mark.parametrize("n_jobs", [1, 3])
+def test_submit_unreachable_controller_is_slurm_error(fake_slurm, tmp_path, n_jobs):
+    cfg = slurm.SlurmConfig(log_dpath=tmp_path / "logs")
+    with pytest.raises(slurm.SlurmError) as info:
+        slurm.submit(cfg, "score", _job, [(i,) for i in range(n_jobs)])
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith("sbatch failed for stage 'score': sbatch: error: " + CONTROLLER_DOWN), msg
+    assert "`sinfo`" in msg
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_submit_reports_arrays_already_submitted(fake_slurm, tmp_path):
+    counter = tmp_path / "n"
+    _script(
+        fake_slurm / "sbatch",
+        f"""\
+        if [ -e {counter} ]; then echo "sbatch: error: Batch job submission failed: Invalid account" >&2; exit 1; fi
+        touch {counter}; echo "Submitted batch job 4242"
+        """,
+    )
+    cfg = slurm.SlurmConfig(log_dpath=tmp_path / "logs", max_array_size=2)
+    with pytest.raises(slurm.SlurmError, match=r"Invalid account; .*\(already submitted for this stage: 4242\)$"):
+        slurm.submit(cfg, "score", _job, [(i,) for i in range(4)])
+    with pytest.raises(slurm.SlurmError) as info:  # the counter file exists now: the first array fails too
+        slurm.submit(cfg, "score", _job, [(i,) for i in range(4)])
+    assert info.value.submitted == ()
+    counter.unlink()
+    with pytest.raises(slurm.SlurmError) as info:
+        slurm.submit(cfg, "score", _job, [(i,) for i in range(4)])
+    assert info.value.submitted == ("4242_0", "4242_1")
+
+
+def test_submit_garbled_sbatch_output_is_slurm_error(fake_slurm, tmp_path):
+    _script(fake_slurm / "sbatch", "echo 'sbatch: something unexpected'")
+    with pytest.raises(slurm.SlurmError, match="sbatch failed for stage 'train': Could not make sense of sbatch"):
+        slurm.submit(slurm.SlurmConfig(log_dpath=tmp_path / "logs"), "train", _job, [(1,)])
+
+
+def test_submit_without_sbatch_is_slurm_error(fake_slurm, tmp_path, monkeypatch):
+    (fake_slurm / "sbatch").unlink()
+    monkeypatch.setenv("PATH", str(fake_slurm))  # srun only: no sbatch anywhere
+    with pytest.raises(slurm.SlurmError, match="sbatch not found on PATH; .*--executor local"):
+        slurm.submit(slurm.SlurmConfig(log_dpath=tmp_path / "logs"), "mask", _job, [(1,)])
+
+
+def test_submit_without_srun_is_slurm_error(fake_slurm, tmp_path, monkeypatch):
+    (fake_slurm / "srun").unlink()
+    monkeypatch.setenv("PATH", str(fake_slurm))
+    with pytest.raises(slurm.SlurmError, match="cannot submit stage 'dump': Could not detect \"srun\""):
+        slurm.submit(slurm.SlurmConfig(log_dpath=tmp_path / "logs"), "dump", _job, [(1,)])
+
+
+def test_job_states_unreachable_controller_is_unknown_with_one_warning(fake_slurm, caplog):
+    with caplog.at_level(logging.WARNING, logger="saev.slurm"):
+        states = slurm.job_states(["12_0", "12_1", "13"])
+    assert states == {"12_0": "UNKNOWN", "12_1": "UNKNOWN", "13": "UNKNOWN"}
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    msg = warnings[0].getMessage()
+    assert CONTROLLER_DOWN in msg and "`sinfo`" in msg and "\n" not in msg
+
+
+def test_job_states_hanging_sacct_times_out_to_squeue(fake_slurm):
+    _script(fake_slurm / "sacct", "exec sleep 30")
+    _script(fake_slurm / "squeue", "echo '12_0|RUNNING'\necho '13|PENDING'")
+    assert slurm.job_states(["12_0", "13"], timeout_s=0.5) == {"12_0": "RUNNING", "13": "PENDING"}
+
+
+def test_job_states_without_slurm_commands_is_unknown(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing there
+    with caplog.at_level(logging.WARNING, logger="saev.slurm"):
+        assert slurm.job_states(["7"]) == {"7": "UNKNOWN"}
+    assert "could not run" in caplog.text
+
+
+#############
+# Full disk #
+#############
+
+
+@contextlib.contextmanager
+def small_tmpfs(dpath: pathlib.Path, size: str = "200k"):
+    """Mount a tmpfs of `size` on `dpath` (skip the test if that is not possible); unmount afterwards."""
+    dpath.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount")
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(dpath)], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {out.stderr.strip()}")
+    try:
+        yield dpath
+    finally:
+        subprocess.run(["umount", "-l", str(dpath)], check=False)
+
+
+def _assert_disk_full(err: BaseException, fpath: pathlib.Path) -> None:
+    assert isinstance(err, artifacts.WriteError)
+    assert str(err).startswith(f"could not write {fpath} (disk full?)"), str(err)
+
+
+def test_sae_save_on_full_disk_is_write_error(tmp_path):
+    sae = nn.SparseAutoencoder(nn.SaeConfig(d_vit=64, exp_factor=8))  # ~264 KB of weights > 200 KB
+    with small_tmpfs(tmp_path / "disk") as dpath:
+        with pytest.raises(artifacts.WriteError) as info:
+            nn.save(sae, dpath / "sae")
+        _assert_disk_full(info.value, dpath / "sae" / nn.WEIGHTS_FNAME)
+        assert list((dpath / "sae").iterdir()) == []  # no temp file left behind
+
+
+def test_checkpoint_save_on_full_disk_is_write_error_and_keeps_the_previous(tmp_path):
+    with small_tmpfs(tmp_path / "disk") as dpath:
+        fpath = dpath / "ckpt.safetensors"
+        checkpoint.save(fpath, {"w": torch.ones(10)}, kind="test", version=1, meta={"step": 1})
+        with pytest.raises(artifacts.WriteError) as info:
+            checkpoint.save(fpath, {"w": torch.zeros(100_000)}, kind="test", version=1, meta={"step": 2})
+        _assert_disk_full(info.value, fpath)
+        assert checkpoint.load(fpath, kind="test", version=1)[1] == {"step": 1}
+        assert [p.name for p in dpath.iterdir()] == ["ckpt.safetensors"]
+
+
+def test_sae_save_disk_full_without_tmpfs(tmp_path, monkeypatch):
+    """The same conversion where no tmpfs can be mounted: ENOSPC from the temp file's fsync."""
+    sae = nn.SparseAutoencoder(nn.SaeConfig(d_vit=4, exp_factor=2))
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(artifacts.WriteError) as info:
+        nn.save(sae, tmp_path / "sae")
+    _assert_disk_full(info.value, tmp_path / "sae" / nn.WEIGHTS_FNAME)
+
+
+####################
+# Unreadable files #
+####################
+
+
+@pytest.mark.parametrize("which", ["sae", "checkpoint"])
+def test_unreadable_weights_are_permission_error_not_missing(tmp_path, monkeypatch, which):
+    """safetensors reports EACCES as 'No such file or directory'; load opens the file itself first, so a
+    labmate's 0600 file is a PermissionError naming it (we run as root, so the denial is simulated)."""
+    if which == "sae":
+        nn.save(nn.SparseAutoencoder(nn.SaeConfig(d_vit=4, exp_factor=2)), tmp_path)
+        fpath, module, load = tmp_path / nn.WEIGHTS_FNAME, nn, lambda: nn.load(tmp_path)
+    else:
+        fpath = tmp_path / "ckpt.safetensors"
+        checkpoint.save(fpath, {"w": torch.ones(2)}, kind="t", version=1, meta={})
+        module, load = checkpoint, lambda: checkpoint.load(fpath, kind="t", version=1)
+
+    real_open = open
+
+    def deny(file, *args, **kwargs):
+        if pathlib.Path(file) == fpath:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(module, "open", deny, raising=False)
+    with pytest.raises(PermissionError, match=rf"Permission denied: '{fpath}'"):
+        load()
