@@ -11,15 +11,18 @@ and the launcher returning right after submission.
 """
 
 import dataclasses
+import os
 import pathlib
 import sys
+import tempfile
 import time
+import traceback
 import typing
 
 import tyro
 
 # Keep jaxtyped library code out of this module: submitit pickles the job function from stages.pipeline, not here.
-from saev import artifacts, configs, helpers, training
+from saev import artifacts, configs, helpers, slurm, training
 from stages import pipeline as pl
 
 Stage = typing.Literal["dump", "train", "mask", "score", "reduce", "all"]
@@ -62,7 +65,6 @@ def selected_stages(stage: str, only: bool) -> list[str]:
 
 def piece_jobs(plan: pl.Plan) -> dict[str, tuple[str, str]]:
     """Piece id -> (job id, Slurm state) for every piece that is not done and has a recorded job."""
-    from saev import slurm
 
     wanted: dict[str, str] = {}
     for stage_plan in plan.values():
@@ -117,7 +119,6 @@ def describe_plan(
                 continue
             lines.append(f"    {job_state.lower()}: {piece.label} (job {job_id})")
             if job_state not in _active_states() and pipeline.slurm is not None:
-                from saev import slurm
 
                 _, err_fpath = slurm.log_fpaths(pipeline.slurm, name, job_id)
                 lines.append(f"      log: {err_fpath}")
@@ -126,7 +127,6 @@ def describe_plan(
 
 
 def _active_states() -> frozenset[str]:
-    from saev import slurm
 
     return slurm.ACTIVE_STATES
 
@@ -149,7 +149,6 @@ def submit_slurm(pipeline: pl.Pipeline, plan: pl.Plan, stages: list[str], jobs: 
     """Submit every missing piece of the selected stages at once, each stage waiting (afterok) on the jobs of its
     upstream stages; pieces whose job is already pending or running are not submitted again (their job ids
     become dependencies instead). Returns stage -> job ids."""
-    from saev import slurm
 
     assert pipeline.slurm is not None
     waiting_on: dict[str, list[str]] = {}
@@ -165,7 +164,15 @@ def submit_slurm(pipeline: pl.Pipeline, plan: pl.Plan, stages: list[str], jobs: 
         after = [job for upstream in pl.STAGES[: pl.STAGES.index(name)] for job in waiting_on.get(upstream, [])]
         after = slurm.array_ids(after)
         args = [(pipeline, name, [piece.id]) for piece in todo]
-        job_ids = slurm.submit(pipeline.slurm, name, pl.run_pieces, args, after=after)
+        try:
+            job_ids = slurm.submit(pipeline.slurm, name, pl.run_pieces, args, after=after)
+        except slurm.SlurmError as err:
+            # What was queued before the failure is recorded, so that a rerun does not submit it twice.
+            for art in stage_plan.artifacts:
+                mine = {p.id: j for p, j in zip(todo, err.submitted) if p.artifact.key == art.key}
+                if mine:
+                    slurm.Ledger(art.dpath).record(mine)
+            raise
         for art in stage_plan.artifacts:
             mine = {p.id: j for p, j in zip(todo, job_ids) if p.artifact.key == art.key}
             if mine:
@@ -200,8 +207,52 @@ def check_inputs(pipeline: pl.Pipeline, plan: pl.Plan, stages: list[str]) -> Non
                     )
 
 
+RUN_ERRORS = (
+    artifacts.IncompleteArtifactError,
+    artifacts.ArtifactBusyError,
+    configs.ConfigError,
+    slurm.SlurmError,
+    ValueError,
+    OSError,
+)
+"""What a run can end with that is the user's data, a config or the environment, not our bug: one `error:` line."""
+
+
 def main(args: Args) -> int:
+    """Run the launcher; every error a user can cause or fix is one `error:` line (exit 1, or 2 for a bad config);
+    anything else is our bug: its traceback is printed and kept in a log file whose path is printed last."""
     helpers.setup_logging()
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume (finished pieces are kept)", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 -- a bug of ours: keep the whole story
+        text = traceback.format_exc()
+        fpath = _crash_log(text)
+        print(text, file=sys.stderr, end="")
+        print(
+            f"error: unexpected {type(err).__name__}: {err} (a bug in the pipeline, please report it); "
+            f"traceback saved to {fpath}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _crash_log(text: str) -> pathlib.Path | str:
+    """Save a traceback under logs/crashes/ (or the temp dir); returns where it went."""
+    name = f"launch-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    for dpath in (pathlib.Path("logs") / "crashes", pathlib.Path(tempfile.gettempdir())):
+        try:
+            dpath.mkdir(parents=True, exist_ok=True)
+            (dpath / name).write_text(" ".join(sys.argv) + "\n" + text)
+            return (dpath / name).resolve()
+        except OSError:
+            continue
+    return "(nowhere: no writable logs/ or temp dir)"
+
+
+def _main(args: Args) -> int:
     try:
         pipeline = pl.load(args.config)
     except configs.ConfigError as err:
@@ -218,7 +269,7 @@ def main(args: Args) -> int:
 
     try:
         plan = pl.make_plan(pipeline)
-    except (configs.ConfigError, ValueError, FileNotFoundError) as err:
+    except (configs.ConfigError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     stages = selected_stages(args.stage, args.only)
@@ -231,8 +282,12 @@ def main(args: Args) -> int:
               + (f"{sum(line.startswith('bad: ') for line in lines)} bad file(s)" if lines else "every file matches its checksum"))
         return 1 if lines else 0
     if not (args.dry_run or args.status):
-        for line in pl.repair_store(pipeline, plan, stages):
-            print(f"warning: {line}", file=sys.stderr, flush=True)
+        try:
+            for line in pl.repair_store(pipeline, plan, stages):
+                print(f"warning: {line}", file=sys.stderr, flush=True)
+        except OSError as err:
+            print(f"error: cannot check the artifacts under {pipeline.root}: {err}", file=sys.stderr)
+            return 1
     jobs = piece_jobs(plan) if executor == "slurm" else {}
     print(describe_plan(pipeline, plan, stages, verbose=args.status, jobs=jobs), flush=True)
     if args.dry_run or args.status:
@@ -251,7 +306,7 @@ def main(args: Args) -> int:
             submit_slurm(pipeline, plan, stages, jobs)
             return 0
         run_local(pipeline, plan, stages)
-    except (artifacts.IncompleteArtifactError, artifacts.ArtifactBusyError, configs.ConfigError, ValueError, OSError) as err:
+    except RUN_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except training.Preempted as err:

@@ -44,13 +44,18 @@ def load(fpath: pathlib.Path, *, kind: str, version: int) -> tuple[dict[str, Ten
     Raises:
         FileNotFoundError: no file at `fpath`.
         PermissionError: the file is not readable by this user (the error names it).
-        ValueError: not a readable safetensors file, not a saev checkpoint, or of another kind or version.
+        ValueError: not a readable safetensors file, not the checksum it was written with, not a saev checkpoint, or of
+            another kind or version.
     """
     if not fpath.is_file():
         raise FileNotFoundError(f"checkpoint {fpath} is missing")
     # safetensors reports an unreadable file as "No such file or directory": open it ourselves first.
     with open(fpath, "rb"):
         pass
+    try:  # same-size corruption would otherwise resume from wrong weights
+        artifacts.verify_file(fpath)
+    except artifacts.DamagedArtifactError as err:
+        raise ValueError(f"checkpoint {err}; delete it to start over") from None
     try:
         with safetensors.safe_open(str(fpath), framework="pt", device="cpu") as fd:
             header = (fd.metadata() or {}).get(_META_KEY)

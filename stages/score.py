@@ -138,17 +138,16 @@ def run(pipeline, plan, piece: Piece) -> None:
     scores_NK = encode_block(sae, acts_ND, k_start, k_stop, batch_size=cfg.batch_size, device=device)
     ap_CK = ap.average_precision(scores_NK, torch.from_numpy(labels_N).to(device), n_classes=n_classes)
 
-    with artifacts.atomic_path(piece.fpath) as tmp_fpath:
-        safetensors.numpy.save_file(
-            {
-                "ap_CK": ap_CK.cpu().numpy(),
-                "min_K": scores_NK.amin(dim=0).cpu().numpy(),
-                "max_K": scores_NK.amax(dim=0).cpu().numpy(),
-                "k_range": np.array([k_start, k_stop], dtype=np.int64),
-            },
-            str(tmp_fpath),
-            metadata={"sae": info["sae"], "matmul_precision": cfg.matmul_precision},
-        )
+    tensors = {
+        "ap_CK": ap_CK.cpu().numpy(),
+        "min_K": scores_NK.amin(dim=0).cpu().numpy(),
+        "max_K": scores_NK.amax(dim=0).cpu().numpy(),
+        "k_range": np.array([k_start, k_stop], dtype=np.int64),
+    }
+    metadata = {"sae": info["sae"], "matmul_precision": cfg.matmul_precision}
+    # Serialised in memory, written by our own atomic writer: checksummed, umask permissions, a full disk is a
+    # WriteError naming the file (safetensors' own file writer gives 0600 files and its own error type).
+    artifacts.atomic_write_bytes(piece.fpath, safetensors.numpy.save(tensors, metadata=metadata))
 
 
 @torch.inference_mode()

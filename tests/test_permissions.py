@@ -22,15 +22,6 @@ from tests.conftest import write_tiny_config
 
 REPO_DPATH = pathlib.Path(__file__).resolve().parent.parent
 
-SCORE_PARTIALS_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="stages/score.py writes partials with safetensors.numpy.save_file, which creates 0600 files; it needs "
-    "safetensors.numpy.save(...) bytes written by artifacts.atomic_write_bytes (as saev/nn.py and "
-    "saev/checkpoint.py do). Another user then fails to read them, which safetensors misreports as 'No such file "
-    "or directory' (read_partials should open each file itself first). Remove this mark when it does.",
-)
-
-
 @contextlib.contextmanager
 def umask(mask: int):
     """Set the process umask for the block, restoring the previous one afterwards."""
@@ -75,7 +66,6 @@ def test_every_file_and_directory_follows_umask_002(umask002_run):
     assert not wrong, f"not 0664 (files) / 0775 (dirs) under umask 002: {wrong}"
 
 
-@SCORE_PARTIALS_XFAIL
 def test_score_partials_follow_umask_002(umask002_run):
     partials = [p for p in modes(umask002_run) if is_score_partial(p)]
     assert partials
@@ -156,11 +146,20 @@ def launch_as(user: str, shared: pathlib.Path, cfg: pathlib.Path, *args: str) ->
 @pytest.fixture(scope="module")
 def shared_run(lab_users):
     """A shared directory (root:saevlab, 2775) where saeva ran the tiny pipeline to completion."""
-    check = as_user(USER_A, pathlib.Path("/tmp"), sys.executable, "-c", "import torch, launch")
-    if check.returncode != 0:
-        pytest.skip(f"{sys.executable} or {REPO_DPATH} is not usable by other users: {check.stderr.strip()[-300:]}")
+    # Other users must reach the interpreter and the repository (here both may sit under root's 0700 home): let them
+    # traverse (o+x, no listing) each directory on the way for the duration of the test.
+    opened: list[tuple[pathlib.Path, int]] = []
+    for target in (pathlib.Path(os.path.realpath(sys.executable)), pathlib.Path(sys.prefix), REPO_DPATH):
+        for dpath in reversed(target.parents):
+            mode = stat.S_IMODE(dpath.stat().st_mode)
+            if not mode & stat.S_IXOTH and dpath not in [d for d, _ in opened]:
+                dpath.chmod(mode | stat.S_IXOTH)
+                opened.append((dpath, mode))
     shared = pathlib.Path(tempfile.mkdtemp(prefix="saev-shared-", dir="/tmp"))
     try:
+        check = as_user(USER_A, pathlib.Path("/tmp"), sys.executable, "-c", "import torch, launch")
+        if check.returncode != 0:
+            pytest.skip(f"{sys.executable} or {REPO_DPATH} is not usable by other users: {check.stderr.strip()[-300:]}")
         shutil.chown(shared, group=GROUP)
         shared.chmod(0o2775)
         (shared / "cfg").mkdir(mode=0o755)
@@ -170,6 +169,8 @@ def shared_run(lab_users):
         yield shared, cfg
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+        for dpath, mode in reversed(opened):
+            dpath.chmod(mode)
 
 
 @pytest.mark.slow
@@ -190,7 +191,6 @@ def test_second_user_reruns_a_k_block_in_first_users_artifact(shared_run):
 
 
 @pytest.mark.slow
-@SCORE_PARTIALS_XFAIL
 def test_second_user_reduces_first_users_partials(shared_run):
     shared, cfg = shared_run
     cfg.write_text(cfg.read_text() + "\n[reduce]\nn_top_images = 6\n")  # a new reduce artifact

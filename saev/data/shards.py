@@ -24,7 +24,7 @@ PROTOCOL = "1.1.0"
 """1.0.0 plus optional label keys in metadata.json (labels_dtype, labels_ignore, class_names): a minor addition."""
 
 
-class ShardError(RuntimeError):
+class ShardError(ValueError):
     """A dump directory is missing a file or a file has the wrong size; the message names it."""
 
 
