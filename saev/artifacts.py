@@ -577,7 +577,14 @@ class Artifact:
         """
         self.dpath.mkdir(parents=True, exist_ok=True)
         lock_fpath = self.dpath / (f".lock-{part}" if part else ".lock")
-        fd = os.open(lock_fpath, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides: group-shared roots
+        try:
+            fd = os.open(lock_fpath, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides: group-shared roots
+        except PermissionError as err:
+            raise PermissionError(
+                err.errno,
+                f"cannot open the lock file {lock_fpath}: {err.strerror} (a group-shared root needs group-writable "
+                f"files: `chmod g+w {self.root}/*/*/.lock*` once; run with umask 002)",
+            ) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -19,8 +19,9 @@ class ConfigError(ValueError):
 
 
 @beartype.beartype
-def load_toml(fpath: pathlib.Path | str) -> dict[str, typing.Any]:
-    """Parse a TOML file; every problem reading or parsing it becomes one `ConfigError` naming the file.
+def load_toml(fpath: pathlib.Path | str, what: str = "config") -> dict[str, typing.Any]:
+    """Parse a TOML file; every problem reading or parsing it becomes one `ConfigError` naming the file (`what` names
+    the kind of file in messages, e.g. "sweep").
 
     Raises:
         ConfigError: the file is missing, a directory, unreadable (permissions or any other OSError), not UTF-8
@@ -28,7 +29,7 @@ def load_toml(fpath: pathlib.Path | str) -> dict[str, typing.Any]:
     """
     fpath = pathlib.Path(fpath)
     try:
-        return tomllib.loads(read_text(fpath, "config"))
+        return tomllib.loads(read_text(fpath, what))
     except tomllib.TOMLDecodeError as err:
         # tomllib's message ends with "(at line L, column C)".
         raise ConfigError(f"TOML syntax error in {fpath}: {err}") from None

@@ -24,14 +24,13 @@ import dataclasses
 import difflib
 import itertools
 import pathlib
-import tomllib
 import types
 import typing
 from collections.abc import Mapping, Sequence
 
 import beartype
 
-from saev import training
+from saev import configs, training
 
 T = typing.TypeVar("T")
 
@@ -92,27 +91,9 @@ def load_sweep(fpath: pathlib.Path | str, cls: type[T], *, defaults: Mapping[str
     """
     fpath = pathlib.Path(fpath)
     try:
-        data = fpath.read_bytes()
-    except FileNotFoundError as err:
-        raise SweepError(f"{fpath}: sweep file not found") from err
-    except IsADirectoryError as err:
-        raise SweepError(f"{fpath}: sweep path is a directory, not a TOML file") from err
-    except PermissionError as err:
-        raise SweepError(f"{fpath}: sweep file is not readable (permission denied)") from err
-    except OSError as err:
-        raise SweepError(f"{fpath}: cannot read sweep file: {err.strerror or err}") from err
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise SweepError(
-            f"{fpath}: sweep file is not UTF-8 text (byte {data[err.start]:#04x} at line {line}); "
-            "TOML files must be UTF-8"
-        ) from err
-    try:
-        table = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise SweepError(f"{fpath}: invalid TOML: {err}") from err
+        table = configs.load_toml(fpath, what="sweep")
+    except configs.ConfigError as err:
+        raise SweepError(str(err)) from None  # it names the file
     try:
         return expand_sweep(table, cls, defaults=defaults)
     except SweepError as err:

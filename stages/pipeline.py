@@ -179,8 +179,12 @@ def explain(pipeline: Pipeline, plan: Plan, name: str, limit: int = 2) -> list[s
     """Why a stage has work to do: for up to `limit` of its artifacts that were never made, the closest earlier
     artifact of the stage under the same root and what differs (params, inputs; for a dump, which dataset files)."""
     stage_plan = plan[name]
-    new = [a for a in stage_plan.artifacts if a.check().state == "missing" and a.damage_note() is None]
-    lines = [f"{a.ref} was unsealed: {a.damage_note()}" for a in stage_plan.artifacts if a.damage_note()][:limit]
+    health = {a.key: a.check() for a in stage_plan.artifacts}
+    new = [a for a in stage_plan.artifacts if health[a.key].state == "missing" and a.damage_note() is None]
+    lines = [f"{a.ref} is damaged: {health[a.key].describe(a)}" for a in stage_plan.artifacts
+             if health[a.key].state == "damaged"][:limit]
+    lines += [f"{a.ref} was unsealed: {a.damage_note()}" for a in stage_plan.artifacts
+              if health[a.key].state == "missing" and a.damage_note()][:limit]
     if not new:
         return lines
     earlier = []

@@ -66,6 +66,11 @@ def get_sweep(pipeline) -> list[training.TrainConfig]:
     """The expanded sweep with the SAE input width taken from the ViT config, each config canonical
     (`training.get_canonical`) and each distinct SAE once, in sweep order."""
     fpath = pipeline.config_dpath / pipeline.train.sweep
+    if not fpath.exists() and not pipeline.train.sweep.is_absolute():
+        raise sweep.SweepError(
+            f"sweep file not found: {fpath} ([train] sweep = \"{pipeline.train.sweep}\" is relative to the config's "
+            f"directory {pipeline.config_dpath}: copy the sweep file there too, or give its absolute path)"
+        )
     d_vit = vit.get_d_vit(pipeline.dump.vit.model)
     expanded = sweep.load_sweep(fpath, training.TrainConfig, defaults={"sae.d_vit": d_vit})
     distinct = list(dict.fromkeys(training.get_canonical(cfg) for cfg in expanded))

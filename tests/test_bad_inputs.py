@@ -114,7 +114,7 @@ BAD_CONFIGS = [
     ("unknown-model", edit('model = "saev-tiny-vit"', 'model = "ViT-Q-99"'), 2, r"unknown open_clip model 'ViT-Q-99'"),
     ("layer-out-of-range", edit("layers = [-2, -1]", "layers = [-2, 9]"), 2, r"layer 9 is out of range for saev-tiny-vit"),
     ("train-layer-not-dumped", edit("layer = -1", "layer = 1"), 2, r"train.layer=1 .* not among the dumped layers"),
-    ("sweep-missing", edit('sweep = "tiny-sweep.toml"', 'sweep = "/nonexistent/sweep.toml"'), 2, r"/nonexistent/sweep.toml: sweep file not found"),
+    ("sweep-missing", edit('sweep = "tiny-sweep.toml"', 'sweep = "/nonexistent/sweep.toml"'), 2, r"sweep file not found: /nonexistent/sweep.toml"),
     ("sweep-unknown-key", edit("lr = 3e-3", "learning_rate = 3e-3", "tiny-sweep.toml"), 2, r"tiny-sweep.toml: .*unknown key 'learning_rate'"),
     ("sweep-wrong-type", edit("lr = 3e-3", 'lr = "fast"', "tiny-sweep.toml"), 2, r"tiny-sweep.toml: .*'lr'.*str"),
     ("missing-dataset-dir", folder(lambda d: shutil.rmtree(d)), 2, r"dataset directory not found: .*data"),

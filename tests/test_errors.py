@@ -73,20 +73,20 @@ def test_launcher_not_utf8_config_is_one_error_line(tmp_path, capsys):
 def test_sweep_not_utf8_names_the_file(tmp_path):
     fpath = tmp_path / "sweep.toml"
     fpath.write_bytes(b"lr = [1e-3]\n# \xff\n")
-    with pytest.raises(sweep.SweepError, match=rf"{fpath}: sweep file is not UTF-8 text \(byte 0xff at line 2\)"):
+    with pytest.raises(sweep.SweepError, match=rf"sweep file {fpath} is not UTF-8 text \(byte 0xff at line 2\)"):
         sweep.load_sweep(fpath, training.TrainConfig)
 
 
 def test_sweep_directory_names_it(tmp_path):
-    with pytest.raises(sweep.SweepError, match=rf"{tmp_path}: sweep path is a directory"):
+    with pytest.raises(sweep.SweepError, match=rf"sweep path is a directory, not a TOML file: {tmp_path}"):
         sweep.load_sweep(tmp_path, training.TrainConfig)
 
 
 @pytest.mark.parametrize(
     "err, msg",
     [
-        (PermissionError(errno.EACCES, "Permission denied"), "sweep file is not readable \\(permission denied\\)"),
-        (OSError(errno.EIO, "Input/output error"), "cannot read sweep file: Input/output error"),
+        (PermissionError(errno.EACCES, "Permission denied"), "sweep file is not readable \\(permission denied\\): {f}"),
+        (OSError(errno.EIO, "Input/output error"), "cannot read sweep file {f}: Input/output error"),
     ],
 )
 def test_sweep_unreadable_names_it(tmp_path, monkeypatch, err, msg):
@@ -97,7 +97,7 @@ def test_sweep_unreadable_names_it(tmp_path, monkeypatch, err, msg):
         raise err
 
     monkeypatch.setattr(pathlib.Path, "read_bytes", fail)
-    with pytest.raises(sweep.SweepError, match=rf"{fpath}: {msg}"):
+    with pytest.raises(sweep.SweepError, match=msg.format(f=fpath)):
         sweep.load_sweep(fpath, training.TrainConfig)
 
 

@@ -160,7 +160,7 @@ def test_load_sweep_reads_toml_sub_tables_and_dotted_keys(tmp_path):
 def test_toml_syntax_error_names_the_file_and_line(tmp_path):
     fpath = tmp_path / "bad.toml"
     fpath.write_text('lr = 1e-3\nsae.d_vit = 64\nl1_coeff = = 0.1\nseed = 0\n')
-    with pytest.raises(sweep.SweepError, match=rf"{re.escape(str(fpath))}: invalid TOML: .*line 3"):
+    with pytest.raises(sweep.SweepError, match=rf"TOML syntax error in {re.escape(str(fpath))}: .*line 3"):
         sweep.load_sweep(fpath, TrainConfig)
 
 
@@ -172,7 +172,7 @@ def test_sweep_errors_from_a_file_name_the_file(tmp_path):
 
 
 def test_missing_sweep_file_is_named(tmp_path):
-    with pytest.raises(sweep.SweepError, match="nope.toml: sweep file not found"):
+    with pytest.raises(sweep.SweepError, match="sweep file not found: .*nope.toml"):
         sweep.load_sweep(tmp_path / "nope.toml", TrainConfig)
 
 
