@@ -25,7 +25,7 @@ import torch
 
 # A script run as a file gets benchmarks/ on sys.path, not the repository root that holds saev/.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from saev import nn, training  # noqa: E402
+from saev import nn, objectives, training  # noqa: E402
 
 
 def get_args() -> argparse.Namespace:
@@ -35,7 +35,7 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--d-vit", type=int, default=256, help="activation width")
     parser.add_argument("--exp-factor", type=int, default=8, help="d_sae = d_vit * exp_factor")
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--objective", default="relu_l1", choices=list(training.OBJECTIVES))
+    parser.add_argument("--objective", default="relu_l1", choices=list(objectives.KINDS))
     parser.add_argument("--k", type=int, default=32, help="k of the top-k objectives")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=6, help="alternating batched/loop rounds")
@@ -53,12 +53,14 @@ def main() -> None:
     device = torch.device(args.device)
     base = training.TrainConfig(
         sae=nn.SaeConfig(d_vit=args.d_vit, exp_factor=args.exp_factor),
-        objective=args.objective,
-        k=args.k,
+        objective=(
+            objectives.ReluL1()
+            if args.objective == "relu_l1"  # dead_tokens: so that AuxK runs in the top-k objectives
+            else objectives.KINDS[args.objective](k=args.k, dead_tokens=args.batch_size * 2)
+        ),
         n_train=args.batch_size,
         batch_size=args.batch_size,
         warmup_steps=0,
-        dead_tokens=args.batch_size * 2,  # so AuxK runs in the top-k objectives
     )
     cfgs = [
         dataclasses.replace(base, sae=dataclasses.replace(base.sae, seed=s), lr=1e-3 * (1 + s / args.n_saes))

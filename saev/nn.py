@@ -302,7 +302,7 @@ class SaeStack(torch.nn.Module):
 
     Parameters: `W_enc` [S, d_vit, d_sae], `b_enc` [S, d_sae], `W_dec` [S, d_sae, d_vit], `b_dec` [S, d_vit]; slice
     s is initialised exactly like `SparseAutoencoder(cfgs[s])`. Every SAE reads the same input batch.
-    `pre_acts` and `decode` are the plain (autograd-friendly) formulas; the training step (saev.training.Objective)
+    `pre_acts` and `decode` are the plain (autograd-friendly) formulas; the training step (saev.objectives.Objective)
     computes the same ones with reused buffers and hand-written gradients.
     """
 

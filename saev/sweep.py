@@ -1,36 +1,38 @@
-"""Sweeps: a TOML table whose list values expand to a grid of frozen dataclass configs.
+"""Sweeps: a TOML table whose list values expand to a grid of configs, each point built by the config engine.
 
 Keys name fields by their dotted path from the top config class: `lr` is `TrainConfig.lr`, `sae.exp_factor` is
-`TrainConfig.sae.exp_factor`. In TOML a dotted key and a sub-table are the same thing, so these are equivalent:
+`TrainConfig.sae.exp_factor`, `objective.k` is the `k` of the objective. In TOML a dotted key and a sub-table are the
+same thing, so these are equivalent:
 
     sae.exp_factor = [8, 16]          |    [sae]
                                       |    exp_factor = [8, 16]
 
-(a Python dict may also use the flat string key "sae.exp_factor"). Bare names of nested fields (`exp_factor`) are
-NOT accepted: `seed` exists both as the data-order seed and as `sae.seed`, and a namespace where a key's meaning
-depends on which other fields exist would be fragile. An unknown key's error suggests the closest valid one.
+(a Python dict may also use the flat string key "sae.exp_factor"). A field chosen by kind (the objective) takes
+`objective = "topk"` or `objective.kind = "topk"`; a list of kinds is swept like any other list. When the kinds are
+swept, a field that only some of them read applies to those (`objective.kind = ["relu_l1", "topk"]` with
+`objective.k = [16, 32]` gives 1 + 2 SAEs); a field that no chosen kind reads is an error. A config class may declare
+`aliases` (a class variable: old key -> dotted key), e.g. `l1_coeff` for `objective.l1_coeff`.
 
-A list value is swept; a scalar is shared by every config. A tuple-typed field (e.g. `matryoshka_prefixes`)
-takes a list as ONE value; to sweep it give a list of lists (`[[64, 256], [128, 512]]`). The grid is the cartesian
-product over the swept keys sorted by dotted name, with the LAST key varying fastest (itertools.product order); so
-the order does not depend on how the file is laid out. For example {"lr": [1, 2], "sae.seed": [0, 1]} gives
+A list value is swept; a scalar is shared by every config. A tuple-typed field (e.g. `objective.prefixes`) takes a
+list as ONE value; to sweep it give a list of lists (`[[64, 256], [128, 512]]`). The grid is the cartesian product
+over the swept keys sorted by dotted name, with the LAST key varying fastest (itertools.product order); so the order
+does not depend on how the file is laid out. For example {"lr": [1, 2], "sae.seed": [0, 1]} gives
 (lr=1, seed=0), (lr=1, seed=1), (lr=2, seed=0), (lr=2, seed=1).
 
-`group(cfgs)` splits an expanded sweep of `TrainConfig`s into groups that `saev.training.train_group` trains
-together (same shape, objective and data stream).
+This module only flattens keys and takes the grid product; each point is checked and built by
+`saev.configs.from_dict`, so a sweep and a pipeline config give the same messages for the same mistakes.
 """
 
 import dataclasses
-import difflib
 import itertools
 import pathlib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import beartype
 
-from saev import configs, training
+from saev import configs
 
 T = typing.TypeVar("T")
 
@@ -40,7 +42,9 @@ class SweepError(ValueError):
 
 
 @beartype.beartype
-def expand_sweep(table: Mapping[str, object], cls: type[T], *, defaults: Mapping[str, object] | None = None) -> list[T]:
+def expand_sweep(
+    table: Mapping[str, object], cls: type[T], *, defaults: Mapping[str, object] | None = None, where: str = "sweep"
+) -> list[T]:
     """Expand a sweep table into the grid of `cls` instances it describes (see the module docstring for the rules).
 
     Arguments:
@@ -48,36 +52,45 @@ def expand_sweep(table: Mapping[str, object], cls: type[T], *, defaults: Mapping
         cls: a (frozen) dataclass, possibly with nested dataclass fields.
         defaults: values (same key rules, no lists) used for fields the table leaves out, e.g. `sae.d_vit` taken
             from the activations; the table wins where it gives the field too.
+        where: the file the table came from, for messages.
 
     Raises:
         SweepError: unknown key, value of the wrong type, empty list, key given twice, or a required field missing.
     """
     if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
         raise TypeError(f"{cls!r} is not a dataclass")
-    fields = _leaf_fields(cls)
-
-    flat = _flatten(table, fields)
-    for key, value in _flatten(defaults or {}, fields).items():
-        if _is_swept(value, fields[key]):
-            raise SweepError(f"default for key '{key}' must be a single value, got a list")
+    aliases = getattr(cls, "aliases", {})
+    flat = _kinds_as_keys(cls, _flatten(table, aliases))
+    for key, value in _kinds_as_keys(cls, _flatten(defaults or {}, aliases)).items():
+        if _is_swept(cls, key, value):
+            raise SweepError(f"{where}: default for key '{key}' must be a single value, got a list")
         flat.setdefault(key, value)
 
     choices: dict[str, list[object]] = {}
-    for key in sorted(flat):
+    written = {dotted: old for old, dotted in aliases.items() if old in table}  # sort by the key as written
+    for key in sorted(flat, key=lambda k: written.get(k, k)):
         value = flat[key]
-        if _is_swept(value, fields[key]):
+        if _is_swept(cls, key, value):
             if not value:
-                raise SweepError(f"key '{key}' has an empty list; give at least one value")
-            choices[key] = [_coerce(key, v, fields[key], i) for i, v in enumerate(value)]
+                raise SweepError(f"{where}: key '{key}' has an empty list; give at least one value")
+            choices[key] = list(value)
         else:
-            choices[key] = [_coerce(key, value, fields[key], None)]
-
-    missing = [k for k, f in fields.items() if _is_required(f) and k not in choices]
-    if missing:
-        raise SweepError(f"missing required key(s) {', '.join(repr(k) for k in missing)} in sweep")
+            choices[key] = [value]
 
     keys = list(choices)
-    return [_build(cls, dict(zip(keys, combo, strict=True))) for combo in itertools.product(*choices.values())]
+    out = []
+    for combo in itertools.product(*choices.values()):
+        point = _fit_kinds(cls, dict(zip(keys, combo, strict=True)), choices)
+        try:
+            out.append(configs.from_dict(cls, _unflatten(point), where))
+        except configs.ConfigError as err:
+            msg = str(err)
+            for key, value in zip(keys, combo, strict=True):  # name the list item at fault
+                if len(choices[key]) > 1 and (f"key '{key}'" in msg or f"key '{key}[" in msg):
+                    msg += f" (list index {choices[key].index(value)})"
+                    break
+            raise SweepError(msg) from None
+    return out
 
 
 @beartype.beartype
@@ -94,33 +107,7 @@ def load_sweep(fpath: pathlib.Path | str, cls: type[T], *, defaults: Mapping[str
         table = configs.load_toml(fpath, what="sweep")
     except configs.ConfigError as err:
         raise SweepError(str(err)) from None  # it names the file
-    try:
-        return expand_sweep(table, cls, defaults=defaults)
-    except SweepError as err:
-        raise SweepError(f"{fpath}: {err}") from err
-
-
-@beartype.beartype
-def group(cfgs: Sequence[training.TrainConfig], *, max_size: int | None = None) -> list[list[training.TrainConfig]]:
-    """Split a sweep into groups that can be trained together on one data stream (`training.train_group`).
-
-    Configs with the same `training.get_group_key` (d_vit, d_sae, objective and its shape fields, batch_size,
-    n_train, seed, n_eval) form a group. Deterministic: groups are ordered by their first config in `cfgs`, and
-    configs keep their sweep order within a group. With `max_size`, a larger group is cut into consecutive chunks
-    of at most that many configs (e.g. to fit GPU memory).
-
-    Raises:
-        ValueError: `max_size` is not positive.
-    """
-    if max_size is not None and max_size < 1:
-        raise ValueError(f"max_size must be positive, got {max_size}")
-    by_key: dict[tuple, list[training.TrainConfig]] = {}
-    for cfg in cfgs:
-        by_key.setdefault(tuple(training.get_group_key(cfg).items()), []).append(cfg)
-    groups = list(by_key.values())
-    if max_size is None:
-        return groups
-    return [g[i : i + max_size] for g in groups for i in range(0, len(g), max_size)]
+    return expand_sweep(table, cls, defaults=defaults, where=str(fpath))
 
 
 ###########
@@ -128,62 +115,13 @@ def group(cfgs: Sequence[training.TrainConfig], *, max_size: int | None = None) 
 ###########
 
 
-def _is_sequence_hint(hint: object) -> bool:
-    """Whether the field takes a tuple (then a list is one value, and a list of lists a sweep)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_is_sequence_hint(arg) for arg in typing.get_args(hint))
-    return origin is tuple or hint is tuple
-
-
-def _is_swept(value: object, leaf: "_Leaf") -> bool:
-    if not isinstance(value, list):
-        return False
-    if _is_sequence_hint(leaf.hint):
-        return bool(value) and all(isinstance(v, list) for v in value)
-    return True
-
-
-class _Leaf(typing.NamedTuple):
-    """A non-dataclass field reachable from the top class by a dotted path."""
-
-    hint: object
-    """The field's resolved type hint."""
-    field: dataclasses.Field
-    """The dataclass field itself (for defaults)."""
-
-
-def _leaf_fields(cls: type, prefix: str = "") -> dict[str, _Leaf]:
-    """Dotted path -> leaf field, depth first in declaration order."""
-    hints = typing.get_type_hints(cls)
-    out: dict[str, _Leaf] = {}
-    for field in dataclasses.fields(cls):
-        hint = hints[field.name]
-        if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-            out.update(_leaf_fields(hint, prefix + field.name + "."))
-        else:
-            out[prefix + field.name] = _Leaf(hint, field)
-    return out
-
-
-def _flatten(table: Mapping[str, object], fields: Mapping[str, _Leaf], prefix: str = "") -> dict[str, object]:
-    """Nested and dotted keys -> {dotted key: value}, checking every key exists."""
-    prefixes = {k.rsplit(".", 1)[0] + "." for k in fields if "." in k}
+def _flatten(table: Mapping[str, object], aliases: Mapping[str, str], prefix: str = "") -> dict[str, object]:
+    """Nested and dotted keys -> {dotted key: value}; old keys renamed by `aliases`; a bare string for a field chosen
+    by kind (`objective = "topk"`) becomes its `.kind`."""
     out: dict[str, object] = {}
     for raw_key, value in table.items():
-        key = prefix + raw_key
-        if isinstance(value, Mapping):
-            if key + "." not in prefixes:
-                if key in fields:
-                    raise SweepError(f"key '{key}' expects {_type_name(fields[key].hint)}, got a table")
-                raise SweepError(_unknown_key_msg(key, fields))
-            items = _flatten(value, fields, key + ".").items()
-        elif key in fields:
-            items = [(key, value)]
-        elif key + "." in prefixes:
-            raise SweepError(f"key '{key}' is a group of fields; give e.g. '{key}.<field>' or a [{key}] table")
-        else:
-            raise SweepError(_unknown_key_msg(key, fields))
+        key = aliases.get(prefix + raw_key, prefix + raw_key)
+        items = _flatten(value, {}, key + ".").items() if isinstance(value, Mapping) else [(key, value)]
         for k, v in items:
             if k in out:
                 raise SweepError(f"key '{k}' is given twice in sweep")
@@ -191,87 +129,93 @@ def _flatten(table: Mapping[str, object], fields: Mapping[str, _Leaf], prefix: s
     return out
 
 
-def _unknown_key_msg(key: str, fields: Mapping[str, _Leaf]) -> str:
-    msg = f"unknown key '{key}' in sweep"
-    # A bare nested name ('exp_factor') most likely means the one dotted key it ends.
-    suffix_matches = [k for k in fields if k.endswith("." + key)]
-    close = suffix_matches if len(suffix_matches) == 1 else difflib.get_close_matches(key, list(fields), n=1)
-    if close:
-        return f"{msg}; did you mean '{close[0]}'?"
-    return f"{msg}; valid keys: {', '.join(fields)}"
+def _kinds_as_keys(cls: type, flat: dict[str, object]) -> dict[str, object]:
+    """`objective = "topk"` (or a list of kinds) -> `objective.kind`, so that its fields can sit beside it."""
+    out: dict[str, object] = {}
+    for key, value in flat.items():
+        is_kind = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        if is_kind and configs.union_classes(configs.field_hint(cls, key)):
+            key = f"{key}.kind"
+        if key in out:
+            raise SweepError(f"key '{key}' is given twice in sweep")
+        out[key] = value
+    return out
 
 
-def _is_required(leaf: _Leaf) -> bool:
-    f = leaf.field
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+def _unflatten(flat: Mapping[str, object]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for name in parents:
+            child = node.setdefault(name, {})
+            if not isinstance(child, dict):
+                raise SweepError(f"key '{name}' is a group of fields; give e.g. '{name}.<field>' or a [{name}] table")
+            node = child
+        if isinstance(node.get(leaf), dict):
+            raise SweepError(f"key '{key}' is a group of fields; give e.g. '{key}.<field>' or a [{key}] table")
+        node[leaf] = value
+    return out
 
 
-def _type_name(hint: object) -> str:
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+def _is_swept(cls: type, key: str, value: object) -> bool:
+    """A list is swept, except for a tuple-typed field, which takes a list as one value (then a list of lists is
+    swept)."""
+    if not isinstance(value, list):
+        return False
+    if _is_sequence_hint(configs.field_hint(cls, key)):
+        return bool(value) and all(isinstance(v, list) for v in value)
+    return True
 
 
-def _coerce(key: str, value: object, leaf: _Leaf, index: int | None) -> object:
-    """`value` converted to the field's type (int -> float, str -> Path), or SweepError naming the key."""
-    hint = leaf.hint
-    ok, converted = _match(value, hint)
-    if ok:
-        return converted
-    where = "" if index is None else f" (list index {index})"
-    shown = f" {value!r}" if isinstance(value, (str, int, float, bool)) else ""
-    raise SweepError(f"key '{key}' expects {_type_name(hint)}, got {type(value).__name__}{shown}{where}")
-
-
-def _match(value: object, hint: object) -> tuple[bool, object]:
+def _is_sequence_hint(hint: object) -> bool:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            ok, converted = _match(value, arg)
-            if ok:
-                return True, converted
-        return False, None
-    if origin is typing.Literal:
-        return any(value == a and type(value) is type(a) for a in typing.get_args(hint)), value
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            return False, None
-        item_hints = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
-        if len(item_hints) != len(value):
-            return False, None
-        items = [_match(v, h) for v, h in zip(value, item_hints, strict=True)]
-        return all(ok for ok, _ in items), tuple(v for _, v in items)
-    if hint is type(None):
-        return value is None, None
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else None
-    if hint is str:
-        return isinstance(value, str), value
-    if isinstance(hint, type) and issubclass(hint, pathlib.PurePath):
-        ok = isinstance(value, (str, pathlib.PurePath))
-        return ok, hint(value) if ok else None
-    if hint is typing.Any or hint is object:
-        return True, value
-    if isinstance(hint, type):
-        return isinstance(value, hint), value
-    raise TypeError(f"sweeps do not support fields of type {hint!r}")
+        return any(_is_sequence_hint(arg) for arg in typing.get_args(hint))
+    return origin is tuple or hint is tuple
 
 
-def _build(cls: type[T], flat: Mapping[str, object], prefix: str = "") -> T:
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, object] = {}
-    for field in dataclasses.fields(cls):
-        key = prefix + field.name
-        hint = hints[field.name]
-        if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-            kwargs[field.name] = _build(hint, flat, key + ".")
-        elif key in flat:
-            kwargs[field.name] = flat[key]
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as err:
-        raise SweepError(f"invalid {cls.__name__}{' at ' + prefix.rstrip('.') if prefix else ''}: {err}") from err
+def _fit_kinds(cls: type, point: dict[str, object], choices: Mapping[str, list[object]]) -> dict[str, object]:
+    """Drop, from one grid point, the fields of a kind-chosen table that its kind does not read but another kind
+    swept in the same file does (so `objective.k` applies to the top-k points only). A field that no chosen kind reads
+    stays, and the config engine refuses it."""
+    out = dict(point)
+    for key in point:
+        parent, _, name = key.rpartition(".")
+        classes = configs.union_classes(configs.field_hint(cls, parent)) if parent else []
+        if not classes or name == "kind":
+            continue
+        by_kind = {configs.kind_of(c): c for c in classes}
+        chosen = point.get(f"{parent}.kind")
+        if chosen is None:  # the field's default kind
+            default = _default_at(cls, parent)
+            chosen = configs.kind_of(type(default)) if default is not None else None
+        swept = [k for k in choices.get(f"{parent}.kind", [chosen]) if k in by_kind]
+        if chosen in by_kind and name not in _field_names(by_kind[chosen]):
+            if any(name in _field_names(by_kind[k]) for k in swept):
+                del out[key]
+    return out
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _default_at(cls: type, path: str) -> object:
+    """The default value of the field at dotted `path` (None if it has none or a level is not a plain dataclass)."""
+    obj: object = None
+    current: type | None = cls
+    for name in path.split("."):
+        if current is None or not dataclasses.is_dataclass(current):
+            return None
+        field = {f.name: f for f in dataclasses.fields(current)}.get(name)
+        if field is None:
+            return None
+        if field.default is not dataclasses.MISSING:
+            obj = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            obj = field.default_factory()
+        else:
+            return None
+        current = type(obj) if dataclasses.is_dataclass(obj) else None
+    return obj

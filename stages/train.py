@@ -23,7 +23,7 @@ from saev.data.shards import Shards
 from .graph import Piece, StagePlan
 
 NAME = "train"
-VERSION = 2  # 2: batches from saev.data.loader (chunked windows) instead of a global permutation
+VERSION = 3  # 2: batches from saev.data.loader (chunked windows); 3: one config class per objective (params nest)
 
 logger = logging.getLogger("stages.train")
 
@@ -63,8 +63,8 @@ def get_layer(pipeline) -> int:
 
 
 def get_sweep(pipeline) -> list[training.TrainConfig]:
-    """The expanded sweep with the SAE input width taken from the ViT config, each config canonical
-    (`training.get_canonical`) and each distinct SAE once, in sweep order."""
+    """The expanded sweep with the SAE input width taken from the ViT config, each distinct SAE once, in sweep
+    order."""
     fpath = pipeline.config_dpath / pipeline.train.sweep
     if not fpath.exists() and not pipeline.train.sweep.is_absolute():
         raise sweep.SweepError(
@@ -73,18 +73,19 @@ def get_sweep(pipeline) -> list[training.TrainConfig]:
         )
     d_vit = vit.get_d_vit(pipeline.dump.vit.model)
     expanded = sweep.load_sweep(fpath, training.TrainConfig, defaults={"sae.d_vit": d_vit})
-    distinct = list(dict.fromkeys(training.get_canonical(cfg) for cfg in expanded))
+    distinct = list(dict.fromkeys(expanded))
     if len(distinct) < len(expanded):
         logger.warning(
-            "%s expands to %d configs but only %d distinct SAEs: a value was repeated, or an objective-specific "
-            "field (%s) was swept for an objective that does not read it",
-            fpath, len(expanded), len(distinct), ", ".join(training.OBJECTIVE_FIELDS),
+            "%s expands to %d configs but only %d distinct SAEs: a value was repeated, or an objective's field "
+            "was swept alongside an objective that does not read it (it applies to the others only)",
+            fpath, len(expanded), len(distinct),
         )  # fmt: skip
     return distinct
 
 
 def describe(cfg: training.TrainConfig) -> str:
-    return f"{cfg.objective} d_sae={cfg.sae.d_sae} l1={cfg.l1_coeff:g} lr={cfg.lr:g} seed={cfg.sae.seed}"
+    fields = ", ".join(f"{f.name}={getattr(cfg.objective, f.name)}" for f in dataclasses.fields(cfg.objective))
+    return f"{cfg.objective.kind}({fields}) d_sae={cfg.sae.d_sae} lr={cfg.lr:g} seed={cfg.sae.seed}"
 
 
 def plan(pipeline, upstream) -> StagePlan:
@@ -104,7 +105,7 @@ def plan(pipeline, upstream) -> StagePlan:
         all_inputs[art.key] = inputs
         info[art.key] = {"config": train_cfg, "d_sae": train_cfg.sae.d_sae, "layer": layer}
     pieces = []
-    for group in sweep.group(list(by_cfg), max_size=pipeline.train.max_group):
+    for group in training.group(list(by_cfg), max_size=pipeline.train.max_group):
         group_arts = [by_cfg[cfg] for cfg in group]
         label = describe(group[0]) if len(group) == 1 else f"group of {len(group)}: {describe(group[0])}, ..."
         pieces.append(Piece(NAME, group_arts[0], label=label, also=tuple(group_arts[1:])))

@@ -104,8 +104,8 @@ def _no_classes_file(data):
 # (id, mutation, exit code, message regex)
 BAD_CONFIGS = [
     ("toml-syntax", edit("[mask]", "[mask"), 2, r"TOML syntax error in .*tiny.toml.*line \d+"),
-    ("unknown-key", edit("n_keep = 2000", "n_kep = 2000"), 2, r"unknown key 'n_kep'; did you mean 'n_keep'\?"),
-    ("unknown-section", append("[scoer]\nblock_size = 4"), 2, r"unknown key 'scoer'; did you mean 'score'\?"),
+    ("unknown-key", edit("n_keep = 2000", "n_kep = 2000"), 2, r"tiny.toml: unknown key 'mask.n_kep'; did you mean 'mask.n_keep'\?"),
+    ("unknown-section", append("[scoer]\nblock_size = 4"), 2, r"tiny.toml: unknown key 'scoer'; did you mean 'score'\?"),
     ("wrong-type", edit("block_size = 64", 'block_size = "big"'), 2, r"block_size' expects int or 'auto', got str 'big'"),
     ("block-size-zero", edit("block_size = 64", "block_size = 0"), 2, r"score.block_size must be positive"),
     ("negative-heldout", edit("n_heldout = 500", "n_heldout = -1"), 2, r"mask.n_heldout must be >= 0"),

@@ -13,12 +13,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saev import checkpoint, nn, training
+from saev import checkpoint, nn, objectives, training
+from saev.objectives import BatchTopK
 
 TINY = training.TrainConfig(
     sae=nn.SaeConfig(d_vit=8, exp_factor=2), n_train=640, batch_size=64, warmup_steps=3, n_eval=88
 )
-TINY_BATCHTOPK = dataclasses.replace(TINY, objective="batchtopk", k=1, aux_k=2, dead_tokens=64)
+TINY_BATCHTOPK = dataclasses.replace(TINY, objective=BatchTopK(k=1, aux_k=2, dead_tokens=64))
 """BatchTopK: besides weights and Adam, its state has a threshold estimate and dead-latent counters (AuxK fires)."""
 
 
@@ -141,7 +142,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 ##########
 
 
-@pytest.mark.parametrize("cfgs", [[TINY], [TINY_BATCHTOPK, dataclasses.replace(TINY_BATCHTOPK, k=2, lr=3e-3)]])
+@pytest.mark.parametrize("cfgs", [[TINY], [TINY_BATCHTOPK, dataclasses.replace(TINY_BATCHTOPK, objective=BatchTopK(k=2, aux_k=2, dead_tokens=64), lr=3e-3)]])
 @pytest.mark.parametrize("stop_at", [1, 4, 10])
 def test_preempted_then_resumed_run_equals_an_uninterrupted_run(tiny_acts, tmp_path, cfgs, stop_at):
     fpath = tmp_path / "ckpt.safetensors"
@@ -233,9 +234,9 @@ def test_checkpoint_every_must_be_positive(tiny_acts, tmp_path):
 
 def test_a_tiled_group_resumes_to_the_uninterrupted_result(tiny_acts, tmp_path, monkeypatch):
     """BatchTopK thresholds live in per-tile objectives; the checkpoint gathers and restores them."""
-    cfgs = [TINY_BATCHTOPK, dataclasses.replace(TINY_BATCHTOPK, k=2, lr=3e-3), dataclasses.replace(TINY_BATCHTOPK, k=3)]
+    cfgs = [TINY_BATCHTOPK, dataclasses.replace(TINY_BATCHTOPK, objective=BatchTopK(k=2, aux_k=2, dead_tokens=64), lr=3e-3), dataclasses.replace(TINY_BATCHTOPK, objective=BatchTopK(k=3, aux_k=2, dead_tokens=64))]
     uninterrupted = training.train_group(cfgs, tiny_acts)
-    monkeypatch.setattr(training, "_CPU_TILE_BYTES", 1)  # one SAE per tile
+    monkeypatch.setattr(objectives, "_CPU_TILE_BYTES", 1)  # one SAE per tile
     fpath = tmp_path / "ckpt.safetensors"
     with pytest.raises(training.Preempted):
         train_with(cfgs, tiny_acts, action_at=(4, training.request_checkpoint), checkpoint_fpath=fpath)

@@ -63,7 +63,7 @@ def test_union_of_tables_needs_a_known_kind():
 
 
 def test_nested_unknown_key_names_the_path():
-    with pytest.raises(configs.ConfigError, match=r"key 'data': unknown key 'n_img'; did you mean 'n_imgs'"):
+    with pytest.raises(configs.ConfigError, match=r"t.toml: unknown key 'data.n_img'; did you mean 'data.n_imgs'"):
         configs.from_dict(Outer, {"data": {"kind": "inner", "n_img": 3}}, "t.toml")
 
 
@@ -77,3 +77,16 @@ def test_toml_syntax_error_names_file_and_line(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(configs.ConfigError, match="config file not found"):
         configs.load_toml(tmp_path / "nope.toml")
+
+
+def test_a_bare_string_selects_a_kind_with_its_defaults():
+    assert configs.from_dict(Outer, {"data": "inner"}, "t.toml").data == Inner()
+
+
+def test_a_table_without_kind_takes_the_kind_of_the_default():
+    assert configs.from_dict(Outer, {"data": {"n_imgs": 3}}, "t.toml").data == Inner(n_imgs=3)
+
+
+def test_a_bare_nested_name_suggests_its_dotted_key():
+    with pytest.raises(configs.ConfigError, match=r"unknown key 'n_imgs'; did you mean 'data.n_imgs'\?"):
+        configs.from_dict(Outer, {"n_imgs": 3}, "t.toml")

@@ -1,20 +1,30 @@
 """Training objectives: each keeps its defining property (TopK's k per example, BatchTopK's k * batch_size per batch
 and inference threshold, Matryoshka's nested prefixes, AuxK's revival of dead latents, unit decoder rows)."""
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from saev import nn, training
+from saev import nn, objectives, training
 
 D_VIT = 8
 
 
 def make_cfg(objective: str, **kwargs) -> training.TrainConfig:
-    fields = dict(n_train=64, batch_size=64, warmup_steps=0, n_eval=1, lr=1e-2) | kwargs
-    return training.TrainConfig(sae=nn.SaeConfig(d_vit=D_VIT, exp_factor=4), objective=objective, **fields)
+    """A TrainConfig of the objective kind `objective`; objective fields it does not read (e.g. `k` for relu_l1) are
+    left out, so that one call serves every objective (`matryoshka_prefixes` is the matryoshka `prefixes`)."""
+    if "matryoshka_prefixes" in kwargs:
+        kwargs["prefixes"] = kwargs.pop("matryoshka_prefixes")
+    obj_names = {f.name for cls in objectives.CONFIGS for f in dataclasses.fields(cls)}
+    cls = objectives.KINDS[objective]
+    own = {f.name for f in dataclasses.fields(cls)}
+    obj = cls(**{k: v for k, v in kwargs.items() if k in own})
+    fields = dict(n_train=64, batch_size=64, warmup_steps=0, n_eval=1, lr=1e-2)
+    fields |= {k: v for k, v in kwargs.items() if k not in obj_names}
+    return training.TrainConfig(sae=nn.SaeConfig(d_vit=D_VIT, exp_factor=4), objective=obj, **fields)
 
 
 def make_trainer(*cfgs: training.TrainConfig) -> training.GroupTrainer:
@@ -30,12 +40,22 @@ def no_dead(trainer: training.GroupTrainer) -> torch.Tensor:
 
 
 def test_objectives_registry():
-    assert list(training.OBJECTIVES) == ["relu_l1", "topk", "batchtopk", "matryoshka"]
+    assert list(objectives.KINDS) == ["relu_l1", "topk", "batchtopk", "matryoshka"]
+    assert set(objectives.IMPLEMENTATIONS) == set(objectives.CONFIGS)
 
 
 def test_unknown_objective_is_refused_with_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown objective 'jumprelu'; known: relu_l1, topk, batchtopk, matryoshka"):
-        make_cfg("jumprelu")
+    from saev import configs
+
+    with pytest.raises(configs.ConfigError, match=r"'objective' must be a kind, one of 'relu_l1', 'topk', 'batchtopk', 'matryoshka', got 'jumprelu'"):
+        configs.from_dict(training.TrainConfig, {"sae": {"d_vit": 8}, "objective": "jumprelu"}, "t.toml")
+
+
+def test_an_objective_carries_only_its_own_fields():
+    with pytest.raises(TypeError):
+        objectives.ReluL1(k=3)
+    with pytest.raises(TypeError):
+        objectives.TopK(l1_coeff=0.1)
 
 
 @pytest.mark.parametrize("objective", ["topk", "batchtopk", "matryoshka"])
@@ -44,7 +64,7 @@ def test_k_above_d_sae_is_refused(objective):
         make_cfg(objective, k=33)
 
 
-@pytest.mark.parametrize("objective", list(training.OBJECTIVES))
+@pytest.mark.parametrize("objective", list(objectives.KINDS))
 def test_decoder_rows_are_unit_norm_after_a_step(objective):
     trainer = make_trainer(make_cfg(objective, k=3))
     before = trainer.stack.W_dec.detach().clone()
@@ -63,40 +83,40 @@ def reference_loss_S(cfgs, W_enc, b_enc, W_dec, b_dec, x_BD, step, dead_SK) -> t
     """The objectives written plainly for autograd: the specification the hand-written backward must match."""
     pre_SBK = (x_BD.unsqueeze(0) - b_dec.unsqueeze(1)) @ W_enc + b_enc.unsqueeze(1)
     S, B, K = pre_SBK.shape
-    objective = cfgs[0].objective
+    objective = cfgs[0].objective.kind
     fs = []
     for s, cfg in enumerate(cfgs):
         if objective == "relu_l1":
             fs.append(torch.relu(pre_SBK[s]))
         elif objective == "topk":
-            vals_BJ, idx_BJ = pre_SBK[s].topk(cfg.k, dim=1)
+            vals_BJ, idx_BJ = pre_SBK[s].topk(cfg.objective.k, dim=1)
             fs.append(torch.zeros(B, K, dtype=x_BD.dtype).scatter(1, idx_BJ, torch.relu(vals_BJ)))
         else:
-            vals_J, idx_J = pre_SBK[s].reshape(-1).topk(cfg.k * B)
+            vals_J, idx_J = pre_SBK[s].reshape(-1).topk(cfg.objective.k * B)
             fs.append(torch.zeros(B * K, dtype=x_BD.dtype).scatter(0, idx_J, torch.relu(vals_J)).view(B, K))
     f_SBK = torch.stack(fs)
-    prefixes = training.get_matryoshka_prefixes(cfgs[0]) if objective == "matryoshka" else (K,)
+    prefixes = objectives.get_matryoshka_prefixes(cfgs[0].objective, K) if objective == "matryoshka" else (K,)
     loss_S = 0.0
     for m in prefixes:
         x_hat_SBD = f_SBK[:, :, :m] @ W_dec[:, :m] + b_dec.unsqueeze(1)
         loss_S = loss_S + (x_hat_SBD - x_BD).pow(2).mean(dim=(1, 2))
     if objective == "relu_l1":
-        coeff_S = torch.tensor([c.l1_coeff * min(1.0, (step + 1) / max(c.warmup_steps, 1)) for c in cfgs])
+        coeff_S = torch.tensor([c.objective.l1_coeff * min(1.0, (step + 1) / max(c.warmup_steps, 1)) for c in cfgs])
         loss_S = loss_S + coeff_S * (f_SBK * W_dec.norm(dim=2).unsqueeze(1)).sum(dim=2).mean(dim=1)
     else:
         e_SBD = (x_BD - x_hat_SBD).detach()
         for s, cfg in enumerate(cfgs):
             if dead_SK[s].any():
                 masked_BK = torch.where(dead_SK[s], pre_SBK[s], -math.inf)
-                vals_BJ, idx_BJ = masked_BK.topk(min(cfg.aux_k, K), dim=1)
+                vals_BJ, idx_BJ = masked_BK.topk(min(cfg.objective.aux_k, K), dim=1)
                 f_aux_BK = torch.zeros(B, K, dtype=x_BD.dtype).scatter(1, idx_BJ, torch.relu(vals_BJ))
                 err = (f_aux_BK @ W_dec[s] - e_SBD[s]).pow(2).sum()
                 aux = err / (e_SBD[s] - e_SBD[s].mean(dim=0)).pow(2).sum()
-                loss_S = loss_S + cfg.aux_coeff * aux * torch.eye(S)[s]
+                loss_S = loss_S + cfg.objective.aux_coeff * aux * torch.eye(S)[s]
     return loss_S
 
 
-@pytest.mark.parametrize("objective", list(training.OBJECTIVES))
+@pytest.mark.parametrize("objective", list(objectives.KINDS))
 def test_hand_written_gradients_equal_autograd(objective):
     """float64, a group of two SAEs with different k, aux_k, aux_coeff and l1_coeff, dead latents for AuxK."""
     cfgs = [
@@ -112,7 +132,9 @@ def test_hand_written_gradients_equal_autograd(objective):
     dead_SK = torch.zeros(2, 32, dtype=torch.bool)
     dead_SK[0, [1, 4, 7, 20]] = True
     dead_SK[1, [2, 30]] = True
-    objective_fn = training.OBJECTIVES[objective](cfgs, torch.device("cpu"))
+    objective_fn = objectives.make_objective(
+        [c.objective for c in cfgs], 32, [c.warmup_steps for c in cfgs], torch.device("cpu")
+    )
     loss = objective_fn(stack, x_BD, 2, dead_SK)
 
     params = [p.detach().clone().requires_grad_(True) for p in (stack.W_enc, stack.b_enc, stack.W_dec, stack.b_dec)]
@@ -225,7 +247,8 @@ def test_matryoshka_loss_is_the_sum_of_each_prefix_reconstruction_error():
     ("prefixes", "resolved"), [((), (2, 8, 32)), ((4, 12), (4, 12, 32)), ((4, 32), (4, 32)), ((32,), (32,))]
 )
 def test_matryoshka_prefixes_end_with_the_whole_dictionary(prefixes, resolved):
-    assert training.get_matryoshka_prefixes(make_cfg("matryoshka", k=2, matryoshka_prefixes=prefixes)) == resolved
+    cfg = make_cfg("matryoshka", k=2, matryoshka_prefixes=prefixes)
+    assert objectives.get_matryoshka_prefixes(cfg.objective, cfg.sae.d_sae) == resolved
 
 
 @pytest.mark.parametrize(

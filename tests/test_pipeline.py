@@ -92,15 +92,23 @@ def test_changing_l1_recomputes_only_downstream(copy_of_done):
 
 
 def test_sweeping_a_field_the_objective_ignores_trains_no_copies(tiny_config, caplog):
-    """relu_l1 does not read k: k = [8, 16] over the two L1 values still plans two SAEs, with the keys of the sweep
-    without k, and says so."""
+    """A field swept alongside objectives that do not all read it applies to those that do: relu_l1 x 2 L1 values and
+    topk x 2 values of k plan 4 SAEs (not 8), the relu_l1 ones with the keys of the sweep without topk, and says so."""
     before = keys(tiny_config)
     sweep = tiny_config.parent / "tiny-sweep.toml"
-    sweep.write_text(sweep.read_text().replace("lr = 3e-3", "lr = 3e-3\nk = [8, 16]", 1))
+    sweep.write_text(sweep.read_text().replace("lr = 3e-3", 'lr = 3e-3\nobjective = ["relu_l1", "topk"]\nk = [8, 16]', 1))
     with caplog.at_level("WARNING", logger="stages.train"):
         after = keys(tiny_config)
-    assert after == before
-    assert "expands to 4 configs but only 2 distinct SAEs" in caplog.text
+    assert before["train"] <= after["train"] and len(after["train"]) == 4
+    assert "expands to 8 configs but only 4 distinct SAEs" in caplog.text
+
+
+def test_a_field_no_chosen_objective_reads_is_an_error(tiny_config, capsys):
+    sweep = tiny_config.parent / "tiny-sweep.toml"
+    sweep.write_text(sweep.read_text().replace("lr = 3e-3", "lr = 3e-3\nk = [8, 16]", 1))
+    assert run(tiny_config, "dry_run") == 2
+    err = capsys.readouterr().err
+    assert "key 'objective.k' is not read by objective kind 'relu_l1' (only by 'topk', 'batchtopk'" in err
 
 
 def test_slurm_only_values_change_no_key(copy_of_done):
@@ -167,7 +175,7 @@ def test_stage_without_done_input_is_refused_before_running(tiny_config, capsys)
 def test_bad_config_exits_2_with_message(tiny_config, capsys):
     tiny_config.write_text(tiny_config.read_text().replace("n_keep = 2000", "n_kep = 2000"))
     assert run(tiny_config) == 2
-    assert "unknown key 'n_kep'; did you mean 'n_keep'?" in capsys.readouterr().err
+    assert "unknown key 'mask.n_kep'; did you mean 'mask.n_keep'?" in capsys.readouterr().err
 
 
 def test_help_documents_every_option():

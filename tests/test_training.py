@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from saev import nn, training
+from saev import nn, objectives, training
+from saev.objectives import BatchTopK, Matryoshka, ReluL1, TopK
 
 
 def make_sparse_acts(n: int, d: int = 32, n_atoms: int = 64, k: int = 3, seed: int = 0) -> np.ndarray:
@@ -46,7 +47,7 @@ def test_relu_l1_learns_a_sparse_dictionary():
     acts = make_sparse_acts(9216)
     cfg = training.TrainConfig(
         sae=nn.SaeConfig(d_vit=32, exp_factor=4),
-        l1_coeff=0.03,
+        objective=ReluL1(l1_coeff=0.03),
         lr=3e-3,
         n_train=200_000,
         batch_size=256,
@@ -66,21 +67,26 @@ def test_training_is_deterministic(tiny_acts):
     assert a.metrics == b.metrics
 
 
-TINY_TOPK = dataclasses.replace(TINY, objective="topk", k=1, aux_k=2, dead_tokens=64)
-TINY_MATRYOSHKA = dataclasses.replace(TINY, objective="matryoshka", k=3, matryoshka_prefixes=(4,))
+TINY_TOPK = dataclasses.replace(TINY, objective=TopK(k=1, aux_k=2, dead_tokens=64))
+TINY_MATRYOSHKA = dataclasses.replace(TINY, objective=Matryoshka(k=3, prefixes=(4,)))
+
+
+def with_obj(cfg: training.TrainConfig, **changes) -> dict[str, object]:
+    """A `dataclasses.replace` change of the objective's own fields."""
+    return {"objective": dataclasses.replace(cfg.objective, **changes)}
 TINY_WINDOWED = dataclasses.replace(TINY, chunk_rows=32, buffer_rows=128)  # 4 windows per epoch of 512 rows
 
 CHANGES = {
     "sae.d_vit": None,  # fixed by the data; a mismatch is an error (test_width_mismatch_is_refused)
     "sae.exp_factor": (TINY, {"sae": nn.SaeConfig(d_vit=8, exp_factor=3)}),
     "sae.seed": (TINY, {"sae": nn.SaeConfig(d_vit=8, exp_factor=2, seed=1)}),
-    "objective": (TINY, {"objective": "topk", "k": 3}),
-    "l1_coeff": (TINY, {"l1_coeff": 0.1}),
-    "k": (TINY_TOPK, {"k": 2}),
-    "aux_k": (TINY_TOPK, {"aux_k": 1}),
-    "aux_coeff": (TINY_TOPK, {"aux_coeff": 0.5}),
-    "dead_tokens": (TINY_TOPK, {"dead_tokens": 2 * 64}),
-    "matryoshka_prefixes": (TINY_MATRYOSHKA, {"matryoshka_prefixes": (8,)}),
+    "objective": (TINY, {"objective": TopK(k=3)}),
+    "objective.l1_coeff": (TINY, with_obj(TINY, l1_coeff=0.1)),
+    "objective.k": (TINY_TOPK, with_obj(TINY_TOPK, k=2)),
+    "objective.aux_k": (TINY_TOPK, with_obj(TINY_TOPK, aux_k=1)),
+    "objective.aux_coeff": (TINY_TOPK, with_obj(TINY_TOPK, aux_coeff=0.5)),
+    "objective.dead_tokens": (TINY_TOPK, with_obj(TINY_TOPK, dead_tokens=2 * 64)),
+    "objective.prefixes": (TINY_MATRYOSHKA, with_obj(TINY_MATRYOSHKA, prefixes=(8,))),
     "lr": (TINY, {"lr": 3e-3}),
     "n_train": (TINY, {"n_train": 704}),
     "batch_size": (TINY, {"batch_size": 32}),
@@ -96,6 +102,7 @@ CHANGES = {
 def test_changes_cover_every_config_field():
     names = {f.name for f in dataclasses.fields(training.TrainConfig)} - {"sae"}
     names |= {"sae." + f.name for f in dataclasses.fields(nn.SaeConfig)}
+    names |= {"objective." + f.name for cls in objectives.CONFIGS for f in dataclasses.fields(cls)}
     assert set(CHANGES) == names
 
 
@@ -112,19 +119,22 @@ def test_every_config_field_changes_the_weights(tiny_acts, name):
 ##########
 
 GROUP_PAIRS = {
-    "relu_l1": (TINY, dataclasses.replace(TINY, l1_coeff=0.02, lr=3e-3, sae=dataclasses.replace(TINY.sae, seed=1))),
-    "topk": (TINY_TOPK, dataclasses.replace(TINY_TOPK, k=3, aux_coeff=0.1, warmup_steps=1)),
-    "batchtopk": (
-        dataclasses.replace(TINY_TOPK, objective="batchtopk"),
-        dataclasses.replace(TINY_TOPK, objective="batchtopk", k=2, dead_tokens=128, lr=2e-3),
+    "relu_l1": (
+        TINY,
+        dataclasses.replace(TINY, objective=ReluL1(l1_coeff=0.02), lr=3e-3, sae=dataclasses.replace(TINY.sae, seed=1)),
     ),
-    "matryoshka": (TINY_MATRYOSHKA, dataclasses.replace(TINY_MATRYOSHKA, k=2, aux_k=1, dead_tokens=64)),
+    "topk": (TINY_TOPK, dataclasses.replace(TINY_TOPK, **with_obj(TINY_TOPK, k=3, aux_coeff=0.1), warmup_steps=1)),
+    "batchtopk": (
+        dataclasses.replace(TINY_TOPK, objective=BatchTopK(k=1, aux_k=2, dead_tokens=64)),
+        dataclasses.replace(TINY_TOPK, objective=BatchTopK(k=2, aux_k=2, dead_tokens=128), lr=2e-3),
+    ),
+    "matryoshka": (TINY_MATRYOSHKA, dataclasses.replace(TINY_MATRYOSHKA, **with_obj(TINY_MATRYOSHKA, k=2, aux_k=1, dead_tokens=64))),
 }
 """Two configs per objective that differ in every field a group lets differ (seed, lr, k, AuxK settings...)."""
 
 
 def test_group_pairs_cover_every_objective():
-    assert set(GROUP_PAIRS) == set(training.OBJECTIVES)
+    assert set(GROUP_PAIRS) == set(objectives.KINDS)
 
 
 @pytest.mark.parametrize("objective", list(GROUP_PAIRS))
@@ -148,18 +158,18 @@ def test_group_trains_each_sae_bit_identically_to_training_it_alone(tiny_acts, o
         ("seed", {"seed": 1}),
         ("n_eval", {"n_eval": 100}),
         ("d_sae", {"sae": nn.SaeConfig(d_vit=8, exp_factor=3)}),
-        ("objective", {"objective": "topk", "k": 2}),
+        ("objective", {"objective": TopK(k=2)}),
     ],
 )
 def test_group_refuses_configs_that_cannot_share_a_data_stream_or_shape(tiny_acts, field, change):
     other = dataclasses.replace(TINY, **change)
-    with pytest.raises(ValueError, match=rf"must share {field} .*config 0 has .*config 1 has .*saev.sweep.group"):
+    with pytest.raises(ValueError, match=rf"must share {field} .*config 0 has .*config 1 has .*saev.training.group"):
         training.train_group([TINY, other], tiny_acts)
 
 
 def test_group_refuses_matryoshka_configs_with_different_prefixes(tiny_acts):
-    other = dataclasses.replace(TINY_MATRYOSHKA, matryoshka_prefixes=(8,))
-    with pytest.raises(ValueError, match="must share matryoshka_prefixes"):
+    other = dataclasses.replace(TINY_MATRYOSHKA, **with_obj(TINY_MATRYOSHKA, prefixes=(8,)))
+    with pytest.raises(ValueError, match="must share matryoshka prefixes"):
         training.train_group([TINY_MATRYOSHKA, other], tiny_acts)
 
 
@@ -173,7 +183,7 @@ def test_empty_group_is_refused(tiny_acts):
     [
         (TINY, nn.Relu()),
         (TINY_TOPK, nn.TopK(1)),
-        (dataclasses.replace(TINY_TOPK, objective="batchtopk"), nn.JumpRelu),
+        (dataclasses.replace(TINY_TOPK, objective=BatchTopK(k=1, aux_k=2, dead_tokens=64)), nn.JumpRelu),
         (TINY_MATRYOSHKA, nn.JumpRelu),
     ],
 )
@@ -319,12 +329,12 @@ def test_training_from_shards_on_disk_equals_training_from_the_array(tiny_acts, 
 
 @pytest.mark.parametrize("objective", list(GROUP_PAIRS))
 def test_a_group_computed_in_tiles_equals_the_group_computed_at_once(tiny_acts, monkeypatch, objective):
-    """On CPU large groups are computed a few SAEs at a time (training.get_tile_size); same weights, metrics and
+    """On CPU large groups are computed a few SAEs at a time (objectives.get_tile_size); same weights, metrics and
     inference thresholds."""
     cfgs = list(GROUP_PAIRS[objective]) + [dataclasses.replace(GROUP_PAIRS[objective][0], lr=5e-3)]
     at_once = training.train_group(cfgs, tiny_acts)
-    monkeypatch.setattr(training, "_CPU_TILE_BYTES", 2 * TINY.batch_size * cfgs[0].sae.d_sae * 4)  # tiles of 2, 1
-    assert isinstance(training.GroupTrainer(cfgs, np.zeros(8)).objective, training.TiledObjective)
+    monkeypatch.setattr(objectives, "_CPU_TILE_BYTES", 2 * TINY.batch_size * cfgs[0].sae.d_sae * 4)  # tiles of 2, 1
+    assert isinstance(training.GroupTrainer(cfgs, np.zeros(8)).objective, objectives.TiledObjective)
     tiled = training.train_group(cfgs, tiny_acts)
     for a, b in zip(at_once, tiled, strict=True):
         assert_same_weights(a.sae, b.sae)
@@ -332,10 +342,9 @@ def test_a_group_computed_in_tiles_equals_the_group_computed_at_once(tiny_acts, 
         assert a.sae.activation == b.sae.activation
 
 
-def test_canonical_config_resets_only_the_fields_its_objective_ignores():
-    relu = dataclasses.replace(TINY, k=5, aux_k=3, dead_tokens=7, l1_coeff=0.2)
-    assert training.get_canonical(relu) == dataclasses.replace(TINY, l1_coeff=0.2)
-    topk = dataclasses.replace(TINY_TOPK, l1_coeff=0.2)
-    assert training.get_canonical(topk) == TINY_TOPK
-    assert training.get_canonical(TINY_MATRYOSHKA) == TINY_MATRYOSHKA
-    assert set(training.OBJECTIVE_FIELDS) == {name for cls in training.OBJECTIVES.values() for name in cls.uses}
+def test_a_config_carries_only_the_fields_of_its_objective():
+    """What get_canonical did by resetting ignored fields, the types now do: each objective has its own fields."""
+    assert {f.name for f in dataclasses.fields(ReluL1)} == {"l1_coeff"}
+    assert {f.name for f in dataclasses.fields(TopK)} == {"k", "aux_k", "aux_coeff", "dead_tokens"}
+    assert {f.name for f in dataclasses.fields(Matryoshka)} == {"k", "aux_k", "aux_coeff", "dead_tokens", "prefixes"}
+    assert not any(f.name in {"l1_coeff", "k"} for f in dataclasses.fields(training.TrainConfig))
