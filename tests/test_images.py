@@ -272,3 +272,95 @@ def test_an_exif_rotated_tiff_is_turned_upright_once(tmp_path, compression):
     image, _ = upright_photo(48, 80)
     Image.fromarray(np.ascontiguousarray(STORED[6](image))).save(tmp_path / "a.tif", tiffinfo={0x0112: 6}, compression=compression)
     np.testing.assert_array_equal(np.asarray(datasets.read_image(tmp_path / "a.tif")), image)
+
+
+##############
+# End to end #
+##############
+
+
+def photo_set(root: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A segfolder dataset of generated "photos" (the upright image each should read as, and the mask drawn on it):
+    JPEGs stored in the layout of every EXIF orientation, an RGBA PNG, a grayscale PNG, and PNGs of aspect ratios
+    1:3 to 3:1."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    expected = {}
+    sizes = [(60, 90), (90, 60), (64, 64), (48, 96)]
+    for orientation in range(1, 9):
+        image, mask = upright_photo(*sizes[orientation % len(sizes)])
+        save_jpeg(root / "images" / f"exif{orientation}.jpg", image, orientation)
+        expected[f"exif{orientation}"] = (image, mask)
+    image, mask = upright_photo(70, 70)
+    Image.fromarray(np.dstack([image, np.full((70, 70), 128, np.uint8)]), "RGBA").save(root / "images" / "rgba.png")
+    expected["rgba"] = (image, mask)
+    image, mask = upright_photo(50, 100)
+    Image.fromarray(image[..., 0]).save(root / "images" / "gray.png")  # mode L
+    expected["gray"] = (np.repeat(image[..., :1], 3, axis=2), mask)
+    rng = np.random.default_rng(0)
+    for h, w in [(30, 90), (40, 80), (60, 60), (80, 40), (90, 30)]:
+        mask = banded_mask(h, w)
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        image[mask == 1] = RED
+        Image.fromarray(image).save(root / "images" / f"crop{h}x{w}.png")
+        expected[f"crop{h}x{w}"] = (image, mask)
+    for name, (_, mask) in expected.items():
+        Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+    return expected
+
+
+def input_of(array: np.ndarray, size: int, resize: str, nearest: bool) -> np.ndarray:
+    """What the model should see of an upright image (or mask), the crop cut by hand."""
+    if resize == "crop":
+        h, w = array.shape[:2]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        array = array[top : top + side, left : left + side]
+    if nearest:
+        return labels.resize_nearest(array, size)
+    return np.asarray(Image.fromarray(array).resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("resize", ["stretch", "crop"])
+def test_own_photos_run_end_to_end_with_upright_labels_and_thumbnails(tiny_config, monkeypatch, resize):
+    from saev import vit
+    from saev.data.shards import Shards
+
+    data = tiny_config.parent / "data"
+    expected = photo_set(data)
+    text = tiny_config.read_text()
+    start, end = text.index("[dump.data]"), text.index("[dump.vit]")
+    data_section = f'[dump.data]\nkind = "segfolder"\nroot = "{data}"\nresize = "{resize}"\n\n'
+    text = text[:start] + data_section + text[end:]
+    tiny_config.write_text(text.replace("n_keep = 2000", "n_keep = 300").replace("n_heldout = 500", "n_heldout = 100"))
+    reports: list[report.ReportData] = []
+    write_report = report.write_report
+
+    def capture(dpath, data):
+        reports.append(data)
+        return write_report(dpath, data)
+
+    monkeypatch.setattr(report, "write_report", capture)
+    assert launch.main(launch.Args(config=tiny_config)) == 0
+
+    size, n_side = vit.get_patch_grid("saev-tiny-vit")
+    ds = make_dataset(SegFolder(root=str(data), resize=resize))
+    names = [p.stem for p in ds.img_fpaths]
+    (dump_dpath,) = (tiny_config.parent / "runs" / "dump").iterdir()
+    labels_NP = np.asarray(Shards(dump_dpath).labels)
+    for i, name in enumerate(names):
+        mask = input_of(expected[name][1], size, resize, nearest=True)
+        want_P = labels.pool_patch_labels(mask, n_side=n_side, img_size=size, n_classes=3)
+        np.testing.assert_array_equal(labels_NP[i], want_P, err_msg=name)
+
+    # Thumbnails are the model's input: upright, cropped as dumped.
+    (data_,) = reports
+    tops = [top for result in data_.classes for top in result.top]
+    assert {"exif3", "exif6", "exif7"} & {top.title for top in tops}  # turned photos among them
+    for top in tops:
+        i = names.index(top.title)
+        shown_3SS = np.asarray(top.image).transpose(2, 0, 1)
+        np.testing.assert_array_equal(shown_3SS, datasets.load_batch(ds, [i], size).images[0])
+        want_3SS = input_of(expected[top.title][0], size, resize, nearest=False).astype(np.int64)
+        assert np.abs(shown_3SS - want_3SS).mean() < 6, top.title  # JPEG noise only
