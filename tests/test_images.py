@@ -5,7 +5,6 @@ Stored layouts are built here with numpy from the EXIF definitions of orientatio
 tests check the reader against the standard rather than against itself.
 """
 
-import dataclasses
 import pathlib
 
 import numpy as np
@@ -117,7 +116,11 @@ def test_mask_drawn_on_the_stored_pixels_of_a_rotated_jpeg_names_the_exif_orient
     image, mask = upright_photo(48, 80)
     data = make_segfolder(tmp_path / "data", {"p": (image, mask, 6)})
     Image.fromarray(np.ascontiguousarray(STORED[6](mask))).save(data / "masks" / "p.png")  # 48 wide, 80 high
-    with pytest.raises(DatasetError, match=r"mask .*p\.png is 48x80 but image .*p\.jpg is 80x48 upright \(its EXIF orientation 6 turns the stored 48x80 pixels\).*draw the mask on the upright image"):
+    message = (
+        r"mask .*p\.png is 48x80 but image .*p\.jpg is 80x48 upright "
+        r"\(its EXIF orientation 6 turns the stored 48x80 pixels\).*draw the mask on the upright image$"
+    )
+    with pytest.raises(DatasetError, match=message):
         make_dataset(SegFolder(root=str(data)))[0]
 
 
@@ -193,7 +196,9 @@ def make_png_segfolder(root: pathlib.Path, items: dict[str, tuple[np.ndarray, np
     return root
 
 
-@pytest.mark.parametrize("shape", [(32, 96), (96, 32), (33, 100), (101, 34)], ids=["3:1", "1:3", "odd-wide", "odd-tall"])
+@pytest.mark.parametrize(
+    "shape", [(32, 96), (96, 32), (33, 100), (101, 34)], ids=["3:1", "1:3", "odd-wide", "odd-tall"]
+)
 def test_crop_labels_equal_the_labels_of_the_centre_square_cut_by_hand(tmp_path, shape):
     h, w = shape
     mask = banded_mask(h, w)
@@ -205,7 +210,7 @@ def test_crop_labels_equal_the_labels_of_the_centre_square_cut_by_hand(tmp_path,
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     mask_cut, image_cut = mask[top : top + side, left : left + side], image[top : top + side, left : left + side]
-    pool = dict(n_side=4, img_size=32, n_classes=3)
+    pool = {"n_side": 4, "img_size": 32, "n_classes": 3}
     np.testing.assert_array_equal(
         labels.pool_patch_labels(batch.masks[0], **pool), labels.pool_patch_labels(mask_cut, **pool)
     )
@@ -255,7 +260,8 @@ def test_resize_mode_is_part_of_the_dump_key(tmp_path):
 
     stretch, crop = SegFolder(root=str(tmp_path)), SegFolder(root=str(tmp_path), resize="crop")
     assert artifacts.hashed_params(stretch) != artifacts.hashed_params(crop)
-    assert artifacts.hashed_params(ClassFolder(root="x")) != artifacts.hashed_params(ClassFolder(root="x", resize="crop"))
+    classes_stretch, classes_crop = ClassFolder(root="x"), ClassFolder(root="x", resize="crop")
+    assert artifacts.hashed_params(classes_stretch) != artifacts.hashed_params(classes_crop)
 
 
 def test_an_unknown_resize_mode_is_a_config_error_naming_the_choices(tiny_config, capsys):
@@ -270,7 +276,8 @@ def test_an_unknown_resize_mode_is_a_config_error_naming_the_choices(tiny_config
 def test_an_exif_rotated_tiff_is_turned_upright_once(tmp_path, compression):
     """Pillow turns TIFFs upright as it loads them: the reader must not turn them a second time."""
     image, _ = upright_photo(48, 80)
-    Image.fromarray(np.ascontiguousarray(STORED[6](image))).save(tmp_path / "a.tif", tiffinfo={0x0112: 6}, compression=compression)
+    stored = Image.fromarray(np.ascontiguousarray(STORED[6](image)))
+    stored.save(tmp_path / "a.tif", tiffinfo={0x0112: 6}, compression=compression)
     np.testing.assert_array_equal(np.asarray(datasets.read_image(tmp_path / "a.tif")), image)
 
 

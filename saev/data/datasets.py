@@ -22,8 +22,8 @@ import pathlib
 import re
 import struct
 import threading
-import zlib
 import typing
+import zlib
 from collections.abc import Mapping, Sequence
 
 import beartype
