@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import torch
+from PIL import Image
 
 from saev import ap, artifacts, helpers, nn, report, vit
 from saev.data import datasets
@@ -225,9 +226,12 @@ def top_images(pipeline, plan, shards, dataset, pick, keep, scores_N, c, img_siz
         )[:, 0].numpy()
         labels_P = np.asarray(shards.labels[img]) == c
         sample = dataset[img]
+        # The model's input itself (upright, stretched or cropped as `load_batch` did for the dump), so that the
+        # outlined patches cover what the model saw.
+        pixels_3SS = datasets.resize_image(sample.image, img_size, dataset.resize)
         out.append(
             report.TopImage(
-                image=sample.image.convert("RGB").resize((img_size, img_size)),
+                image=Image.fromarray(pixels_3SS.transpose(1, 2, 0)),
                 patch_scores=scores_P.reshape(n_side, n_side).astype(np.float32),
                 label_mask=labels_P.reshape(n_side, n_side),
                 title=sample.name,

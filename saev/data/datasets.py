@@ -4,8 +4,10 @@
 - `SegFolder`: real data laid out as `images/`, `masks/` (same stem, `.png` class ids) and `classes.txt`.
 - `ClassFolder`: classification data, one subdirectory per class; every patch gets its image's class.
 
-Folder datasets read every image as 8-bit RGB by its full range (`to_rgb`: 16-bit grayscale rescaled, not clipped;
-alpha dropped; floating-point refused) and masks with their values exact (16-bit ids kept). A file that cannot be
+Folder datasets read every image upright (its EXIF orientation applied, as viewers show it) as 8-bit RGB by its full
+range (`to_rgb`: 16-bit grayscale rescaled, not clipped; alpha dropped; floating-point refused) and masks as stored,
+with their values exact (16-bit ids kept). `load_batch` brings items to the model's square input, stretched or
+centre-cropped (`ResizeMode`). A file that cannot be
 read, an image over the pixel limit (`pixel_limit`, a guard against decompression bombs) or a malformed class-names
 file is a `DatasetError` naming the file. `fingerprint` summarises the files a dataset reads, for the dump key.
 """
@@ -20,6 +22,7 @@ import pathlib
 import re
 import struct
 import threading
+import typing
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -27,12 +30,17 @@ import beartype
 import numpy as np
 import torch
 from jaxtyping import Integer, UInt8, jaxtyped
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from saev import artifacts
 from saev.data import labels
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+ResizeMode = typing.Literal["stretch", "crop"]
+"""How an image (and its mask) becomes the model's square input: "stretch" resizes the whole image to the square,
+distorting any other aspect ratio; "crop" takes the centred square of side min(width, height) and resizes that, so
+shapes keep their proportions but the ends of the long side are not seen (see `crop_box`)."""
 
 
 class DatasetError(ValueError):
@@ -105,6 +113,7 @@ class SyntheticDataset:
         self.cfg = cfg
         self.class_names = ("background", *SHAPES)
         self.background: int | None = 0
+        self.resize: ResizeMode = "stretch"  # square images: both modes give the same input
 
     def __len__(self) -> int:
         return self.cfg.n_imgs
@@ -406,19 +415,64 @@ def to_rgb(image: Image.Image, source: str = "image") -> Image.Image:
     raise DatasetError(f"{source} has mode {image.mode}, which is not supported; save it as RGB")
 
 
+_ORIENTATION = ExifTags.Base.Orientation
+"""The EXIF tag saying how the stored pixels are turned for display: 1 as stored, 2..8 mirrored and/or rotated."""
+
+
+def _exif_orientation(image: Image.Image, fpath: pathlib.Path) -> int:
+    """The EXIF (or XMP) orientation of an opened image, 1 when absent or not a valid value (1..8)."""
+    try:
+        value = image.getexif().get(_ORIENTATION, 1)
+    except _DECODE_ERRORS as err:
+        raise DatasetError(
+            f"cannot read the EXIF metadata of image {fpath}: {type(err).__name__}: {err}; "
+            "the orientation it may hold is unknown (strip the metadata, e.g. exiftool -all= FILE)"
+        ) from err
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class UprightImage:
+    """An image file read upright, with what was done to turn it."""
+
+    image: Image.Image
+    """8-bit RGB pixels as a viewer shows them (the EXIF orientation applied)."""
+    orientation: int
+    """The EXIF orientation applied (1: none, or already applied by Pillow as for TIFF; 5..8 swap width and
+    height)."""
+    stored_size: tuple[int, int]
+    """(width, height) of the pixels as stored in the file, before turning."""
+
+
 @beartype.beartype
-def read_image(fpath: pathlib.Path, max_image_pixels: int | None = None) -> Image.Image:
-    """The image file `fpath`, decoded in full and converted to 8-bit RGB (see `to_rgb`); an image over the pixel
-    limit (see `pixel_limit`), an unsupported mode, or a file Pillow cannot decode is a `DatasetError` naming it."""
+def read_upright(fpath: pathlib.Path, max_image_pixels: int | None = None) -> UprightImage:
+    """The image file `fpath` decoded in full, converted to 8-bit RGB (see `to_rgb`) and turned upright by its EXIF
+    orientation (`ImageOps.exif_transpose`), as photo viewers show it: a phone photo held sideways is stored
+    sideways with an orientation tag. An image over the pixel limit (see `pixel_limit`), an unsupported mode, or a
+    file Pillow cannot decode is a `DatasetError` naming it."""
     image = _open(fpath, "image", max_image_pixels)
     try:
         rgb = to_rgb(image, f"image {fpath}")
+        # Read once the pixels are decoded (a PNG may keep its EXIF after them). Pillow turns a TIFF upright itself
+        # as it loads it, dropping the tag, so a TIFF reads as 1 here and is not turned twice.
+        orientation = _exif_orientation(image, fpath)
     except DatasetError:
         image.close()
         raise
     if rgb is not image:
         image.close()  # the file of a multi-frame image stays open until closed
-    return rgb
+    stored_size = rgb.size
+    if orientation != 1:
+        # `to_rgb` may build a new image without the file's metadata: give it the tag that exif_transpose reads.
+        rgb.getexif()[_ORIENTATION] = orientation
+        rgb = ImageOps.exif_transpose(rgb)
+    return UprightImage(rgb, orientation, stored_size)
+
+
+@beartype.beartype
+def read_image(fpath: pathlib.Path, max_image_pixels: int | None = None) -> Image.Image:
+    """The image file `fpath` as 8-bit RGB, upright (see `read_upright`); errors are a `DatasetError` naming it."""
+    return read_upright(fpath, max_image_pixels).image
 
 
 @beartype.beartype
@@ -539,8 +593,9 @@ def _make_fingerprint(
 class SegFolder:
     """Real data: `<root>/images/*` with same-stem `<root>/masks/*.png` (integer class ids) and `<root>/classes.txt`.
 
-    Images of any mode are read as 8-bit RGB by their full range (see `to_rgb`: 16-bit grayscale rescaled, alpha
-    dropped, floating-point refused); masks keep their values exactly (16-bit ids included)."""
+    Images of any mode are read upright (their EXIF orientation applied) as 8-bit RGB by their full range (see
+    `to_rgb`: 16-bit grayscale rescaled, alpha dropped, floating-point refused); masks are read as stored, so they are
+    drawn on the upright image, and keep their values exactly (16-bit ids included)."""
 
     root: str
     """Dataset directory."""
@@ -554,6 +609,12 @@ class SegFolder:
     """Class id of the background (used by prefer-foreground labelling); leave out if none."""
     mask_ignore: int | None = None
     """Mask value meaning "unlabelled" (e.g. 255 in many datasets); such pixels vote for no class."""
+    resize: ResizeMode = "stretch"
+    """How images and masks become the model's square input: "stretch" (the whole image, squeezed) or "crop" (the
+    centred square, proportions kept, the ends of the long side dropped); see `ResizeMode`. "stretch" is the default
+    because it keeps every pixel, so no labelled object near an edge is lost, and it is what earlier versions did;
+    "crop" matches open_clip's own preprocessing (short side resized, centre crop), undistorted shapes as in the
+    model's training. Square images give the same input either way."""
     max_image_pixels: int | None = artifacts.unhashed(None)
     """Largest image or mask read (width x height); a larger one is refused as a possible decompression bomb. Leave
     out for Pillow's limit (about 179 million pixels; Pillow warns above half that); when set, it is the one limit,
@@ -584,6 +645,7 @@ class FolderDataset:
                 f"background class id {cfg.background} is outside the {n_classes} classes of {self.classes_fpath}"
             )
         self.background = cfg.background
+        self.resize: ResizeMode = cfg.resize
 
         self.img_fpaths = _image_files(imgs_dpath)
         if not self.img_fpaths:
@@ -609,12 +671,21 @@ class FolderDataset:
 
     def __getitem__(self, i: int) -> Sample:
         img_fpath, mask_fpath = self.img_fpaths[i], self.mask_fpaths[i]
-        image = read_image(img_fpath, self.cfg.max_image_pixels)
+        upright = read_upright(img_fpath, self.cfg.max_image_pixels)
+        image = upright.image
         mask = read_mask(mask_fpath, self.cfg.max_image_pixels)
         if mask.shape != (image.height, image.width):
+            stored_w, stored_h = upright.stored_size
+            why = ""
+            if upright.orientation >= 5 and mask.shape == (stored_h, stored_w):
+                why = (
+                    f" upright (its EXIF orientation {upright.orientation} turns the stored {stored_w}x{stored_h} "
+                    "pixels); images are used upright, as viewers show them, and masks as stored: draw the mask on "
+                    "the upright image"
+                )
             raise DatasetError(
                 f"mask {mask_fpath} is {mask.shape[1]}x{mask.shape[0]} "
-                f"but image {img_fpath} is {image.width}x{image.height}"
+                f"but image {img_fpath} is {image.width}x{image.height}{why}"
             )
         valid = mask if self.cfg.mask_ignore is None else mask[mask != self.cfg.mask_ignore]
         if valid.size and (valid.min() < 0 or valid.max() >= len(self.class_names)):
@@ -646,10 +717,12 @@ class FolderDataset:
 class ClassFolder:
     """Classification data: `<root>/<class name>/*` images. Every patch of an image is labelled with the image's
     class (there are no masks), so AP measures how well a latent fires on images of that class, patch by patch.
-    Images are read as in `SegFolder`."""
+    Images are read as in `SegFolder` (upright, 8-bit RGB)."""
 
     root: str
     """Dataset directory with one subdirectory per class (class ids follow the sorted subdirectory names)."""
+    resize: ResizeMode = "stretch"
+    """How images become the model's square input: "stretch" or "crop"; see `SegFolder.resize`."""
     max_image_pixels: int | None = artifacts.unhashed(None)
     """Largest image read (width x height); see `SegFolder.max_image_pixels`. Changes no result."""
 
@@ -671,6 +744,7 @@ class ClassFolderDataset:
             raise DatasetError(f"no class subdirectories in {root}")
         self.class_names = tuple(p.name for p in class_dpaths)
         self.background: int | None = None
+        self.resize: ResizeMode = cfg.resize
         self.items = [(fpath, c) for c, dpath in enumerate(class_dpaths) for fpath in _image_files(dpath)]
         if not self.items:
             raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class subdirectories of {root}")
@@ -709,19 +783,45 @@ class Batch:
 
 
 @beartype.beartype
-def resize_image(image: Image.Image, size: int) -> UInt8[np.ndarray, "3 size size"]:
-    """RGB pixels at size x size, channels first: bicubic, no crop (masks are resized the same way, nearest-neighbour,
-    so pixels and patches line up). An image already at that size is unchanged. An image of another mode is
-    converted first as `to_rgb` does (16-bit grayscale rescaled, not clipped)."""
-    image = to_rgb(image).resize((size, size), Image.BICUBIC)
+def crop_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centred square of side min(width, height), the part of an image that the
+    "crop" mode keeps: the long side loses (long - short) // 2 pixels at its start and the rest at its end."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+@beartype.beartype
+def resize_image(image: Image.Image, size: int, resize: ResizeMode = "stretch") -> UInt8[np.ndarray, "3 size size"]:
+    """RGB pixels at size x size, channels first, bicubic: the whole image ("stretch") or its centred square
+    ("crop", see `crop_box`). Masks go through `resize_mask` with the same mode, so pixels and patches line up. An
+    image already at that size is unchanged. An image of another mode is converted first as `to_rgb` does (16-bit
+    grayscale rescaled, not clipped)."""
+    image = to_rgb(image)
+    if resize == "crop" and image.width != image.height:
+        image = image.crop(crop_box(image.width, image.height))
+    image = image.resize((size, size), Image.BICUBIC)
     return np.asarray(image).transpose(2, 0, 1).copy()
+
+
+@jaxtyped(typechecker=beartype.beartype)
+def resize_mask(
+    mask: Integer[np.ndarray, "H W"], size: int, resize: ResizeMode = "stretch"
+) -> Integer[np.ndarray, "size size"]:
+    """Class ids at size x size, nearest-neighbour (`labels.resize_nearest`), of the part of the mask that
+    `resize_image` keeps of its image with the same mode."""
+    if resize == "crop":
+        left, top, right, bottom = crop_box(mask.shape[1], mask.shape[0])
+        mask = mask[top:bottom, left:right]
+    return labels.resize_nearest(mask, size)
 
 
 @beartype.beartype
 def load_batch(
     dataset: Dataset, indices: Sequence[int], size: int, pool: concurrent.futures.Executor | None = None
 ) -> Batch:
-    """Items `indices` at size x size (see `resize_image`; masks resized nearest-neighbour).
+    """Items `indices` at size x size, as the model sees them: stretched or centre-cropped by the dataset's `resize`
+    mode (see `resize_image`; masks through `resize_mask`, the same crop, nearest-neighbour).
 
     The synthetic dataset at its own size renders the whole batch at once; other datasets load item by item, on
     `pool`'s threads when given (image decoding and resizing release the GIL).
@@ -731,7 +831,7 @@ def load_batch(
 
     def load(i: int) -> tuple[np.ndarray, np.ndarray]:
         sample = dataset[i]
-        return resize_image(sample.image, size), labels.resize_nearest(sample.mask, size)
+        return resize_image(sample.image, size, dataset.resize), resize_mask(sample.mask, size, dataset.resize)
 
     items = list(pool.map(load, indices) if pool is not None else map(load, indices))
     return Batch(np.stack([image for image, _ in items]), np.stack([mask for _, mask in items]))

@@ -1,7 +1,8 @@
 """Per-patch class labels from a segmentation mask.
 
-The mask is resized with nearest-neighbour to the model's input size (images are resized the same way, without a
-crop, so pixels and patches line up), split into the ViT's patch grid (row-major, the ViT's token order), and each
+The mask is resized with nearest-neighbour to the model's input size (its image is resized the same way, after the
+same centre crop when the dataset's `resize` mode is "crop": `datasets.load_batch`, so pixels and patches line up),
+split into the ViT's patch grid (row-major, the ViT's token order), and each
 patch gets the majority class of its pixels. Masks are pooled one at a time or as a batch, with the same result.
 """
 
