@@ -348,3 +348,33 @@ def test_a_config_carries_only_the_fields_of_its_objective():
     assert {f.name for f in dataclasses.fields(TopK)} == {"k", "aux_k", "aux_coeff", "dead_tokens"}
     assert {f.name for f in dataclasses.fields(Matryoshka)} == {"k", "aux_k", "aux_coeff", "dead_tokens", "prefixes"}
     assert not any(f.name in {"l1_coeff", "k"} for f in dataclasses.fields(training.TrainConfig))
+
+
+def test_group_adam_equals_torch_adam_per_sae():
+    """The batched Adam update (one learning rate per SAE) is torch.optim.Adam's, SAE by SAE: same moments, same bias
+    correction and epsilon, over several steps with fresh gradients."""
+    cfgs = [dataclasses.replace(TINY, warmup_steps=0, lr=lr) for lr in (1e-3, 3e-2)]
+    trainer = training.GroupTrainer(cfgs, np.zeros(8))
+    names = [name for name, _ in trainer.stack.named_parameters()]
+    refs = [
+        {name: p.detach()[s].clone().requires_grad_(True) for name, p in trainer.stack.named_parameters()}
+        for s in range(len(cfgs))
+    ]
+    optims = [
+        torch.optim.Adam(list(ref.values()), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+        for ref, cfg in zip(refs, cfgs, strict=True)
+    ]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for name, p in trainer.stack.named_parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+            for s, ref in enumerate(refs):
+                ref[name].grad = p.grad[s].clone()
+        trainer._adam_step_()
+        trainer.step += 1
+        for optim in optims:
+            optim.step()
+        for name, p in trainer.stack.named_parameters():
+            for s, ref in enumerate(refs):
+                torch.testing.assert_close(p.detach()[s], ref[name].detach(), rtol=1e-6, atol=1e-7, msg=f"{name}[{s}]")
+    assert names == ["W_enc", "b_enc", "W_dec", "b_dec"]
