@@ -29,7 +29,6 @@ running loop save at the end of the current step and raise `Preempted`.
 """
 
 import dataclasses
-import itertools
 import logging
 import math
 import pathlib

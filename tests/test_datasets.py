@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saev.data import datasets
+from saev.data import datasets, synthetic
 from saev.data.datasets import DatasetError, SegFolder, Synthetic, make_dataset
 from saev.data.labels import resize_nearest
 
@@ -55,7 +55,7 @@ def test_synthetic_every_class_appears_within_50_images():
 def test_synthetic_masks_align_with_the_coloured_pixels():
     """Shape pixels carry their class's colour; background pixels are greyish (shape colours are saturated)."""
     ds = make_dataset(Synthetic(n_imgs=20, seed=7))
-    colours_K3 = np.array([datasets._SHAPE_RGB[kind] for kind in datasets.SHAPES], dtype=np.float64)
+    colours_K3 = np.array([synthetic._SHAPE_RGB[kind] for kind in datasets.SHAPES], dtype=np.float64)
     for i in range(len(ds)):
         sample = ds[i]
         rgb_HW3 = np.asarray(sample.image).astype(np.float64)

@@ -269,7 +269,7 @@ def test_an_unknown_resize_mode_is_a_config_error_naming_the_choices(tiny_config
     text = "\n".join(line for line in text.splitlines() if not line.startswith(("n_imgs", "img_size", "seed = 1")))
     tiny_config.write_text(text)
     assert launch.main(launch.Args(config=tiny_config)) == 2
-    assert "key 'resize' must be one of 'stretch', 'crop', got 'pad'" in capsys.readouterr().err
+    assert "key 'dump.data.resize' must be one of 'stretch', 'crop', got 'pad'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("compression", [None, "tiff_lzw"])
