@@ -113,8 +113,8 @@ def describe_plan(
 
 
 _say = functools.partial(print, flush=True)
-"""How the pipeline's progress lines reach the user: stdout, unbuffered (a Slurm submission may be followed by
-a long wait)."""
+"""How the pipeline's progress lines reach the user: stdout, flushed at once so that they keep their place among
+the log lines on stderr."""
 
 RUN_ERRORS = (
     artifacts.IncompleteArtifactError,
