@@ -11,6 +11,8 @@ and the launcher returning right after submission.
 """
 
 import dataclasses
+import functools
+import json
 import os
 import pathlib
 import sys
@@ -22,8 +24,9 @@ import typing
 import tyro
 
 # Keep jaxtyped library code out of this module: submitit pickles the job function from stages.pipeline, not here.
-from saev import artifacts, configs, helpers, slurm, training
+from saev import artifacts, configs, helpers, preemption, slurm
 from stages import pipeline as pl
+from stages import reduce as reduce_stage
 
 Stage = typing.Literal["dump", "train", "mask", "score", "reduce", "all"]
 
@@ -63,22 +66,6 @@ def selected_stages(stage: str, only: bool) -> list[str]:
     return list(pl.STAGES[pl.STAGES.index(stage) :])
 
 
-def piece_jobs(plan: pl.Plan) -> dict[str, tuple[str, str]]:
-    """Piece id -> (job id, Slurm state) for every piece that is not done and has a recorded job."""
-
-    wanted: dict[str, str] = {}
-    for stage_plan in plan.values():
-        pending = {p.id for p in stage_plan.pieces if not p.is_done()}
-        if not pending and stage_plan.state() == "done":
-            continue
-        for art in stage_plan.artifacts:
-            for piece_id, job_id in slurm.Ledger(art.dpath).read().items():
-                if piece_id in pending or (piece_id == stage_plan.pieces[0].id and not art.is_done()):
-                    wanted[piece_id] = job_id
-    states = slurm.job_states(sorted(set(wanted.values())))
-    return {pid: (job, states.get(job, "UNKNOWN")) for pid, job in wanted.items()}
-
-
 def describe_plan(
     pipeline: pl.Pipeline, plan: pl.Plan, stages: list[str], *, verbose: bool = False, jobs: dict | None = None
 ) -> str:
@@ -90,7 +77,7 @@ def describe_plan(
         n_done = sum(piece.is_done() for piece in stage_plan.pieces)
         n_total = len(stage_plan.pieces)
         state = stage_plan.state()
-        active = [p for p in stage_plan.pieces if jobs.get(p.id, ("", ""))[1] in _active_states()]
+        active = [p for p in stage_plan.pieces if jobs.get(p.id, ("", ""))[1] in slurm.ACTIVE_STATES]
         if name not in stages:
             action = "-"
         elif state == "done":
@@ -118,94 +105,16 @@ def describe_plan(
                 lines.append(f"    missing: {piece.label}")
                 continue
             lines.append(f"    {job_state.lower()}: {piece.label} (job {job_id})")
-            if job_state not in _active_states() and pipeline.slurm is not None:
-
+            if job_state not in slurm.ACTIVE_STATES and pipeline.slurm is not None:
                 _, err_fpath = slurm.log_fpaths(pipeline.slurm, name, job_id)
                 lines.append(f"      log: {err_fpath}")
                 lines.extend(f"      | {line}" for line in slurm.tail(err_fpath).splitlines())
     return "\n".join(lines)
 
 
-def _active_states() -> frozenset[str]:
-
-    return slurm.ACTIVE_STATES
-
-
-def run_local(pipeline: pl.Pipeline, plan: pl.Plan, stages: list[str]) -> None:
-    for name in stages:
-        stage_plan = plan[name]
-        missing = stage_plan.missing()
-        if not missing and stage_plan.state() == "done":
-            print(f"{name}: done, skipping", flush=True)
-            continue
-        print(f"{name}: running {len(missing)} piece(s)", flush=True)
-        start = time.perf_counter()
-        ids = [piece.id for piece in missing] or [stage_plan.pieces[0].id]
-        pl.run_pieces(pipeline, name, ids)
-        print(f"{name}: done in {helpers.format_duration(time.perf_counter() - start)}", flush=True)
-
-
-def submit_slurm(pipeline: pl.Pipeline, plan: pl.Plan, stages: list[str], jobs: dict) -> dict[str, list[str]]:
-    """Submit every missing piece of the selected stages at once, each stage waiting (afterok) on the jobs of its
-    upstream stages; pieces whose job is already pending or running are not submitted again (their job ids
-    become dependencies instead). Returns stage -> job ids."""
-
-    assert pipeline.slurm is not None
-    waiting_on: dict[str, list[str]] = {}
-    for name in stages:
-        stage_plan = plan[name]
-        if stage_plan.state() == "done":
-            print(f"{name}: done, skipping", flush=True)
-            continue
-        queued = {pid: job for pid, (job, state) in jobs.items() if state in slurm.ACTIVE_STATES}
-        missing = stage_plan.missing() or [stage_plan.pieces[0]]  # all pieces exist: one task seals
-        todo = [p for p in missing if p.id not in queued]
-        reuse = [queued[p.id] for p in missing if p.id in queued]
-        after = [job for upstream in pl.STAGES[: pl.STAGES.index(name)] for job in waiting_on.get(upstream, [])]
-        after = slurm.array_ids(after)
-        args = [(pipeline, name, [piece.id]) for piece in todo]
-        try:
-            job_ids = slurm.submit(pipeline.slurm, name, pl.run_pieces, args, after=after)
-        except slurm.SlurmError as err:
-            # What was queued before the failure is recorded, so that a rerun does not submit it twice.
-            for art in stage_plan.artifacts:
-                mine = {p.id: j for p, j in zip(todo, err.submitted) if p.artifact.key == art.key}
-                if mine:
-                    slurm.Ledger(art.dpath).record(mine)
-            raise
-        for art in stage_plan.artifacts:
-            mine = {p.id: j for p, j in zip(todo, job_ids) if p.artifact.key == art.key}
-            if mine:
-                slurm.Ledger(art.dpath).record(mine)
-        waiting_on[name] = job_ids + reuse
-        msg = f"{name}: submitted {len(job_ids)} job(s)"
-        if job_ids:
-            msg += f" [{', '.join(slurm.array_ids(job_ids))}]"
-        if reuse:
-            msg += f"; {len(reuse)} already queued [{', '.join(slurm.array_ids(reuse))}]"
-        if after:
-            msg += f"; after {', '.join(after)}"
-        print(msg, flush=True)
-    print(f"logs: {pipeline.slurm.log_dpath}/<stage>/<job id>/", flush=True)
-    return waiting_on
-
-
-def check_inputs(pipeline: pl.Pipeline, plan: pl.Plan, stages: list[str]) -> None:
-    """Fail before running or submitting anything when a stage's inputs are neither done nor part of this launch."""
-    for name in stages:
-        module = pl.MODULES[name]
-        if hasattr(module, "check") and plan[name].state() != "done":
-            module.check(pipeline)
-        for key in plan[name].inputs:
-            for art in plan[name].input_artifacts(key, pipeline.root):
-                if art.stage not in stages and not art.is_done() and plan[art.stage].missing():
-                    note = art.damage_note()
-                    why = f" (it was found damaged and unsealed: {note})" if note else ""
-                    raise artifacts.IncompleteArtifactError(
-                        f"stage '{name}' needs {art.ref}, which is not done{why}; "
-                        f"run `--stage {art.stage}` (or `--stage all`) first"
-                    )
-
+_say = functools.partial(print, flush=True)
+"""How the pipeline's progress lines reach the user: stdout, flushed at once so that they keep their place among
+the log lines on stderr."""
 
 RUN_ERRORS = (
     artifacts.IncompleteArtifactError,
@@ -288,13 +197,13 @@ def _main(args: Args) -> int:
         except OSError as err:
             print(f"error: cannot check the artifacts under {pipeline.root}: {err}", file=sys.stderr)
             return 1
-    jobs = piece_jobs(plan) if executor == "slurm" else {}
+    jobs = pl.piece_jobs(plan) if executor == "slurm" else {}
     print(describe_plan(pipeline, plan, stages, verbose=args.status, jobs=jobs), flush=True)
     if args.dry_run or args.status:
         return 0
 
     try:
-        check_inputs(pipeline, plan, stages)
+        pl.check_inputs(pipeline, plan, stages)
     except artifacts.IncompleteArtifactError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -303,26 +212,22 @@ def _main(args: Args) -> int:
         return 2
     try:
         if executor == "slurm":
-            submit_slurm(pipeline, plan, stages, jobs)
+            pl.submit_slurm(pipeline, plan, stages, jobs, say=_say)
             return 0
-        run_local(pipeline, plan, stages)
+        pl.run_local(pipeline, plan, stages, say=_say)
     except RUN_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except training.Preempted as err:
+    except preemption.Preempted as err:
         print(f"error: {err}; run the same command again to resume", file=sys.stderr)
         return 1
 
     reduce_art = plan["reduce"].artifacts[0]
     if reduce_art.is_done():
-        import json
-
         with open(reduce_art.dpath / "best.json") as fd:
             result = json.load(fd)
-        from stages import reduce
-
         print(f"\nbest latent per class ({result['n_patches']} kept patches): {reduce_art.dpath / 'best.json'}")
-        print(reduce.format_table(result, pipeline.reduce.print_top))
+        print(reduce_stage.format_table(result, pipeline.reduce.print_top))
     return 0
 
 

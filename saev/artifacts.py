@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator, Mapping
 import beartype
 import xxhash
 
+from saev import slurm
+
 logger = logging.getLogger("saev.artifacts")
 
 MANIFEST = "manifest.json"
@@ -530,7 +532,7 @@ class Artifact:
             "started": started,
             "finished": now(),
             "host": socket.gethostname(),
-            "slurm_job_id": _slurm_job_id(),
+            "slurm_job_id": slurm.job_id(),
             "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
             "git_commit": _git_commit(),
             "versions": _versions(),
@@ -633,13 +635,6 @@ def _stat_sig(st: os.stat_result) -> list[int]:
 def now() -> str:
     """Current UTC time in ISO 8601, seconds precision."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _slurm_job_id() -> str | None:
-    job = os.environ.get("SLURM_JOB_ID")
-    if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{os.environ.get('SLURM_ARRAY_JOB_ID', job)}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return job
 
 
 def _git_commit() -> str | None:

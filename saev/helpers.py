@@ -32,10 +32,10 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 @beartype.beartype
 def format_duration(seconds: float) -> str:
-    """'42s', '3m05s' or '2h07m' ('?' when unknown: infinite or NaN, e.g. an ETA before any progress)."""
+    """'42s', '3m05s' or '2h07m'; '?' for a duration that is not finite (an ETA at a rate of zero)."""
     if not math.isfinite(seconds):
         return "?"
-    seconds = max(0.0, seconds)
+    seconds = max(0.0, round(seconds))
     if seconds < 60:
         return f"{seconds:.0f}s"
     if seconds < 3600:
@@ -105,8 +105,7 @@ class Progress:
         elapsed = now - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
         if self.total:
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            eta_s = format_duration(eta)
+            eta_s = format_duration((self.total - self.done) / rate if rate > 0 else math.inf)
             pct = 100.0 * self.done / self.total
             return (
                 f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.1f}%) "

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Int64, jaxtyped
 
+from saev.data.shards import Shards
+
 
 class KeepMaskError(ValueError):
     """The requested masks cannot be drawn (e.g. more patches than are labelled)."""
@@ -26,6 +28,31 @@ class Masks(typing.NamedTuple):
     """Patches that select the best latent."""
     heldout: Int64[np.ndarray, " n_heldout"]
     """Disjoint patches that report the chosen latent's AP."""
+
+
+@beartype.beartype
+def check_sizes(n_keep: int | None, n_heldout: int, n_available: int, what: str) -> None:
+    """Refuse mask sizes that cannot be drawn from `n_available` patches: n_keep = "all" (None) with a held-out set,
+    or more kept plus held-out patches than there are.
+
+    Args:
+        n_keep: patches to keep; None keeps all of them.
+        n_heldout: patches to hold out.
+        n_available: patches to draw from.
+        what: what those patches are, for the message (e.g. "labelled patches").
+
+    Raises:
+        KeepMaskError: naming the config keys and the sizes.
+    """
+    if n_keep is None:
+        if n_heldout:
+            raise KeepMaskError('mask.n_keep = "all" leaves no patches for mask.n_heldout; set n_heldout = 0')
+        return
+    if n_keep + n_heldout > n_available:
+        raise KeepMaskError(
+            f"mask.n_keep={n_keep} + mask.n_heldout={n_heldout} is more than the {n_available} {what}; "
+            'lower them (or use n_keep = "all")'
+        )
 
 
 @jaxtyped(typechecker=beartype.beartype)
@@ -42,17 +69,11 @@ def make_masks(labelled_N: Bool[np.ndarray, " N"], n_keep: int | None, n_heldout
     n_labelled = len(labelled_idx)
     if n_heldout < 0:
         raise KeepMaskError(f"mask.n_heldout must be >= 0, got {n_heldout}")
-    if n_keep is None:
-        if n_heldout:
-            raise KeepMaskError('mask.n_keep = "all" leaves no patches for mask.n_heldout; set n_heldout = 0')
-        return Masks(labelled_idx, np.zeros(0, dtype=np.int64))
-    if n_keep <= 0:
+    if n_keep is not None and n_keep <= 0:
         raise KeepMaskError(f"mask.n_keep must be positive, got {n_keep}")
-    if n_keep + n_heldout > n_labelled:
-        raise KeepMaskError(
-            f"mask.n_keep={n_keep} + mask.n_heldout={n_heldout} is more than the {n_labelled} labelled patches; "
-            'lower them (or use n_keep = "all")'
-        )
+    check_sizes(n_keep, n_heldout, n_labelled, "labelled patches")
+    if n_keep is None:
+        return Masks(labelled_idx, np.zeros(0, dtype=np.int64))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     order = torch.randperm(n_labelled, generator=generator).numpy()
     keep = np.sort(labelled_idx[order[:n_keep]])
@@ -162,3 +183,28 @@ def load_masks(dpath: pathlib.Path, *, n_patches: int, labelled_N: np.ndarray | 
     keep, heldout = (load_mask_file(fpath) for fpath in fpaths)
     check_masks(keep, heldout, n_patches=n_patches, labelled_N=labelled_N, fpaths=fpaths)
     return Masks(keep.astype(np.int64, copy=False), heldout.astype(np.int64, copy=False))
+
+
+@beartype.beartype
+def load_for_dump(dpath: pathlib.Path, shards: Shards) -> Masks:
+    """The masks of the mask artifact in `dpath`, read and checked against the dump `shards` (`load_masks`):
+    integer, 1-D, strictly increasing, within the dump's patches, labelled, and disjoint.
+
+    Raises:
+        MaskFileError: a file is missing, unreadable or holds invalid indices; the message names it.
+    """
+    md = shards.metadata
+    labelled_N = np.asarray(shards.labels).reshape(-1) != md.labels_ignore  # labels are checked when first read
+    return load_masks(pathlib.Path(dpath), n_patches=md.n_imgs * md.n_patches_per_img, labelled_N=labelled_N)
+
+
+def load_keep(dpath: pathlib.Path, shards: Shards) -> np.ndarray:
+    """The sorted global indices of the kept patches of the mask artifact in `dpath` (both files are read and
+    checked, see `load_for_dump`)."""
+    return load_for_dump(dpath, shards).keep
+
+
+def load_heldout(dpath: pathlib.Path, shards: Shards) -> np.ndarray:
+    """The sorted global indices of the held-out patches (disjoint from the kept ones; may be empty), checked as
+    in `load_keep`."""
+    return load_for_dump(dpath, shards).heldout

@@ -1,4 +1,4 @@
-"""Cluster profiles and Slurm submission through submitit.
+"""Cluster profiles, Slurm submission through submitit, job states and logs, and a job's own identity and requeue.
 
 Every stage is submitted at once; a stage waits for its upstream jobs with `afterok` and is cancelled (not left
 pending forever) when an upstream job fails, thanks to `kill-on-invalid-dep=yes`. Stages still verify their inputs
@@ -8,7 +8,10 @@ when they start: an `afterok` on a job id that never existed is accepted by Slur
 import dataclasses
 import logging
 import math
+import os
 import pathlib
+import subprocess
+import sys
 import typing
 from collections.abc import Callable, Sequence
 
@@ -165,8 +168,6 @@ def _is_submission_error(err: BaseException) -> bool:
     """Whether `err` is how submitit reports a failed `sbatch`: `FailedJobError` (sbatch exited non-zero; its
     stderr is the message), `FailedSubmissionError` (no job id in sbatch's output), `CalledProcessError`, or an
     OSError from starting sbatch (not on PATH, not executable)."""
-    import subprocess
-
     from submitit.core import utils as submitit_utils
 
     return isinstance(
@@ -177,8 +178,6 @@ def _is_submission_error(err: BaseException) -> bool:
 
 def _submission_message(stage: str, err: BaseException, submitted: Sequence[str]) -> str:
     """One line: which stage, sbatch's first error line (or the file submitit could not write), what to check."""
-    import subprocess
-
     if isinstance(err, OSError) and str(err.filename) != "sbatch":
         # submitit writes the job script and pickles under [slurm] log_dpath before it runs sbatch.
         msg = f"cannot submit stage '{stage}': could not write {err.filename}: {err.strerror or err}; check [slurm] log_dpath"
@@ -235,8 +234,6 @@ def job_states(job_ids: Sequence[str], *, timeout_s: float = QUERY_TIMEOUT_S) ->
     Never raises for Slurm's sake: when neither sacct nor squeue answers within `timeout_s` seconds each (no
     controller, not on PATH, an error), every job is "UNKNOWN" and one warning names the reason.
     """
-    import subprocess
-
     if not job_ids:
         return {}
     wanted = set(job_ids)
@@ -274,8 +271,6 @@ def job_states(job_ids: Sequence[str], *, timeout_s: float = QUERY_TIMEOUT_S) ->
 
 def _query(cmd: list[str], timeout_s: float) -> tuple["subprocess.CompletedProcess[str] | None", str]:
     """Run a Slurm query: (the finished process, "") when it exited 0, else (None, why it failed, one line)."""
-    import subprocess
-
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
@@ -320,22 +315,25 @@ def tail(fpath: pathlib.Path, n_lines: int = 5) -> str:
     return "\n".join(lines[-n_lines:])
 
 
-class Ledger:
-    """Which Slurm job was submitted for each piece of an artifact: `<artifact>/.jobs.json` (a dot-file, never
-    part of the artifact). Lets the launcher avoid submitting a piece twice and report failed jobs' logs."""
+################
+# Job identity #
+################
 
-    def __init__(self, dpath: pathlib.Path):
-        self.fpath = dpath / ".jobs.json"
 
-    def read(self) -> dict[str, str]:
-        import json
+def job_id() -> str | None:
+    """This process's Slurm job id (an array task as `ARRAYJOB_TASK`, as `submit` returns it); None outside Slurm."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ.get('SLURM_ARRAY_JOB_ID', job)}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return job
 
-        try:
-            return json.loads(self.fpath.read_text())
-        except (OSError, ValueError):
-            return {}
 
-    def record(self, jobs: dict[str, str]) -> None:
-        from saev import artifacts
-
-        artifacts.atomic_write_json(self.fpath, {**self.read(), **jobs})
+def requeue(err: BaseException) -> typing.NoReturn:
+    """Requeue this Slurm job because of `err` (it resumes from its checkpoint when it runs again) and end this run;
+    outside Slurm, re-raise `err`."""
+    this_job = job_id()
+    if this_job is None:
+        raise err
+    logger.warning("%s; requeueing job %s", err, this_job)
+    subprocess.run(["scontrol", "requeue", this_job], check=True, timeout=60)
+    sys.exit(-1)  # Slurm stops this run and starts the job again; as submitit does after its own requeue

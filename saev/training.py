@@ -146,40 +146,7 @@ class TrainResult(typing.NamedTuple):
     """Held-out quality of `sae`."""
 
 
-class Preempted(Exception):
-    """Training stopped because `request_checkpoint()` was called; rerun the same call to resume."""
-
-    def __init__(self, step: int, n_steps: int, checkpoint_fpath: pathlib.Path | None):
-        self.step = step
-        """Steps done (and saved, if there is a checkpoint file)."""
-        self.n_steps = n_steps
-        """Steps of the whole run."""
-        self.checkpoint_fpath = checkpoint_fpath
-        """Where the state was saved; None if the run had no checkpoint file (nothing was saved)."""
-        where = f"state saved to {checkpoint_fpath}" if checkpoint_fpath else "no checkpoint file, nothing saved"
-        super().__init__(f"training preempted after step {step}/{n_steps} ({where})")
-
-
-_checkpoint_requested = False
-"""Set by `request_checkpoint`, cleared by the training loop that handles it. A plain bool: assigning it is
-atomic, so a signal handler can set it at any point (a threading.Event's lock could deadlock there)."""
-
-
-def request_checkpoint(*_: object) -> None:
-    """Ask the running (or next) training loop to save its checkpoint at the end of the current step and raise
-    `Preempted`. Safe to call from a signal handler; its signature fits one directly:
-    `signal.signal(signal.SIGUSR2, training.request_checkpoint)`. The request stays pending until a loop handles it.
-    """
-    global _checkpoint_requested
-    _checkpoint_requested = True
-
-
-def _take_checkpoint_request() -> bool:
-    global _checkpoint_requested
-    if not _checkpoint_requested:
-        return False
-    _checkpoint_requested = False
-    return True
+from saev.preemption import Preempted, request_checkpoint, take_checkpoint_request  # noqa: E402, F401
 
 
 ##########
@@ -512,7 +479,7 @@ def train_group(
                 elapsed = time.perf_counter() - start
                 wait = batches.stats.wait_s / max(elapsed, 1e-9)
                 _log_progress(logger, loss, done, n_steps, done - start_step, cfg.batch_size, elapsed, wait)
-            preempted = _take_checkpoint_request()
+            preempted = take_checkpoint_request()
             if checkpoint_fpath is not None and (preempted or done % checkpoint_every == 0):
                 checkpoint.save(checkpoint_fpath, trainer.state_dict(), kind=_CHECKPOINT_KIND,
                                 version=_CHECKPOINT_VERSION, meta={**meta, "step": done})  # fmt: skip

@@ -23,7 +23,7 @@ from saev import artifacts, helpers
 from saev import vit as vits
 from saev.data import datasets, labels, shards
 
-from .graph import Piece, StagePlan
+from .graph import DumpInfo, Piece, Plan, StagePlan
 
 NAME = "dump"
 VERSION = 2  # 2: synthetic images rendered in batches (new pixels)
@@ -97,7 +97,7 @@ def shard_done(art: artifacts.Artifact, shard: int) -> bool:
     return all(artifacts.is_intact(f) for f in shard_files(art, shard))
 
 
-def plan(pipeline, upstream) -> StagePlan:
+def plan(pipeline, upstream: Plan) -> StagePlan[DumpInfo]:
     cfg: Config = pipeline.dump
     vits.resolve_layers(cfg.vit.model, cfg.vit.layers)  # bad model or layers: fail now
     dataset = datasets.make_dataset(cfg.data)
@@ -122,29 +122,27 @@ def plan(pipeline, upstream) -> StagePlan:
         )
         for start, stop in chunks
     )
-    info = {art.key: {"chunks": {stop - 1: (start, stop) for start, stop in chunks}, "fingerprint": fingerprint}}
-    return StagePlan(NAME, (art,), pieces, {art.key: params}, {art.key: {}}, info)
+    info = DumpInfo(
+        chunks={stop - 1: (start, stop) for start, stop in chunks},
+        fingerprint=fingerprint,
+        n_patches=md.n_imgs * md.n_patches_per_img,
+    )
+    return StagePlan(NAME, (art,), pieces, {art.key: params}, {art.key: {}}, {art.key: info})
 
 
-def count_patches(pipeline) -> int:
-    """Patches the dump will hold (images x patches per image), from the configs alone."""
-    _, n_side = vits.get_patch_grid(pipeline.dump.vit.model)
-    return len(datasets.make_dataset(pipeline.dump.data)) * n_side * n_side
-
-
-def check(pipeline) -> None:
+def check(pipeline, plan: Plan) -> None:
     """Checks that can run before any job is submitted: the dataset opens and the model config exists."""
     datasets.make_dataset(pipeline.dump.data)
     vits.get_d_vit(pipeline.dump.vit.model)
 
 
-def run(pipeline, plan, piece: Piece) -> None:
+def run(pipeline, plan: Plan, piece: Piece) -> None:
     cfg: Config = pipeline.dump
     art = piece.artifact
     dataset = datasets.make_dataset(cfg.data)
     md = make_metadata(cfg, dataset)
     last = int(piece.fpath.stem.removeprefix("labels"))
-    first, stop = plan[NAME].info[art.key]["chunks"][last]
+    first, stop = plan[NAME].info[art.key].chunks[last]
     # Resume: shards whose files are intact are finished; start at the first one that is not (missing or damaged).
     start = next(s for s in range(first, stop) if not shard_done(art, s))
     if start > first:
@@ -208,7 +206,7 @@ def run(pipeline, plan, piece: Piece) -> None:
     progress.finish()
 
 
-def finalize(pipeline, plan, art: artifacts.Artifact) -> None:
+def finalize(pipeline, plan: Plan, art: artifacts.Artifact) -> None:
     """Once every chunk is written: join the label parts into labels.bin, then write shards.json and metadata.json."""
     md = make_metadata(pipeline.dump, datasets.make_dataset(pipeline.dump.data))
     parts = []
@@ -219,7 +217,7 @@ def finalize(pipeline, plan, art: artifacts.Artifact) -> None:
     writer = shards.ShardWriter(art.dpath, md, start_shard=md.n_shards)  # checks every shard file's size
     writer.write_labels(np.concatenate(parts))
     writer.close()
-    fingerprint = plan[NAME].info[art.key]["fingerprint"]
+    fingerprint = plan[NAME].info[art.key].fingerprint
     if fingerprint.files:  # what the dump was made from, so that a later run can say which files changed
         artifacts.atomic_write_json(art.dpath / DATASET_FILES, {"digest": fingerprint.digest, "files": fingerprint.files})
 

@@ -1,10 +1,18 @@
-"""The graph's building blocks: a stage's plan (artifacts, keys, pieces) and its pieces of work."""
+"""The contracts between stages: what a stage module provides (`StageModule`), its plan (artifacts, keys, pieces),
+its pieces of work, and the typed record each stage's plan hands downstream per artifact (`DumpInfo`, `TrainInfo`,
+`MaskInfo`, `ScoreInfo`; reduce hands nothing on).
+"""
 
 import dataclasses
 import pathlib
 import typing
+from collections.abc import Callable
 
-from saev import artifacts
+from saev import artifacts, training
+from saev.data import datasets
+
+if typing.TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +54,63 @@ def _file_done(fpath: pathlib.Path) -> bool:
     return artifacts.is_intact(fpath)
 
 
+################
+# Plan records #
+################
+
+
 @dataclasses.dataclass(frozen=True)
-class StagePlan:
+class DumpInfo:
+    """What the dump plan tells the job body and later stages about its one artifact."""
+
+    chunks: dict[int, tuple[int, int]]
+    """Last shard of each chunk (the shard whose labels mark the chunk done) -> the chunk's shards [start, stop)."""
+    fingerprint: datasets.Fingerprint
+    """The dataset's listing (folder datasets: every file's size and mtime; empty for the synthetic one)."""
+    n_patches: int
+    """Patches the dump holds (images x patches per image), known from the configs alone."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainInfo:
+    """What the train plan tells later stages about one SAE (one train artifact)."""
+
+    config: training.TrainConfig
+    """The SAE's canonical training config (as hashed into its key)."""
+    d_sae: int
+    """Latents of the SAE."""
+    layer: int
+    """ViT block (non-negative index) whose patch activations the SAE reads."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskInfo:
+    """What the mask plan tells later stages about its one artifact."""
+
+    max_kept: int
+    """An upper bound on the number of kept patches, known before anything runs (sizes the score blocks)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreInfo:
+    """What the score plan tells its job body and the reduce about one score artifact (one SAE's partials)."""
+
+    train_key: str
+    """Key of the train artifact whose SAE is scored (its input "sae")."""
+    d_sae: int
+    """Latents of that SAE."""
+    layer: int
+    """ViT block the SAE reads."""
+    block_size: int
+    """Latents per K-block (the last block may be narrower)."""
+
+
+Info = typing.TypeVar("Info")
+"""The plan record type of one stage (`DumpInfo`, ...; None for a stage that hands nothing on)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan(typing.Generic[Info]):
     """What one stage produces for a given config: its artifacts (with their keys) and pieces of work."""
 
     name: str
@@ -60,8 +123,9 @@ class StagePlan:
     """Artifact key -> its hashed params (recorded in the manifest)."""
     inputs: dict[str, dict[str, str]]
     """Artifact key -> input name -> `stage/key` of the input artifact."""
-    info: dict[str, typing.Any] = dataclasses.field(default_factory=dict)
-    """Artifact key -> stage-specific details later stages need (e.g. the SAE config of a train artifact)."""
+    info: dict[str, Info] = dataclasses.field(default_factory=dict)
+    """Artifact key -> the stage's plan record for it (what the job body and later stages need); empty when the
+    stage hands nothing on."""
 
     def input_artifacts(self, key: str, root: pathlib.Path) -> list[artifacts.Artifact]:
         out = []
@@ -82,5 +146,33 @@ class StagePlan:
         return "missing"
 
 
-Plan = dict[str, StagePlan]
-"""Stage name -> its plan, in dependency order."""
+Plan = dict[str, StagePlan[typing.Any]]
+"""Stage name -> its plan, in dependency order (`plan["score"]` is a `StagePlan[ScoreInfo]`, and so on)."""
+
+
+@typing.runtime_checkable
+class StageModule(typing.Protocol):
+    """What a stage module (stages/dump.py, ...) provides. The optional hooks are module attributes that are None
+    when the stage has no such step, so every module declares all of them."""
+
+    NAME: str
+    """Stage name: the artifact directory `<root>/<NAME>/` and the stage's key in the plan."""
+    VERSION: int
+    """Output format version, part of every key of the stage."""
+    Config: type
+    """The frozen dataclass of the stage's `[NAME]` config section."""
+    check: "Callable[[Pipeline, Plan], None] | None"
+    """Checks that can run before anything is submitted (raise an error naming the problem); None: none."""
+    finalize: "Callable[[Pipeline, Plan, artifacts.Artifact], None] | None"
+    """For a multi-piece artifact: what runs once every piece exists, before the manifest (e.g. index files)."""
+    manifest_extra: "Callable[[Pipeline, artifacts.Artifact], dict[str, object]] | None"
+    """For a multi-piece artifact: extra manifest fields (e.g. the device used); None: none."""
+
+    def plan(self, pipeline: "Pipeline", upstream: Plan) -> StagePlan[typing.Any]:
+        """Keys and pieces of the stage, from the configs and the upstream stages' plans (nothing is read from the
+        artifacts)."""
+        ...
+
+    def run(self, pipeline: "Pipeline", plan: Plan, piece: Piece) -> None:
+        """The job body: write `piece` (a single-piece artifact also writes its manifest)."""
+        ...

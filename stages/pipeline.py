@@ -1,21 +1,23 @@
 """The pipeline: one TOML config -> the graph of five stages, their artifact keys and pieces, and how to run them.
 
 Keys of the whole graph are computed here before anything runs (from configs and upstream keys only), which is what
-lets the launcher submit every stage at once and resubmit a single missing piece.
+lets the launcher submit every stage at once and resubmit a single missing piece. This module owns the graph
+(`make_plan`), the checks and repairs of the store before a run, the job body (`run_pieces`, `seal`), and how pieces
+get run: in this process (`run_local`) or submitted to Slurm with `afterok` chains (`submit_slurm`), with the job
+ledger that keeps a piece from being submitted twice (`Ledger`, `piece_jobs`).
 """
 
 import dataclasses
 import datetime
 import json
 import logging
-import os
 import pathlib
 import signal
-import subprocess
-import sys
+import time
 import typing
+from collections.abc import Callable
 
-from saev import artifacts, configs, helpers, training
+from saev import artifacts, configs, helpers, preemption, slurm
 from saev.slurm import SlurmConfig
 
 from . import dump as dump_stage
@@ -23,21 +25,25 @@ from . import mask as mask_stage
 from . import reduce as reduce_stage
 from . import score as score_stage
 from . import train as train_stage
-from .graph import Piece, Plan, StagePlan
+from .graph import Piece, Plan, StageModule, StagePlan
 
 logger = logging.getLogger("stages")
 
 STAGES = ("dump", "train", "mask", "score", "reduce")
 """Stage names in dependency order."""
 
-MODULES = {
+MODULES: dict[str, StageModule] = {
     "dump": dump_stage,
     "train": train_stage,
     "mask": mask_stage,
     "score": score_stage,
     "reduce": reduce_stage,
 }
-"""Stage name -> the module holding its Config, plan() and run()."""
+"""Stage name -> the module holding its Config, plan() and run() and its optional hooks (see `StageModule`)."""
+
+for _name, _module in MODULES.items():  # a module missing a member (even an absent hook's None) fails at import
+    if not isinstance(_module, StageModule) or _module.NAME != _name:
+        raise TypeError(f"stages/{_name}.py does not provide what `graph.StageModule` declares (NAME = {_name!r}, ...)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +221,7 @@ def explain(pipeline: Pipeline, plan: Plan, name: str, limit: int = 2) -> list[s
         line = f"{art.ref}: new key; {name}/{key} differs in {shown or 'nothing recorded (format version?)'}"
         if name == "dump" and "dataset_files" in diffs:
             files = dump_stage.changed_files(
-                artifacts.Artifact(pipeline.root, name, key), stage_plan.info[art.key]["fingerprint"]
+                artifacts.Artifact(pipeline.root, name, key), stage_plan.info[art.key].fingerprint
             )
             if files:
                 line += f"; dataset files changed: {', '.join(files[:5])}" + (
@@ -253,31 +259,26 @@ def run_pieces(pipeline: Pipeline, stage: str, piece_ids: typing.Sequence[str]) 
         raise ValueError(f"stage '{stage}' has no piece(s) {unknown}; did the config change since submission?")
     module = MODULES[stage]
     touched: dict[str, artifacts.Artifact] = {}
-    if os.environ.get("SLURM_JOB_ID"):
+    if slurm.job_id() is not None:
         # Slurm's pre-timeout signal (submitit asks for USR2 before the limit): finish the current training step,
         # save a checkpoint, requeue. Replaces submitit's handler, which would requeue without saving.
-        signal.signal(signal.SIGUSR2, training.request_checkpoint)
+        signal.signal(signal.SIGUSR2, preemption.request_checkpoint)
     try:
         _run(pipeline, plan, stage, module, [by_id[pid] for pid in piece_ids], touched)
-    except training.Preempted as err:
-        requeue(err)
+    except preemption.Preempted as err:
+        slurm.requeue(err)  # outside Slurm: re-raised
     for art in touched.values():
         seal(pipeline, stage_plan, art)
 
 
-def requeue(err: Exception) -> None:
-    """Requeue this Slurm job (it resumes from its checkpoint when it runs again); outside Slurm, re-raise."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id:
-        raise err
-    if os.environ.get("SLURM_ARRAY_TASK_ID"):
-        job_id = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    logger.warning("%s; requeueing job %s", err, job_id)
-    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-    sys.exit(-1)  # Slurm stops this run and starts the job again; as submitit does after its own requeue
-
-
-def _run(pipeline, plan, stage, module, pieces, touched) -> None:
+def _run(
+    pipeline: Pipeline,
+    plan: Plan,
+    stage: str,
+    module: StageModule,
+    pieces: list[Piece],
+    touched: dict[str, artifacts.Artifact],
+) -> None:
     # Many pieces in one job (local runs, several K-blocks): a line with rate and ETA at most every 10 s.
     for piece in helpers.Progress(pieces, desc=stage, unit="pieces", logger=logger) if len(pieces) > 1 else pieces:
         art = piece.artifact
@@ -326,14 +327,139 @@ def seal(pipeline: Pipeline, stage_plan: StagePlan, art: artifacts.Artifact) -> 
             first_mtime = min(p.fpath.stat().st_mtime for p in pieces if p.fpath is not None)
             started = datetime.datetime.fromtimestamp(first_mtime, datetime.timezone.utc)
             module = MODULES[stage_plan.name]
-            if hasattr(module, "finalize"):  # e.g. join per-chunk labels, write index files
+            if module.finalize is not None:  # e.g. join per-chunk labels, write index files
                 module.finalize(pipeline, {stage_plan.name: stage_plan}, art)
-            extra = getattr(module, "manifest_extra", None)
             art.write_manifest(
                 params=stage_plan.params[art.key],
                 inputs=stage_plan.inputs[art.key],
                 started=started.isoformat(timespec="seconds"),
-                extra=extra(pipeline, art) if extra else None,
+                extra=module.manifest_extra(pipeline, art) if module.manifest_extra is not None else None,
             )
             logger.info("%s: sealed %s (%d pieces)", stage_plan.name, art.ref, len(pieces))
     return True
+
+
+##########################
+# Running and submitting #
+##########################
+
+
+def check_inputs(pipeline: Pipeline, plan: Plan, stages: typing.Sequence[str]) -> None:
+    """Fail before running or submitting anything: a stage's own checks (`StageModule.check`), and inputs that are
+    neither done nor part of this launch (`IncompleteArtifactError` naming the stage to run first)."""
+    for name in stages:
+        module = MODULES[name]
+        if module.check is not None and plan[name].state() != "done":
+            module.check(pipeline, plan)
+        for key in plan[name].inputs:
+            for art in plan[name].input_artifacts(key, pipeline.root):
+                if art.stage not in stages and not art.is_done() and plan[art.stage].missing():
+                    note = art.damage_note()
+                    why = f" (it was found damaged and unsealed: {note})" if note else ""
+                    raise artifacts.IncompleteArtifactError(
+                        f"stage '{name}' needs {art.ref}, which is not done{why}; "
+                        f"run `--stage {art.stage}` (or `--stage all`) first"
+                    )
+
+
+def run_local(pipeline: Pipeline, plan: Plan, stages: typing.Sequence[str], *, say: Callable[[str], None]) -> None:
+    """Run the missing pieces of the selected stages in this process, in order; `say` gets one line per stage."""
+    for name in stages:
+        stage_plan = plan[name]
+        missing = stage_plan.missing()
+        if not missing and stage_plan.state() == "done":
+            say(f"{name}: done, skipping")
+            continue
+        say(f"{name}: running {len(missing)} piece(s)")
+        start = time.perf_counter()
+        ids = [piece.id for piece in missing] or [stage_plan.pieces[0].id]  # all pieces exist: one seals
+        run_pieces(pipeline, name, ids)
+        say(f"{name}: done in {helpers.format_duration(time.perf_counter() - start)}")
+
+
+class Ledger:
+    """Which Slurm job was submitted for each piece of an artifact: `<artifact>/.jobs.json` (a dot-file, never
+    part of the artifact). Keeps a piece from being submitted twice and lets `--status` show failed jobs' logs."""
+
+    def __init__(self, dpath: pathlib.Path):
+        self.fpath = dpath / ".jobs.json"
+
+    def read(self) -> dict[str, str]:
+        """Piece id -> job id ({} when nothing was recorded or the file is unreadable)."""
+        try:
+            return json.loads(self.fpath.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def record(self, jobs: dict[str, str]) -> None:
+        """Add (or replace) the jobs of these pieces."""
+        artifacts.atomic_write_json(self.fpath, {**self.read(), **jobs})
+
+
+def piece_jobs(plan: Plan) -> dict[str, tuple[str, str]]:
+    """Piece id -> (job id, Slurm state) for every piece that is not done and has a recorded job."""
+    wanted: dict[str, str] = {}
+    for stage_plan in plan.values():
+        pending = {p.id for p in stage_plan.pieces if not p.is_done()}
+        if not pending and stage_plan.state() == "done":
+            continue
+        for art in stage_plan.artifacts:
+            for piece_id, job_id in Ledger(art.dpath).read().items():
+                if piece_id in pending or (piece_id == stage_plan.pieces[0].id and not art.is_done()):
+                    wanted[piece_id] = job_id
+    states = slurm.job_states(sorted(set(wanted.values())))
+    return {pid: (job, states.get(job, "UNKNOWN")) for pid, job in wanted.items()}
+
+
+def submit_slurm(
+    pipeline: Pipeline,
+    plan: Plan,
+    stages: typing.Sequence[str],
+    jobs: dict[str, tuple[str, str]],
+    *,
+    say: Callable[[str], None],
+) -> dict[str, list[str]]:
+    """Submit every missing piece of the selected stages at once, each stage waiting (afterok) on the jobs of its
+    upstream stages; pieces whose job is already pending or running (`jobs`, from `piece_jobs`) are not submitted
+    again (their job ids become dependencies instead). Every job queued is recorded in its artifact's `Ledger`, also
+    when a later submission fails (`slurm.SlurmError`, re-raised). `say` gets one line per stage. Returns stage ->
+    job ids."""
+    assert pipeline.slurm is not None
+    waiting_on: dict[str, list[str]] = {}
+    for name in stages:
+        stage_plan = plan[name]
+        if stage_plan.state() == "done":
+            say(f"{name}: done, skipping")
+            continue
+        queued = {pid: job for pid, (job, state) in jobs.items() if state in slurm.ACTIVE_STATES}
+        missing = stage_plan.missing() or [stage_plan.pieces[0]]  # all pieces exist: one task seals
+        todo = [p for p in missing if p.id not in queued]
+        reuse = [queued[p.id] for p in missing if p.id in queued]
+        after = [job for upstream in STAGES[: STAGES.index(name)] for job in waiting_on.get(upstream, [])]
+        after = slurm.array_ids(after)
+        args = [(pipeline, name, [piece.id]) for piece in todo]
+        try:
+            job_ids = slurm.submit(pipeline.slurm, name, run_pieces, args, after=after)
+        except slurm.SlurmError as err:
+            _record_jobs(stage_plan, todo, err.submitted)  # so that a rerun does not submit them twice
+            raise
+        _record_jobs(stage_plan, todo, job_ids)
+        waiting_on[name] = job_ids + reuse
+        msg = f"{name}: submitted {len(job_ids)} job(s)"
+        if job_ids:
+            msg += f" [{', '.join(slurm.array_ids(job_ids))}]"
+        if reuse:
+            msg += f"; {len(reuse)} already queued [{', '.join(slurm.array_ids(reuse))}]"
+        if after:
+            msg += f"; after {', '.join(after)}"
+        say(msg)
+    say(f"logs: {pipeline.slurm.log_dpath}/<stage>/<job id>/")
+    return waiting_on
+
+
+def _record_jobs(stage_plan: StagePlan, pieces: list[Piece], job_ids: typing.Sequence[str]) -> None:
+    """Record in each artifact's ledger the jobs of its pieces (`job_ids` in `pieces` order, maybe fewer)."""
+    for art in stage_plan.artifacts:
+        mine = {p.id: j for p, j in zip(pieces, job_ids) if p.artifact.key == art.key}
+        if mine:
+            Ledger(art.dpath).record(mine)

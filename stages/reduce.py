@@ -15,18 +15,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from saev import ap, artifacts, helpers, nn, report, vit
+from saev import ap, artifacts, helpers, keepmask, nn, report, scoring, vit
 from saev.data import datasets
 from saev.data.shards import Shards
 
-from . import mask as mask_stage
-from . import score as score_stage
-from .graph import Piece, StagePlan
+from .graph import Piece, Plan, StagePlan
 
 NAME = "reduce"
 VERSION = 2
 
 logger = logging.getLogger("stages.reduce")
+
+check = None
+"""No checks before submission beyond the plan's."""
+finalize = None
+"""A single piece: `run` writes the manifest."""
+manifest_extra = None
+"""`run` writes the manifest."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +46,7 @@ class Config:
     """The launcher prints at most this many classes (best.json always has all of them)."""
 
 
-def plan(pipeline, upstream) -> StagePlan:
+def plan(pipeline, upstream: Plan) -> StagePlan[None]:
     params = artifacts.hashed_params(pipeline.reduce)
     inputs = {"dump": upstream["dump"].artifacts[0].ref, "mask": upstream["mask"].artifacts[0].ref}
     for i, art in enumerate(upstream["score"].artifacts):
@@ -52,7 +57,7 @@ def plan(pipeline, upstream) -> StagePlan:
     return StagePlan(NAME, (art,), (piece,), {art.key: params}, {art.key: inputs})
 
 
-def run(pipeline, plan, piece: Piece) -> None:
+def run(pipeline, plan: Plan, piece: Piece) -> None:
     started = artifacts.now()
     cfg: Config = pipeline.reduce
     art = piece.artifact
@@ -61,7 +66,7 @@ def run(pipeline, plan, piece: Piece) -> None:
     class_names = list(shards.metadata.class_names)
     n_classes = len(class_names)
     flat_labels = np.asarray(shards.labels).reshape(-1)
-    keep, heldout = mask_stage.load_keep(mask_art.dpath, shards), mask_stage.load_heldout(mask_art.dpath, shards)
+    keep, heldout = keepmask.load_for_dump(mask_art.dpath, shards)
     labels_N = flat_labels[keep].astype(np.int64)
     labels_H = flat_labels[heldout].astype(np.int64)
     counts_C = np.bincount(labels_N, minlength=n_classes)
@@ -72,8 +77,8 @@ def run(pipeline, plan, piece: Piece) -> None:
     per_sae, chosen, ap_by_sae = {}, [None] * n_classes, {}
     for score_art in score_plan.artifacts:
         info = score_plan.info[score_art.key]
-        partials = score_stage.read_partials(score_art, info["d_sae"], info["block_size"], info["sae"], counts_C)
-        ap_by_sae[info["sae"]] = partials.ap_CK
+        partials = scoring.read_partials(score_art, info.d_sae, info.block_size, info.train_key, counts_C)
+        ap_by_sae[info.train_key] = partials.ap_CK
         dead_K = partials.min_K == partials.max_K
         best_ap_C, best_k_C = ap.best_per_class(torch.from_numpy(partials.ap_CK))
         entries = []
@@ -81,10 +86,10 @@ def run(pipeline, plan, piece: Piece) -> None:
             value, k = float(best_ap_C[c]), int(best_k_C[c])
             entries.append({"name": name, "ap": _json_float(value), "prototype": k})
             if k >= 0 and (chosen[c] is None or value > chosen[c]["ap"]):
-                chosen[c] = {"ap": value, "prototype": k, "sae": info["sae"], "dead": bool(dead_K[k])}
-        per_sae[info["sae"]] = {
+                chosen[c] = {"ap": value, "prototype": k, "sae": info.train_key, "dead": bool(dead_K[k])}
+        per_sae[info.train_key] = {
             "score": score_art.key,
-            "d_sae": info["d_sae"],
+            "d_sae": info.d_sae,
             "dead_frac": float(dead_K.mean()),
             "classes": entries,
         }
@@ -139,13 +144,13 @@ def chosen_scores(pipeline, plan, chosen, idx: np.ndarray) -> dict[int, np.ndarr
     torch.set_float32_matmul_precision(pipeline.score.matmul_precision)
     out = {}
     for sae_key, classes in by_sae.items():
-        layer = plan["train"].info[sae_key]["layer"]
+        layer = plan["train"].info[sae_key].layer
         sae = nn.load(artifacts.Artifact(pipeline.root, "train", sae_key).dpath, device=device)
         latents = torch.tensor([chosen[c]["prototype"] for c in classes], device=device)
         parts = []
         for start in range(0, len(idx), _BATCH):
             acts_BD = shards.patches_flat(layer, idx[start : start + _BATCH])
-            scores = score_stage.encode_block(sae, acts_BD, 0, sae.cfg.d_sae, batch_size=_BATCH, device=device)
+            scores = scoring.encode_block(sae, acts_BD, 0, sae.cfg.d_sae, batch_size=_BATCH, device=device)
             parts.append(scores[:, latents].cpu())
         scores_NJ = torch.cat(parts).numpy()
         for j, c in enumerate(classes):
@@ -216,12 +221,12 @@ def top_images(pipeline, plan, shards, dataset, pick, keep, scores_N, c, img_siz
             imgs.append(img)
         if len(imgs) == n_top:
             break
-    layer = plan["train"].info[pick["sae"]]["layer"]
+    layer = plan["train"].info[pick["sae"]].layer
     sae = nn.load(artifacts.Artifact(pipeline.root, "train", pick["sae"]).dpath)
     out = []
     for img in imgs:
         acts_PD = shards.patches(layer, img, img + 1)[0]
-        scores_P = score_stage.encode_block(
+        scores_P = scoring.encode_block(
             sae, acts_PD, pick["prototype"], pick["prototype"] + 1, batch_size=_BATCH, device=torch.device("cpu")
         )[:, 0].numpy()
         labels_P = np.asarray(shards.labels[img]) == c

@@ -20,12 +20,19 @@ from saev import artifacts, helpers, nn, sweep, training, vit
 from saev.data import loader
 from saev.data.shards import Shards
 
-from .graph import Piece, StagePlan
+from .graph import Piece, Plan, StagePlan, TrainInfo
 
 NAME = "train"
 VERSION = 3  # 2: batches from saev.data.loader (chunked windows); 3: one config class per objective (params nest)
 
 logger = logging.getLogger("stages.train")
+
+check = None
+"""No checks before submission beyond the plan's (the sweep and layer are read while planning)."""
+finalize = None
+"""Each SAE is sealed by `run`."""
+manifest_extra = None
+"""`run` writes the manifests."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +95,11 @@ def describe(cfg: training.TrainConfig) -> str:
     return f"{cfg.objective.kind}({fields}) d_sae={cfg.sae.d_sae} lr={cfg.lr:g} seed={cfg.sae.seed}"
 
 
-def plan(pipeline, upstream) -> StagePlan:
+def plan(pipeline, upstream: Plan) -> StagePlan[TrainInfo]:
     dump_ref = upstream["dump"].artifacts[0].ref
     layer = get_layer(pipeline)
-    arts, all_params, all_inputs, info = [], {}, {}, {}
+    arts, all_params, all_inputs = [], {}, {}
+    info: dict[str, TrainInfo] = {}
     by_cfg: dict[training.TrainConfig, artifacts.Artifact] = {}
     for train_cfg in get_sweep(pipeline):
         params = {"sae": artifacts.hashed_params(train_cfg), "layer": layer}
@@ -103,7 +111,7 @@ def plan(pipeline, upstream) -> StagePlan:
         by_cfg[train_cfg] = art
         all_params[art.key] = params
         all_inputs[art.key] = inputs
-        info[art.key] = {"config": train_cfg, "d_sae": train_cfg.sae.d_sae, "layer": layer}
+        info[art.key] = TrainInfo(config=train_cfg, d_sae=train_cfg.sae.d_sae, layer=layer)
     pieces = []
     for group in training.group(list(by_cfg), max_size=pipeline.train.max_group):
         group_arts = [by_cfg[cfg] for cfg in group]
@@ -112,17 +120,17 @@ def plan(pipeline, upstream) -> StagePlan:
     return StagePlan(NAME, tuple(arts), tuple(pieces), all_params, all_inputs, info)
 
 
-def run(pipeline, plan, piece: Piece) -> None:
+def run(pipeline, plan: Plan, piece: Piece) -> None:
     started = artifacts.now()
     todo = [art for art in (piece.artifact, *piece.also) if not art.is_done()]
     infos = [plan[NAME].info[art.key] for art in todo]
     # Rows stream from the shards on disk (the layer is never loaded whole; see saev.data.loader).
-    rows = loader.ShardRows(Shards(plan["dump"].artifacts[0].dpath), infos[0]["layer"])
+    rows = loader.ShardRows(Shards(plan["dump"].artifacts[0].dpath), infos[0].layer)
     device = helpers.get_device(pipeline.train.device)
     # The checkpoint lives beside the group's first SAE as a dot-file: never part of an artifact.
     checkpoint_fpath = todo[0].dpath / ".checkpoint.safetensors"
     results = training.train_group(
-        [info["config"] for info in infos],
+        [info.config for info in infos],
         rows,
         device=device,
         checkpoint_fpath=checkpoint_fpath,

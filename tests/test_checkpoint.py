@@ -37,7 +37,7 @@ def tiny_acts() -> np.ndarray:
 @pytest.fixture(autouse=True)
 def no_pending_request(monkeypatch):
     """Each test starts and ends without a pending checkpoint request."""
-    monkeypatch.setattr(training, "_checkpoint_requested", False)
+    monkeypatch.setattr("saev.preemption._checkpoint_requested", False)
 
 
 class OnStep(logging.Handler):

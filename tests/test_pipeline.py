@@ -73,6 +73,17 @@ def test_second_run_does_nothing(copy_of_done, capsys):
     assert snapshot(root) == before
 
 
+def test_every_stage_module_provides_the_stage_protocol():
+    """NAME, VERSION, Config, plan, run, and each optional hook declared (None when the stage has none)."""
+    from stages.graph import StageModule
+
+    for name, module in pl.MODULES.items():
+        assert isinstance(module, StageModule) and module.NAME == name
+        for hook in ("check", "finalize", "manifest_extra"):
+            assert getattr(module, hook) is None or callable(getattr(module, hook))
+    assert pl.MODULES["dump"].finalize is not None and pl.MODULES["reduce"].finalize is None
+
+
 def keys(config) -> dict[str, set[str]]:
     plan = pl.make_plan(pl.load(config))
     return {name: {a.key for a in plan[name].artifacts} for name in pl.STAGES}
@@ -191,23 +202,22 @@ def test_heldout_ap_is_sklearn_on_heldout_patches(done_config):
     import torch
     from sklearn.metrics import average_precision_score
 
-    from saev import nn
+    from saev import keepmask, nn
     from saev.data.shards import Shards
-    from stages import mask as mask_stage
 
     pipeline = pl.load(done_config)
     plan = pl.make_plan(pipeline)
     best = json.loads((plan["reduce"].artifacts[0].dpath / "best.json").read_text())
     shards = Shards(plan["dump"].artifacts[0].dpath)
-    keep = mask_stage.load_keep(plan["mask"].artifacts[0].dpath, shards)
-    heldout = mask_stage.load_heldout(plan["mask"].artifacts[0].dpath, shards)
+    keep = keepmask.load_keep(plan["mask"].artifacts[0].dpath, shards)
+    heldout = keepmask.load_heldout(plan["mask"].artifacts[0].dpath, shards)
     assert not set(keep) & set(heldout)
     labels = np.asarray(shards.labels).reshape(-1)[heldout]
     checked = 0
     for c, row in enumerate(best["classes"]):
         if row["heldout_ap"] is None:
             continue
-        layer = plan["train"].info[row["sae"]]["layer"]
+        layer = plan["train"].info[row["sae"]].layer
         sae = nn.load(pipeline.root / "train" / row["sae"])
         with torch.inference_mode():
             scores = sae.encode(torch.from_numpy(shards.patches_flat(layer, heldout)))[:, row["prototype"]]
@@ -221,26 +231,24 @@ def test_partials_are_sklearn_ap_over_kept_patches(done_config):
     import torch
     from sklearn.metrics import average_precision_score
 
-    from saev import nn
+    from saev import keepmask, nn, scoring
     from saev.data.shards import Shards
-    from stages import mask as mask_stage
-    from stages import score as score_stage
 
     pipeline = pl.load(done_config)
     plan = pl.make_plan(pipeline)
     shards = Shards(plan["dump"].artifacts[0].dpath)
-    keep = mask_stage.load_keep(plan["mask"].artifacts[0].dpath, shards)
+    keep = keepmask.load_keep(plan["mask"].artifacts[0].dpath, shards)
     labels = np.asarray(shards.labels).reshape(-1)[keep]
     score_art = plan["score"].artifacts[0]
     info = plan["score"].info[score_art.key]
     n_classes = len(shards.metadata.class_names)
     counts_C = np.bincount(labels.astype(np.int64), minlength=n_classes)
-    partials = score_stage.read_partials(score_art, info["d_sae"], info["block_size"], info["sae"], counts_C)
-    sae = nn.load(pipeline.root / "train" / info["sae"])
+    partials = scoring.read_partials(score_art, info.d_sae, info.block_size, info.train_key, counts_C)
+    sae = nn.load(pipeline.root / "train" / info.train_key)
     with torch.inference_mode():
-        scores = sae.encode(torch.from_numpy(shards.patches_flat(info["layer"], keep))).numpy()
-    assert partials.ap_CK.shape == (len(shards.metadata.class_names), info["d_sae"])
-    for k in (0, info["block_size"], info["d_sae"] - 1):  # first, second block, last latent
+        scores = sae.encode(torch.from_numpy(shards.patches_flat(info.layer, keep))).numpy()
+    assert partials.ap_CK.shape == (len(shards.metadata.class_names), info.d_sae)
+    for k in (0, info.block_size, info.d_sae - 1):  # first, second block, last latent
         for c in range(partials.ap_CK.shape[0]):
             expected = average_precision_score(labels == c, scores[:, k])
             assert abs(partials.ap_CK[c, k] - expected) <= 1e-9

@@ -1,6 +1,6 @@
 """Inputs are checked where they are read: a bad file is an error naming it, never a silent wrong result.
 
-The score partials are checked directly (`score.read_partials`) against every way a hostile or unlucky user could
+The score partials are checked directly (`scoring.read_partials`) against every way a hostile or unlucky user could
 break one; then a finished tiny run is corrupted at the same file sizes (so the artifact store's size check passes and
 the readers' own checks must catch it) and a stage is rerun through the launcher: one error line naming the file, a
 non-zero exit, nothing newly marked done.
@@ -17,8 +17,7 @@ import pytest
 import safetensors.numpy
 
 import launch
-from saev import artifacts
-from stages import score as score_stage
+from saev import artifacts, scoring
 
 SAE = "a" * 16
 N_CLASSES, D_SAE, BLOCK = 3, 10, 4  # blocks [0, 4), [4, 8), [8, 10)
@@ -41,7 +40,7 @@ def good_block(block: int, sae: str = SAE) -> dict[str, np.ndarray]:
 
 
 def save(art: artifacts.Artifact, block: int, tensors: dict, sae: str = SAE) -> pathlib.Path:
-    fpath = score_stage.partial_fpath(art, block)
+    fpath = scoring.partial_fpath(art, block)
     fpath.parent.mkdir(parents=True, exist_ok=True)
     safetensors.numpy.save_file(tensors, str(fpath), metadata={"sae": sae, "matmul_precision": "highest"})
     return fpath
@@ -56,8 +55,8 @@ def art(tmp_path) -> artifacts.Artifact:
     return art
 
 
-def read(art: artifacts.Artifact, counts_C=COUNTS_C) -> score_stage.Partials:
-    return score_stage.read_partials(art, D_SAE, BLOCK, SAE, counts_C)
+def read(art: artifacts.Artifact, counts_C=COUNTS_C) -> scoring.Partials:
+    return scoring.read_partials(art, D_SAE, BLOCK, SAE, counts_C)
 
 
 def test_good_partials_are_concatenated(art):
@@ -139,21 +138,21 @@ def test_bad_partials_are_refused_naming_the_file(art, mutate, message):
     tensors = good_block(1)
     mutate(tensors)
     fpath = save(art, 1, tensors)
-    with pytest.raises(score_stage.PartialError, match=re.escape(f"{fpath}: {message}")):
+    with pytest.raises(scoring.PartialError, match=re.escape(f"{fpath}: {message}")):
         read(art)
 
 
 def test_a_partial_of_another_sae_is_refused(art):
     fpath = save(art, 2, good_block(2), sae="c" * 16)
     msg = f"{fpath}: scores SAE '{'c' * 16}', expected '{SAE}' (a partial of another SAE)"
-    with pytest.raises(score_stage.PartialError, match=re.escape(msg)):
+    with pytest.raises(scoring.PartialError, match=re.escape(msg)):
         read(art)
 
 
 def test_a_partial_without_metadata_is_refused(art):
-    fpath = score_stage.partial_fpath(art, 0)
+    fpath = scoring.partial_fpath(art, 0)
     safetensors.numpy.save_file(good_block(0), str(fpath))
-    with pytest.raises(score_stage.PartialError, match=re.escape(f"{fpath}: scores SAE None")):
+    with pytest.raises(scoring.PartialError, match=re.escape(f"{fpath}: scores SAE None")):
         read(art)
 
 
@@ -186,25 +185,25 @@ def _text(fpath):
     ids=["truncated", "garbled-header", "huge-header-length", "empty", "text"],
 )
 def test_unreadable_partials_are_named(art, corrupt):
-    fpath = score_stage.partial_fpath(art, 1)
+    fpath = scoring.partial_fpath(art, 1)
     corrupt(fpath)
-    with pytest.raises(score_stage.PartialError, match=re.escape(f"{fpath} is not a readable safetensors file")):
+    with pytest.raises(scoring.PartialError, match=re.escape(f"{fpath} is not a readable safetensors file")):
         read(art)
 
 
 def test_a_missing_partial_is_named(art):
-    fpath = score_stage.partial_fpath(art, 2)
+    fpath = scoring.partial_fpath(art, 2)
     fpath.unlink()
-    with pytest.raises(score_stage.PartialError, match=re.escape(f"{fpath} is missing; rerun `--stage score`")):
+    with pytest.raises(scoring.PartialError, match=re.escape(f"{fpath} is missing; rerun `--stage score`")):
         read(art)
-    assert issubclass(score_stage.PartialError, artifacts.IncompleteArtifactError)
+    assert issubclass(scoring.PartialError, artifacts.IncompleteArtifactError)
 
 
 def test_a_directory_in_place_of_a_partial_is_named(art):
-    fpath = score_stage.partial_fpath(art, 0)
+    fpath = scoring.partial_fpath(art, 0)
     fpath.unlink()
     fpath.mkdir()
-    with pytest.raises(score_stage.PartialError, match=re.escape(f"{fpath} is missing")):
+    with pytest.raises(scoring.PartialError, match=re.escape(f"{fpath} is missing")):
         read(art)
 
 

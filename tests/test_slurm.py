@@ -1,0 +1,38 @@
+"""A job's own Slurm identity and requeue, without a cluster (environment variables as Slurm sets them)."""
+
+import pytest
+
+from saev import preemption, slurm
+
+
+def test_job_id_outside_slurm_is_none(monkeypatch):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert slurm.job_id() is None
+
+
+def test_job_id_of_a_plain_job(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    assert slurm.job_id() == "123"
+
+
+def test_job_id_of_an_array_task_is_arrayjob_task(monkeypatch):
+    """What `slurm.submit` returns for an array task, so the ledger and the manifest name the same job."""
+    monkeypatch.setenv("SLURM_JOB_ID", "130")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "123")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    assert slurm.job_id() == "123_7"
+
+
+def test_requeue_outside_slurm_reraises(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    err = preemption.Preempted(3, 10, None)
+    with pytest.raises(preemption.Preempted, match=r"after step 3/10 \(no checkpoint file"):
+        slurm.requeue(err)
+
+
+def test_checkpoint_request_is_taken_once():
+    preemption.request_checkpoint()
+    assert preemption.take_checkpoint_request()
+    assert not preemption.take_checkpoint_request()
