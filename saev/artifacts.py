@@ -25,27 +25,18 @@ import typing
 from collections.abc import Callable, Iterator, Mapping
 
 import beartype
-import xxhash
 
-from saev import slurm
+from saev import checksums, slurm
 
 logger = logging.getLogger("saev.artifacts")
 
 MANIFEST = "manifest.json"
 """Name of the file whose presence marks an artifact as done."""
 
-_TMP_MARK = ".tmp-"
+_TMP_MARK = checksums.TMP_MARK
 
-CHECKSUM = "xxh3_128"
-"""The checksum recorded for every file of an artifact (xxHash's XXH3, 128 bits: about 20 GB/s on one core, so
-hashing while writing costs next to nothing; it detects corruption, it is not a cryptographic signature)."""
-
-_SUM_SUFFIX = ".sum"
 _VERIFIED = ".verified.json"
 _DAMAGE_NOTE = ".damaged"
-_READ_CHUNK = 16 << 20
-
-
 class IncompleteArtifactError(RuntimeError):
     """An artifact that a stage needs is missing, has no manifest, or lost a file."""
 
@@ -149,9 +140,9 @@ def atomic_path(fpath: pathlib.Path | str) -> Iterator[pathlib.Path]:
             os.fsync(fd.fileno())
         digest = _DIGESTS.pop(str(tmp_fpath), None)
         if digest is None:
-            digest = file_checksum(tmp_fpath)
+            digest = checksums.file_checksum(tmp_fpath)
         if digest:  # "" = deliberately unhashed (benchmarks measuring the cost of hashing)
-            _write_sum(fpath, tmp_fpath.stat().st_size, digest)
+            checksums.write_record(fpath, tmp_fpath.stat().st_size, digest)
         os.replace(tmp_fpath, fpath)
     except OSError as err:
         _DIGESTS.pop(str(tmp_fpath), None)
@@ -178,34 +169,11 @@ def set_digest(tmp_fpath: pathlib.Path, digest: str) -> None:
     _DIGESTS[str(tmp_fpath)] = digest
 
 
-def new_hasher() -> "xxhash.xxh3_128":
-    """A fresh incremental hasher of the artifact checksum (`CHECKSUM`)."""
-    return xxhash.xxh3_128()
-
-
-class HashingFile:
-    """A binary file opened for writing that hashes every byte written (no second read of large files)."""
-
-    def __init__(self, fpath: pathlib.Path):
-        self.fpath = fpath
-        self.hasher = new_hasher()
-        self._fd = open(fpath, "wb")
-
-    def write(self, data) -> int:
-        self.hasher.update(data)
-        return self._fd.write(data)
-
-    def close(self) -> str:
-        """Close the file and return its checksum."""
-        self._fd.close()
-        return self.hasher.hexdigest()
-
-
 @contextlib.contextmanager
-def atomic_file(fpath: pathlib.Path | str) -> Iterator[HashingFile]:
+def atomic_file(fpath: pathlib.Path | str) -> Iterator[checksums.HashingFile]:
     """`atomic_path`, yielding a file object that hashes while writing; closed (and checksummed) on success."""
     with atomic_path(fpath) as tmp_fpath:
-        fd = HashingFile(tmp_fpath)
+        fd = checksums.HashingFile(tmp_fpath)
         try:
             yield fd
         finally:
@@ -213,68 +181,21 @@ def atomic_file(fpath: pathlib.Path | str) -> Iterator[HashingFile]:
         set_digest(tmp_fpath, digest)
 
 
-def file_checksum(fpath: pathlib.Path | str, on_bytes: Callable[[int], None] | None = None) -> str:
-    """XXH3-128 of a file's contents, read in 16 MiB chunks (`on_bytes(n)` after each, e.g. for progress)."""
-    hasher = new_hasher()
-    with open(fpath, "rb") as fd:
-        while chunk := fd.read(_READ_CHUNK):
-            hasher.update(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-    return hasher.hexdigest()
-
-
-def _sum_fpath(fpath: pathlib.Path) -> pathlib.Path:
-    return fpath.with_name(f".{fpath.name}{_SUM_SUFFIX}")
-
-
-def _write_sum(fpath: pathlib.Path, size: int, digest: str) -> None:
-    """Write the side file holding `fpath`'s size and checksum (atomically: temp file + rename)."""
-    sum_fpath = _sum_fpath(fpath)
-    tmp = sum_fpath.with_name(f"{sum_fpath.name}{_TMP_MARK}{os.getpid()}")
-    with open(tmp, "w") as fd:
-        json.dump({"size": size, CHECKSUM: digest}, fd)
-        fd.flush()
-        os.fsync(fd.fileno())
-    os.replace(tmp, sum_fpath)
-
-
-def recorded_checksum(fpath: pathlib.Path) -> tuple[int, str] | None:
-    """(size, checksum) recorded when `fpath` was written by `atomic_path`, or None if there is no readable record."""
-    try:
-        with open(_sum_fpath(fpath)) as fd:
-            obj = json.load(fd)
-        return int(obj["size"]), str(obj[CHECKSUM])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 @beartype.beartype
 def verify_file(fpath: pathlib.Path) -> None:
     """Hash one written file and compare with the checksum recorded when it was written; `DamagedArtifactError`
     naming the file if they differ or the file is missing. A file with no record (older version) passes."""
-    record = recorded_checksum(fpath)
+    record = checksums.recorded_checksum(fpath)
     if record is None:
         if not fpath.is_file():
             raise DamagedArtifactError(f"{fpath} is missing")
         return
     try:
-        ok = fpath.stat().st_size == record[0] and file_checksum(fpath) == record[1]
+        ok = fpath.stat().st_size == record[0] and checksums.file_checksum(fpath) == record[1]
     except OSError as err:
         raise DamagedArtifactError(f"cannot read {fpath}: {err.strerror or err}") from err
     if not ok:
         raise DamagedArtifactError(f"{fpath} does not match the checksum it was written with (changed or corrupted)")
-
-
-@beartype.beartype
-def is_intact(fpath: pathlib.Path) -> bool:
-    """Cheap check of one written file (a piece of an artifact): present, with the size recorded when it was written."""
-    try:
-        size = fpath.stat().st_size
-    except OSError:
-        return False
-    record = recorded_checksum(fpath)
-    return record is not None and record[0] == size
 
 
 def _fsync_dir(dpath: pathlib.Path) -> None:
@@ -296,7 +217,7 @@ def atomic_write_bytes(fpath: pathlib.Path | str, data: bytes) -> None:
     with atomic_path(fpath) as tmp_fpath:
         with open(tmp_fpath, "wb") as fd:
             fd.write(data)
-        set_digest(tmp_fpath, xxhash.xxh3_128_hexdigest(data))
+        set_digest(tmp_fpath, checksums.bytes_checksum(data))
 
 
 @beartype.beartype
@@ -415,7 +336,7 @@ class Artifact:
         problems, verified = [], self._read_verified() if checksums == "changed" else {}
         newly_verified = {}
         for rel, entry in manifest["files"].items():
-            size, digest = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get(CHECKSUM))
+            size, digest = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get(checksums.CHECKSUM))
             fpath = self.dpath / rel
             try:
                 st = fpath.stat()
@@ -430,11 +351,11 @@ class Artifact:
                 continue
             if checksums == "none" or digest is None:
                 continue
-            sig = _stat_sig(st)
+            sig = checksums.stat_sig(st)
             if checksums == "changed" and verified.get(rel) == sig:
                 continue
             try:
-                actual = file_checksum(fpath, on_bytes)
+                actual = checksums.file_checksum(fpath, on_bytes)
             except OSError as err:
                 problems.append(Problem(rel, f"cannot be read: {err.strerror or err}"))
                 continue
@@ -476,7 +397,7 @@ class Artifact:
             if "checksum" in problem.what or "bytes" in problem.what:
                 with contextlib.suppress(OSError):
                     os.replace(fpath, fpath.with_name(f".{fpath.name}.corrupt"))
-                    _sum_fpath(fpath).unlink(missing_ok=True)
+                    checksums.sum_fpath(fpath).unlink(missing_ok=True)
                     actions.append(f"moved {problem.rel} aside")
         if self.manifest_fpath.exists():
             with contextlib.suppress(OSError):
@@ -518,11 +439,11 @@ class Artifact:
         files = {}
         for rel, size in self.list_files().items():
             fpath = self.dpath / rel
-            record = recorded_checksum(fpath)
+            record = checksums.recorded_checksum(fpath)
             if record is None or record[0] != size:
                 logger.warning("%s: %s has no checksum recorded at write time; hashing it now", self.ref, rel)
-                record = (size, file_checksum(fpath))
-            files[rel] = {"size": size, CHECKSUM: record[1]}
+                record = (size, checksums.file_checksum(fpath))
+            files[rel] = {"size": size, checksums.CHECKSUM: record[1]}
         manifest = {
             "stage": self.stage,
             "key": self.key,
@@ -539,7 +460,7 @@ class Artifact:
             **dict(extra or {}),
         }
         # The files were hashed as they were written: their current state is the verified one.
-        self._update_verified({rel: _stat_sig((self.dpath / rel).stat()) for rel in files}, replace=True)
+        self._update_verified({rel: checksums.stat_sig((self.dpath / rel).stat()) for rel in files}, replace=True)
         atomic_write_json(self.manifest_fpath, manifest)
         (self.dpath / _DAMAGE_NOTE).unlink(missing_ok=True)
         return manifest
@@ -624,11 +545,6 @@ class Health(typing.NamedTuple):
         shown = [f"{art.dpath / p.rel} {p.what}" for p in self.problems[:limit]]
         more = len(self.problems) - limit
         return "; ".join(shown) + (f" (and {more} more)" if more > 0 else "")
-
-
-def _stat_sig(st: os.stat_result) -> list[int]:
-    """What identifies a file's current contents without reading it: any write changes the ctime."""
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 @beartype.beartype

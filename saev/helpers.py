@@ -3,6 +3,7 @@
 import ctypes
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -139,3 +140,30 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
     libc.mallopt(m_mmap_threshold, 32 << 20)
     libc.mallopt(m_trim_threshold, 512 << 20)
+
+
+def allocated_cpus() -> tuple[int, str]:
+    """How many CPUs this process was given, and where that figure comes from: its CPU affinity (what `taskset`,
+    cgroups-aware launchers and Slurm's task binding allow), capped by Slurm's per-task allocation when set. Never
+    the node's core count: a 4-core job on a 64-core node that starts 64 threads runs far slower than with 4."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    why = f"CPU affinity {n}"
+    slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm_cpus.isdigit() and 0 < int(slurm_cpus) < n:
+        n, why = int(slurm_cpus), f"SLURM_CPUS_PER_TASK={slurm_cpus}, {why}"
+    return max(1, n), why
+
+
+def use_allocated_cpus(logger: logging.Logger | None = None) -> int:
+    """Set torch's thread counts to `allocated_cpus()` and log the figure; returns it. Inter-op threads can only be
+    set before torch's first parallel work: afterwards that call is skipped."""
+    import torch
+
+    n, why = allocated_cpus()
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:
+        pass
+    (logger or logging.getLogger("saev.helpers")).info("torch threads: %d (%s)", torch.get_num_threads(), why)
+    return n

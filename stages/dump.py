@@ -17,9 +17,8 @@ import logging
 import pathlib
 
 import numpy as np
-import torch
 
-from saev import artifacts, helpers
+from saev import artifacts, checksums, helpers
 from saev import vit as vits
 from saev.data import datasets, labels, shards
 
@@ -94,7 +93,7 @@ def shard_files(art: artifacts.Artifact, shard: int) -> tuple[pathlib.Path, path
 
 def shard_done(art: artifacts.Artifact, shard: int) -> bool:
     """Both files of the shard exist with the sizes they were written with."""
-    return all(artifacts.is_intact(f) for f in shard_files(art, shard))
+    return all(checksums.is_intact(f) for f in shard_files(art, shard))
 
 
 def plan(pipeline, upstream: Plan) -> StagePlan[DumpInfo]:

@@ -8,7 +8,7 @@ import pathlib
 import typing
 from collections.abc import Callable
 
-from saev import artifacts, training
+from saev import artifacts, checksums, training
 from saev.data import datasets
 
 if typing.TYPE_CHECKING:
@@ -41,7 +41,7 @@ class Piece:
 
     def is_done(self) -> bool:
         """A whole-artifact piece is done when its artifacts match their manifests (`Artifact.is_done`); a file piece
-        when each of its files exists with the size recorded when it was written (`artifacts.is_intact`; a file with
+        when each of its files exists with the size recorded when it was written (`checksums.is_intact`; a file with
         no record, from an older version, only has to exist)."""
         if self.fpath is None:
             return self.artifact.is_done() and all(art.is_done() for art in self.also)
@@ -49,9 +49,9 @@ class Piece:
 
 
 def _file_done(fpath: pathlib.Path) -> bool:
-    if artifacts.recorded_checksum(fpath) is None:
+    if checksums.recorded_checksum(fpath) is None:
         return fpath.is_file()
-    return artifacts.is_intact(fpath)
+    return checksums.is_intact(fpath)
 
 
 ################

@@ -251,6 +251,7 @@ def run_pieces(pipeline: Pipeline, stage: str, piece_ids: typing.Sequence[str]) 
     needs nothing but the config to run.
     """
     helpers.setup_logging()  # a Slurm job starts with no log handler: progress lines must reach its log file
+    helpers.use_allocated_cpus(logger)  # as many torch threads as CPUs given, not the node's cores (logged)
     plan = make_plan(pipeline)
     stage_plan = plan[stage]
     by_id = {piece.id: piece for piece in stage_plan.pieces}

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 import xxhash
 
-from saev import artifacts
+from saev import artifacts, checksums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,11 +166,11 @@ def test_checksums_are_recorded_while_writing(tmp_path):
     with artifacts.atomic_file(fpath) as fd:
         for i in range(5):
             fd.write(bytes([i]) * 1000)
-    assert artifacts.recorded_checksum(fpath) == (5000, artifacts.file_checksum(fpath))
-    assert artifacts.is_intact(fpath)
+    assert checksums.recorded_checksum(fpath) == (5000, checksums.file_checksum(fpath))
+    assert checksums.is_intact(fpath)
     with open(fpath, "ab") as fd:
         fd.write(b"x")
-    assert not artifacts.is_intact(fpath)
+    assert not checksums.is_intact(fpath)
 
 
 def test_same_size_corruption_is_caught_by_a_checked_read_not_by_the_cheap_check(tmp_path):
@@ -190,7 +190,7 @@ def test_same_size_corruption_is_caught_by_a_checked_read_not_by_the_cheap_check
 def test_changed_check_hashes_only_files_touched_since_verified(tmp_path, monkeypatch):
     art = _done_artifact(tmp_path)
     hashed = []
-    real = artifacts.file_checksum
+    real = checksums.file_checksum
     monkeypatch.setattr(artifacts, "file_checksum", lambda f, *a: hashed.append(f.name) or real(f, *a))
     assert art.check("changed").state == "done" and hashed == []
     os.utime(art.dpath / "acts000000.bin")  # touched, not changed: hashed once, then trusted again

@@ -330,3 +330,22 @@ def test_dump_bytes_do_not_depend_on_batching_or_grouping(tmp_path):
     one_batch_per_group = dump(tmp_path / "a", batch_size=64, prepare_mib=1)  # 64 images of 64 px: 0.75 MiB
     many = dump(tmp_path / "b", batch_size=7, prepare_mib=64)
     assert len(one_batch_per_group) > 2 and one_batch_per_group == many
+
+
+def test_a_job_uses_as_many_torch_threads_as_cpus_it_was_given(tiny_config):
+    """The job body sets torch's threads from the CPU affinity (here one CPU), not the node's cores, and logs it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))});"
+        "from stages import pipeline as pl;"
+        f"p = pl.load({str(tiny_config)!r});"
+        "plan = pl.make_plan(p);"
+        "pl.run_pieces(p, 'dump', [plan['dump'].pieces[0].id]);"
+        "import torch; print('threads', torch.get_num_threads())"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "threads 1" in out.stdout
+    assert "torch threads: 1 (CPU affinity 1)" in out.stderr

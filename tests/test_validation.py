@@ -17,7 +17,7 @@ import pytest
 import safetensors.numpy
 
 import launch
-from saev import artifacts, scoring
+from saev import artifacts, checksums, scoring
 
 SAE = "a" * 16
 N_CLASSES, D_SAE, BLOCK = 3, 10, 4  # blocks [0, 4), [4, 8), [8, 10)
@@ -359,9 +359,9 @@ def _reseal(root: pathlib.Path) -> None:
         manifest = json.loads(manifest_fpath.read_text())
         for rel in manifest["files"]:
             fpath = manifest_fpath.parent / rel
-            digest = artifacts.file_checksum(fpath)
-            manifest["files"][rel] = {"size": fpath.stat().st_size, artifacts.CHECKSUM: digest}
-            artifacts._write_sum(fpath, fpath.stat().st_size, digest)
+            digest = checksums.file_checksum(fpath)
+            manifest["files"][rel] = {"size": fpath.stat().st_size, checksums.CHECKSUM: digest}
+            checksums.write_record(fpath, fpath.stat().st_size, digest)
         manifest_fpath.write_text(json.dumps(manifest))
         (manifest_fpath.parent / ".verified.json").unlink(missing_ok=True)
 
@@ -373,7 +373,7 @@ def test_corrupt_files_at_the_same_size_are_caught_by_their_checksums(copy_of_do
     message = corrupt(root)
     changed = [
         p for p, size in before_files.items() if p.exists() and p.stat().st_mtime_ns and p.stat().st_size == size
-        and artifacts.recorded_checksum(p) and artifacts.recorded_checksum(p)[1] != artifacts.file_checksum(p)
+        and checksums.recorded_checksum(p) and checksums.recorded_checksum(p)[1] != checksums.file_checksum(p)
     ]
     for dpath in root.glob(f"{rerun}/*"):
         shutil.rmtree(dpath)

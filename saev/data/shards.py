@@ -17,7 +17,7 @@ import typing
 import beartype
 import numpy as np
 
-from saev import artifacts
+from saev import artifacts, checksums
 
 PROTOCOL = "1.1.0"
 """1.0.0 plus optional label keys in metadata.json (labels_dtype, labels_ignore, class_names): a minor addition."""
@@ -167,7 +167,7 @@ class ShardWriter:
         self._ctx = artifacts.atomic_path(self.dpath / shard_name(self.shard))
         self._tmp_fpath = self._ctx.__enter__()
         self._fd = open(self._tmp_fpath, "wb")
-        self._hasher = artifacts.new_hasher() if self.checksum else None
+        self._hasher = checksums.new_hasher() if self.checksum else None
         self._in_shard = 0
 
     def _finish_shard(self) -> None:
