@@ -10,6 +10,8 @@ and the launcher returning right after submission.
     uv run launch.py --stage score --config my.toml   # (re)run one stage: only its missing pieces
 """
 
+from __future__ import annotations
+
 import dataclasses
 import functools
 import json
@@ -24,9 +26,11 @@ import typing
 import tyro
 
 # Keep jaxtyped library code out of this module: submitit pickles the job function from stages.pipeline, not here.
+# The stages (torch, open_clip) are imported when a command needs them, so that `--help` answers at once.
 from saev import artifacts, configs, helpers, preemption, slurm
-from stages import pipeline as pl
-from stages import reduce as reduce_stage
+
+if typing.TYPE_CHECKING:
+    from stages import pipeline as pl
 
 Stage = typing.Literal["dump", "train", "mask", "score", "reduce", "all"]
 
@@ -53,12 +57,20 @@ class Args:
     """Hash every file of every artifact this config uses and compare with the checksums in its manifest; report each bad file and what was made from it, unseal the damaged artifacts (a rerun recomputes them) and exit 1 if any."""
 
 
+def _stages():
+    """The pipeline and reduce stage modules (imported on first use: they bring in torch and open_clip)."""
+    from stages import pipeline, reduce
+
+    return pipeline, reduce
+
+
 def selected_stages(stage: str, only: bool) -> list[str]:
     """`all`: every stage; a stage name: that stage and the stages downstream of it (unless `only`).
 
     Done stages and pieces are always skipped, so `--stage score` after one K-block failed reruns that block and
     then the reduce that waits on it.
     """
+    pl, _ = _stages()
     if stage == "all":
         return list(pl.STAGES)
     if only:
@@ -71,6 +83,7 @@ def describe_plan(
 ) -> str:
     """The plan as a table: stage, key(s), state, pieces done, action; with `verbose`, every piece not done
     (and, on Slurm, its job's state, and for a failed job its log file and last lines)."""
+    pl, _ = _stages()
     jobs = jobs or {}
     lines = [f"{'stage':<8} {'key':<18} {'state':<8} {'pieces':>9}  action"]
     for name, stage_plan in plan.items():
@@ -162,6 +175,7 @@ def _crash_log(text: str) -> pathlib.Path | str:
 
 
 def _main(args: Args) -> int:
+    pl, reduce_stage = _stages()
     try:
         pipeline = pl.load(args.config)
     except configs.ConfigError as err:

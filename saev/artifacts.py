@@ -306,7 +306,7 @@ class Artifact:
 
     def check(
         self,
-        checksums: typing.Literal["none", "changed", "all"] = "none",
+        hashing: typing.Literal["none", "changed", "all"] = "none",
         *,
         params: object = None,
         on_bytes: Callable[[int], None] | None = None,
@@ -314,7 +314,7 @@ class Artifact:
         """Compare the artifact's files with its manifest; nothing is changed on disk.
 
         Args:
-            checksums: "none" checks the manifest (readable, this stage and key, and `params` if given) and every
+            hashing: "none" checks the manifest (readable, this stage and key, and `params` if given) and every
                 listed file's presence and size (stat only); "changed" also hashes each file whose size, mtime, ctime
                 or inode differ from when it was last verified (written or hashed here: a file edited in place, even
                 at the same size, is caught; an untouched one is not read again); "all" hashes every file.
@@ -333,7 +333,7 @@ class Artifact:
             return Health("damaged", [Problem(MANIFEST, f"names {found}, not {self.ref}{where}")])
         if params is not None and manifest.get("params") != json.loads(canonical_json(params)):
             return Health("damaged", [Problem(MANIFEST, "records other parameters than the config gives for this key")])
-        problems, verified = [], self._read_verified() if checksums == "changed" else {}
+        problems, verified = [], self._read_verified() if hashing == "changed" else {}
         newly_verified = {}
         for rel, entry in manifest["files"].items():
             size, digest = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get(checksums.CHECKSUM))
@@ -349,10 +349,10 @@ class Artifact:
             if st.st_size != size:
                 problems.append(Problem(rel, f"has {st.st_size} bytes, the manifest says {size}"))
                 continue
-            if checksums == "none" or digest is None:
+            if hashing == "none" or digest is None:
                 continue
             sig = checksums.stat_sig(st)
-            if checksums == "changed" and verified.get(rel) == sig:
+            if hashing == "changed" and verified.get(rel) == sig:
                 continue
             try:
                 actual = checksums.file_checksum(fpath, on_bytes)

@@ -191,7 +191,7 @@ def test_changed_check_hashes_only_files_touched_since_verified(tmp_path, monkey
     art = _done_artifact(tmp_path)
     hashed = []
     real = checksums.file_checksum
-    monkeypatch.setattr(artifacts, "file_checksum", lambda f, *a: hashed.append(f.name) or real(f, *a))
+    monkeypatch.setattr(checksums, "file_checksum", lambda f, *a: hashed.append(f.name) or real(f, *a))
     assert art.check("changed").state == "done" and hashed == []
     os.utime(art.dpath / "acts000000.bin")  # touched, not changed: hashed once, then trusted again
     assert art.check("changed").state == "done" and hashed == ["acts000000.bin"]
