@@ -155,7 +155,8 @@ class Results:
             if row.name == cls:
                 return row
         names = ", ".join(row.name for row in self.classes)
-        raise KeyError(f"no class {cls!r} in {self.best_fpath}{configs.closest(cls, [r.name for r in self.classes])} (classes: {names})")
+        hint = configs.closest(cls, [row.name for row in self.classes])
+        raise KeyError(f"no class {cls!r} in {self.best_fpath}{hint} (classes: {names})")
 
     def shards(self) -> Shards:
         """The dump's activations and labels (checked as the stages read them)."""
@@ -166,9 +167,9 @@ class Results:
         return datasets.make_dataset(self.data)
 
 
-##########
-# Load   #
-##########
+########
+# Load #
+########
 
 
 @beartype.beartype
@@ -232,7 +233,9 @@ def load_reduce(dpath: str | os.PathLike) -> Results:
     data = _field(dump_art, ("data",), dict)
     data_cls = _DATA_CONFIGS.get(data.get("__class__"))
     if data_cls is None:
-        raise ResultsError(f"{dump_art.manifest_fpath}: params.data names no known dataset config ({data.get('__class__')!r})")
+        raise ResultsError(
+            f"{dump_art.manifest_fpath}: params.data names no known dataset config ({data.get('__class__')!r})"
+        )
 
     best_fpath = reduce_art.dpath / "best.json"
     try:
@@ -398,8 +401,10 @@ def top_patches(
     scores_N = np.empty(len(idx), dtype=np.float32)
     for start in range(0, len(idx), _BATCH):
         acts_BD = shards.patches_flat(proto.layer, idx[start : start + _BATCH])
-        scores = scoring.encode_block(proto.sae, acts_BD, proto.latent, proto.latent + 1, batch_size=_BATCH, device=device)
-        scores_N[start : start + len(acts_BD)] = scores[:, 0].cpu().numpy()
+        scores_B1 = scoring.encode_block(
+            proto.sae, acts_BD, proto.latent, proto.latent + 1, batch_size=_BATCH, device=device
+        )
+        scores_N[start : start + len(acts_BD)] = scores_B1[:, 0].cpu().numpy()
     order = np.argsort(-scores_N, kind="stable")[:k]
     _, n_side = vits.get_patch_grid(results.vit.model)
     flat_labels = np.asarray(shards.labels).reshape(-1)

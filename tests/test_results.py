@@ -26,7 +26,7 @@ EXAMPLE_MARKER = "<!-- notebook example:"
 def readme_example() -> str:
     """The code block of README.md that follows the notebook-example marker."""
     text = (REPO_DPATH / "README.md").read_text()
-    match = re.search(re.escape(EXAMPLE_MARKER) + r".*?-->\n```python\n(.*?)```", text, re.S)
+    match = re.search(re.escape(EXAMPLE_MARKER) + r".*?-->\n```python\n(.*?)```", text, re.DOTALL)
     assert match, f"README.md has no ```python block after {EXAMPLE_MARKER!r}"
     return match.group(1)
 
@@ -38,8 +38,8 @@ def reduce_dpath(cfg: pathlib.Path) -> pathlib.Path:
 def kept_scores(run: results.Results, proto: results.Prototype, idx: np.ndarray) -> np.ndarray:
     """The prototype's activation on the dump patches `idx`, computed here from the shards and the SAE."""
     acts = run.shards().patches_flat(proto.layer, idx)
-    scores = scoring.encode_block(proto.sae, acts, proto.latent, proto.latent + 1, batch_size=1024, device=torch.device("cpu"))
-    return scores[:, 0].numpy()
+    k = proto.latent
+    return scoring.encode_block(proto.sae, acts, k, k + 1, batch_size=1024, device=torch.device("cpu"))[:, 0].numpy()
 
 
 def test_a_config_and_its_reduce_directory_give_the_same_results(done_config):
@@ -52,7 +52,8 @@ def test_results_hold_best_json_as_records_and_the_artifacts_of_the_plan(done_co
     run = results.load(done_config)
     plan = pipeline.make_plan(pipeline.load(done_config))
     best = json.loads(run.best_fpath.read_text())
-    assert [dataclasses.asdict(row) for row in run.classes] == [{**row, "index": c} for c, row in enumerate(best["classes"])]
+    rows = [{**row, "index": c} for c, row in enumerate(best["classes"])]
+    assert [dataclasses.asdict(row) for row in run.classes] == rows
     assert (run.n_patches, run.n_heldout) == (best["n_patches"], best["n_heldout"])
     assert run.reduce == plan["reduce"].artifacts[0]
     assert (run.dump, run.mask) == (plan["dump"].artifacts[0], plan["mask"].artifacts[0])
@@ -131,7 +132,7 @@ def test_a_config_that_has_not_run_is_refused_naming_the_command(tiny_config):
 def test_the_readme_example_runs(done_config, monkeypatch):
     monkeypatch.setenv("SAEV_RESULTS", str(done_config))
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out):  # as a notebook cell would run it
         exec(compile(readme_example(), "README.md example", "exec"), {"__name__": "__main__"})
     assert re.search(r"synthetic-\d{6} patch \(\d, \d\): \d+\.\d{3} \[\w+\]", out.getvalue())
 
@@ -147,7 +148,8 @@ def test_the_readme_example_runs_outside_the_repository_after_an_editable_instal
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     subprocess.run([uv, "venv", "--quiet", str(venv), "--python", version], check=True, env=env)
     python = venv / "bin" / "python"
-    subprocess.run([uv, "pip", "install", "--quiet", "--python", str(python), "-e", str(REPO_DPATH)], check=True, env=env)
+    install = [uv, "pip", "install", "--quiet", "--python", str(python), "-e", str(REPO_DPATH)]
+    subprocess.run(install, check=True, env=env)
     work = tmp_path / "notebook"
     work.mkdir()
     (work / "example.py").write_text(readme_example())
@@ -158,11 +160,17 @@ def test_the_readme_example_runs_outside_the_repository_after_an_editable_instal
         capture_output=True,
         text=True,
         timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"synthetic-\d{6} patch \(\d, \d\): \d+\.\d{3} \[\w+\]", proc.stdout), proc.stdout
     # It imported the clone through the install, not through the working directory or PYTHONPATH.
     where = subprocess.run(
-        [str(python), "-c", "import saev; print(saev.__file__)"], cwd=work, env=env, capture_output=True, text=True
+        [str(python), "-c", "import saev; print(saev.__file__)"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert where.stdout.strip() == str(REPO_DPATH / "saev" / "__init__.py")
