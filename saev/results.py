@@ -1,14 +1,13 @@
 """The results of a finished run, for notebooks: the best latent ("prototype") of every class, its SAE, its
 activations on new images and its top patches on the dump.
 
-This module owns reading a run back: `load` takes a reduce artifact's directory, or a pipeline config whose reduce
-artifact it locates, and returns `Results`: `best.json` as typed records (`ClassResult`) with the artifacts they came
+This module owns reading a run back: `load_reduce` takes a reduce artifact's directory and returns `Results`: `best.json` as typed records (`ClassResult`) with the artifacts they came
 from, found through the manifests (reduce -> dump, mask, score -> train). Everything else is the library's:
 `saev.nn.load` reads the SAE, `saev.vit.make_vit` and `saev.data.datasets.resize_image` prepare new images as the
 dump did, `saev.keepmask` reads the masks and `saev.scoring.encode_block` scores patches.
 
-Locating a run by its config needs the pipeline's keys, so `load` then imports `stages.pipeline` (only then: the
-library never needs the stages otherwise).
+Locating a run by its config needs the pipeline's keys: that is `stages.results.load`, which also serves everything
+here under one import for notebooks (the library never imports the stages).
 """
 
 import dataclasses
@@ -170,41 +169,6 @@ class Results:
 ########
 # Load #
 ########
-
-
-@beartype.beartype
-def load(path: str | os.PathLike, *, root: str | os.PathLike | None = None) -> Results:
-    """A finished run's results, from its reduce artifact's directory or from its pipeline config.
-
-    Args:
-        path: `<root>/reduce/<key>/`, or a pipeline TOML file (whose reduce artifact is located by planning the graph,
-            as `launch.py` does; nothing runs).
-        root: with a config, the artifact root to look in instead of the config's `root` (which, when relative, is
-            relative to the working directory the launcher ran in).
-
-    Raises:
-        ResultsError: the reduce artifact (or an artifact it was computed from) is not done, or a file is not what the
-            pipeline writes; the message names it.
-        saev.configs.ConfigError: the config file is malformed.
-    """
-    path = pathlib.Path(path)
-    if path.is_dir():
-        if root is not None:
-            raise ValueError("root= applies to a config file, not a reduce directory")
-        return load_reduce(path)
-    # Only the pipeline computes keys from a config: the one place the library reaches into the stages.
-    from stages import pipeline as pipelines
-
-    pipeline = pipelines.load(path)
-    if root is not None:
-        pipeline = dataclasses.replace(pipeline, root=pathlib.Path(root))
-    art = pipelines.make_plan(pipeline)["reduce"].artifacts[0]
-    if not art.is_done():
-        raise ResultsError(
-            f"{path}: its results {art.dpath} are not done (run `uv run launch.py --config {path}` first; a relative "
-            f"root is relative to the directory the launcher runs in: pass root= if that is not {pathlib.Path.cwd()})"
-        )
-    return load_reduce(art.dpath)
 
 
 @beartype.beartype

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from saev import keepmask, nn, results, scoring
+from saev import keepmask, nn, scoring
+from stages import results
 from stages import pipeline
 
 REPO_DPATH = pathlib.Path(__file__).resolve().parent.parent
