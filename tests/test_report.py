@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 from sklearn.metrics import precision_recall_curve as sklearn_precision_recall_curve
 
 from saev import artifacts
-from saev.report import ClassResult, ReportData, TopImage, precision_recall_curve, write_report
+from saev.report import ClassResult, ReportData, SaeResult, TopImage, precision_recall_curve, write_report
 from tests import browser
 
 ODD_NAME = "<b>&"
@@ -34,7 +34,14 @@ def make_top(rng: np.random.Generator, side: int, px: int, i: int) -> TopImage:
 
 
 def make_class(
-    rng: np.random.Generator, name: str, *, side: int = 8, px: int = 64, n_top: int = 8, dead: bool = False
+    rng: np.random.Generator,
+    name: str,
+    *,
+    side: int = 8,
+    px: int = 64,
+    n_top: int = 8,
+    dead: bool = False,
+    unhealthy: list[str] | None = None,
 ) -> ClassResult:
     k, m = 64, 2000
     labels = rng.random(m) < 0.1
@@ -55,8 +62,9 @@ def make_class(
         heldout_ap=0.1 if dead else ap - 0.05,
         heldout_prevalence=float(labels.mean()),
         prototype=prototype,
-        sae="sae-3f9c2a1b",
+        sae="sae-bad" if unhealthy else "sae-3f9c2a1b",
         dead=dead,
+        sae_unhealthy=unhealthy or [],
         ap_all=ap_all,
         pr_scores=scores,
         pr_labels=labels,
@@ -77,6 +85,7 @@ def make_empty_class(name: str) -> ClassResult:
         prototype=-1,
         sae=None,
         dead=False,
+        sae_unhealthy=[],
         ap_all=np.full(64, np.nan),
         pr_scores=np.zeros(0, dtype=np.float32),
         pr_labels=np.zeros(0, dtype=bool),
@@ -93,10 +102,21 @@ def make_report() -> ReportData:
         make_class(rng, "sky", side=14, px=224, n_top=16),
         make_empty_class("unicorn"),
         make_class(rng, "wall", dead=True),
-        make_class(rng, "tree $x$"),
+        make_class(rng, "tree $x$", unhealthy=UNHEALTHY),
     ]
     notes = ["config: configs/demo.toml", "reduce key: 0123456789abcdef", "patches: 100,000 kept & 20,000 held out"]
-    return ReportData(title="Prototypes <demo> & co", classes=classes, notes=notes)
+    saes = [
+        SaeResult(key="sae-3f9c2a1b", description="relu_l1(l1_coeff=0.001) d_sae=64 lr=0.001 seed=0", nmse=0.12,
+                  l0=9.5, dead_frac=0.02, dense_frac=0.0, n_wins=4, health=[]),
+        SaeResult(key="sae-bad", description="relu_l1(l1_coeff=1000.0) d_sae=64 lr=0.3 seed=0", nmse=7.4, l0=0.0,
+                  dead_frac=1.0, dense_frac=0.0, n_wins=1, health=UNHEALTHY),
+    ]  # fmt: skip
+    return ReportData(
+        title="Prototypes <demo> & co", classes=classes, notes=notes, saes=saes, files=["best.json", "best.csv"]
+    )
+
+
+UNHEALTHY = ["normalized MSE 7.4 >= 1", "100% dead latents (>= 50%)"]
 
 
 @pytest.fixture(scope="module")
