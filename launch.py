@@ -214,6 +214,11 @@ def _main(args: Args) -> int:
     jobs = pl.piece_jobs(plan) if executor == "slurm" else {}
     print(describe_plan(pipeline, plan, stages, verbose=args.status, jobs=jobs), flush=True)
     if args.dry_run or args.status:
+        try:  # what a real run would refuse from the config alone (not the artifacts' state)
+            pl.check_configs(pipeline, plan, stages)
+        except (configs.ConfigError, ValueError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return 0
 
     try:
@@ -226,9 +231,9 @@ def _main(args: Args) -> int:
         return 2
     try:
         if executor == "slurm":
-            pl.submit_slurm(pipeline, plan, stages, jobs, say=_say)
-            return 0
-        pl.run_local(pipeline, plan, stages, say=_say)
+            pl.submit_slurm(pipeline, plan, stages, jobs, say=_say)  # the summary below only when all was done
+        else:
+            pl.run_local(pipeline, plan, stages, say=_say)
     except RUN_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -242,6 +247,11 @@ def _main(args: Args) -> int:
             result = json.load(fd)
         print(f"\nbest latent per class ({result['n_patches']} kept patches): {reduce_art.dpath / 'best.json'}")
         print(reduce_stage.format_table(result, pipeline.reduce.print_top))
+        for line in reduce_stage.format_health(result):
+            print(line)
+        index_fpath = reduce_art.dpath / "report" / "index.html"
+        if index_fpath.is_file():
+            print(f"report: {index_fpath}")
     return 0
 
 

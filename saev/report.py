@@ -5,12 +5,16 @@ relative paths: the folder opens from a file system or a cluster's file browser,
 network (no external CSS, scripts or fonts). Every file is written atomically; `index.html` last.
 
 The page shows, from top to bottom:
-- the title and notes (config paths, keys, counts);
+- the title and notes (config file, keys, counts), links to the result files beside `report/` (best.json,
+  best.csv), and a warning when an unhealthy SAE (failed to train, or not sparse) gives some class its latent;
 - a chart of each class's best AP on the selection patches, its held-out AP and its prevalence (the AP of a
-  detector that guesses), and a table of the same numbers linking to each class;
+  detector that guesses), and a table of the same numbers (with held-out AP over prevalence) linking to each class;
+- every SAE of the sweep side by side: its training metrics (normalized MSE, L0, dead and dense fractions), how
+  many classes it wins, and its health;
 - per class: the AP of every latent of the chosen SAE (a histogram, the chosen latent and the prevalence
   marked), the precision-recall curve of the chosen latent, and its top-activating images with the patches
-  where it fires outlined in red and the patches labelled with the class outlined in cyan.
+  where it fires outlined in red (a colour bar gives the activation scale) and the patches labelled with the
+  class hatched in cyan ("all patches labelled" instead, for an image whose every patch is).
 
 The reduce stage fills the records below (`ReportData` holding `ClassResult`s holding `TopImage`s).
 """
@@ -40,7 +44,9 @@ TILE_PX = 128
 
 _DPI = 100
 _ACTIVE_RGB = np.array([1.0, 0.1, 0.1])  # outline of patches where the latent fires
-_LABEL_RGB = np.array([0.0, 0.9, 1.0])  # outline of patches labelled with the class
+_LABEL_RGB = np.array([0.0, 0.9, 1.0])  # hatching of patches labelled with the class
+_HATCH_PX = 4  # one diagonal cyan line every this many pixels: a fill, not an outline, so that holes read as holes
+_CMAP = "inferno"
 _COLORS = {"ap": "#1f77b4", "heldout": "#ff7f0e", "prevalence": "#9a9a9a"}
 
 
@@ -87,6 +93,8 @@ class ClassResult:
     """Which SAE of the sweep the chosen latent belongs to (e.g. its key); None when none was chosen."""
     dead: bool
     """The chosen latent never fires (constant over the selection patches): its AP is only the prevalence."""
+    sae_unhealthy: list[str]
+    """Why the chosen latent's SAE is unhealthy (e.g. "normalized MSE 1.31 >= 1"); empty when it looks healthy."""
     ap_all: Float64[np.ndarray, " K"]
     """AP of every latent of the chosen SAE for this class over the selection patches; NaN where undefined."""
     pr_scores: Float32[np.ndarray, " M"]
@@ -108,6 +116,29 @@ class ClassResult:
 
 
 @beartype.beartype
+@dataclasses.dataclass(frozen=True)
+class SaeResult:
+    """One SAE of the sweep, as trained (its metrics on held-out rows) and as used (how many classes it wins)."""
+
+    key: str
+    """The SAE's key (its train artifact)."""
+    description: str
+    """Its training config in a line, e.g. "relu_l1(l1_coeff=0.001) d_sae=512 lr=0.003 seed=0"."""
+    nmse: float
+    """Normalized MSE: the fraction of variance it does not reconstruct (1 = no better than the mean)."""
+    l0: float
+    """Mean number of active latents per row."""
+    dead_frac: float
+    """Fraction of latents never active."""
+    dense_frac: float
+    """Fraction of latents active on more than 10% of rows."""
+    n_wins: int
+    """Classes whose best latent over the sweep is one of this SAE's."""
+    health: list[str]
+    """Why it is unhealthy (e.g. "70% dead latents (>= 50%)"); empty when it looks healthy."""
+
+
+@beartype.beartype
 @dataclasses.dataclass(frozen=True, eq=False)
 class ReportData:
     """Everything one report shows."""
@@ -118,6 +149,10 @@ class ReportData:
     """One result per class, in the order to show them."""
     notes: list[str]
     """Lines under the title: config paths, artifact keys, patch counts (plain text; escaped when written)."""
+    saes: list[SaeResult]
+    """Every SAE of the sweep, in sweep order."""
+    files: list[str]
+    """Result files in the directory that holds `report/` (e.g. best.json), linked as `../<name>`."""
 
 
 ##########################
@@ -282,6 +317,8 @@ def _write_class(dpath, c: int, result: ClassResult, fig, hist_ax, pr_ax) -> str
 
 def _class_header(result: ClassResult) -> str:
     badge = ' <span class="badge">dead latent</span>' if result.dead else ""
+    if result.sae_unhealthy:
+        badge += ' <span class="badge unhealthy">SAE unhealthy</span>'
     head = f"<h2>{_e(result.name)}{badge}</h2>"
     if result.prototype < 0:
         why = "it has no positive selection patches" if result.ap is None else "none was chosen"
@@ -298,6 +335,12 @@ def _class_header(result: ClassResult) -> str:
         html_ += (
             '\n<p class="warn">This latent never fires on the selection patches (constant activation): its AP '
             "equals the prevalence and it detects nothing.</p>"
+        )
+    if result.sae_unhealthy:
+        html_ += (
+            f'\n<p class="warn">The SAE <code>{_e(result.sae or "?")}</code> is unhealthy '
+            f"({_e('; '.join(result.sae_unhealthy))}): check this latent before trusting it (see the SAE table "
+            "above).</p>"
         )
     return html_
 
@@ -342,29 +385,50 @@ def _plot_pr_curve(ax, result: ClassResult) -> None:
 def _write_tiles(dpath: pathlib.Path, stem: str, result: ClassResult) -> str:
     """Write one PNG per top image and return the HTML grid of them with captions."""
     vmax = max(float(max(t.patch_scores.max() for t in result.top)), 0.0) or 1.0
-    cmap = matplotlib.colormaps["inferno"]
+    cmap = matplotlib.colormaps[_CMAP]
     figures = []
     for i, top in enumerate(result.top):
         png = _write_png(dpath / f"{stem}-top{i:02d}.png", _make_tile(top, vmax, cmap))
         n_active = int((top.patch_scores > 0).sum())
         stats = f"max {_fmt(float(top.patch_scores.max()))} · {n_active}/{top.patch_scores.size} active"
+        if top.label_mask.all():
+            stats += " · all patches labelled"
         caption = f'{_e(top.title)}<br><span class="muted">{stats}</span>'
         alt = f"{result.name}: {top.title}"
         figures.append(
             f'<figure><img src="{png.name}" width="{png.width}" height="{png.height}" alt="{_e(alt)}">'
             f"<figcaption>{caption}</figcaption></figure>"
         )
+    if all(t.label_mask.all() for t in result.top):  # class-folder data: nothing to draw, say so
+        label_key = f"every patch of these images is labelled {_e(result.name)}"
+    else:
+        label_key = f'<span class="sw hatch"></span>labelled {_e(result.name)}'
     return (
         f"<h3>Top-activating images</h3>\n"
-        f'<p class="key"><span class="sw red"></span>latent &gt; 0 <span class="sw cyan"></span>labelled '
-        f"{_e(result.name)} · colour: activation, 0 to {_fmt(vmax)} (shared by these images)</p>\n"
+        f'<p class="key"><span class="sw red"></span>latent &gt; 0 {label_key} · activation (shared by these '
+        f"images): {_colour_bar(cmap, vmax)}</p>\n"
         f'<div class="tiles">{"".join(figures)}</div>'
+    )
+
+
+def _colour_bar(cmap, vmax: float) -> str:
+    """The heat map's scale as an inline CSS gradient (no file) between its min and max labels. Tiles blend it
+    over the image (more opaque where higher), so it is the hue to read, not the exact shade."""
+    stops = ", ".join(
+        f"{matplotlib.colors.to_hex(cmap(x))} {x:.0%}" for x in np.linspace(0, 1, 11)
+    )
+    return (
+        f'<span class="cbar"><span class="cmin">0</span>'
+        f'<span class="cgrad" style="background: linear-gradient(to right, {stops})"></span>'
+        f'<span class="cmax">{_fmt(vmax)}</span></span>'
     )
 
 
 def _make_tile(top: TopImage, vmax: float, cmap) -> PIL.Image.Image:
     """The image enlarged to about TILE_PX, a heat map on patches where the latent fires, outlined in red, and the
-    class's labelled patches outlined in cyan just outside."""
+    class's labelled patches hatched with thin cyan diagonals (a fill: an outline would trace the holes of a
+    background class around objects as if those were labelled); an image whose every patch is labelled is not
+    hatched (its caption says so)."""
     side = top.patch_scores.shape[0]
     scale = max(1, round(TILE_PX / side))
     px = side * scale
@@ -376,9 +440,11 @@ def _make_tile(top: TopImage, vmax: float, cmap) -> PIL.Image.Image:
     heat = cmap(level)[..., :3]
     alpha = np.where(active, 0.3 + 0.35 * level, 0.0)[..., None]
     rgb = (1 - alpha) * rgb + alpha * heat
-    label = np.repeat(np.repeat(top.label_mask, scale, axis=0), scale, axis=1)
-    rgb[active & ~_erode(active, 2)] = _ACTIVE_RGB
-    rgb[_dilate(label, 1) & ~label] = _LABEL_RGB  # last, so that it shows where it runs along a red outline
+    if not top.label_mask.all():
+        label = np.repeat(np.repeat(top.label_mask, scale, axis=0), scale, axis=1)
+        yy, xx = np.mgrid[:px, :px]
+        rgb[label & ((yy + xx) % _HATCH_PX == 0)] = _LABEL_RGB
+    rgb[active & ~_erode(active, 2)] = _ACTIVE_RGB  # last: the firing outline stays whole over the hatching
     return PIL.Image.fromarray(np.round(rgb * 255).astype(np.uint8))
 
 
@@ -427,21 +493,37 @@ figure { margin: 0; } figure img { image-rendering: pixelated; display: block; }
 figcaption { font-size: .75rem; line-height: 1.25; margin-top: 2px; overflow-wrap: anywhere; }
 .key { font-size: .8rem; color: #444; }
 .sw { display: inline-block; width: 12px; height: 12px; vertical-align: -2px; margin: 0 3px 0 8px; border: 2px solid; }
-.sw.red { border-color: #ff1a1a; } .sw.cyan { border-color: #00e5ff; }
+.sw.red { border-color: #ff1a1a; }
+.sw.hatch { border-color: #00e5ff; background: repeating-linear-gradient(45deg, #00e5ff 0 1px, #fff 1px 4px); }
+.cbar { display: inline-flex; align-items: center; gap: 4px; vertical-align: middle; }
+.cgrad { display: inline-block; width: 140px; height: 12px; border: 1px solid #999; }
+.badge.unhealthy { background: #e65100; } tr.unhealthy td { background: #fff3e0; }
+.banner { border: 2px solid #e65100; background: #fff3e0; padding: .5rem .8rem; border-radius: 4px; }
+.files a { margin-right: 1rem; }
 """
+
+
+def _ratio(ap: float | None, prevalence: float | None) -> str:
+    """AP over prevalence (how many times better than guessing), e.g. "20.3x"; "–" when undefined."""
+    if ap is None or not prevalence:
+        return "–"
+    return f"{ap / prevalence:.1f}x"
 
 
 def _make_page(report: ReportData, summary: _Png | None, sections: list[str]) -> str:
     notes = "".join(f"<li>{_e(note)}</li>" for note in report.notes)
     rows = []
     for c, r in enumerate(report.classes):
-        cls = "dead" if r.dead else "none" if r.prototype < 0 else ""
+        cls = "dead" if r.dead else "unhealthy" if r.sae_unhealthy else "none" if r.prototype < 0 else ""
         latent = "–" if r.prototype < 0 else f"{r.prototype}" + (" (dead)" if r.dead else "")
+        sae = f"<code>{_e(r.sae or '–')}</code>"
+        if r.sae_unhealthy:
+            sae += ' <span class="badge unhealthy">unhealthy</span>'
         rows.append(
             f'<tr class="{cls}"><td><a href="#c{c}">{_e(r.name)}</a></td><td>{r.n_patches:,}</td>'
             f"<td>{_fmt(r.prevalence)}</td><td>{_fmt(r.ap)}</td><td>{_fmt(r.heldout_ap)}</td>"
-            f"<td>{_fmt(r.heldout_prevalence)}</td><td>{latent}</td>"
-            f'<td class="l"><code>{_e(r.sae or "–")}</code></td></tr>'
+            f"<td>{_fmt(r.heldout_prevalence)}</td><td>{_ratio(r.heldout_ap, r.heldout_prevalence)}</td>"
+            f'<td>{latent}</td><td class="l">{sae}</td></tr>'
         )
     if summary is None:
         chart = '<p class="warn">There are no classes to show.</p>'
@@ -452,9 +534,45 @@ def _make_page(report: ReportData, summary: _Png | None, sections: list[str]) ->
         )
     table = (
         "<table><thead><tr><th>class</th><th>patches</th><th>prevalence</th><th>AP (selection)</th>"
-        "<th>AP (held-out)</th><th>held-out prevalence</th><th>latent</th><th>SAE</th></tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table>"
+        "<th>AP (held-out)</th><th>held-out prevalence</th><th>held-out AP / prevalence</th><th>latent</th>"
+        f"<th>SAE</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
+    files = ""
+    if report.files:
+        links = "".join(f'<a href="../{_e(name)}">{_e(name)}</a>' for name in report.files)
+        files = f'<p class="files">Results: {links}</p>'
+    bad = [sae for sae in report.saes if sae.health]
+    banner = ""
+    if bad:
+        n_classes = sum(bool(r.sae_unhealthy) for r in report.classes)
+        items = "".join(f"<li><code>{_e(sae.key)}</code>: {_e('; '.join(sae.health))}</li>" for sae in bad)
+        banner = (
+            f'<div class="banner"><p><span class="badge unhealthy">warning</span> {len(bad)} SAE(s) of the sweep '
+            f"look unhealthy; {n_classes} class(es) use their latents (marked below): check them before trusting them.</p>"
+            f"<ul>{items}</ul></div>"
+        )
+    sweep = ""
+    if report.saes:
+        sae_rows = "".join(
+            f'<tr class="{"unhealthy" if sae.health else ""}"><td><code>{_e(sae.key)}</code></td>'
+            f'<td class="l">{_e(sae.description)}</td><td>{_fmt(sae.nmse)}</td><td>{sae.l0:.1f}</td>'
+            f"<td>{sae.dead_frac:.1%}</td><td>{sae.dense_frac:.1%}</td><td>{sae.n_wins}</td>"
+            + (
+                f'<td class="l"><span class="badge unhealthy">unhealthy</span> {_e("; ".join(sae.health))}</td>'
+                if sae.health else '<td class="l">ok</td>'
+            )
+            + "</tr>"
+            for sae in report.saes
+        )  # fmt: skip
+        sweep = (
+            '<section id="saes">\n<h2>SAEs of the sweep</h2>\n<p>Each SAE\'s training metrics on its held-out '
+            "rows: normalized MSE (the fraction of variance it does not reconstruct; 1 is no better than the mean), "
+            "L0 (active latents per row), dead latents (never active), dense latents (active on more than 10% of "
+            "rows), and how many classes take their best latent from it.</p>\n"
+            '<table id="sweep-table"><thead><tr><th>SAE</th><th>config</th><th>normalized MSE</th><th>L0</th>'
+            "<th>dead</th><th>dense</th><th>classes won</th><th>health</th></tr></thead>"
+            f"<tbody>{sae_rows}</tbody></table>\n</section>"
+        )
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -467,6 +585,8 @@ def _make_page(report: ReportData, summary: _Png | None, sections: list[str]) ->
 <header>
 <h1>{_e(report.title)}</h1>
 <ul class="notes">{notes}</ul>
+{files}
+{banner}
 </header>
 <section id="summary">
 <h2>Best latent per class</h2>
@@ -475,6 +595,7 @@ held-out patches (which did not), and the class's prevalence, which is the AP of
 {chart}
 {table if report.classes else ""}
 </section>
+{sweep}
 {chr(10).join(sections)}
 </body>
 </html>

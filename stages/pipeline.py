@@ -66,16 +66,19 @@ class Pipeline:
     """Cluster settings; when present (and not overridden on the command line) stages are submitted to Slurm."""
     config_dpath: pathlib.Path = artifacts.unhashed(pathlib.Path("."))
     """Directory of the config file; relative paths inside the config (sweep files) resolve against it."""
+    config_fpath: pathlib.Path | None = artifacts.unhashed(None)
+    """The config file itself (as given to `load`), shown in the report; None for a pipeline not read from a file."""
 
 
 def load(fpath: pathlib.Path | str) -> Pipeline:
     """Read and check a pipeline TOML file (unknown keys and wrong types are `ConfigError`s naming the key)."""
     fpath = pathlib.Path(fpath)
     data = configs.load_toml(fpath)
-    if "config_dpath" in data:
-        raise configs.ConfigError(f"{fpath}: 'config_dpath' is set by the launcher, not the config")
+    for name in ("config_dpath", "config_fpath"):
+        if name in data:
+            raise configs.ConfigError(f"{fpath}: '{name}' is set by the launcher, not the config")
     pipeline = configs.from_dict(Pipeline, data, where=str(fpath))
-    return dataclasses.replace(pipeline, config_dpath=fpath.resolve().parent)
+    return dataclasses.replace(pipeline, config_dpath=fpath.resolve().parent, config_fpath=fpath.resolve())
 
 
 def make_plan(pipeline: Pipeline) -> Plan:
@@ -345,13 +348,21 @@ def seal(pipeline: Pipeline, stage_plan: StagePlan, art: artifacts.Artifact) -> 
 ##########################
 
 
-def check_inputs(pipeline: Pipeline, plan: Plan, stages: typing.Sequence[str]) -> None:
-    """Fail before running or submitting anything: a stage's own checks (`StageModule.check`), and inputs that are
-    neither done nor part of this launch (`IncompleteArtifactError` naming the stage to run first)."""
+def check_configs(pipeline: Pipeline, plan: Plan, stages: typing.Sequence[str]) -> None:
+    """The checks that need only the config and the dataset listing (`StageModule.check` of every selected stage
+    not done), so that `--dry-run` and `--status` refuse what a real run would (e.g. a keep-mask larger than the
+    dump); nothing is read from the artifacts."""
     for name in stages:
         module = MODULES[name]
         if module.check is not None and plan[name].state() != "done":
             module.check(pipeline, plan)
+
+
+def check_inputs(pipeline: Pipeline, plan: Plan, stages: typing.Sequence[str]) -> None:
+    """Fail before running or submitting anything: a stage's own checks (`StageModule.check`), and inputs that are
+    neither done nor part of this launch (`IncompleteArtifactError` naming the stage to run first)."""
+    check_configs(pipeline, plan, stages)
+    for name in stages:
         for key in plan[name].inputs:
             for art in plan[name].input_artifacts(key, pipeline.root):
                 if art.stage not in stages and not art.is_done() and plan[art.stage].missing():

@@ -1,13 +1,16 @@
 """reduce: every score partial -> the best AP and best latent per class, per SAE and across the sweep.
 
 Output `<root>/reduce/<key>/best.json` and `best.csv`. `best.json` holds
-`{"classes": [{"name", "prevalence", "ap", "prototype", "sae"}, ...], "per_sae": {sae_key: {...}}}`; the class
-entries are the best over the whole sweep (equal APs: the earlier SAE in sweep order, then the lowest latent).
+`{"classes": [{"name", "prevalence", "ap", "prototype", "sae", "sae_unhealthy", ...}, ...], "per_sae": {sae_key:
+{..., "metrics", "health", "n_wins"}}}`; the class entries are the best over the whole sweep (equal APs: the earlier
+SAE in sweep order, then the lowest latent). An SAE whose training metrics say it failed (`sae_health`) is still
+used, but every class whose latent it gives is marked, in best.json, best.csv, the launcher's table and the report.
 """
 
 import csv
 import dataclasses
 import io
+import json
 import logging
 import math
 
@@ -19,10 +22,11 @@ from saev import ap, artifacts, helpers, keepmask, nn, report, scoring, vit
 from saev.data import datasets
 from saev.data.shards import Shards
 
+from . import train as train_stage
 from .graph import Piece, Plan, StagePlan
 
 NAME = "reduce"
-VERSION = 2
+VERSION = 3  # 3: SAE health (training metrics) in best.json, best.csv and the report
 
 logger = logging.getLogger("stages.reduce")
 
@@ -44,6 +48,39 @@ class Config:
     """Top-activating images shown per class in the report."""
     print_top: int = artifacts.unhashed(50)
     """The launcher prints at most this many classes (best.json always has all of them)."""
+
+
+MAX_NMSE = 1.0
+"""An SAE with normalized MSE at or above this reconstructs no better than the activations' mean: it failed."""
+MAX_DEAD_FRAC = 0.5
+"""An SAE with at least this fraction of dead latents (never active on its held-out rows) failed to train."""
+MAX_DENSE_FRAC = 0.1
+"""An SAE with more than this fraction of dense latents (each active on more than 10% of its held-out rows, see
+`saev.training.Metrics.dense_frac`) is not sparse: its latents are not detectors of anything in particular."""
+
+
+def sae_health(metrics: dict) -> list[str]:
+    """Why an SAE's training metrics (its `metrics.json`) say it is unhealthy (failed to train, or not sparse);
+    empty when it looks healthy.
+
+    Thresholds: normalized MSE >= `MAX_NMSE`, dead fraction >= `MAX_DEAD_FRAC`, dense fraction > `MAX_DENSE_FRAC`;
+    a metric that is NaN (e.g. constant activations) counts as failed.
+    """
+    out = []
+    nmse, dead, dense = (float(metrics.get(k, math.nan)) for k in ("nmse", "dead_frac", "dense_frac"))
+    if not nmse < MAX_NMSE:
+        out.append(f"normalized MSE {nmse:.3g} >= {MAX_NMSE:g}")
+    if not dead < MAX_DEAD_FRAC:
+        out.append(f"{dead:.0%} dead latents (>= {MAX_DEAD_FRAC:.0%})")
+    if not dense <= MAX_DENSE_FRAC:
+        out.append(f"{dense:.0%} dense latents (> {MAX_DENSE_FRAC:.0%})")
+    return out
+
+
+def read_metrics(pipeline, sae_key: str) -> dict:
+    """The SAE's training metrics (`metrics.json` of its train artifact): mse, nmse, l0, dead_frac, dense_frac."""
+    with open(artifacts.Artifact(pipeline.root, "train", sae_key).dpath / "metrics.json") as fd:
+        return json.load(fd)
 
 
 def plan(pipeline, upstream: Plan) -> StagePlan[None]:
@@ -87,12 +124,21 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
             entries.append({"name": name, "ap": _json_float(value), "prototype": k})
             if k >= 0 and (chosen[c] is None or value > chosen[c]["ap"]):
                 chosen[c] = {"ap": value, "prototype": k, "sae": info.train_key, "dead": bool(dead_K[k])}
+        metrics = read_metrics(pipeline, info.train_key)
         per_sae[info.train_key] = {
             "score": score_art.key,
             "d_sae": info.d_sae,
             "dead_frac": float(dead_K.mean()),
             "classes": entries,
+            "config": train_stage.describe(plan["train"].info[info.train_key].config),
+            "metrics": metrics,
+            "health": sae_health(metrics),
         }
+    for entry in per_sae.values():
+        entry["n_wins"] = 0
+    for pick in chosen:
+        if pick is not None:
+            per_sae[pick["sae"]]["n_wins"] += 1
 
     # Report on the held-out patches, which took no part in the choice.
     heldout_scores = chosen_scores(pipeline, plan, chosen, heldout)
@@ -116,6 +162,7 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
                 "prototype": pick["prototype"],
                 "sae": pick["sae"],
                 "dead": pick["dead"],
+                "sae_unhealthy": per_sae[pick["sae"]]["health"] if pick["sae"] else [],
                 "heldout_n_patches": int(heldout_counts_C[c]),
                 "heldout_prevalence": float(heldout_counts_C[c] / len(heldout)) if len(heldout) else None,
                 "heldout_ap": _json_float(heldout_ap_C[c]),
@@ -194,6 +241,7 @@ def make_report_data(pipeline, plan, result, chosen, ap_by_sae, keep, heldout, h
                 prototype=row["prototype"],
                 sae=row["sae"],
                 dead=row["dead"],
+                sae_unhealthy=list(row["sae_unhealthy"]),
                 ap_all=np.asarray(ap_all, dtype=np.float64),
                 pr_scores=np.asarray(pr_scores, dtype=np.float32),
                 pr_labels=np.asarray(pr_labels, dtype=bool),
@@ -202,12 +250,27 @@ def make_report_data(pipeline, plan, result, chosen, ap_by_sae, keep, heldout, h
             )
         )
     notes = [
-        f"config: {pipeline.config_dpath}",
+        f"config: {pipeline.config_fpath or pipeline.config_dpath}",
         f"dump: {plan['dump'].artifacts[0].ref} ({md.vit_ckpt}, {md.n_imgs} images, layers {list(md.layers)})",
         f"selection patches: {result['n_patches']}; held-out patches: {result['n_heldout']}",
         f"SAEs: {', '.join(result['per_sae'])}",
     ]
-    return report.ReportData(title="Best SAE latent per class", classes=items, notes=notes)
+    saes = [
+        report.SaeResult(
+            key=key,
+            description=entry["config"],
+            nmse=float(entry["metrics"]["nmse"]),
+            l0=float(entry["metrics"]["l0"]),
+            dead_frac=float(entry["metrics"]["dead_frac"]),
+            dense_frac=float(entry["metrics"]["dense_frac"]),
+            n_wins=entry["n_wins"],
+            health=list(entry["health"]),
+        )
+        for key, entry in result["per_sae"].items()
+    ]
+    return report.ReportData(
+        title="Best SAE latent per class", classes=items, notes=notes, saes=saes, files=["best.json", "best.csv"]
+    )
 
 
 def top_images(pipeline, plan, shards, dataset, pick, keep, scores_N, c, img_size, n_side, n_top) -> list[report.TopImage]:
@@ -253,11 +316,13 @@ def _json_float(value: float) -> float | None:
 def to_csv(classes: list[dict]) -> str:
     buf = io.StringIO()
     fields = ["name", "n_patches", "prevalence", "ap", "prototype", "sae", "dead"]
-    fields += ["heldout_n_patches", "heldout_prevalence", "heldout_ap"]
+    fields += ["heldout_n_patches", "heldout_prevalence", "heldout_ap", "sae_unhealthy"]
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     for row in classes:
-        writer.writerow({k: ("" if row[k] is None else row[k]) for k in writer.fieldnames})
+        out = {k: ("" if row[k] is None else row[k]) for k in writer.fieldnames}
+        out["sae_unhealthy"] = "; ".join(row["sae_unhealthy"])  # empty: healthy
+        writer.writerow(out)
     return buf.getvalue()
 
 
@@ -279,6 +344,7 @@ def format_table(result: dict, top: int = 50) -> str:
         prev = row["heldout_prevalence"] if row.get("heldout_ap") is not None else row["prevalence"]
         ratio = "-" if reported is None or not prev else f"{reported / prev:.1f}x"
         flag = "  (dead latent)" if row.get("dead") else ""
+        flag += "  (SAE unhealthy)" if row.get("sae_unhealthy") else ""
         lines.append(
             f"{row['name'][:18]:<18} {row['n_patches']:>7d} {row['prevalence']:>6.3f} {fmt(row['ap']):>9} "
             f"{fmt(row.get('heldout_ap')):>11} {ratio:>7} {row['prototype']:>7d}  {row['sae'] or '-'}{flag}"
@@ -286,3 +352,28 @@ def format_table(result: dict, top: int = 50) -> str:
     if len(result["classes"]) > top:
         lines.append(f"... {len(result['classes']) - top} more classes in best.json")
     return "\n".join(lines)
+
+
+def format_health(result: dict) -> list[str]:
+    """The launcher's lines after the table: every SAE of the sweep with its training metrics, then a `warning:`
+    line per unhealthy SAE (`sae_health`), naming the classes whose latent it gives."""
+    per_sae = result.get("per_sae", {})
+    if not per_sae or not all("metrics" in e for e in per_sae.values()):
+        return []  # a best.json of an earlier version
+    lines = [f"\n{'sae':<18} {'nmse':>6} {'L0':>7} {'dead':>6} {'dense':>6} {'wins':>5}  health"]
+    for key, entry in per_sae.items():
+        m = entry["metrics"]
+        lines.append(
+            f"{key:<18} {m['nmse']:>6.3f} {m['l0']:>7.1f} {m['dead_frac']:>6.1%} {m['dense_frac']:>6.1%} "
+            f"{entry['n_wins']:>5d}  {'UNHEALTHY' if entry['health'] else 'ok'}"
+        )
+    for key, entry in per_sae.items():
+        if entry["health"]:
+            won = [row["name"] for row in result["classes"] if row["sae"] == key]
+            shown = ", ".join(won[:8]) + (f" and {len(won) - 8} more" if len(won) > 8 else "")
+            lines.append(
+                f"warning: SAE {key} is unhealthy ({'; '.join(entry['health'])}); "
+                + (f"{len(won)} class(es) use its latents: {shown}; check them before trusting them" if won else "no class uses it")
+                + " (see 'SAE health' in the README)"
+            )
+    return lines

@@ -95,6 +95,38 @@ def describe(cfg: training.TrainConfig) -> str:
     return f"{cfg.objective.kind}({fields}) d_sae={cfg.sae.d_sae} lr={cfg.lr:g} seed={cfg.sae.seed}"
 
 
+MAX_EVAL_SHARE = 0.5
+"""Warn when an SAE's `n_eval` held-out rows are at least this share of the dump's patches (too few left to train on)."""
+MAX_EPOCHS = 100
+"""Warn when an SAE would see each training row this many times or more (n_train / (patches - n_eval)): it
+memorises a small dump rather than learning features."""
+
+
+def warn_small_data(cfgs: list[training.TrainConfig], n_rows: int) -> list[str]:
+    """Why the dump is too small for these SAEs (one message per distinct problem; logged as warnings by `plan`):
+    `n_eval` takes `MAX_EVAL_SHARE` of the rows or more, or training repeats each row `MAX_EPOCHS` times or more."""
+    out: list[str] = []
+    for cfg in cfgs:
+        n_fit = n_rows - cfg.n_eval
+        if cfg.n_eval >= MAX_EVAL_SHARE * n_rows:
+            msg = (
+                f"n_eval={cfg.n_eval} held-out rows are {cfg.n_eval / n_rows:.0%} of the {n_rows} patches the dump "
+                f"will have (>= {MAX_EVAL_SHARE:.0%}): {max(n_fit, 0)} rows are left to train on; lower n_eval in "
+                "the sweep or dump more images"
+            )
+        elif cfg.n_train / n_fit >= MAX_EPOCHS:
+            msg = (
+                f"n_train={cfg.n_train} visits each of the {n_fit} training rows ({n_rows} patches minus "
+                f"n_eval={cfg.n_eval}) {cfg.n_train / n_fit:.0f} times (>= {MAX_EPOCHS} epochs): the SAE can "
+                "memorise them; lower n_train in the sweep or dump more images"
+            )
+        else:
+            continue
+        if msg not in out:
+            out.append(msg)
+    return out
+
+
 def plan(pipeline, upstream: Plan) -> StagePlan[TrainInfo]:
     dump_ref = upstream["dump"].artifacts[0].ref
     layer = get_layer(pipeline)
@@ -112,6 +144,9 @@ def plan(pipeline, upstream: Plan) -> StagePlan[TrainInfo]:
         all_params[art.key] = params
         all_inputs[art.key] = inputs
         info[art.key] = TrainInfo(config=train_cfg, d_sae=train_cfg.sae.d_sae, layer=layer)
+    n_rows = upstream["dump"].info[upstream["dump"].artifacts[0].key].n_patches
+    for msg in warn_small_data([i.config for i in info.values()], n_rows):
+        logger.warning("the data is small for the sweep: %s", msg)
     pieces = []
     for group in training.group(list(by_cfg), max_size=pipeline.train.max_group):
         group_arts = [by_cfg[cfg] for cfg in group]
