@@ -44,7 +44,7 @@ _GRES = re.compile(r"[A-Za-z0-9_.-]+(?::[A-Za-z0-9_.-]+)*(?:,[A-Za-z0-9_.-]+(?::
 _OPTION = re.compile(r"[a-z][a-z0-9-]+")
 
 RESERVED_OPTIONS: dict[str, str] = {
-    **dict.fromkeys(("time", "time-min"), "use the key 'hours'"),
+    "time": "use the key 'hours'",
     **dict.fromkeys(("cpus-per-task", "cpus-per-gpu"), "use the key 'cpus'"),
     **dict.fromkeys(("mem", "mem-per-cpu", "mem-per-gpu"), "use the key 'mem_gb'"),
     **dict.fromkeys(("gpus", "gpus-per-node", "gpus-per-task", "gpus-per-socket"), "use the key 'gpus' (or 'gres')"),
@@ -97,7 +97,8 @@ def _option_name(name: str) -> str:
 
 
 def _check_additional(params: dict[str, typing.Any]) -> None:
-    """Passthrough sbatch options: long option names sbatch knows the pipeline does not set, simple values."""
+    """Passthrough sbatch options: long option names the pipeline does not set itself, and simple values (sbatch
+    itself refuses an option it does not know, at submission)."""
     seen: dict[str, str] = {}
     for name, value in params.items():
         option = _option_name(name)
