@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import typing
@@ -36,26 +37,140 @@ class SlurmError(RuntimeError):
         self.submitted: tuple[str, ...] = tuple(submitted)
 
 
+#########################################
+# Checks of the [slurm] values (configs) #
+#########################################
+
+_GPU_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_GPUS = re.compile(r"(?:(?P<type>[A-Za-z0-9][A-Za-z0-9_.-]*):)?(?P<count>[0-9]+)")
+_GRES = re.compile(r"[A-Za-z0-9_.-]+(?::[A-Za-z0-9_.-]+)*(?:,[A-Za-z0-9_.-]+(?::[A-Za-z0-9_.-]+)*)*")
+_OPTION = re.compile(r"[a-z][a-z0-9-]+")
+
+RESERVED_OPTIONS: dict[str, str] = {
+    "time": "use the key 'hours'",
+    **dict.fromkeys(("cpus-per-task", "cpus-per-gpu"), "use the key 'cpus'"),
+    **dict.fromkeys(("mem", "mem-per-cpu", "mem-per-gpu"), "use the key 'mem_gb'"),
+    **dict.fromkeys(("gpus", "gpus-per-node", "gpus-per-task", "gpus-per-socket"), "use the key 'gpus' (or 'gres')"),
+    "gres": "use the key 'gres'",
+    "partition": "use the key 'partition'",
+    "account": "use the key 'account'",
+    "qos": "use the key 'qos'",
+    "constraint": "use the key 'constraint'",
+    "job-name": "the pipeline names jobs saev-<stage>",
+    **dict.fromkeys(("dependency", "kill-on-invalid-dep"), "the launcher chains stages with afterok"),
+    "array": "the launcher builds job arrays (see array_parallelism, max_array_size)",
+    **dict.fromkeys(("output", "error", "open-mode"), "submitit writes logs under log_dpath"),
+    "signal": "submitit sends the pre-timeout signal that checkpoints and requeues",
+    **dict.fromkeys(("nodes", "ntasks", "ntasks-per-node"), "every job is one task on one node"),
+}
+"""sbatch options that `additional_parameters` may not set, with what to do instead: the pipeline sets them itself
+(a second value would silently win or conflict, e.g. --gres next to --gpus-per-node)."""
+
+
+def _check_word(name: str, value: str) -> None:
+    """A value that goes into one `#SBATCH --name=value` line: no spaces, tabs or line breaks."""
+    if any(c.isspace() for c in value):
+        raise ValueError(f"{name} = {value!r} must not contain spaces or line breaks")
+
+
+def _check_gpus(gpus: int | str) -> None:
+    if isinstance(gpus, int):
+        if gpus < 0:
+            raise ValueError(f"gpus must be >= 0, got {gpus}")
+        return
+    match = _GPUS.fullmatch(gpus)
+    if match is None:
+        if _GPU_TYPE.fullmatch(gpus):
+            raise ValueError(f"gpus = {gpus!r} has no count; write TYPE:COUNT, e.g. gpus = '{gpus}:1'")
+        if gpus.startswith("gpu:"):
+            raise ValueError(f"gpus = {gpus!r} looks like a gres string; write gpus = '{gpus[4:]}' or gres = '{gpus}'")
+        raise ValueError(f"gpus = {gpus!r} is not a count or TYPE:COUNT (e.g. 1 or 'a100:1')")
+    if match["type"] and int(match["count"]) == 0:
+        raise ValueError(f"gpus = {gpus!r} asks for 0 GPUs of a type; write gpus = 0 for none")
+
+
+def _check_gres(gres: str) -> None:
+    if not _GRES.fullmatch(gres):
+        raise ValueError(f"gres = {gres!r} is not a gres string like 'gpu:a100:1' (NAME[:TYPE][:COUNT], comma-separated)")
+
+
+def _option_name(name: str) -> str:
+    """sbatch's long option name for a passthrough key: mail_type and mail-type are both --mail-type."""
+    return name.replace("_", "-")
+
+
+def _check_additional(params: dict[str, typing.Any]) -> None:
+    """Passthrough sbatch options: long option names the pipeline does not set itself, and simple values (sbatch
+    itself refuses an option it does not know, at submission)."""
+    seen: dict[str, str] = {}
+    for name, value in params.items():
+        option = _option_name(name)
+        where = f"additional_parameters key '{name}'"
+        if not _OPTION.fullmatch(option):
+            raise ValueError(
+                f"{where} is not a long sbatch option name (like mail_type or mail-type, without dashes in front)"
+            )
+        if option in RESERVED_OPTIONS:
+            raise ValueError(f"{where} is an sbatch option the pipeline sets itself: {RESERVED_OPTIONS[option]}")
+        if option in seen:
+            raise ValueError(f"{where} and '{seen[option]}' are the same sbatch option --{option}; keep one")
+        seen[option] = name
+        if value is False:
+            raise ValueError(f"{where} = false: leave the key out instead (true means a bare --{option})")
+        if isinstance(value, str):
+            if not value or "\n" in value or "\r" in value:
+                raise ValueError(f"{where} = {value!r} must be a non-empty, single-line string")
+        elif not isinstance(value, (int, bool)):
+            raise ValueError(
+                f"{where} expects a string, an integer or true, got {type(value).__name__} {value!r}"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class Resources:
     """What one stage's jobs ask Slurm for. Empty strings mean "use the cluster-wide value"."""
 
     partition: str = ""
-    """Partition (queue); empty = `SlurmConfig.partition`."""
+    """Partition (queue), sbatch --partition; empty = `SlurmConfig.partition`."""
     account: str = ""
-    """Account to charge; empty = `SlurmConfig.account`."""
-    gpus: int = 0
-    """GPUs per job."""
+    """Account to charge, sbatch --account; empty = `SlurmConfig.account`."""
+    qos: str = ""
+    """Quality of service, sbatch --qos; empty = `SlurmConfig.qos`."""
+    gpus: int | str = 0
+    """GPUs per job, sbatch --gpus-per-node: a count (1), or TYPE:COUNT ("a100:1") for a GPU type; 0 = none. A plain
+    count takes the type `SlurmConfig.gpu_type` when that is set."""
+    gres: str = ""
+    """Generic resources, sbatch --gres (e.g. "gpu:a100:1"), for clusters that want --gres rather than
+    --gpus-per-node; empty = none. Set `gpus` or `gres`, not both."""
     cpus: int = 2
-    """CPU cores per job."""
+    """CPU cores per job, sbatch --cpus-per-task."""
     mem_gb: int = 16
-    """Host memory per job in GB."""
+    """Host memory per job in GB, sbatch --mem."""
     hours: float = 1.0
-    """Wall-clock limit in hours."""
+    """Wall-clock limit in hours, sbatch --time (rounded up to whole minutes)."""
     array_parallelism: int = 32
-    """At most this many tasks of one job array run at once."""
+    """At most this many tasks of one job array run at once (sbatch --array=...%N)."""
     constraint: str = ""
-    """Node feature constraint (sbatch --constraint), empty for none."""
+    """Node feature constraint, sbatch --constraint (e.g. "a100|h100"); empty = `SlurmConfig.constraint`."""
+    additional_parameters: dict[str, str | int | bool] = dataclasses.field(default_factory=dict, hash=False)
+    """More sbatch options for this stage's jobs, `name = value` -> `#SBATCH --name=value` (`true` -> `--name`), on top
+    of `SlurmConfig.additional_parameters` (a name set in both takes this value). Options the pipeline sets itself
+    (time, mem, qos, dependency, ...) are refused: use their keys."""
+
+    def __post_init__(self) -> None:
+        for name in ("partition", "account", "qos", "gres", "constraint"):
+            _check_word(name, getattr(self, name))
+        _check_gpus(self.gpus)
+        if self.gres:
+            _check_gres(self.gres)
+            if self.gpus not in (0, "0"):
+                raise ValueError(f"set gpus or gres, not both (gpus = {self.gpus!r}, gres = {self.gres!r})")
+        for name in ("cpus", "mem_gb", "array_parallelism"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.hours > 0:
+            raise ValueError(f"hours must be > 0, got {self.hours}")
+        _check_additional(self.additional_parameters)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +178,25 @@ class SlurmConfig:
     """Cluster-wide settings plus per-stage resources. Nothing here changes any result, so nothing here is hashed."""
 
     account: str = ""
-    """Default account for every stage (e.g. an OSC project code like PAS1234)."""
+    """Default account for every stage (e.g. an OSC project code like PAS1234); empty = your default account."""
     partition: str = ""
     """Default partition for every stage; empty = the cluster's default partition."""
+    qos: str = ""
+    """Default quality of service for every stage (sbatch --qos); empty = the account's default QOS."""
+    constraint: str = ""
+    """Default node feature constraint for every stage (sbatch --constraint); empty = none."""
+    gpu_type: str = ""
+    """GPU type for stages whose `gpus` is a plain count (e.g. "a100": gpus = 1 asks for a100:1); empty = any GPU."""
+    additional_parameters: dict[str, str | int | bool] = dataclasses.field(default_factory=dict, hash=False)
+    """More sbatch options for every stage, `name = value` -> `#SBATCH --name=value` (`true` -> `--name`), e.g.
+    mail_type = "FAIL"; a stage's own `additional_parameters` override the same names."""
     log_dpath: pathlib.Path = pathlib.Path("logs")
-    """Where submitit writes job scripts, pickles and logs, one folder per stage."""
+    """Where submitit writes job scripts, pickles and logs, one folder per stage; must be on a filesystem the compute
+    nodes can read and write."""
     max_array_size: int = 1000
     """The cluster's MaxArraySize; larger job arrays are split into several arrays."""
     setup: tuple[str, ...] = ()
-    """Shell lines run before each job (e.g. 'module load cuda')."""
+    """Shell lines run at the start of each job script, before Python starts (e.g. 'module load cuda')."""
     dump: Resources = Resources(gpus=1, cpus=8, mem_gb=32, hours=4.0)
     """Resources for the dump stage."""
     train: Resources = Resources(gpus=1, cpus=8, mem_gb=64, hours=8.0)
@@ -83,6 +208,18 @@ class SlurmConfig:
     reduce: Resources = Resources(gpus=0, cpus=1, mem_gb=8, hours=0.5)
     """Resources for the reduce job."""
 
+    def __post_init__(self) -> None:
+        for name in ("account", "partition", "qos", "constraint", "gpu_type"):
+            _check_word(name, getattr(self, name))
+        if self.gpu_type and not _GPU_TYPE.fullmatch(self.gpu_type):
+            raise ValueError(f"gpu_type = {self.gpu_type!r} is not a GPU type name (e.g. 'a100')")
+        if self.max_array_size < 1:
+            raise ValueError(f"max_array_size must be >= 1, got {self.max_array_size}")
+        for i, line in enumerate(self.setup):
+            if "\n" in line or "\r" in line:
+                raise ValueError(f"setup[{i}] = {line!r} spans several lines; write one list item per line")
+        _check_additional(self.additional_parameters)
+
     def resources(self, stage: str) -> Resources:
         return getattr(self, stage)
 
@@ -92,33 +229,8 @@ def make_executor(cfg: SlurmConfig, stage: str, *, after: Sequence[str] = ()) ->
     """A submitit SlurmExecutor for one stage, waiting (afterok) on the given job ids."""
     import submitit
 
-    res = cfg.resources(stage)
-    folder = cfg.log_dpath / stage / "%j"
-    executor = submitit.SlurmExecutor(folder=folder)
-    additional: dict[str, object] = {}
-    if after:
-        additional["dependency"] = "afterok:" + ":".join(after)
-        additional["kill-on-invalid-dep"] = "yes"
-    params: dict[str, object] = dict(
-        job_name=f"saev-{stage}",
-        time=max(1, math.ceil(res.hours * 60)),
-        cpus_per_task=res.cpus,
-        mem=f"{res.mem_gb}GB",
-        array_parallelism=res.array_parallelism,
-        additional_parameters=additional,
-        setup=list(cfg.setup),
-    )
-    if res.gpus:
-        params["gpus_per_node"] = res.gpus
-    partition = res.partition or cfg.partition
-    if partition:
-        params["partition"] = partition
-    account = res.account or cfg.account
-    if account:
-        params["account"] = account
-    if res.constraint:
-        params["constraint"] = res.constraint
-    executor.update_parameters(**params)
+    executor = submitit.SlurmExecutor(folder=cfg.log_dpath / stage / "%j")
+    executor.update_parameters(**executor_parameters(cfg, stage, after=after))
     return executor
 
 
@@ -337,3 +449,51 @@ def requeue(err: BaseException) -> typing.NoReturn:
     logger.warning("%s; requeueing job %s", err, this_job)
     subprocess.run(["scontrol", "requeue", this_job], check=True, timeout=60)
     sys.exit(-1)  # Slurm stops this run and starts the job again; as submitit does after its own requeue
+
+
+##############################
+# sbatch options from config #
+##############################
+
+
+@beartype.beartype
+def executor_parameters(cfg: SlurmConfig, stage: str, *, after: Sequence[str] = ()) -> dict[str, typing.Any]:
+    """The keyword arguments for submitit's `SlurmExecutor.update_parameters` for one stage: its resources with the
+    cluster-wide defaults filled in, the afterok chain, and the passthrough options (as `--name=value` names)."""
+    res = cfg.resources(stage)
+    additional: dict[str, typing.Any] = {}
+    for name, value in {**cfg.additional_parameters, **res.additional_parameters}.items():
+        additional[_option_name(name)] = value
+    if after:
+        additional["dependency"] = "afterok:" + ":".join(after)
+        additional["kill-on-invalid-dep"] = "yes"
+    params: dict[str, typing.Any] = dict(
+        job_name=f"saev-{stage}",
+        time=max(1, math.ceil(res.hours * 60)),
+        cpus_per_task=res.cpus,
+        mem=f"{res.mem_gb}GB",
+        array_parallelism=res.array_parallelism,
+        additional_parameters=additional,
+        setup=list(cfg.setup),
+    )
+    gpus = gpus_per_node(cfg, res)
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if res.gres:
+        params["gres"] = res.gres
+    for name in ("partition", "account", "qos", "constraint"):
+        value = getattr(res, name) or getattr(cfg, name)
+        if value:
+            params[name] = value
+    return params
+
+
+@beartype.beartype
+def gpus_per_node(cfg: SlurmConfig, res: Resources) -> int | str:
+    """What --gpus-per-node gets: 0 (none), a count, or TYPE:COUNT (a plain count takes `cfg.gpu_type`)."""
+    match = _GPUS.fullmatch(str(res.gpus))
+    assert match is not None, res.gpus  # Resources checked it
+    count, gpu_type = int(match["count"]), match["type"] or cfg.gpu_type
+    if count == 0:
+        return 0
+    return f"{gpu_type}:{count}" if gpu_type else count

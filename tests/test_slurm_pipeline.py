@@ -7,6 +7,7 @@ Run with `bash slurm/local/run-tests.sh` (it starts a single-node cluster in a n
 
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -214,3 +215,73 @@ def test_pre_timeout_signal_checkpoints_requeues_and_resumes_to_the_same_weights
         reference = load_file(str(clean.parent / "runs" / "train" / fpath.parent.name / "sae.safetensors"))
         for name, value in reference.items():
             assert (resumed[name] == value).all(), name
+
+
+def scontrol_jobs(job_id: str) -> list[str]:
+    """`scontrol show job -o`: one line per job (per task for an array), fields `Name=value` separated by spaces."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=15)
+    assert out.returncode == 0, out.stderr
+    return [line for line in out.stdout.splitlines() if line.strip()]
+
+
+def field(line: str, name: str) -> str:
+    """The value of one field of a `scontrol show job -o` line (up to the next ` Name=`)."""
+    found = re.search(rf"(?:^| ){name}=(.*?)(?= [A-Za-z:/]+=|$)", line)
+    assert found, f"no {name}= in {line}"
+    return found.group(1).strip()
+
+
+def test_qos_typed_gpus_gres_and_passthrough_options_reach_the_jobs(tmp_path):
+    cfg = slurm_config(tmp_path)
+    cfg.write_text(
+        cfg.read_text()
+        .replace("[slurm]\n", '[slurm]\naccount = "saev"\nqos = "saevtest"\n')
+        .replace("[slurm.dump]\n", '[slurm.dump]\nqos = "normal"\n')
+        .replace("[slurm.train]\ngpus = 1\n", '[slurm.train]\ngpus = "fake:1"\n')
+        .replace("[slurm.score]\ngpus = 1\n", '[slurm.score]\ngpus = 0\ngres = "gpu:fake:1"\n')
+        + '[slurm.additional_parameters]\ncomment = "saev adopt test"\n'
+        + '[slurm.train.additional_parameters]\nmail_type = "FAIL"\n'
+    )
+    done = launch(cfg)
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = {stage: job_ids_of(done.stdout, stage) for stage in ("dump", "train", "mask", "score", "reduce")}
+    assert all(jobs.values()), done.stdout
+    seen: dict[str, list[str]] = {}
+    for stage, ids in jobs.items():
+        seen[stage] = [line for job_id in ids for line in scontrol_jobs(job_id)]
+        for line in seen[stage]:
+            assert field(line, "Account") == "saev", line
+            assert field(line, "QOS") == ("normal" if stage == "dump" else "saevtest"), line  # a stage's qos wins
+            assert field(line, "Comment") == "saev adopt test", line  # cluster-wide passthrough
+    for line in seen["train"]:  # typed GPU through --gpus-per-node, and the stage's own passthrough option
+        assert field(line, "TresPerNode") == "gres:gpu:fake:1", line
+        assert field(line, "MailType") == "FAIL", line
+    for line in seen["score"]:  # typed GPU through --gres
+        assert field(line, "TresPerNode") == "gres:gpu:fake:1", line
+        assert "MailType=FAIL" not in line, line
+    for line in seen["mask"] + seen["reduce"]:
+        assert "TresPerNode" not in line or field(line, "TresPerNode") in ("", "(null)"), line
+    # They also run: a typed GPU the node has (through --gpus-per-node and --gres) and a QOS the association allows
+    # are schedulable. Once the training job is done and a score task has started, the rest is cancelled.
+    score_tasks = [f"{array}_{i}" for array in jobs["score"] for i in range(3)]
+    wait_for(
+        lambda: (s := sacct_states(jobs["train"] + score_tasks)).get(jobs["train"][0]) == "COMPLETED"
+        and any(s.get(t) in ("RUNNING", "COMPLETED") for t in score_tasks),
+        600,
+        "the training job to finish and a score task to start",
+    )
+    subprocess.run(["scancel", *[i for ids in jobs.values() for i in ids]], timeout=15)
+    train_tres = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", jobs["train"][0], "-o", "AllocTRES"], capture_output=True, text=True, timeout=15
+    ).stdout
+    assert "gres/gpu:fake=1" in train_tres, train_tres
+
+
+def test_a_qos_the_account_may_not_use_is_refused_before_anything_runs(tmp_path):
+    cfg = slurm_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("[slurm]\n", '[slurm]\nqos = "nosuchqos"\n'))
+    done = launch(cfg)
+    assert done.returncode != 0
+    out = done.stdout + done.stderr
+    assert "sbatch failed for stage 'dump'" in out and "Invalid qos specification" in out, out
+    assert not job_ids_of(done.stdout, "dump"), out

@@ -21,12 +21,15 @@
 #   SAEV_SLURM_DIR only, slurm.conf is also copied to /etc/slurm/slurm.conf (unless a foreign one is there), so a
 #   bare `nsenter --net=/run/netns/saev-slurm sinfo` works without env.sh.
 # - All Slurm daemons run as root (SlurmUser=root) and jobs run as their submitter (root in tests).
-# - Node: $(hostname -s), CPUs=$(nproc), RealMemory=4000, two fake GPUs (character devices, Gres=gpu:2) so
-#   `--gpus-per-node=1` jobs schedule and see CUDA_VISIBLE_DEVICES. One partition `debug`, MaxTime=INFINITE.
+# - Node: $(hostname -s), CPUs=$(nproc), RealMemory=4000, two fake GPUs of type `fake` (character devices,
+#   Gres=gpu:fake:2) so `--gpus-per-node=1`, `--gpus-per-node=fake:1` and `--gres=gpu:fake:1` jobs schedule and see
+#   CUDA_VISIBLE_DEVICES. One partition `debug`, MaxTime=INFINITE.
 # - MaxArraySize=20 on purpose: array indices must be < 20, so the pipeline's splitting of large job arrays into
 #   several arrays is exercised (tests/test_slurm_cluster.py checks this limit).
 # - Accounting (slurmdbd + MariaDB) is on: without it sacct is disabled and a cancelled job stays UNKNOWN to
-#   submitit forever. Cluster `saevlocal`, account `saev`, user root are registered.
+#   submitit forever. Cluster `saevlocal`, account `saev`, user root are registered. Associations and QOS are
+#   enforced (AccountingStorageEnforce=associations,qos); QOS `saevtest` exists and root's associations may use it
+#   (besides the default `normal`), so `--qos=saevtest` is accepted and any other QOS is refused.
 #
 # Idempotent: when everything is already up with the same configuration it only checks and returns (~1 s); when the
 # configuration changed (or only part of it runs) it restarts what is needed. See /work/shared/notes/local-slurm.md.
@@ -41,6 +44,8 @@ HOST=$(hostname -s)
 NCPU=$(nproc)
 CLUSTER=saevlocal
 ACCOUNT=saev
+QOS=saevtest  # a QOS besides `normal` that the account may use: tests check that [slurm] qos reaches the job
+GPU_TYPE=fake  # the fake GPUs' type: tests ask for gpus = "fake:1" and gres = "gpu:fake:1"
 DB_PASS=saev-local-slurm
 
 ETC=$DIR/etc
@@ -135,7 +140,9 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 # For messages to slurmdbd the clients take the munge socket from here, not from AuthInfo (a Slurm quirk).
 AccountingStoragePass=$MUNGE_SOCK
-AccountingStorageTRES=gres/gpu
+AccountingStorageTRES=gres/gpu,gres/gpu:$GPU_TYPE
+# Jobs need a valid association, and their QOS must be one the association allows (as on real clusters).
+AccountingStorageEnforce=associations,qos
 GresTypes=gpu
 ReturnToService=2
 # Small on purpose: array indices must be < 20, so large arrays must be split (the pipeline does that).
@@ -144,11 +151,11 @@ MaxJobCount=10000
 MinJobAge=600
 KillWait=5
 InactiveLimit=0
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$NCPU RealMemory=4000 Gres=gpu:2 State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$NCPU RealMemory=4000 Gres=gpu:$GPU_TYPE:2 State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
 cat >"$ETC/gres.conf.new" <<EOF
-NodeName=$HOST Name=gpu File=$DIR/dev/gpu[0-1]
+NodeName=$HOST Name=gpu Type=$GPU_TYPE File=$DIR/dev/gpu[0-1]
 EOF
 cat >"$ETC/slurmdbd.conf.new" <<EOF
 # Written by slurm/local/up.sh.
@@ -271,8 +278,15 @@ fi
 if ! sacctmgr_ -n -P show account format=account | grep -qx "$ACCOUNT"; then
     sacctmgr_ -i add account "$ACCOUNT" Cluster="$CLUSTER" Description="local tests" Organization=saev >/dev/null
 fi
+if ! sacctmgr_ -n -P show qos format=name | grep -qx "$QOS"; then
+    sacctmgr_ -i add qos "$QOS" Description="local tests" >/dev/null
+fi
 if ! sacctmgr_ -n -P show assoc where user=root account="$ACCOUNT" format=user | grep -qx root; then
     sacctmgr_ -i add user root Account="$ACCOUNT" Cluster="$CLUSTER" >/dev/null
+fi
+# Every association of root (accounts root and saev) may use the QOS, whichever account a job is charged to.
+if sacctmgr_ -n -P show assoc where user=root cluster="$CLUSTER" format=qos | grep -qvE "(^|,)$QOS(,|\$)"; then
+    sacctmgr_ -i modify user root where cluster="$CLUSTER" set qos+="$QOS" >/dev/null
 fi
 if ! running "$RUN/slurmd.pid"; then
     log "starting slurmd"
@@ -290,6 +304,6 @@ if ! wait_for 60 "the node" node_ready; then
     die "the node did not become idle"
 fi
 
-log "cluster up ($HOST, $NCPU CPUs, 2 fake GPUs, partition debug, MaxArraySize=20); state in $DIR"
+log "cluster up ($HOST, $NCPU CPUs, 2 GPUs gpu:$GPU_TYPE, partition debug, QOS normal and $QOS, MaxArraySize=20); state in $DIR"
 log "use it:  source $DIR/env.sh; nsenter --net=/run/netns/$NETNS sinfo   (or: slurmns sbatch --wrap hostname)"
 log "stop it: bash $HERE/down.sh"
