@@ -14,9 +14,11 @@ import logging
 import os
 import pathlib
 
+import importlib.util
+import json
+
 import beartype
 import numpy as np
-import open_clip
 import torch
 from jaxtyping import Float, UInt8, jaxtyped
 from PIL import Image
@@ -27,7 +29,34 @@ from saev.data import datasets
 logger = logging.getLogger("saev.vit")
 
 TINY_MODEL = "saev-tiny-vit"
-open_clip.add_model_config(pathlib.Path(__file__).parent / "model_configs")
+_OWN_CONFIGS = pathlib.Path(__file__).parent / "model_configs"
+
+
+@functools.cache
+def _open_clip():
+    """open_clip, imported on first use (it is most of the import time: planning reads model configs without it) and
+    with our model configs registered."""
+    import open_clip
+
+    open_clip.add_model_config(_OWN_CONFIGS)
+    return open_clip
+
+
+def _read_model_config(model: str) -> dict | None:
+    """A model's open_clip config read from the JSON files (ours, then open_clip's own), without importing open_clip;
+    None if there is no such file (then open_clip itself is asked)."""
+    spec = importlib.util.find_spec("open_clip")
+    dirs = [_OWN_CONFIGS]
+    if spec is not None and spec.submodule_search_locations:
+        dirs.append(pathlib.Path(list(spec.submodule_search_locations)[0]) / "model_configs")
+    for dpath in dirs:
+        fpath = dpath / f"{model}.json"
+        if fpath.is_file():
+            try:
+                return json.loads(fpath.read_text())
+            except (OSError, ValueError):
+                return None
+    return None
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,9 +92,12 @@ class VitConfig:
 @functools.lru_cache(maxsize=None)
 def _shape_info(model: str) -> tuple[int, int, int, int]:
     """(d_vit, n_blocks, img_size, patch_size) of an open_clip model, from its config when possible."""
-    cfg = open_clip.get_model_config(model)
+    cfg = _read_model_config(model)
+    if cfg is None or "timm_model_name" in cfg.get("vision_cfg", {}):
+        open_clip = _open_clip()
+        cfg = open_clip.get_model_config(model)
     if cfg is None:
-        known = [m for m in open_clip.list_models() if m.lower().startswith(model.lower()[:5])][:8]
+        known = [m for m in _open_clip().list_models() if m.lower().startswith(model.lower()[:5])][:8]
         raise ValueError(f"unknown open_clip model {model!r}; similar names: {', '.join(known) or 'none'}")
     vision = cfg["vision_cfg"]
     if "timm_model_name" not in vision:
@@ -75,7 +107,7 @@ def _shape_info(model: str) -> tuple[int, int, int, int]:
     # timm towers (SigLIP): their config names a timm model, so build it on the meta device (no memory, no weights,
     # no RNG draws; a fraction of a second even for SO400M) and read its shape.
     with _quiet_root_logger(), torch.device("meta"):
-        trunk = open_clip.create_model(model, pretrained=None, device="meta").visual.trunk
+        trunk = _open_clip().create_model(model, pretrained=None, device="meta").visual.trunk
     size = trunk.patch_embed.img_size[0]
     return trunk.embed_dim, len(trunk.blocks), size, trunk.patch_embed.patch_size[0]
 
@@ -127,6 +159,7 @@ def get_norm_stats(model: str, pretrained: str, visual: torch.nn.Module) -> tupl
     open_clip sets them from the pretrained tag; for random weights or a checkpoint file it falls back to OpenAI's
     values, which are wrong for e.g. SigLIP (0.5, 0.5), so those take the values of the model's first known tag.
     """
+    open_clip = _open_clip()
     pp = getattr(visual, "preprocess_cfg", None) or {}
     if not pretrained or os.path.isfile(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(model)
@@ -217,6 +250,7 @@ class Vit(torch.nn.Module):
 def make_vit(cfg: VitConfig, device: torch.device | str = "cpu") -> Vit:
     """Build the model in eval mode (random weights seeded by `init_seed` when `pretrained` is empty)."""
     device = torch.device(device)
+    open_clip = _open_clip()
     # Fail on an unknown model name or a bad layer with a short ValueError, before building or loading anything.
     resolve_layers(cfg.model, cfg.layers)
     if cfg.pretrained:
