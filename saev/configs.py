@@ -174,7 +174,8 @@ def from_dict(cls: type, data: typing.Any, where: str, path: str = "") -> typing
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"{where}: {_key(path.rstrip('.')) or cls.__name__}: {err}") from err
+        prefix = f"{_key(path.rstrip('.'))}: " if path else ""
+        raise ConfigError(f"{where}: {prefix}{err}") from err
 
 
 def convert(tp: typing.Any, value: typing.Any, where: str, key: str = "") -> typing.Any:

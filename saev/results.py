@@ -70,6 +70,8 @@ class ClassResult:
     """Share of the held-out patches that are this class; None without a held-out set."""
     heldout_ap: float | None
     """AP of the chosen latent on the held-out patches (took no part in the choice: the figure to report)."""
+    sae_unhealthy: tuple[str, ...] = ()
+    """Why the chosen SAE failed the health checks (normalized MSE, dead or dense latents); empty when healthy."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +208,12 @@ def load_reduce(dpath: str | os.PathLike) -> Results:
         best = json.loads(best_fpath.read_text())
         fields = [f.name for f in dataclasses.fields(ClassResult) if f.name != "index"]
         classes = tuple(
-            ClassResult(index=c, **{name: row[name] for name in fields}) for c, row in enumerate(best["classes"])
+            ClassResult(
+                index=c,
+                **{name: row[name] for name in fields if name != "sae_unhealthy"},
+                sae_unhealthy=tuple(row.get("sae_unhealthy", ())),
+            )
+            for c, row in enumerate(best["classes"])
         )
         n_patches, n_heldout = int(best["n_patches"]), int(best["n_heldout"])
     except (OSError, ValueError, KeyError, TypeError) as err:

@@ -53,7 +53,7 @@ def test_results_hold_best_json_as_records_and_the_artifacts_of_the_plan(done_co
     run = results.load(done_config)
     plan = pipeline.make_plan(pipeline.load(done_config))
     best = json.loads(run.best_fpath.read_text())
-    rows = [{**row, "index": c} for c, row in enumerate(best["classes"])]
+    rows = [{**row, "index": c, "sae_unhealthy": tuple(row["sae_unhealthy"])} for c, row in enumerate(best["classes"])]
     assert [dataclasses.asdict(row) for row in run.classes] == rows
     assert (run.n_patches, run.n_heldout) == (best["n_patches"], best["n_heldout"])
     assert run.reduce == plan["reduce"].artifacts[0]

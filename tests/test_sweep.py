@@ -119,7 +119,7 @@ def test_group_given_a_scalar_is_refused():
 
 
 def test_invalid_value_rejected_by_the_config_is_a_sweep_error():
-    with pytest.raises(sweep.SweepError, match=r"TrainConfig: n_train=10 is smaller than one batch"):
+    with pytest.raises(sweep.SweepError, match=r"sweep: n_train=10 is smaller than one batch"):
         sweep.expand_sweep({"sae.d_vit": 4, "n_train": 10, "batch_size": 64}, TrainConfig)
 
 
