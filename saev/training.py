@@ -373,21 +373,9 @@ def _as_rows(data: "np.ndarray | loader.Rows") -> loader.Rows:
 
 
 @beartype.beartype
-def train(
-    cfg: TrainConfig,
-    data: "Float[np.ndarray, 'N D'] | loader.Rows",
-    *,
-    device: str | torch.device = "cpu",
-    log_every: int = 100,
-    logger: logging.Logger | None = None,
-    checkpoint_fpath: pathlib.Path | None = None,
-    checkpoint_every: int = 1000,
-) -> TrainResult:
-    """Train one SAE: `train_group([cfg], ...)[0]` (see `train_group` for everything else)."""
-    (result,) = train_group(
-        [cfg], data, device=device, log_every=log_every, logger=logger,
-        checkpoint_fpath=checkpoint_fpath, checkpoint_every=checkpoint_every,
-    )  # fmt: skip
+def train(cfg: TrainConfig, data: "Float[np.ndarray, 'N D'] | loader.Rows", **kwargs: typing.Any) -> TrainResult:
+    """Train one SAE: `train_group([cfg], data, **kwargs)[0]` (see `train_group` for the keyword arguments)."""
+    (result,) = train_group([cfg], data, **kwargs)
     return result
 
 

@@ -30,12 +30,8 @@ VERSION = 3  # 3: SAE health (training metrics) in best.json, best.csv and the r
 
 logger = logging.getLogger("stages.reduce")
 
-check = None
-"""No checks before submission beyond the plan's."""
-finalize = None
-"""A single piece: `run` writes the manifest."""
-manifest_extra = None
-"""`run` writes the manifest."""
+# No checks before submission beyond the plan's; a single piece whose `run` writes the manifest.
+check = finalize = manifest_extra = None
 
 
 @dataclasses.dataclass(frozen=True)

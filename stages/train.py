@@ -27,12 +27,8 @@ VERSION = 3  # 2: batches from saev.data.loader (chunked windows); 3: one config
 
 logger = logging.getLogger("stages.train")
 
-check = None
-"""No checks before submission beyond the plan's (the sweep and layer are read while planning)."""
-finalize = None
-"""Each SAE is sealed by `run`."""
-manifest_extra = None
-"""`run` writes the manifests."""
+# No checks before submission beyond the plan's (the sweep and layer are read while planning); `run` seals each SAE.
+check = finalize = manifest_extra = None
 
 
 @dataclasses.dataclass(frozen=True)

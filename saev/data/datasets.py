@@ -139,6 +139,18 @@ def _make_fingerprint(
 ##########
 
 
+def _check_pixel_limit(max_image_pixels: int | None) -> None:
+    if max_image_pixels is not None and max_image_pixels <= 0:
+        raise ValueError(f"data.max_image_pixels must be positive, got {max_image_pixels}")
+
+
+def _dataset_root(root: str) -> pathlib.Path:
+    dpath = pathlib.Path(root)
+    if not dpath.is_dir():
+        raise DatasetError(f"dataset directory not found: {dpath}")
+    return dpath
+
+
 @dataclasses.dataclass(frozen=True)
 class SegFolder:
     """Real data: `<root>/images/*` with same-stem `<root>/masks/*.png` (integer class ids) and `<root>/classes.txt`.
@@ -171,8 +183,7 @@ class SegFolder:
     with no warning. Raise it for genuinely huge images. Changes no result."""
 
     def __post_init__(self):
-        if self.max_image_pixels is not None and self.max_image_pixels <= 0:
-            raise ValueError(f"data.max_image_pixels must be positive, got {self.max_image_pixels}")
+        _check_pixel_limit(self.max_image_pixels)
 
 
 class FolderDataset:
@@ -180,9 +191,7 @@ class FolderDataset:
 
     def __init__(self, cfg: SegFolder):
         self.cfg = cfg
-        root = pathlib.Path(cfg.root)
-        if not root.is_dir():
-            raise DatasetError(f"dataset directory not found: {root}")
+        root = _dataset_root(cfg.root)
         imgs_dpath, masks_dpath = root / cfg.images, root / cfg.masks
         self.classes_fpath = root / cfg.classes
         for dpath in (imgs_dpath, masks_dpath):
@@ -277,8 +286,7 @@ class ClassFolder:
     """Largest image read (width x height); see `SegFolder.max_image_pixels`. Changes no result."""
 
     def __post_init__(self):
-        if self.max_image_pixels is not None and self.max_image_pixels <= 0:
-            raise ValueError(f"data.max_image_pixels must be positive, got {self.max_image_pixels}")
+        _check_pixel_limit(self.max_image_pixels)
 
 
 class ClassFolderDataset:
@@ -286,9 +294,7 @@ class ClassFolderDataset:
 
     def __init__(self, cfg: ClassFolder):
         self.cfg = cfg
-        root = pathlib.Path(cfg.root)
-        if not root.is_dir():
-            raise DatasetError(f"dataset directory not found: {root}")
+        root = _dataset_root(cfg.root)
         class_dpaths = [p for p in _list_dir(root) if p.is_dir()]
         if not class_dpaths:
             raise DatasetError(f"no class subdirectories in {root}")
