@@ -202,3 +202,20 @@ def test_editing_the_dataset_gives_a_new_dump_and_says_why(tiny_config, capsys):
     assert run(tiny_config) == 0
     assert "dump: running" in capsys.readouterr().out
     os.utime(img)
+
+
+def test_a_file_written_wrong_is_named_and_deleting_its_artifact_recovers(copy_of_done, clean_best, capsys):
+    """README: a file holding values no run writes, with a matching checksum (written that way) -> the reading
+    stage names it; deleting that artifact's directory and rerunning gives the clean result."""
+    from tests.test_validation import _reseal
+
+    root = copy_of_done.parent / "runs"
+    keep_duplicated(root)
+    _reseal(root)
+    shutil.rmtree(one(root, "score/*", 0))  # so that a stage reads the mask again
+    assert run(copy_of_done) == 1
+    err = capsys.readouterr().err
+    assert "keep.npy" in err and "appears twice" in err
+    shutil.rmtree(one(root, "mask/*"))
+    assert run(copy_of_done) == 0
+    assert one(root, "reduce/*/best.json").read_bytes() == clean_best
