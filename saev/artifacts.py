@@ -336,7 +336,13 @@ class Artifact:
         problems, verified = [], self._read_verified() if hashing == "changed" else {}
         newly_verified = {}
         for rel, entry in manifest["files"].items():
-            size, digest = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get(checksums.CHECKSUM))
+            if isinstance(entry, int):  # stores of earlier versions: sizes only
+                size, digest = entry, None
+            elif isinstance(entry, dict) and type(entry.get("size")) is int:
+                size, digest = entry["size"], entry.get(checksums.CHECKSUM)
+            else:
+                problems.append(Problem(MANIFEST, f"lists {rel!r} with an entry that is not a size and checksum"))
+                continue
             fpath = self.dpath / rel
             try:
                 st = fpath.stat()
@@ -469,9 +475,15 @@ class Artifact:
         try:
             with open(self.dpath / _VERIFIED) as fd:
                 obj = json.load(fd)
-            return obj if isinstance(obj, dict) else {}
         except (OSError, ValueError):
             return {}
+        if not isinstance(obj, dict):
+            return {}
+        # Anything but [size, mtime_ns, ctime_ns, inode] is ignored: that file is hashed again.
+        return {
+            rel: sig for rel, sig in obj.items()
+            if isinstance(sig, list) and len(sig) == 4 and all(type(x) is int for x in sig)
+        }  # fmt: skip
 
     def _update_verified(self, sigs: Mapping[str, list[int]], *, replace: bool = False) -> None:
         """Remember the stat signature at which each file last matched its checksum (best effort: a store that is

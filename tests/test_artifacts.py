@@ -208,7 +208,9 @@ def test_corruption_under_a_restored_mtime_is_still_caught(tmp_path):
     assert art.check("changed").state == "damaged"
 
 
-@pytest.mark.parametrize("text", ["{not json", "", "[]", '{"files": 3}', "\udcff"])
+@pytest.mark.parametrize(
+    "text", ["{not json", "", "[]", '{"files": 3}', "\udcff", '{"stage": "dump", "key": "abc", "files": {"a": [1]}}']
+)
 def test_unreadable_manifest_is_damaged_not_done(tmp_path, text):
     art = _done_artifact(tmp_path)
     art.manifest_fpath.write_bytes(text.encode("utf-8", "surrogateescape") if text != "\udcff" else b"\xff\xfe")
@@ -243,3 +245,37 @@ def test_verify_file_catches_a_changed_piece(tmp_path):
     _overwrite_same_size(fpath)
     with pytest.raises(artifacts.DamagedArtifactError, match="labels000000.npy does not match"):
         artifacts.verify_file(fpath)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"acts000000.bin": "x"}', ""])
+def test_a_broken_verified_record_only_means_hashing_again(tmp_path, text):
+    art = _done_artifact(tmp_path)
+    (art.dpath / ".verified.json").write_text(text)
+    assert art.check("changed").state == "done"
+    _overwrite_same_size(art.dpath / "acts000000.bin")
+    assert art.check("changed").state == "damaged"
+
+
+@pytest.mark.parametrize("record", ["{not json", '{"size": 3}', '{"size": "x", "xxh3_128": 1}', ""])
+def test_a_broken_checksum_record_makes_the_piece_not_intact_or_unknown(tmp_path, record):
+    """A checksum record that cannot be read counts as none (the file only has to exist, as for older stores); one
+    that names another size makes the piece not done, so it is written again."""
+    fpath = tmp_path / "block00000.safetensors"
+    artifacts.atomic_write_bytes(fpath, b"0123456789")
+    checksums.sum_fpath(fpath).write_text(record)
+    assert checksums.recorded_checksum(fpath) is None or not checksums.is_intact(fpath)
+    checksums.sum_fpath(fpath).write_text('{"size": 11, "xxh3_128": "00"}')
+    assert not checksums.is_intact(fpath)
+
+
+def test_a_record_with_a_wrong_checksum_heals_through_verify(tmp_path):
+    """If a checksum record is wrong but the file is right, --verify's full hash disagrees: the file is set aside and
+    its piece recomputed (wasted work, never a wrong result)."""
+    fpath = tmp_path / "dump" / "abc" / "acts000000.bin"
+    art = artifacts.Artifact(tmp_path, "dump", "abc")
+    artifacts.atomic_write_bytes(fpath, b"a" * 64)
+    checksums.write_record(fpath, 64, "0" * 32)
+    art.write_manifest(params={}, inputs={}, started=artifacts.now())
+    assert art.check("changed").state == "done"  # the record was trusted when sealing
+    health = art.check("all")
+    assert health.state == "damaged" and health.problems[0].rel == "acts000000.bin"
