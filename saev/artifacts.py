@@ -324,15 +324,15 @@ class Artifact:
         try:
             manifest = self.read_manifest()
         except DamagedArtifactError as err:
-            return Health("damaged", [Problem(MANIFEST, str(err).removeprefix(f"{self.ref}: "))])
+            return Health("damaged", [Problem(MANIFEST, str(err).removeprefix(f"{self.ref}: "), "manifest")])
         except IncompleteArtifactError:
             return Health("missing", [])
         if (manifest.get("stage"), manifest.get("key")) != (self.stage, self.key):
             where = " (a link to another artifact?)" if self.dpath.is_symlink() else " (a copied directory?)"
             found = f"{manifest.get('stage')}/{manifest.get('key')}"
-            return Health("damaged", [Problem(MANIFEST, f"names {found}, not {self.ref}{where}")])
+            return Health("damaged", [Problem(MANIFEST, f"names {found}, not {self.ref}{where}", "other_key")])
         if params is not None and manifest.get("params") != json.loads(canonical_json(params)):
-            return Health("damaged", [Problem(MANIFEST, "records other parameters than the config gives for this key")])
+            return Health("damaged", [Problem(MANIFEST, "records other parameters than the config gives for this key", "manifest")])
         problems, verified = [], self._read_verified() if hashing == "changed" else {}
         newly_verified = {}
         for rel, entry in manifest["files"].items():
@@ -341,19 +341,19 @@ class Artifact:
             elif isinstance(entry, dict) and type(entry.get("size")) is int:
                 size, digest = entry["size"], entry.get(checksums.CHECKSUM)
             else:
-                problems.append(Problem(MANIFEST, f"lists {rel!r} with an entry that is not a size and checksum"))
+                problems.append(Problem(MANIFEST, f"lists {rel!r} with an entry that is not a size and checksum", "manifest"))
                 continue
             fpath = self.dpath / rel
             try:
                 st = fpath.stat()
             except FileNotFoundError:
-                problems.append(Problem(rel, "is missing (scratch purged?)"))
+                problems.append(Problem(rel, "is missing (scratch purged?)", "missing"))
                 continue
             except OSError as err:
-                problems.append(Problem(rel, f"cannot be read: {err.strerror or err}"))
+                problems.append(Problem(rel, f"cannot be read: {err.strerror or err}", "unreadable"))
                 continue
             if st.st_size != size:
-                problems.append(Problem(rel, f"has {st.st_size} bytes, the manifest says {size}"))
+                problems.append(Problem(rel, f"has {st.st_size} bytes, the manifest says {size}", "size"))
                 continue
             if hashing == "none" or digest is None:
                 continue
@@ -363,10 +363,10 @@ class Artifact:
             try:
                 actual = checksums.file_checksum(fpath, on_bytes)
             except OSError as err:
-                problems.append(Problem(rel, f"cannot be read: {err.strerror or err}"))
+                problems.append(Problem(rel, f"cannot be read: {err.strerror or err}", "unreadable"))
                 continue
             if actual != digest:
-                problems.append(Problem(rel, "does not match its checksum (changed or corrupted since written)"))
+                problems.append(Problem(rel, "does not match its checksum (changed or corrupted since written)", "checksum"))
             else:
                 newly_verified[rel] = sig
         if newly_verified:
@@ -393,14 +393,12 @@ class Artifact:
         removed (the directory it points to is left alone). Nothing else is deleted.
         """
         actions = []
-        if self.dpath.is_symlink() and any("names" in p.what for p in health.problems):
+        if self.dpath.is_symlink() and any(p.kind == "other_key" for p in health.problems):
             self.dpath.unlink()
             return [f"removed the link {self.dpath} (it pointed to another artifact)"]
         for problem in health.problems:
-            if problem.rel == MANIFEST:
-                continue
-            fpath = self.dpath / problem.rel
-            if "checksum" in problem.what or "bytes" in problem.what:
+            if problem.kind in ("size", "checksum"):
+                fpath = self.dpath / problem.rel
                 with contextlib.suppress(OSError):
                     os.replace(fpath, fpath.with_name(f".{fpath.name}.corrupt"))
                     checksums.sum_fpath(fpath).unlink(missing_ok=True)
@@ -543,6 +541,8 @@ class Problem(typing.NamedTuple):
     """Path relative to the artifact directory (or `manifest.json` itself)."""
     what: str
     """What is wrong, e.g. "is missing (scratch purged?)"."""
+    kind: typing.Literal["manifest", "other_key", "missing", "unreadable", "size", "checksum"]
+    """The class of problem, for `Artifact.repair` (a file of the wrong size or checksum is moved aside)."""
 
 
 class Health(typing.NamedTuple):

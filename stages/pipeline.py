@@ -140,12 +140,15 @@ def verify_store(pipeline: Pipeline, plan: Plan) -> tuple[list[str], int, int]:
     Damaged artifacts are reported file by file, with the artifacts downstream that were made from them, and unsealed
     so that rerunning recomputes them. Returns (report lines, artifacts checked, bytes hashed).
     """
-    arts = [(name, art) for name in STAGES for art in plan[name].artifacts if art.check().state != "missing"]
-    total = 0
-    for _, art in arts:
-        with_sizes = art.check()  # cheap: only to size the progress line
-        if with_sizes.state == "done":
-            total += sum(e["size"] if isinstance(e, dict) else e for e in art.read_manifest()["files"].values())
+    arts, total = [], 0
+    for name in STAGES:
+        for art in plan[name].artifacts:
+            state = art.check().state  # cheap; the sizes of a done artifact only size the progress line
+            if state == "missing":
+                continue
+            arts.append((name, art))
+            if state == "done":
+                total += sum(e["size"] if isinstance(e, dict) else e for e in art.read_manifest()["files"].values())
     progress = helpers.Progress(desc="verify", total=max(1, total >> 20), unit="MiB", logger=logger)
     hashed, pending = 0, 0
 
@@ -205,21 +208,18 @@ def explain(pipeline: Pipeline, plan: Plan, name: str, limit: int = 2) -> list[s
             continue
     for art in new[:limit]:
         params = json.loads(artifacts.canonical_json(stage_plan.params[art.key]))
-        best = None
-        for key, old_params, old_inputs, finished in earlier:
+        candidates = []  # the fewest differences first, then the most recent
+        for key, old_params, old_inputs, finished in sorted(earlier, key=lambda e: e[3], reverse=True):
             if key == art.key:
                 continue
             diffs = _diff(old_params, params, "") + [
                 f"input {k}" for k in sorted(set(old_inputs) | set(stage_plan.inputs[art.key]))
                 if old_inputs.get(k) != stage_plan.inputs[art.key].get(k)
             ]
-            if best is None or (len(diffs), finished) < (len(best[1]), best[2]) or (
-                len(diffs) == len(best[1]) and finished > best[2]
-            ):
-                best = (key, diffs, finished)
-        if best is None:  # nothing to compare with (a first run): nothing to explain
+            candidates.append((key, diffs))
+        if not candidates:  # nothing to compare with (a first run): nothing to explain
             continue
-        key, diffs, _ = best
+        key, diffs = min(candidates, key=lambda c: len(c[1]))
         shown = ", ".join(diffs[:4]) + (f" and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         line = f"{art.ref}: new key; {name}/{key} differs in {shown or 'nothing recorded (format version?)'}"
         if name == "dump" and "dataset_files" in diffs:

@@ -37,3 +37,13 @@ def copy_of_done(done_config, tmp_path) -> pathlib.Path:
     cfg = write_tiny_config(tmp_path)
     shutil.copytree(done_config.parent / "runs", tmp_path / "runs")
     return cfg
+
+
+def flip_byte(fpath: pathlib.Path, offset: int | None = None) -> None:
+    """Corrupt one byte of a file in place (the middle one by default): its size does not change."""
+    offset = fpath.stat().st_size // 2 if offset is None else offset
+    with open(fpath, "r+b") as fd:
+        fd.seek(offset)
+        byte = fd.read(1)
+        fd.seek(offset)
+        fd.write(bytes([byte[0] ^ 0x5A]))

@@ -8,6 +8,7 @@ import pytest
 import xxhash
 
 from saev import artifacts, checksums
+from tests.conftest import flip_byte
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,14 +153,6 @@ def _done_artifact(tmp_path, stage="dump", key="abc", **files: bytes) -> artifac
     return art
 
 
-def _overwrite_same_size(fpath: pathlib.Path, offset: int = 3) -> None:
-    with open(fpath, "r+b") as fd:
-        fd.seek(offset)
-        byte = fd.read(1)
-        fd.seek(offset)
-        fd.write(bytes([byte[0] ^ 0xFF]))
-
-
 def test_checksums_are_recorded_while_writing(tmp_path):
     """Streamed writers hash as they write; the manifest's checksum equals a hash of the file read back."""
     fpath = tmp_path / "big.bin"
@@ -175,7 +168,7 @@ def test_checksums_are_recorded_while_writing(tmp_path):
 
 def test_same_size_corruption_is_caught_by_a_checked_read_not_by_the_cheap_check(tmp_path):
     art = _done_artifact(tmp_path)
-    _overwrite_same_size(art.dpath / "acts000001.bin")
+    flip_byte(art.dpath / "acts000001.bin", 3)
     assert art.check().state == "done"  # sizes only
     health = art.check("changed")
     assert health.state == "damaged"
@@ -203,7 +196,7 @@ def test_corruption_under_a_restored_mtime_is_still_caught(tmp_path):
     art = _done_artifact(tmp_path)
     fpath = art.dpath / "acts000000.bin"
     st = fpath.stat()
-    _overwrite_same_size(fpath)
+    flip_byte(fpath, 3)
     os.utime(fpath, ns=(st.st_atime_ns, st.st_mtime_ns))  # the ctime still moves
     assert art.check("changed").state == "damaged"
 
@@ -242,7 +235,7 @@ def test_verify_file_catches_a_changed_piece(tmp_path):
     fpath = tmp_path / "labels000000.npy"
     artifacts.atomic_write_bytes(fpath, b"0123456789")
     artifacts.verify_file(fpath)
-    _overwrite_same_size(fpath)
+    flip_byte(fpath, 3)
     with pytest.raises(artifacts.DamagedArtifactError, match="labels000000.npy does not match"):
         artifacts.verify_file(fpath)
 
@@ -252,7 +245,7 @@ def test_a_broken_verified_record_only_means_hashing_again(tmp_path, text):
     art = _done_artifact(tmp_path)
     (art.dpath / ".verified.json").write_text(text)
     assert art.check("changed").state == "done"
-    _overwrite_same_size(art.dpath / "acts000000.bin")
+    flip_byte(art.dpath / "acts000000.bin", 3)
     assert art.check("changed").state == "damaged"
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import launch
-from saev import artifacts
+from tests.conftest import flip_byte
 
 
 def run(config: pathlib.Path, **kwargs) -> int:
@@ -26,17 +26,6 @@ def one(root: pathlib.Path, pattern: str, index: int = 0) -> pathlib.Path:
     found = sorted(root.glob(pattern))
     assert found, pattern
     return found[index]
-
-
-def flip_byte(fpath: pathlib.Path, offset: int | None = None) -> None:
-    """Corrupt one byte in place: the size does not change."""
-    size = fpath.stat().st_size
-    offset = size // 2 if offset is None else offset
-    with open(fpath, "r+b") as fd:
-        fd.seek(offset)
-        byte = fd.read(1)
-        fd.seek(offset)
-        fd.write(bytes([byte[0] ^ 0x5A]))
 
 
 def delete(pattern):
