@@ -85,12 +85,14 @@ def dump(tmp_path) -> Dump:
 
 
 def read_by_protocol(dpath: pathlib.Path) -> np.ndarray:
-    """Protocol sections 2-4 only: metadata.json + shards.json, np.fromfile each shard, reshape, concatenate."""
+    """Protocol sections 2-4 only: metadata.json + shards.json, np.fromfile each shard at the full shard size (as
+    saev's readers map it), keep its `n_imgs` real images, concatenate."""
     meta = json.loads((dpath / "metadata.json").read_text())
     listed = json.loads((dpath / "shards.json").read_text())
     L, P, D = len(meta["layers"]), meta["n_patches_per_img"], meta["d_vit"]
     T = P + (1 if meta["cls_token"] else 0)
-    parts = [np.fromfile(dpath / s["name"], dtype=np.float32).reshape(s["n_imgs"], L, T, D) for s in listed]
+    S = meta["max_patches_per_shard"] // (T * L)
+    parts = [np.fromfile(dpath / s["name"], dtype=np.float32).reshape(S, L, T, D)[: s["n_imgs"]] for s in listed]
     return np.concatenate(parts)
 
 
@@ -126,13 +128,23 @@ def test_metadata_hash_is_the_protocol_sha256_of_metadata_json(dump):
     meta = json.loads((dpath / "metadata.json").read_text())
     blob = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
     assert md.hash == hashlib.sha256(blob).hexdigest()
-    assert meta["protocol"] == "1.1.0" and meta["dtype"] == "float32"
+    assert meta["protocol"] == "1.0.0" and meta["dtype"] == "float32"
+
+
+def test_metadata_json_has_exactly_the_v1_keys_and_the_label_fields_are_in_labels_json(dump):
+    """saev's v1 `Metadata(**json)` rejects unknown keys and any protocol but "1.0.0"."""
+    meta = json.loads((dump.dpath / "metadata.json").read_text())
+    assert list(meta) == ["vit_family", "vit_ckpt", "layers", "n_patches_per_img", "cls_token", "d_vit", "n_imgs",
+                          "max_patches_per_shard", "data", "dtype", "protocol"]  # fmt: skip
+    assert json.loads((dump.dpath / "labels.json").read_text()) == {
+        "labels_dtype": "uint8", "labels_ignore": 255, "class_names": []
+    }  # fmt: skip
 
 
 def test_dump_directory_holds_exactly_the_protocol_files(dump):
     dpath, *_ = dump
     names = sorted(p.name for p in dpath.iterdir() if not p.name.startswith("."))
-    assert names == [f"acts{i:06d}.bin" for i in range(4)] + ["labels.bin", "metadata.json", "shards.json"]
+    assert names == [f"acts{i:06d}.bin" for i in range(4)] + ["labels.bin", "labels.json", "metadata.json", "shards.json"]
 
 
 ################
@@ -149,12 +161,62 @@ def test_images_per_shard_is_the_budget_floored_over_tokens_times_layers():
 
 
 def test_shards_json_and_file_sizes_follow_the_sizing_maths(dump):
+    """Every shard file, the last included, has the full n_imgs_per_shard size; shards.json says what is real."""
     dpath, md, _, _ = dump
     listed = json.loads((dpath / "shards.json").read_text())
     assert listed == [{"name": f"acts{i:06d}.bin", "n_imgs": n} for i, n in enumerate([2, 2, 2, 1])]
     vector_bytes = md.d_vit * 4
     for s in listed:
-        assert (dpath / s["name"]).stat().st_size == s["n_imgs"] * len(md.layers) * md.n_tokens_per_img * vector_bytes
+        assert (dpath / s["name"]).stat().st_size == 2 * len(md.layers) * md.n_tokens_per_img * vector_bytes
+
+
+def test_the_last_shard_is_padded_with_zeros(dump):
+    md = dump.md
+    last = np.fromfile(dump.dpath / "acts000003.bin", dtype=np.float32).reshape(2, 2, md.n_tokens_per_img, md.d_vit)
+    np.testing.assert_array_equal(last[0], dump.acts[6])
+    assert not last[1].any()
+
+
+def test_a_dump_of_earlier_versions_with_a_truncated_last_shard_and_label_keys_in_metadata_reads(dump):
+    """Protocol "1.1.0" as earlier versions wrote it: the label keys in metadata.json, no labels.json, the last
+    shard holding only its images."""
+    md = dataclasses.replace(dump.md, class_names=("a", "b", "c", "d"))
+    old = {**md.to_json(), **md.labels_json(), "protocol": "1.1.0"}
+    (dump.dpath / "metadata.json").write_text(json.dumps(old))
+    (dump.dpath / "labels.json").unlink()
+    last = dump.dpath / "acts000003.bin"
+    last.write_bytes(last.read_bytes()[: md.bytes_per_img])
+    shards = Shards(dump.dpath)
+    assert shards.metadata.class_names == ("a", "b", "c", "d")
+    np.testing.assert_array_equal(shards.patches(1, 0, 7), dump.acts[:, 0, 1:])
+    np.testing.assert_array_equal(shards.labels, dump.labels)
+
+
+def test_a_trailing_shard_of_zero_images_is_accepted(dump):
+    """saev 2.x lists one extra all-zero shard when the image count is a multiple of the shard size."""
+    listed = json.loads((dump.dpath / "shards.json").read_text())
+    (dump.dpath / "shards.json").write_text(json.dumps([*listed, {"name": "acts000004.bin", "n_imgs": 0}]))
+    (dump.dpath / "acts000004.bin").write_bytes(bytes(dump.md.shard_bytes))
+    np.testing.assert_array_equal(Shards(dump.dpath).patches(3, 0, 7), dump.acts[:, 1, 1:])
+
+
+def test_a_trailing_shard_with_images_or_of_the_wrong_size_is_refused(dump):
+    fpath = dump.dpath / "shards.json"
+    listed = json.loads(fpath.read_text())
+    fpath.write_text(json.dumps([*listed, {"name": "acts000004.bin", "n_imgs": 1}]))
+    with pytest.raises(ShardError, match=re.escape(f"{fpath} does not match the shard sizing") + ".*entry 4"):
+        Shards(dump.dpath)
+    fpath.write_text(json.dumps([*listed, {"name": "acts000004.bin", "n_imgs": 0}]))
+    (dump.dpath / "acts000004.bin").write_bytes(bytes(8))
+    with pytest.raises(ShardError, match=re.escape(f"shard file {dump.dpath / 'acts000004.bin'} has 8 bytes")):
+        Shards(dump.dpath)
+
+
+def test_a_truncated_shard_that_is_not_the_last_is_refused(dump):
+    fpath = dump.dpath / "acts000002.bin"
+    fpath.write_bytes(fpath.read_bytes()[: dump.md.bytes_per_img])
+    with pytest.raises(ShardError, match=re.escape(f"shard file {fpath} has")):
+        Shards(dump.dpath)
 
 
 def test_a_budget_below_one_image_is_an_error():
@@ -331,7 +393,7 @@ def test_incompatible_protocol_or_dtype_is_refused(dump):
     fpath = dpath / "metadata.json"
     meta = json.loads(fpath.read_text())
     fpath.write_text(json.dumps({**meta, "protocol": "2.0.0"}))
-    with pytest.raises(ShardError, match="protocol 2.0.0 is not compatible"):
+    with pytest.raises(ShardError, match="protocol '2.0.0' is not one this reader knows"):
         Shards(dpath)
     fpath.write_text(json.dumps({**meta, "dtype": "float16"}))
     with pytest.raises(ShardError, match="dtype 'float16' is not supported"):
@@ -470,7 +532,8 @@ def test_start_shard_beyond_the_shards_is_an_error(tmp_path):
 
 def test_metadata_round_trips_through_json(dump):
     dpath, md, _, _ = dump
-    assert Metadata.from_json(json.loads((dpath / "metadata.json").read_text())) == md
+    labels = json.loads((dpath / "labels.json").read_text())
+    assert Metadata.from_json(json.loads((dpath / "metadata.json").read_text()), labels) == md
 
 
 ######################################################
@@ -508,7 +571,7 @@ def test_labels_corrupted_in_place_after_a_good_write_are_caught(dump):
     fpath.write_bytes(bytes(raw))
     Shards(dump.dpath).labels  # no class names: 7 is accepted
     md = dataclasses.replace(dump.md, class_names=("a", "b", "c", "d"))
-    (dump.dpath / "metadata.json").write_text(json.dumps(md.to_json()))
+    (dump.dpath / "labels.json").write_text(json.dumps(md.labels_json()))
     with pytest.raises(ValueError, match=re.escape(f"{fpath}: class id 7 at image 6, patch 3")):
         Shards(dump.dpath).labels
 
@@ -518,7 +581,7 @@ def _poison(dpath: pathlib.Path, md: Metadata, img: int, layer_idx: int, token: 
     per = md.n_imgs_per_shard
     shard, local = divmod(img, per)
     acts = np.memmap(dpath / f"acts{shard:06d}.bin", dtype=np.float32, mode="r+").reshape(
-        md.shard_n_imgs(shard), len(md.layers), md.n_tokens_per_img, md.d_vit
+        md.n_imgs_per_shard, len(md.layers), md.n_tokens_per_img, md.d_vit
     )
     acts[local, layer_idx, token, 1] = value
     acts.flush()

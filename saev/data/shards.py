@@ -1,10 +1,18 @@
 """Activation shards in saev's sharded-activation protocol v1, plus per-patch labels.
 
-A dump directory holds `metadata.json`, `shards.json`, `acts000000.bin`, ... and `labels.bin`. The logical tensor is
-float32 [n_imgs, n_layers, n_tokens_per_img, d_vit], C-order, CLS first when `cls_token` is true, split along images
-into shards of `n_imgs_per_shard = max_patches_per_shard // (n_tokens_per_img * n_layers)` images (the last one may be
-smaller). `labels.bin` is [n_imgs, n_patches_per_img] of `labels_dtype` with `labels_ignore` for unlabelled patches;
-those three label fields are optional additions to metadata.json (a minor, backward-compatible protocol addition).
+A dump directory holds `metadata.json`, `shards.json`, `acts000000.bin`, ..., `labels.bin` and `labels.json`. The
+logical tensor is float32 [n_imgs, n_layers, n_tokens_per_img, d_vit], C-order, CLS first when `cls_token` is true,
+split along images into shards of `n_imgs_per_shard = max_patches_per_shard // (n_tokens_per_img * n_layers)` images.
+
+What saev's own readers need, and we write: `metadata.json` holds exactly the v1 keys with protocol "1.0.0" (the v1
+reader rejects unknown keys and any other protocol string), and every shard file, the last included, has the full
+`n_imgs_per_shard` size (the last one padded with zeros; `shards.json` says how many of its images are real), since
+saev's readers memory-map every shard at full size. `labels.bin` is [n_imgs, n_patches_per_img] of `labels_dtype`
+with `labels_ignore` for unlabelled patches; those and the class names are in the side file `labels.json`.
+
+Read back as well: dumps of earlier versions (protocol "1.1.0": the label keys inside metadata.json, the last shard
+truncated to its real images), and shard lists with trailing entries of 0 images (saev 2.x leaves one when the image
+count is a multiple of the shard size). Other saev layouts are translated by `saev.data.saevfmt`.
 """
 
 import contextlib
@@ -19,8 +27,16 @@ import numpy as np
 
 from saev import artifacts, checksums
 
-PROTOCOL = "1.1.0"
-"""1.0.0 plus optional label keys in metadata.json (labels_dtype, labels_ignore, class_names): a minor addition."""
+PROTOCOL = "1.0.0"
+"""The protocol string written: saev's v1 reader accepts only this one."""
+READ_PROTOCOLS = ("1.0.0", "1.1.0")
+"""Protocol strings read: "1.1.0" is what earlier versions wrote (label keys in metadata.json, last shard truncated)."""
+LABELS_JSON = "labels.json"
+"""Side file with the label fields (labels_dtype, labels_ignore, class_names), kept out of metadata.json."""
+V1_KEYS = ("vit_family", "vit_ckpt", "layers", "n_patches_per_img", "cls_token", "d_vit", "n_imgs",
+           "max_patches_per_shard", "data", "dtype", "protocol")  # fmt: skip
+"""Exactly the keys of the v1 metadata.json (saev's v1 `Metadata` refuses any other)."""
+LABEL_KEYS = ("labels_dtype", "labels_ignore", "class_names")
 
 
 class ShardError(ValueError):
@@ -93,23 +109,37 @@ class Metadata:
     def bytes_per_img(self) -> int:
         return len(self.layers) * self.n_tokens_per_img * self.d_vit * 4
 
+    @property
+    def shard_bytes(self) -> int:
+        """Size of every shard file as written (the last one padded): saev's readers map each at this size."""
+        return self.n_imgs_per_shard * self.bytes_per_img
+
     def to_json(self) -> dict[str, typing.Any]:
-        out = dataclasses.asdict(self)
+        """metadata.json: exactly the v1 keys (the label fields go to `labels_json`), protocol "1.0.0"."""
+        out = {k: getattr(self, k) for k in V1_KEYS}
         out["layers"] = list(self.layers)
-        out["class_names"] = list(self.class_names)
+        out["protocol"] = PROTOCOL
         return out
 
+    def labels_json(self) -> dict[str, typing.Any]:
+        """labels.json: the label fields."""
+        return {"labels_dtype": self.labels_dtype, "labels_ignore": self.labels_ignore, "class_names": list(self.class_names)}
+
     @classmethod
-    def from_json(cls, obj: dict[str, typing.Any]) -> "Metadata":
+    def from_json(cls, obj: dict[str, typing.Any], labels: dict[str, typing.Any] | None = None) -> "Metadata":
+        """From metadata.json and labels.json (None: the label fields come from metadata.json, as earlier versions
+        wrote them, or take their defaults)."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in obj.items() if k in known}
+        if labels is not None:
+            kwargs.update({k: v for k, v in labels.items() if k in LABEL_KEYS})
         kwargs["layers"] = tuple(kwargs["layers"])
         kwargs["class_names"] = tuple(kwargs.get("class_names", ()))
         return cls(**kwargs)
 
     @property
     def hash(self) -> str:
-        """sha256 of the canonical JSON of the metadata, as in the protocol."""
+        """sha256 of the canonical JSON of metadata.json, as in the protocol."""
         blob = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -124,7 +154,9 @@ class ShardWriter:
     Memory stays at one batch whatever the shard size. `start_shard` resumes a dump: the writer expects images from
     `start_shard * n_imgs_per_shard` on, and earlier shards must already be complete on disk (unless
     `check_earlier` is off: a parallel dump's jobs each write their own range of shards). Each shard is hashed as
-    it is written (`checksum`; off only to measure what hashing costs) and its checksum recorded beside it.
+    it is written (`checksum`; off only to measure what hashing costs) and its checksum recorded beside it. The last
+    shard is padded with zeros to the full `n_imgs_per_shard` size (written by whichever job writes its last image:
+    each chunk of a parallel dump owns its shards, padding included).
     """
 
     @beartype.beartype
@@ -172,6 +204,14 @@ class ShardWriter:
 
     def _finish_shard(self) -> None:
         assert self._fd is not None and self._ctx is not None
+        pad = (self.md.n_imgs_per_shard - self._in_shard) * self.md.bytes_per_img
+        zeros = bytes(min(pad, 16 << 20))
+        while pad:  # the last shard: zeros up to the full size saev's readers map (hashed like the rest)
+            chunk = memoryview(zeros)[: min(pad, len(zeros))]
+            self._fd.write(chunk)
+            if self._hasher is not None:
+                self._hasher.update(chunk)
+            pad -= len(chunk)
         self._fd.close()
         # Hashed while writing: no second read of the shard.
         artifacts.set_digest(self._tmp_fpath, self._hasher.hexdigest() if self._hasher is not None else "")
@@ -239,24 +279,55 @@ class ShardWriter:
         artifacts.atomic_write_bytes(self.dpath / "labels.bin", data)
 
     def close(self) -> None:
-        """Check every image was written, then write shards.json and metadata.json."""
+        """Check every image was written, then write shards.json, labels.json and metadata.json."""
         if self.n_written != self.md.n_imgs:
             self.abort()
             raise ValueError(f"wrote {self.n_written} images, metadata says {self.md.n_imgs}")
         shards = [{"name": shard_name(s), "n_imgs": self.md.shard_n_imgs(s)} for s in range(self.md.n_shards)]
         artifacts.atomic_write_json(self.dpath / "shards.json", shards)
+        artifacts.atomic_write_json(self.dpath / LABELS_JSON, self.md.labels_json())
         artifacts.atomic_write_json(self.dpath / "metadata.json", self.md.to_json())
 
 
-def check_shard_file(dpath: pathlib.Path, md: Metadata, shard: int) -> None:
+def check_shard_file(dpath: pathlib.Path, md: Metadata, shard: int, hint: str = "; rerun the dump stage") -> None:
+    """A shard file has the full shard size; the last shard with images may instead hold only its images (dumps of
+    earlier versions truncated it). `ShardError` naming the file otherwise (`hint` ends the message)."""
     fpath = dpath / shard_name(shard)
-    expected = md.shard_n_imgs(shard) * md.bytes_per_img
+    expected = md.shard_bytes
     try:
         actual = fpath.stat().st_size
     except FileNotFoundError:
-        raise ShardError(f"shard file missing: {fpath} (expected {expected} bytes); rerun the dump stage") from None
-    if actual != expected:
-        raise ShardError(f"shard file {fpath} has {actual} bytes, expected {expected}; rerun the dump stage")
+        raise ShardError(f"shard file missing: {fpath} (expected {expected} bytes){hint}") from None
+    truncated = md.shard_n_imgs(shard) * md.bytes_per_img
+    if actual != expected and not (shard == md.n_shards - 1 and actual == truncated):
+        raise ShardError(f"shard file {fpath} has {actual} bytes, expected {expected}{hint}")
+
+
+def check_shard_list(
+    listed: object, md: Metadata, fpath: pathlib.Path, md_fpath: pathlib.Path, count_key: str = "n_imgs"
+) -> int:
+    """Check a parsed shards.json against the shard sizing of the metadata; returns how many shards it lists.
+
+    Entry i is `{"name": "acts%06d.bin" % i, count_key: images}`: every shard holds `n_imgs_per_shard` images but the
+    last with images, and trailing entries of 0 images are allowed (saev 2.x leaves one). `ShardError` naming `fpath`
+    and the first entry that disagrees.
+    """
+    if not isinstance(listed, list):
+        raise ShardError(f"{fpath} is not a valid shard list: a JSON list of {{name, {count_key}}} expected")
+    for i, entry in enumerate(listed):
+        if not isinstance(entry, dict) or set(entry) != {"name", count_key}:
+            raise ShardError(f"{fpath} is not a valid shard list: entry {i} is {entry!r}, not {{name, {count_key}}}")
+    if len(listed) < md.n_shards:
+        raise ShardError(
+            f"{fpath} does not match the shard sizing of {md_fpath}: it lists {len(listed)} shards, {md.n_shards} needed"
+        )
+    for i, entry in enumerate(listed):
+        expected = {"name": shard_name(i), count_key: md.shard_n_imgs(i) if i < md.n_shards else 0}
+        if entry != expected:
+            raise ShardError(
+                f"{fpath} does not match the shard sizing of {md_fpath}: entry {i} is {entry!r}, expected {expected!r}"
+            )
+    return len(listed)
 
 
 class Shards:
@@ -266,15 +337,23 @@ class Shards:
     def __init__(self, dpath: pathlib.Path | str):
         self.dpath = pathlib.Path(dpath)
         md_fpath = self.dpath / "metadata.json"
+        labels_json_fpath = self.dpath / LABELS_JSON
         try:
-            self.metadata = Metadata.from_json(json.loads(md_fpath.read_text()))
+            obj = json.loads(md_fpath.read_text())
+            labels = json.loads(labels_json_fpath.read_text()) if labels_json_fpath.exists() else None
+            if labels is not None and not isinstance(labels, dict):
+                raise ShardError(f"{labels_json_fpath} is not a JSON object of label fields")
+            self.metadata = Metadata.from_json(obj, labels)
         except FileNotFoundError:
             raise ShardError(f"{md_fpath} is missing; is {self.dpath} a finished dump?") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise ShardError(f"{md_fpath} is not valid shard metadata: {err}") from err
         md = self.metadata
-        if md.protocol.split(".")[0] != PROTOCOL.split(".")[0]:
-            raise ShardError(f"{md_fpath}: protocol {md.protocol} is not compatible with {PROTOCOL}")
+        if md.protocol not in READ_PROTOCOLS:
+            raise ShardError(
+                f"{md_fpath}: protocol {md.protocol!r} is not one this reader knows ({', '.join(READ_PROTOCOLS)}); "
+                "other saev layouts are adopted with [dump.adopt]"
+            )
         if md.dtype != "float32":
             raise ShardError(f"{md_fpath}: dtype {md.dtype!r} is not supported (protocol v1 stores float32)")
         if md.labels_dtype not in ("uint8", "int16"):
@@ -282,18 +361,16 @@ class Shards:
         shards_fpath = self.dpath / "shards.json"
         try:
             listed = json.loads(shards_fpath.read_text())
-            sizes = [(s["name"], s["n_imgs"]) for s in listed]
         except FileNotFoundError:
             raise ShardError(f"{shards_fpath} is missing") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except json.JSONDecodeError as err:
             raise ShardError(f"{shards_fpath} is not a valid shard list: {err}") from err
         try:
-            n_shards = md.n_shards
+            md.n_shards
         except ShardValueError as err:
             raise ShardValueError(f"{md_fpath}: {err}") from None
-        if sizes != [(shard_name(s), md.shard_n_imgs(s)) for s in range(n_shards)]:
-            raise ShardError(f"{shards_fpath} does not match the shard sizing of {md_fpath}")
-        for shard in range(md.n_shards):
+        n_listed = check_shard_list(listed, md, shards_fpath, md_fpath)
+        for shard in range(n_listed):
             check_shard_file(self.dpath, md, shard)
         labels_fpath = self.dpath / "labels.bin"
         self._labels = None
