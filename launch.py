@@ -53,6 +53,8 @@ class Args:
     """With --stage NAME: run that stage alone, not the stages downstream of it."""
     root: pathlib.Path | None = None
     """Override the artifact root from the config (e.g. a scratch directory)."""
+    export: pathlib.Path | None = None
+    """Write the config's dump (it must be done) in the saev library's 2.x layout as EXPORT/<hash>/ (and its class names as EXPORT/classes.txt), for saev's own tools, and exit; adopt it back with [dump.adopt]."""
     verify: bool = False
     """Hash every file of every artifact this config uses and compare with the checksums in its manifest; report each bad file and what was made from it, unseal the damaged artifacts (a rerun recomputes them) and exit 1 if any."""
 
@@ -197,6 +199,16 @@ def _main(args: Args) -> int:
         return 2
     stages = selected_stages(args.stage, args.only)
     print(f"config: {args.config}  root: {pipeline.root}  executor: {executor}")
+    if args.export is not None:
+        from stages import export
+
+        try:
+            for line in export.export(pipeline, plan, args.export):
+                print(line)
+        except (artifacts.IncompleteArtifactError, ValueError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        return 0
     if args.verify:
         lines, n_arts, n_bytes = pl.verify_store(pipeline, plan)
         for line in lines:

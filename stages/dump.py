@@ -6,8 +6,13 @@ Output `<root>/dump/<key>/`: `metadata.json`, `shards.json`, `acts%06d.bin` (flo
 The image range is split into shard-aligned chunks of `shards_per_job` shards, one piece of work each (one task of a
 job array on Slurm, run in order locally). A chunk writes whole shards, each followed by its labels in
 `parts/labels%06d.npy`; a killed chunk resumes at its first shard without labels, so finished shards are never
-rewritten. When every chunk is done, the labels are joined into labels.bin and the index files and manifest are
-written.
+rewritten (the chunk holding the last image pads the last shard to full size). When every chunk is done, the labels
+are joined into labels.bin and the index files and manifest are written.
+
+With `[dump.adopt]` an existing saev shard directory (v1 or 2.x layout) is the dump instead: one piece links its
+files into the artifact, hashes them once and writes our translated metadata (`saev.data.saevfmt`); nothing is
+computed, copied or written in the source directory. Its key hashes the source's metadata.json, shards.json and the
+label settings, not its path.
 """
 
 import concurrent.futures
@@ -20,7 +25,7 @@ import numpy as np
 
 from saev import artifacts, checksums, helpers
 from saev import vit as vits
-from saev.data import datasets, labels, shards
+from saev.data import datasets, labels, saevfmt, shards
 
 from .graph import DumpInfo, Piece, Plan, StagePlan
 
@@ -33,8 +38,28 @@ logger = logging.getLogger("stages.dump")
 
 
 @dataclasses.dataclass(frozen=True)
+class Adopt:
+    """An existing saev shard directory (v1 protocol "1.0.0" or 2.x protocol "2.1") used in place as the dump."""
+
+    shards: pathlib.Path
+    """The shard directory (metadata.json, shards.json, acts000000.bin..., optional labels.bin); relative to the config's directory."""
+    class_names: tuple[str, ...] = ()
+    """Class names: label i of labels.bin is class_names[i] (saev's files name no classes); or give `classes`."""
+    classes: pathlib.Path | None = None
+    """A classes.txt (one class name a line) instead of `class_names`; relative to the config's directory."""
+    ignore: int = 255
+    """The label of unlabelled patches in labels.bin."""
+
+    def __post_init__(self):
+        if self.class_names and self.classes is not None:
+            raise ValueError("dump.adopt: give class_names or classes, not both")
+        if not 0 <= self.ignore <= 255:
+            raise ValueError(f"dump.adopt.ignore must be within [0, 255] (labels.bin is uint8), got {self.ignore}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """Which images go through which ViT, and how activations are stored."""
+    """Which images go through which ViT, and how activations are stored; or an existing dump to adopt."""
 
     data: datasets.Synthetic | datasets.SegFolder | datasets.ClassFolder = datasets.Synthetic()
     """The dataset: the built-in synthetic demo (kind = "synthetic"), images + masks (kind = "segfolder"), or class subfolders (kind = "classfolder", every patch labelled with its image's class)."""
@@ -54,11 +79,24 @@ class Config:
     """Images prepared ahead of the forward passes (uint8, at the model's input size), in MiB; whole batches, at least one."""
     device: str = artifacts.unhashed("auto")
     """'auto' (CUDA when available), 'cpu' or 'cuda'."""
+    adopt: Adopt | None = artifacts.unhashed(None)
+    """Use an existing saev shard directory as the dump ([dump.adopt]); then data, vit, max_patches_per_shard and prefer_fg must be left out (the source's metadata says what they were). Its key comes from the source's metadata, not from these fields."""
 
     def __post_init__(self):
         for name in ("max_patches_per_shard", "shards_per_job", "batch_size", "n_workers", "prepare_mib"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"dump.{name} must be positive, got {getattr(self, name)}")
+        if self.adopt is not None:
+            given = [name for name in ("data", "vit", "max_patches_per_shard", "prefer_fg")
+                     if getattr(self, name) != _DEFAULTS[name]]  # fmt: skip
+            if given:
+                raise ValueError(
+                    f"dump.adopt uses an existing dump, so dump.{given[0]} would not be used: remove it "
+                    "(the adopted dump's metadata.json says which model, layers and images it holds)"
+                )
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
 
 
 def make_metadata(cfg: Config, dataset: datasets.Dataset) -> shards.Metadata:
@@ -96,8 +134,41 @@ def shard_done(art: artifacts.Artifact, shard: int) -> bool:
     return all(checksums.is_intact(f) for f in shard_files(art, shard))
 
 
+def read_adopted(pipeline) -> saevfmt.Source:
+    """The `[dump.adopt]` source directory, read and checked (sizes and shapes), with the class names of the config."""
+    cfg: Adopt = pipeline.dump.adopt
+    class_names = cfg.class_names
+    if cfg.classes is not None:
+        class_names = datasets.read_class_names(pipeline.config_dpath / cfg.classes)
+    return saevfmt.read_source(pipeline.config_dpath / cfg.shards, class_names=tuple(class_names), ignore=cfg.ignore)
+
+
+def plan_adopted(pipeline) -> StagePlan[DumpInfo]:
+    """One piece that links the source's files into the artifact; keyed by the source's metadata and shard list."""
+    source = read_adopted(pipeline)
+    md = source.metadata
+    params = {
+        "adopt": {"metadata": source.raw_metadata, "shards": source.raw_shards, "labels": source.has_labels,
+                  "class_names": list(md.class_names), "ignore": md.labels_ignore},
+    }  # fmt: skip
+    art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, {}))
+    piece = Piece(NAME, art, label=f"adopt {source.dpath} (saev protocol {source.protocol})")
+    info = DumpInfo(
+        chunks={},
+        fingerprint=datasets.Fingerprint(digest="", files={}),
+        n_patches=md.n_imgs * md.n_patches_per_img,
+        layers=md.layers,
+        d_vit=md.d_vit,
+        has_labels=source.has_labels,
+        adopted=source.dpath,
+    )
+    return StagePlan(NAME, (art,), (piece,), {art.key: params}, {art.key: {}}, {art.key: info})
+
+
 def plan(pipeline, upstream: Plan) -> StagePlan[DumpInfo]:
     cfg: Config = pipeline.dump
+    if cfg.adopt is not None:
+        return plan_adopted(pipeline)
     vits.resolve_layers(cfg.vit.model, cfg.vit.layers)  # bad model or layers: fail now
     dataset = datasets.make_dataset(cfg.data)
     fingerprint = dataset.fingerprint()
@@ -125,18 +196,55 @@ def plan(pipeline, upstream: Plan) -> StagePlan[DumpInfo]:
         chunks={stop - 1: (start, stop) for start, stop in chunks},
         fingerprint=fingerprint,
         n_patches=md.n_imgs * md.n_patches_per_img,
+        layers=md.layers,
+        d_vit=md.d_vit,
     )
     return StagePlan(NAME, (art,), pieces, {art.key: params}, {art.key: {}}, {art.key: info})
 
 
 def check(pipeline, plan: Plan) -> None:
-    """Checks that can run before any job is submitted: the dataset opens and the model config exists."""
+    """Checks that can run before any job is submitted: the dataset opens and the model config exists; an adopted
+    dump's labels are within its class names (or the ignore value)."""
+    if pipeline.dump.adopt is not None:
+        source = read_adopted(pipeline)
+        if source.has_labels:
+            if not source.metadata.class_names:
+                raise shards.ShardError(
+                    f"{source.dpath / saevfmt.LABELS_BIN}: the adopted dump has labels but the config names no "
+                    "classes: give dump.adopt.class_names or dump.adopt.classes"
+                )
+            saevfmt.check_source_labels(source)
+        return
     datasets.make_dataset(pipeline.dump.data)
     vits.get_d_vit(pipeline.dump.vit.model)
 
 
+def run_adopted(pipeline, plan: Plan, piece: Piece) -> None:
+    """Link the source's files into the artifact, hash them once, write the translated metadata and the manifest.
+
+    An artifact that was unsealed because a linked file changed (or vanished) is not adopted again silently: what was
+    made from it used the old contents.
+    """
+    started = artifacts.now()
+    art = piece.artifact
+    note = art.damage_note()
+    if note is not None:
+        raise shards.ShardError(
+            f"the adopted dump {art.dpath} was found damaged ({note}): its source files changed since they were "
+            f"adopted; if that is intended, delete {art.dpath} (and what was made from it) to adopt them as they are"
+        )
+    source = read_adopted(pipeline)
+    saevfmt.adopt(source, art.dpath)
+    art.write_manifest(
+        params=plan[NAME].params[art.key], inputs={}, started=started,
+        extra={"adopted": str(source.dpath), "protocol": source.protocol},
+    )  # fmt: skip
+
+
 def run(pipeline, plan: Plan, piece: Piece) -> None:
     cfg: Config = pipeline.dump
+    if cfg.adopt is not None:
+        return run_adopted(pipeline, plan, piece)
     art = piece.artifact
     dataset = datasets.make_dataset(cfg.data)
     md = make_metadata(cfg, dataset)

@@ -68,7 +68,16 @@ class DumpInfo:
     fingerprint: datasets.Fingerprint
     """The dataset's listing (folder datasets: every file's size and mtime; empty for the synthetic one)."""
     n_patches: int
-    """Patches the dump holds (images x patches per image), known from the configs alone."""
+    """Patches the dump holds (images x patches per image), known from the configs alone (an adopted dump: from its
+    metadata.json)."""
+    layers: tuple[int, ...]
+    """The ViT blocks recorded, as non-negative indices (an adopted dump: as its metadata.json lists them)."""
+    d_vit: int
+    """Activation width."""
+    has_labels: bool = True
+    """Whether the dump has per-patch labels (an adopted dump without labels.bin has none)."""
+    adopted: pathlib.Path | None = None
+    """The saev shard directory adopted as this dump ([dump.adopt]); None for a dump this pipeline writes."""
 
 
 @dataclasses.dataclass(frozen=True)

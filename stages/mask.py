@@ -11,7 +11,7 @@ import typing
 import numpy as np
 
 from saev import artifacts, keepmask
-from saev.data.shards import Shards
+from saev.data.shards import ShardError, Shards
 
 from .graph import MaskInfo, Piece, Plan, StagePlan
 
@@ -78,9 +78,15 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
 
 
 def check(pipeline, plan: Plan) -> None:
-    """Before anything runs: the masks cannot ask for more patches than the dump will have."""
+    """Before anything runs: the dump has labels, and the masks cannot ask for more patches than it will have."""
     cfg: Config = pipeline.mask
     dump_plan = plan["dump"]
-    n_patches = dump_plan.info[dump_plan.artifacts[0].key].n_patches
+    info = dump_plan.info[dump_plan.artifacts[0].key]
+    if not info.has_labels:
+        raise ShardError(
+            f"{info.adopted / 'labels.bin'} is missing: the adopted dump has no per-patch labels, which the mask, "
+            "score and reduce stages need (train alone runs without them: --stage train --only)"
+        )
+    n_patches = info.n_patches
     n_keep = None if cfg.n_keep == "all" else cfg.n_keep
     keepmask.check_sizes(n_keep, cfg.n_heldout, n_patches, "patches the dump will have")

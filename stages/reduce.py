@@ -210,8 +210,10 @@ def make_report_data(pipeline, plan, result, chosen, ap_by_sae, keep, heldout, h
     shards = Shards(plan["dump"].artifacts[0].dpath)
     md = shards.metadata
     flat_labels = np.asarray(shards.labels).reshape(-1)
-    dataset = datasets.make_dataset(pipeline.dump.data)
-    img_size, n_side = vit.get_patch_grid(pipeline.dump.vit.model)
+    # An adopted dump has no dataset or model config here: its report has no top-activating images.
+    adopted = pipeline.dump.adopt is not None
+    dataset = None if adopted else datasets.make_dataset(pipeline.dump.data)
+    img_size, n_side = (0, 0) if adopted else vit.get_patch_grid(pipeline.dump.vit.model)
     kept_scores = chosen_scores(pipeline, plan, chosen, keep)
     items = []
     for c, row in enumerate(result["classes"]):
@@ -225,7 +227,9 @@ def make_report_data(pipeline, plan, result, chosen, ap_by_sae, keep, heldout, h
                 pr_scores, pr_labels = heldout_scores[c], flat_labels[heldout] == c
             else:
                 pr_scores, pr_labels = kept_scores[c], flat_labels[keep] == c
-            top = top_images(pipeline, plan, shards, dataset, pick, keep, kept_scores[c], c, img_size, n_side, cfg.n_top_images)
+            top = [] if dataset is None else top_images(
+                pipeline, plan, shards, dataset, pick, keep, kept_scores[c], c, img_size, n_side, cfg.n_top_images
+            )
         items.append(
             report.ClassResult(
                 name=row["name"],

@@ -20,7 +20,7 @@ from saev import artifacts, helpers, nn, sweep, training, vit
 from saev.data import loader
 from saev.data.shards import Shards
 
-from .graph import Piece, Plan, StagePlan, TrainInfo
+from .graph import DumpInfo, Piece, Plan, StagePlan, TrainInfo
 
 NAME = "train"
 VERSION = 3  # 2: batches from saev.data.loader (chunked windows); 3: one config class per objective (params nest)
@@ -52,12 +52,19 @@ class Config:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
 
 
-def get_layer(pipeline) -> int:
-    """The train layer as a non-negative block index, checked against the dumped layers."""
+def get_layer(pipeline, dump: DumpInfo) -> int:
+    """The train layer as a non-negative block index, checked against the dumped layers (an adopted dump: one of the
+    layers its metadata.json lists, as listed; there is no model to count negative indices from)."""
+    if dump.adopted is not None:
+        if pipeline.train.layer not in dump.layers:
+            raise ValueError(
+                f"train.layer={pipeline.train.layer} is not among the layers of the adopted dump "
+                f"{dump.adopted / 'metadata.json'}: layers={list(dump.layers)}"
+            )
+        return pipeline.train.layer
     model = pipeline.dump.vit.model
     (layer,) = vit.resolve_layers(model, (pipeline.train.layer,))
-    dumped = vit.resolve_layers(model, pipeline.dump.vit.layers)
-    if layer not in dumped:
+    if layer not in dump.layers:
         raise ValueError(
             f"train.layer={pipeline.train.layer} (block {layer}) is not among the dumped layers "
             f"dump.vit.layers={list(pipeline.dump.vit.layers)}"
@@ -65,16 +72,14 @@ def get_layer(pipeline) -> int:
     return layer
 
 
-def get_sweep(pipeline) -> list[training.TrainConfig]:
-    """The expanded sweep with the SAE input width taken from the ViT config, each distinct SAE once, in sweep
-    order."""
+def get_sweep(pipeline, d_vit: int) -> list[training.TrainConfig]:
+    """The expanded sweep with the SAE input width `d_vit` (the dump's), each distinct SAE once, in sweep order."""
     fpath = pipeline.config_dpath / pipeline.train.sweep
     if not fpath.exists() and not pipeline.train.sweep.is_absolute():
         raise sweep.SweepError(
             f"sweep file not found: {fpath} ([train] sweep = \"{pipeline.train.sweep}\" is relative to the config's "
             f"directory {pipeline.config_dpath}: copy the sweep file there too, or give its absolute path)"
         )
-    d_vit = vit.get_d_vit(pipeline.dump.vit.model)
     expanded = sweep.load_sweep(fpath, training.TrainConfig, defaults={"sae.d_vit": d_vit})
     distinct = list(dict.fromkeys(expanded))
     if len(distinct) < len(expanded):
@@ -125,11 +130,12 @@ def warn_small_data(cfgs: list[training.TrainConfig], n_rows: int) -> list[str]:
 
 def plan(pipeline, upstream: Plan) -> StagePlan[TrainInfo]:
     dump_ref = upstream["dump"].artifacts[0].ref
-    layer = get_layer(pipeline)
+    dump_info: DumpInfo = upstream["dump"].info[upstream["dump"].artifacts[0].key]
+    layer = get_layer(pipeline, dump_info)
     arts, all_params, all_inputs = [], {}, {}
     info: dict[str, TrainInfo] = {}
     by_cfg: dict[training.TrainConfig, artifacts.Artifact] = {}
-    for train_cfg in get_sweep(pipeline):
+    for train_cfg in get_sweep(pipeline, dump_info.d_vit):
         params = {"sae": artifacts.hashed_params(train_cfg), "layer": layer}
         inputs = {"dump": dump_ref}
         art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, inputs))
@@ -140,7 +146,7 @@ def plan(pipeline, upstream: Plan) -> StagePlan[TrainInfo]:
         all_params[art.key] = params
         all_inputs[art.key] = inputs
         info[art.key] = TrainInfo(config=train_cfg, d_sae=train_cfg.sae.d_sae, layer=layer)
-    n_rows = upstream["dump"].info[upstream["dump"].artifacts[0].key].n_patches
+    n_rows = dump_info.n_patches
     for msg in warn_small_data([i.config for i in info.values()], n_rows):
         logger.warning("the data is small for the sweep: %s", msg)
     pieces = []

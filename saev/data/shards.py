@@ -289,9 +289,12 @@ class ShardWriter:
         artifacts.atomic_write_json(self.dpath / "metadata.json", self.md.to_json())
 
 
-def check_shard_file(dpath: pathlib.Path, md: Metadata, shard: int, hint: str = "; rerun the dump stage") -> None:
-    """A shard file has the full shard size; the last shard with images may instead hold only its images (dumps of
-    earlier versions truncated it). `ShardError` naming the file otherwise (`hint` ends the message)."""
+def check_shard_file(
+    dpath: pathlib.Path, md: Metadata, shard: int, hint: str = "; rerun the dump stage", *, allow_truncated: bool = True
+) -> None:
+    """A shard file has the full shard size; with `allow_truncated`, the last shard with images may instead hold only
+    its images (dumps of earlier versions truncated it). `ShardError` naming the file otherwise (`hint` ends the
+    message)."""
     fpath = dpath / shard_name(shard)
     expected = md.shard_bytes
     try:
@@ -299,7 +302,7 @@ def check_shard_file(dpath: pathlib.Path, md: Metadata, shard: int, hint: str = 
     except FileNotFoundError:
         raise ShardError(f"shard file missing: {fpath} (expected {expected} bytes){hint}") from None
     truncated = md.shard_n_imgs(shard) * md.bytes_per_img
-    if actual != expected and not (shard == md.n_shards - 1 and actual == truncated):
+    if actual != expected and not (allow_truncated and shard == md.n_shards - 1 and actual == truncated):
         raise ShardError(f"shard file {fpath} has {actual} bytes, expected {expected}{hint}")
 
 

@@ -1,0 +1,271 @@
+"""The saev library's shard layouts: read a v1 (protocol "1.0.0") or 2.x (protocol "2.1") shard directory so that it
+can be adopted as a dump artifact in place, and export a dump in the 2.x layout.
+
+Facts (shared/notes/saev-formats.md, and the saev source): v1 metadata.json has `vit_family, vit_ckpt, layers,
+n_patches_per_img, cls_token, d_vit, n_imgs, max_patches_per_shard, data, dtype, protocol` and shards.json entries
+`{name, n_imgs}`. 2.x has `family, ckpt, layers, patches_per_ex, cls_token, d_model, n_examples, patches_per_shard,
+data, dataset, dtype, protocol, pixel_agg` and entries `{name, n_examples}`; some 2.x releases spell
+`patches_per_ex` as `content_tokens_per_example` (patches per example, CLS excluded) and `patches_per_shard` as
+`max_tokens_per_shard` (the shard budget in activation vectors). Every shard file has the full shard size (the last
+one padded), trailing entries of 0 examples may follow, and `labels.bin` is uint8 [examples, patches] with no class
+names and no ignore value in the metadata. `data` is a base64 pickle in 2.x: it is kept as opaque text, never
+unpickled.
+
+An adopted directory is never copied or written: the dump artifact holds our translated `metadata.json`,
+`labels.json` and `shards.json`, a `source.json` (where it came from, and its metadata and shard list verbatim), and
+symbolic links to the source's shard files and labels.bin. Each link's target is hashed once when adopted and its
+checksum recorded in the artifact, so a later change of the source file is caught like any damaged file.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import typing
+
+import beartype
+import numpy as np
+
+from saev import artifacts, checksums
+from saev.data import shards as shards_
+from saev.data.shards import Metadata, ShardError, ShardValueError
+
+V2_PROTOCOL = "2.1"
+"""The 2.x protocol string we read and write."""
+SOURCE_PROTOCOLS = ("1.0.0", "1.1.0", V2_PROTOCOL)
+"""Protocols of shard directories that can be adopted ("1.1.0": dumps of earlier versions of this pipeline)."""
+V2_KEYS = ("family", "ckpt", "layers", "patches_per_ex", "cls_token", "d_model", "n_examples", "patches_per_shard",
+           "data", "dataset", "dtype", "protocol", "pixel_agg")  # fmt: skip
+"""The fields of a 2.1 metadata.json (all required)."""
+V2_ALIASES = {"content_tokens_per_example": "patches_per_ex", "max_tokens_per_shard": "patches_per_shard"}
+"""Other spellings of 2.x fields seen in some releases -> the name used here."""
+V2_DATA_CLASS = "Saev2Data"
+"""`__class__` of the `data` entry of an adopted 2.x dump: its `data`, `dataset` and `pixel_agg`, kept verbatim."""
+SOURCE_JSON = "source.json"
+"""In an adopted dump artifact: the source directory, its metadata.json and shards.json as they were read."""
+LABELS_BIN = "labels.bin"
+
+
+@beartype.beartype
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A saev shard directory read and checked (sizes and shapes; nothing but the two JSON files is read)."""
+
+    dpath: pathlib.Path
+    """The directory (absolute, resolved)."""
+    protocol: str
+    """Its protocol string."""
+    metadata: Metadata
+    """Its metadata translated to ours, with the label fields given to `read_source`."""
+    raw_metadata: dict[str, typing.Any]
+    """metadata.json as read."""
+    raw_shards: list[typing.Any]
+    """shards.json as read."""
+    n_listed: int
+    """Shard files listed (trailing entries of 0 images included)."""
+    has_labels: bool
+    """Whether it holds labels.bin (checked for size)."""
+
+
+def _field(obj: dict, name: str, tp: type, fpath: pathlib.Path) -> typing.Any:
+    value = obj[name]
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if tp is list:
+        ok = ok and all(type(v) is int for v in value)
+    if not ok:
+        want = "a list of integers" if tp is list else tp.__name__
+        raise ShardError(f"{fpath}: field '{name}' must be {want}, got {value!r}")
+    return value
+
+
+@beartype.beartype
+def read_source(
+    dpath: pathlib.Path, *, class_names: tuple[str, ...] = (), ignore: int = 255
+) -> Source:
+    """Read and check a saev shard directory (v1 or 2.x layout): metadata.json, shards.json against the shard sizing,
+    every listed shard file at the full shard size, labels.bin's size if present.
+
+    Raises:
+        ShardError: one line naming the file and field: not a shard directory, a protocol we do not know, a missing
+            or malformed field, a shard list that disagrees with the metadata, a missing or truncated shard file.
+    """
+    dpath = dpath.expanduser().resolve()
+    md_fpath, list_fpath = dpath / "metadata.json", dpath / "shards.json"
+    if not dpath.is_dir():
+        raise ShardError(f"{dpath} is not a directory of saev shards (metadata.json, shards.json, acts000000.bin...)")
+    try:
+        obj = json.loads(md_fpath.read_text())
+        listed = json.loads(list_fpath.read_text())
+    except FileNotFoundError as err:
+        raise ShardError(f"{err.filename} is missing: {dpath} is not a saev shard directory") from None
+    except (OSError, ValueError) as err:
+        raise ShardError(f"{md_fpath.parent}: cannot read its metadata.json or shards.json: {err}") from None
+    if not isinstance(obj, dict):
+        raise ShardError(f"{md_fpath} is not a JSON object of metadata fields")
+    protocol = obj.get("protocol")
+    if protocol not in SOURCE_PROTOCOLS:
+        raise ShardError(f"{md_fpath}: field 'protocol' is {protocol!r}, not one we know ({', '.join(SOURCE_PROTOCOLS)})")
+    labels_dtype = "uint8"
+    if protocol == V2_PROTOCOL:
+        obj2 = dict(obj)
+        for alias, name in V2_ALIASES.items():
+            if alias in obj2:
+                if name in obj2:
+                    raise ShardError(f"{md_fpath}: fields '{alias}' and '{name}' are the same field; keep one")
+                obj2[name] = obj2.pop(alias)
+        keys, count_key = V2_KEYS, "n_examples"
+    else:
+        obj2, keys, count_key = obj, shards_.V1_KEYS, "n_imgs"
+    extra = sorted(set(obj2) - set(keys) - (set(shards_.LABEL_KEYS) if protocol == "1.1.0" else set()))
+    missing = [k for k in keys if k not in obj2]
+    if missing:
+        raise ShardError(f"{md_fpath}: field '{missing[0]}' is missing (protocol {protocol} needs {', '.join(keys)})")
+    if extra:
+        raise ShardError(f"{md_fpath}: field '{extra[0]}' is not a field of protocol {protocol}")
+    if protocol == V2_PROTOCOL:
+        md = Metadata(
+            vit_family=_field(obj2, "family", str, md_fpath),
+            vit_ckpt=_field(obj2, "ckpt", str, md_fpath),
+            layers=tuple(_field(obj2, "layers", list, md_fpath)),
+            n_patches_per_img=_field(obj2, "patches_per_ex", int, md_fpath),
+            cls_token=_field(obj2, "cls_token", bool, md_fpath),
+            d_vit=_field(obj2, "d_model", int, md_fpath),
+            n_imgs=_field(obj2, "n_examples", int, md_fpath),
+            max_patches_per_shard=_field(obj2, "patches_per_shard", int, md_fpath),
+            data={
+                "__class__": V2_DATA_CLASS,
+                "data": _field(obj2, "data", str, md_fpath),
+                "dataset": _field(obj2, "dataset", str, md_fpath),
+                "pixel_agg": _field(obj2, "pixel_agg", str, md_fpath),
+            },
+            dtype=_field(obj2, "dtype", str, md_fpath),
+            protocol=protocol,
+        )
+    else:
+        for name, tp in (("vit_family", str), ("vit_ckpt", str), ("layers", list), ("n_patches_per_img", int),
+                         ("cls_token", bool), ("d_vit", int), ("n_imgs", int), ("max_patches_per_shard", int),
+                         ("data", dict), ("dtype", str)):  # fmt: skip
+            _field(obj2, name, tp, md_fpath)
+        md = Metadata.from_json(obj2)
+        labels_dtype = md.labels_dtype
+    for name, value in (("layers", len(md.layers)), ("patches per image", md.n_patches_per_img),
+                        ("d_model", md.d_vit), ("examples", md.n_imgs)):  # fmt: skip
+        if value < 1:
+            raise ShardError(f"{md_fpath}: {name} must be at least 1, got {value}")
+    if md.dtype != "float32":
+        raise ShardError(f"{md_fpath}: field 'dtype' is {md.dtype!r}; only 'float32' is supported")
+    md = dataclasses.replace(md, labels_dtype=labels_dtype, labels_ignore=ignore, class_names=class_names)
+    try:
+        md.n_shards
+    except ShardValueError as err:
+        raise ShardValueError(f"{md_fpath}: {err}") from None
+    n_listed = shards_.check_shard_list(listed, md, list_fpath, md_fpath, count_key)
+    hint = f"; saev writes every shard of {dpath} at full size: is the directory complete?"
+    for shard in range(n_listed):  # only our own earlier dumps ("1.1.0") truncated the last shard
+        shards_.check_shard_file(dpath, md, shard, hint, allow_truncated=protocol == "1.1.0")
+    labels_fpath = dpath / LABELS_BIN
+    if labels_fpath.exists():
+        expected = md.n_imgs * md.n_patches_per_img * np.dtype(labels_dtype).itemsize
+        size = labels_fpath.stat().st_size
+        if size != expected:
+            raise ShardError(f"{labels_fpath} has {size} bytes, expected {expected} ({labels_dtype} [examples, patches])")
+    return Source(dpath, protocol, md, obj, listed, n_listed, labels_fpath.exists())
+
+
+@beartype.beartype
+def check_source_labels(source: Source) -> None:
+    """Read the source's labels.bin once and refuse a class id that is neither a class of `metadata.class_names`
+    nor the ignore value (`ShardValueError` naming the file, the first bad patch and the class count)."""
+    md = source.metadata
+    fpath = source.dpath / LABELS_BIN
+    labels = np.memmap(fpath, dtype=md.labels_dtype, mode="r", shape=(md.n_imgs, md.n_patches_per_img))
+    shards_.check_labels(labels, md, fpath)
+
+
+@beartype.beartype
+def adopt(source: Source, dpath: pathlib.Path) -> None:
+    """Fill the artifact directory `dpath` with links to the source's files and our translated JSON files.
+
+    Each link is made atomically (a temporary link renamed onto its name) and its target hashed once, the checksum
+    recorded beside the link (`checksums.write_record`), so the manifest and every later check cover the external
+    files. The source is only read.
+    """
+    dpath.mkdir(parents=True, exist_ok=True)
+    names = [shards_.shard_name(s) for s in range(source.n_listed)] + ([LABELS_BIN] if source.has_labels else [])
+    for name in names:
+        link = dpath / name
+        tmp = link.with_name(f".{name}{checksums.TMP_MARK}{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        os.symlink(source.dpath / name, tmp)
+        os.replace(tmp, link)  # replaces only our own link (or a leftover of ours), never the target
+        checksums.write_record(link, link.stat().st_size, checksums.file_checksum(link))
+    md = source.metadata
+    listed = [{"name": shards_.shard_name(s), "n_imgs": md.shard_n_imgs(s) if s < md.n_shards else 0}
+              for s in range(source.n_listed)]  # fmt: skip
+    artifacts.atomic_write_json(dpath / SOURCE_JSON, {
+        "dpath": str(source.dpath), "protocol": source.protocol,
+        "metadata": source.raw_metadata, "shards": source.raw_shards,
+    })  # fmt: skip
+    artifacts.atomic_write_json(dpath / "shards.json", listed)
+    artifacts.atomic_write_json(dpath / shards_.LABELS_JSON, md.labels_json())
+    artifacts.atomic_write_json(dpath / "metadata.json", md.to_json())
+
+
+def v2_hash(metadata: dict[str, typing.Any]) -> str:
+    """The 2.x shard directory name: sha256 (hex) of the canonical JSON of metadata.json."""
+    return hashlib.sha256(json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+@beartype.beartype
+def export(shards: shards_.Shards, out_dpath: pathlib.Path, *, dataset: str, pixel_agg: str) -> pathlib.Path:
+    """Write the dump `shards` in the 2.x layout as `out_dpath/<HASH>/` and return that directory.
+
+    metadata.json has the 2.1 fields (`data` is the JSON of our dataset config as text, or an adopted 2.x dump's own
+    `data`, `dataset` and `pixel_agg`), shards.json entries `{name, n_examples}`, every shard at full size (the last
+    padded with zeros), labels.bin as uint8. Written to a temporary directory renamed at the end; a directory of the
+    same hash that already exists is left as it is (same metadata: same export).
+
+    Raises:
+        ShardError: the labels need int16 (255 classes or more): saev's labels.bin is uint8.
+    """
+    md = shards.metadata
+    has_labels = (shards.dpath / LABELS_BIN).exists()
+    if has_labels and md.labels_dtype != "uint8":
+        raise ShardError(
+            f"{shards.dpath / shards_.LABELS_JSON}: labels_dtype is {md.labels_dtype!r} ({len(md.class_names)} "
+            "classes); saev's labels.bin is uint8 (at most 255 classes, 255 unlabelled): cannot export these labels"
+        )
+    if md.data.get("__class__") == V2_DATA_CLASS:  # adopted from 2.x: its own fields, verbatim
+        data, dataset, pixel_agg = str(md.data["data"]), str(md.data["dataset"]), str(md.data["pixel_agg"])
+    else:
+        data = artifacts.canonical_json(md.data)
+    meta = {
+        "family": md.vit_family, "ckpt": md.vit_ckpt, "layers": list(md.layers), "patches_per_ex": md.n_patches_per_img,
+        "cls_token": md.cls_token, "d_model": md.d_vit, "n_examples": md.n_imgs,
+        "patches_per_shard": md.max_patches_per_shard, "data": data, "dataset": dataset, "dtype": "float32",
+        "protocol": V2_PROTOCOL, "pixel_agg": pixel_agg,
+    }  # fmt: skip
+    final = out_dpath / v2_hash(meta)
+    if (final / "metadata.json").is_file():
+        return final
+    tmp = out_dpath / f".{final.name}{checksums.TMP_MARK}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for s in range(md.n_shards):
+            name = shards_.shard_name(s)
+            with open(shards.dpath / name, "rb") as src, open(tmp / name, "wb") as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
+                dst.truncate(md.shard_bytes)  # pads a truncated last shard (dumps of earlier versions) with zeros
+        listed = [{"name": shards_.shard_name(s), "n_examples": md.shard_n_imgs(s)} for s in range(md.n_shards)]
+        (tmp / "shards.json").write_text(json.dumps(listed, indent=2) + "\n")
+        if has_labels:
+            shutil.copyfile(shards.dpath / LABELS_BIN, tmp / LABELS_BIN)
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,372 @@
+"""saev's shard layouts (shared/notes/saev-formats.md, and the v1 protocol in shared/seeds/001-saev-v1-source.txt):
+shard sets written by fixture writers from the documented formats are adopted in place and read back; a dump is
+exported in the 2.x layout and adopted back bit-identical; every refusal is one line naming the file and field.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import launch
+from saev import artifacts
+from saev.data import saevfmt
+from saev.data.shards import Metadata, ShardError, Shards, ShardWriter
+from stages import pipeline as pl
+
+from tests.conftest import flip_byte, write_tiny_config
+
+CLASSES = ("background", "a", "b")
+
+
+###################################################
+# Fixture writers, from the documented formats only #
+###################################################
+
+
+def write_saev_shards(
+    dpath: pathlib.Path,
+    acts_NLTD: np.ndarray,
+    *,
+    layers: tuple[int, ...],
+    cls_token: bool,
+    budget: int,
+    protocol: str = "2.1",
+    labels_NP: np.ndarray | None = None,
+    spelling: str = "notes",
+) -> pathlib.Path:
+    """A shard directory as saev writes it: every shard at full size (the last padded with zeros), and, as the 2.x
+    writer does, one extra all-zero shard of 0 examples when the example count is a multiple of the shard size.
+
+    `protocol` "1.0.0" uses the v1 field names, "2.1" the 2.x ones (`spelling` "notes": patches_per_ex and
+    patches_per_shard; "tokens": content_tokens_per_example and max_tokens_per_shard).
+    """
+    n, n_layers, t, d = acts_NLTD.shape
+    per = budget // (t * n_layers)
+    n_shards = math.ceil(n / per)
+    counts = [min(per, n - s * per) for s in range(n_shards)]
+    if protocol == "2.1" and n % per == 0:
+        counts.append(0)
+    dpath.mkdir(parents=True)
+    for s, count in enumerate(counts):
+        shard = np.zeros((per, n_layers, t, d), dtype=np.float32)
+        shard[:count] = acts_NLTD[s * per : s * per + count]
+        shard.tofile(dpath / f"acts{s:06d}.bin")
+    count_key = "n_examples" if protocol == "2.1" else "n_imgs"
+    listed = [{"name": f"acts{s:06d}.bin", count_key: c} for s, c in enumerate(counts)]
+    (dpath / "shards.json").write_text(json.dumps(listed))
+    p = t - int(cls_token)
+    if protocol == "2.1":
+        per_ex, per_shard = ("patches_per_ex", "patches_per_shard") if spelling == "notes" else (
+            "content_tokens_per_example", "max_tokens_per_shard")  # fmt: skip
+        meta = {"family": "clip", "ckpt": "ViT-B-16/openai", "layers": list(layers), per_ex: p, "cls_token": cls_token,
+                "d_model": d, "n_examples": n, per_shard: budget, "data": "gASVAAAAAAAAAAB9lC4=",
+                "dataset": "/data/images", "dtype": "float32", "protocol": "2.1", "pixel_agg": "majority"}  # fmt: skip
+    else:
+        meta = {"vit_family": "clip", "vit_ckpt": "ViT-B-16/openai", "layers": list(layers), "n_patches_per_img": p,
+                "cls_token": cls_token, "d_vit": d, "n_imgs": n, "max_patches_per_shard": budget,
+                "data": {"__class__": "ImageFolder", "root": "/data/images"}, "dtype": "float32",
+                "protocol": "1.0.0"}  # fmt: skip
+    (dpath / "metadata.json").write_text(json.dumps(meta))
+    if labels_NP is not None:
+        np.ascontiguousarray(labels_NP, dtype=np.uint8).tofile(dpath / "labels.bin")
+    return dpath
+
+
+def make_acts(n=7, layers=(3, 5), t=5, d=4, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, len(layers), t, d)).astype(np.float32)
+
+
+def make_labels(n=7, p=4, seed=1) -> np.ndarray:
+    labels = np.random.default_rng(seed).integers(0, len(CLASSES), size=(n, p)).astype(np.uint8)
+    labels[0, 0] = 255  # unlabelled
+    return labels
+
+
+def adopted(tmp_path, source_dpath, **kwargs) -> Shards:
+    """Adopt `source_dpath` into a fresh directory and read it with our reader."""
+    source = saevfmt.read_source(source_dpath, class_names=CLASSES, **kwargs)
+    saevfmt.adopt(source, tmp_path / "art")
+    return Shards(tmp_path / "art")
+
+
+###########################
+# Adopting saev's layouts #
+###########################
+
+
+@pytest.mark.parametrize("protocol,spelling", [("1.0.0", "notes"), ("2.1", "notes"), ("2.1", "tokens")])
+def test_a_saev_shard_set_is_adopted_and_reads_back_exactly(tmp_path, protocol, spelling):
+    acts, labels = make_acts(), make_labels()
+    src = write_saev_shards(tmp_path / "src", acts, layers=(3, 5), cls_token=True, budget=25, protocol=protocol,
+                            labels_NP=labels, spelling=spelling)  # fmt: skip
+    shards = adopted(tmp_path, src)
+    assert shards.metadata.n_imgs_per_shard == 2 and shards.metadata.n_shards == 4  # 2, 2, 2, 1 (padded)
+    np.testing.assert_array_equal(shards.patches(5, 0, 7), acts[:, 1, 1:])
+    np.testing.assert_array_equal(shards.patches_flat(3, np.arange(28)), acts[:, 0, 1:].reshape(28, -1))
+    np.testing.assert_array_equal(shards.labels, labels)
+    assert shards.metadata.class_names == CLASSES and shards.metadata.labels_ignore == 255
+
+
+def test_a_2x_set_with_a_trailing_empty_shard_is_adopted(tmp_path):
+    acts = make_acts(n=6)
+    src = write_saev_shards(tmp_path / "src", acts, layers=(3, 5), cls_token=True, budget=20)
+    assert json.loads((src / "shards.json").read_text())[-1] == {"name": "acts000003.bin", "n_examples": 0}
+    shards = adopted(tmp_path, src)
+    np.testing.assert_array_equal(shards.patches(3, 0, 6), acts[:, 0, 1:])
+    assert (tmp_path / "art" / "acts000003.bin").is_symlink()
+
+
+def test_adopting_links_the_source_files_and_writes_nothing_there(tmp_path):
+    src = write_saev_shards(tmp_path / "src", make_acts(), layers=(3, 5), cls_token=True, budget=25,
+                            labels_NP=make_labels())  # fmt: skip
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in src.iterdir()}
+    adopted(tmp_path, src)
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in src.iterdir()} == before
+    art = tmp_path / "art"
+    assert os.readlink(art / "acts000000.bin") == str(src.resolve() / "acts000000.bin")
+    assert os.readlink(art / "labels.bin") == str(src.resolve() / "labels.bin")
+    assert json.loads((art / "metadata.json").read_text())["protocol"] == "1.0.0"
+    assert json.loads((art / "source.json").read_text())["metadata"]["protocol"] == "2.1"
+
+
+def test_without_cls_every_token_is_a_patch(tmp_path):
+    acts = make_acts(t=4)
+    src = write_saev_shards(tmp_path / "src", acts, layers=(3, 5), cls_token=False, budget=16, protocol="1.0.0")
+    np.testing.assert_array_equal(adopted(tmp_path, src).patches(3, 0, 7), acts[:, 0])
+
+
+############
+# Refusals #
+############
+
+
+def src_2x(tmp_path, **kwargs) -> pathlib.Path:
+    return write_saev_shards(tmp_path / "src", make_acts(), layers=(3, 5), cls_token=True, budget=25,
+                             labels_NP=make_labels(), **kwargs)  # fmt: skip
+
+
+def edit_json(fpath: pathlib.Path, **changes) -> None:
+    obj = json.loads(fpath.read_text())
+    for k, v in changes.items():
+        if v is None:
+            obj.pop(k)
+        else:
+            obj[k] = v
+    fpath.write_text(json.dumps(obj))
+
+
+def one_line_error(fn, match: str) -> str:
+    with pytest.raises(ShardError) as info:
+        fn()
+    msg = str(info.value)
+    assert "\n" not in msg and re.search(match, msg), msg
+    return msg
+
+
+def test_a_directory_that_is_not_a_shard_set_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    one_line_error(lambda: saevfmt.read_source(tmp_path / "nowhere"), re.escape(f"{tmp_path / 'nowhere'} is not a directory of saev shards"))
+    one_line_error(lambda: saevfmt.read_source(tmp_path / "empty"), re.escape(f"{tmp_path / 'empty' / 'metadata.json'} is missing: "))
+
+
+@pytest.mark.parametrize("protocol", ["1.1", "3.0", None])
+def test_a_protocol_we_do_not_know_is_refused_naming_the_field(tmp_path, protocol):
+    src = src_2x(tmp_path)
+    edit_json(src / "metadata.json", protocol=protocol)
+    one_line_error(lambda: saevfmt.read_source(src), re.escape(f"{src / 'metadata.json'}: field 'protocol' is {protocol!r}, not one we know"))
+
+
+def test_a_missing_unknown_or_mistyped_field_is_named(tmp_path):
+    src = src_2x(tmp_path)
+    md = src / "metadata.json"
+    edit_json(md, d_model=None)
+    one_line_error(lambda: saevfmt.read_source(src), re.escape(f"{md}: field 'd_model' is missing"))
+    edit_json(md, d_model="4")
+    one_line_error(lambda: saevfmt.read_source(src), re.escape(f"{md}: field 'd_model' must be int, got '4'"))
+    edit_json(md, d_model=4, colour="red")
+    one_line_error(lambda: saevfmt.read_source(src), re.escape(f"{md}: field 'colour' is not a field of protocol 2.1"))
+    edit_json(md, colour=None, content_tokens_per_example=4)
+    one_line_error(lambda: saevfmt.read_source(src), "fields 'content_tokens_per_example' and 'patches_per_ex' are the same")
+
+
+def test_a_truncated_shard_is_refused(tmp_path):
+    src = src_2x(tmp_path)
+    last = src / "acts000003.bin"
+    last.write_bytes(last.read_bytes()[: len(last.read_bytes()) // 2])  # what our earlier dumps did: not saev's
+    one_line_error(lambda: saevfmt.read_source(src), re.escape(f"shard file {last} has 160 bytes, expected 320; saev writes every shard"))
+
+
+def test_a_missing_shard_or_a_shard_list_that_disagrees_is_refused(tmp_path):
+    src = src_2x(tmp_path)
+    listed = json.loads((src / "shards.json").read_text())
+    (src / "shards.json").write_text(json.dumps(listed[:2]))
+    one_line_error(lambda: saevfmt.read_source(src), re.escape(f"{src / 'shards.json'} does not match the shard sizing"))
+    (src / "shards.json").write_text(json.dumps([{**e, "n_imgs": 2} for e in listed]))
+    one_line_error(lambda: saevfmt.read_source(src), "is not a valid shard list: entry 0")
+    (src / "shards.json").write_text(json.dumps(listed))
+    (src / "acts000002.bin").unlink()
+    one_line_error(lambda: saevfmt.read_source(src), re.escape(f"shard file missing: {src / 'acts000002.bin'}"))
+
+
+def test_a_labels_file_of_the_wrong_size_is_refused(tmp_path):
+    src = src_2x(tmp_path)
+    (src / "labels.bin").write_bytes(b"\0" * 3)
+    one_line_error(lambda: saevfmt.read_source(src), re.escape(f"{src / 'labels.bin'} has 3 bytes, expected 28"))
+
+
+def test_a_label_beyond_the_class_names_is_refused_naming_the_file(tmp_path):
+    src = src_2x(tmp_path)
+    labels = make_labels()
+    labels[4, 2] = 3  # three class names: 0, 1, 2
+    labels.tofile(src / "labels.bin")
+    source = saevfmt.read_source(src, class_names=CLASSES)
+    with pytest.raises(ValueError, match=re.escape(f"{src / 'labels.bin'}: class id 3 at image 4, patch 2 is not in [0, 3)")):
+        saevfmt.check_source_labels(source)
+
+
+########################
+# Export, and back in  #
+########################
+
+
+def test_export_writes_the_2x_layout(tmp_path):
+    md = Metadata(vit_family="clip", vit_ckpt="m", layers=(1, 3), n_patches_per_img=4, cls_token=True, d_vit=3,
+                  n_imgs=7, max_patches_per_shard=25, data={"__class__": "Synthetic"}, class_names=CLASSES)  # fmt: skip
+    acts = np.random.default_rng(0).normal(size=(7, 2, 5, 3)).astype(np.float32)
+    writer = ShardWriter(tmp_path / "dump", md)
+    writer.write(acts)
+    writer.write_labels(make_labels())
+    writer.close()
+    out = saevfmt.export(Shards(tmp_path / "dump"), tmp_path / "out", dataset="", pixel_agg="majority")
+    meta = json.loads((out / "metadata.json").read_text())
+    assert list(meta) == list(saevfmt.V2_KEYS) and meta["protocol"] == "2.1"
+    assert out.name == hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert json.loads((out / "shards.json").read_text())[-1] == {"name": "acts000003.bin", "n_examples": 1}
+    assert {(out / f"acts{s:06d}.bin").stat().st_size for s in range(4)} == {2 * 2 * 5 * 3 * 4}
+    back = adopted(tmp_path, out)
+    np.testing.assert_array_equal(back.patches(3, 0, 7), acts[:, 1, 1:])
+    assert back.labels.tobytes() == make_labels().tobytes()
+
+
+def test_export_refuses_int16_labels(tmp_path):
+    md = Metadata(vit_family="clip", vit_ckpt="m", layers=(1,), n_patches_per_img=4, cls_token=False, d_vit=3,
+                  n_imgs=2, max_patches_per_shard=8, data={}, labels_dtype="int16", labels_ignore=-1,
+                  class_names=tuple(f"c{i}" for i in range(300)))  # fmt: skip
+    writer = ShardWriter(tmp_path / "dump", md)
+    writer.write(np.zeros((2, 1, 4, 3), np.float32))
+    writer.write_labels(np.zeros((2, 4), np.int16))
+    writer.close()
+    one_line_error(lambda: saevfmt.export(Shards(tmp_path / "dump"), tmp_path / "out", dataset="", pixel_agg="majority"),
+                   re.escape(f"{tmp_path / 'dump' / 'labels.json'}: labels_dtype is 'int16' (300 classes); saev's labels.bin is uint8"))  # fmt: skip
+    assert not any((tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else True
+
+
+###############################
+# The pipeline on an adopted dump #
+###############################
+
+
+def adopt_config(dpath: pathlib.Path, shards_dpath: pathlib.Path, layer: int, extra: str = "") -> pathlib.Path:
+    """tests/tiny.toml with [dump.adopt] instead of [dump.data] and [dump.vit]."""
+    cfg = write_tiny_config(dpath)
+    text = cfg.read_text()
+    text = text[: text.index("[dump]")] + f"""[dump.adopt]
+shards = "{shards_dpath}"
+classes = "classes.txt"
+{extra}
+""" + text[text.index("[train]") :].replace("layer = -1", f"layer = {layer}")
+    cfg.write_text(text)
+    return cfg
+
+
+def best_by_order(pipeline) -> dict:
+    """best.json with each SAE key replaced by its place in the sweep (keys differ with the dump's key)."""
+    plan = pl.make_plan(pipeline)
+    text = (plan["reduce"].artifacts[0].dpath / "best.json").read_text()
+    for i, art in enumerate(plan["train"].artifacts):
+        text = text.replace(art.key, f"sae{i}")
+    return json.loads(text)
+
+
+@pytest.fixture(scope="module")
+def exported(done_config, tmp_path_factory):
+    """The tiny run's dump exported in the 2.x layout, with the adopting config's class names."""
+    out = tmp_path_factory.mktemp("export")
+    assert launch.main(launch.Args(config=done_config, export=out)) == 0
+    (hashdir,) = [p for p in out.iterdir() if p.is_dir()]
+    return out, hashdir
+
+
+def test_export_then_adopt_gives_identical_activations_labels_and_best_json(done_config, exported, tmp_path, capsys):
+    out, hashdir = exported
+    native = pl.make_plan(pl.load(done_config))["dump"].artifacts[0]
+    md = Shards(native.dpath).metadata
+    shutil.copy(out / "classes.txt", tmp_path / "classes.txt")
+    cfg = adopt_config(tmp_path, hashdir, layer=md.layers[-1])
+    assert launch.main(launch.Args(config=cfg)) == 0
+    pipeline = pl.load(cfg)
+    dump = pl.make_plan(pipeline)["dump"].artifacts[0]
+    a, b = Shards(native.dpath), Shards(dump.dpath)
+    for layer in md.layers:
+        assert a.patches(layer, 0, md.n_imgs).tobytes() == b.patches(layer, 0, md.n_imgs).tobytes()
+    assert np.asarray(a.labels).tobytes() == np.asarray(b.labels).tobytes()
+    assert b.metadata.class_names == md.class_names
+    assert best_by_order(pipeline) == best_by_order(pl.load(done_config))
+
+
+def test_a_same_size_change_of_an_adopted_file_is_caught_and_never_adopted_silently(exported, tmp_path, capsys):
+    out, hashdir = exported
+    src = tmp_path / "src"
+    shutil.copytree(hashdir, src)
+    shutil.copy(out / "classes.txt", tmp_path / "classes.txt")
+    layer = json.loads((src / "metadata.json").read_text())["layers"][-1]
+    cfg = adopt_config(tmp_path, src, layer=layer)
+    assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
+    flip_byte(src / "acts000001.bin")
+    assert launch.main(launch.Args(config=cfg, verify=True)) == 1
+    out_text = capsys.readouterr().out
+    assert "acts000001.bin does not match its checksum" in out_text
+    assert (src / "acts000001.bin").is_file() and not (src / "acts000001.bin").is_symlink()  # the user's file stays
+    assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 1
+    assert "its source files changed since they were adopted" in capsys.readouterr().err
+
+
+def test_pipeline_refusals_before_anything_runs(exported, tmp_path, capsys):
+    out, hashdir = exported
+    layers = json.loads((hashdir / "metadata.json").read_text())["layers"]
+    (tmp_path / "classes.txt").write_text("background\nonly\n")  # fewer names than the labels use
+    cfg = adopt_config(tmp_path, hashdir, layer=layers[-1])
+    assert launch.main(launch.Args(config=cfg)) == 2
+    assert re.search(r"error: .*labels\.bin: class id \d+ at image \d+, patch \d+ is not in \[0, 2\)", capsys.readouterr().err)
+    cfg = adopt_config(tmp_path, hashdir, layer=99)
+    assert launch.main(launch.Args(config=cfg, dry_run=True)) == 2
+    assert f"error: train.layer=99 is not among the layers of the adopted dump {hashdir / 'metadata.json'}" in capsys.readouterr().err
+    cfg = adopt_config(tmp_path, tmp_path / "missing", layer=0)
+    assert launch.main(launch.Args(config=cfg, dry_run=True)) == 2
+    assert f"is not a directory of saev shards" in capsys.readouterr().err
+    cfg = write_tiny_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("[dump]", f'[dump.adopt]\nshards = "{hashdir}"\n\n[dump]'))
+    assert launch.main(launch.Args(config=cfg, dry_run=True)) == 2
+    assert "dump.adopt uses an existing dump, so dump.data would not be used: remove it" in capsys.readouterr().err
+
+
+def test_a_dump_without_labels_is_refused_by_the_stages_that_need_them(exported, tmp_path, capsys):
+    _, hashdir = exported
+    src = tmp_path / "src"
+    shutil.copytree(hashdir, src)
+    (src / "labels.bin").unlink()
+    layer = json.loads((src / "metadata.json").read_text())["layers"][-1]
+    (tmp_path / "classes.txt").write_text("x\n")
+    cfg = adopt_config(tmp_path, src, layer=layer)
+    assert launch.main(launch.Args(config=cfg)) == 2
+    err = capsys.readouterr().err
+    assert f"error: {src.resolve() / 'labels.bin'} is missing: the adopted dump has no per-patch labels" in err
+    assert err.count("\n") == 1
