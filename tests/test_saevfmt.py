@@ -288,11 +288,12 @@ classes = "classes.txt"
 
 
 def best_by_order(pipeline) -> dict:
-    """best.json with each SAE key replaced by its place in the sweep (keys differ with the dump's key)."""
+    """best.json with each SAE and score key replaced by its place in the sweep (keys differ with the dump's key)."""
     plan = pl.make_plan(pipeline)
     text = (plan["reduce"].artifacts[0].dpath / "best.json").read_text()
-    for i, art in enumerate(plan["train"].artifacts):
-        text = text.replace(art.key, f"sae{i}")
+    for stage in ("train", "score"):
+        for i, art in enumerate(plan[stage].artifacts):
+            text = text.replace(art.key, f"{stage}{i}")
     return json.loads(text)
 
 
