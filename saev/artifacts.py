@@ -405,11 +405,16 @@ class Artifact:
                     actions.append(f"moved {problem.rel} aside")
         if self.manifest_fpath.exists():
             with contextlib.suppress(OSError):
-                os.replace(self.manifest_fpath, self.dpath / f".{MANIFEST}.replaced")
+                os.replace(self.manifest_fpath, self.replaced_manifest_fpath)
                 actions.append("unsealed it")
         with contextlib.suppress(OSError):
             (self.dpath / _DAMAGE_NOTE).write_text(health.describe(self) + "\n")
         return actions
+
+    @property
+    def replaced_manifest_fpath(self) -> pathlib.Path:
+        """Where `repair` moves the manifest of a damaged artifact (what it recorded stays readable there)."""
+        return self.dpath / f".{MANIFEST}.replaced"
 
     def damage_note(self) -> str | None:
         """Why this artifact was last unsealed by `repair` (None when it was not, or has been sealed since)."""

@@ -222,23 +222,37 @@ def check(pipeline, plan: Plan) -> None:
 def run_adopted(pipeline, plan: Plan, piece: Piece) -> None:
     """Link the source's files into the artifact, hash them once, write the translated metadata and the manifest.
 
-    An artifact that was unsealed because a linked file changed (or vanished) is not adopted again silently: what was
-    made from it used the old contents.
+    An artifact unsealed by a repair (a linked file changed or vanished, e.g. the source directory moved) is adopted
+    again only if every file still has the checksum it was adopted with: what was made from it used those contents.
     """
     started = artifacts.now()
     art = piece.artifact
-    note = art.damage_note()
-    if note is not None:
-        raise shards.ShardError(
-            f"the adopted dump {art.dpath} was found damaged ({note}): its source files changed since they were "
-            f"adopted; if that is intended, delete {art.dpath} (and what was made from it) to adopt them as they are"
-        )
+    repaired = art.damage_note() is not None
     source = read_adopted(pipeline)
     saevfmt.adopt(source, art.dpath)
+    if repaired:
+        for rel, digest in _adopted_checksums(art).items():
+            record = checksums.recorded_checksum(art.dpath / rel)
+            if record is None or record[1] != digest:
+                raise shards.ShardError(
+                    f"{source.dpath / rel} changed since it was adopted as {art.ref} (its checksum differs) and what "
+                    f"was made from it used the old contents; if the change is intended, delete {art.dpath} and "
+                    "what was made from it to adopt the files as they are"
+                )
     art.write_manifest(
         params=plan[NAME].params[art.key], inputs={}, started=started,
         extra={"adopted": str(source.dpath), "protocol": source.protocol},
     )  # fmt: skip
+
+
+def _adopted_checksums(art: artifacts.Artifact) -> dict[str, str]:
+    """Linked file -> checksum, as the manifest that `repair` moved aside recorded them ({} if unreadable); call it
+    once the links are made again."""
+    try:
+        files = json.loads(art.replaced_manifest_fpath.read_text())["files"]
+        return {rel: e[checksums.CHECKSUM] for rel, e in files.items() if (art.dpath / rel).is_symlink()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def run(pipeline, plan: Plan, piece: Piece) -> None:

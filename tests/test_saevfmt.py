@@ -337,7 +337,28 @@ def test_a_same_size_change_of_an_adopted_file_is_caught_and_never_adopted_silen
     assert "acts000001.bin does not match its checksum" in out_text
     assert (src / "acts000001.bin").is_file() and not (src / "acts000001.bin").is_symlink()  # the user's file stays
     assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 1
-    assert "its source files changed since they were adopted" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"error: {src.resolve() / 'acts000001.bin'} changed since it was adopted as dump/" in err
+    assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 1  # and again: never sealed silently
+    flip_byte(src / "acts000001.bin")  # changed back
+    assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
+
+
+def test_a_moved_source_directory_is_adopted_again_under_the_same_key(exported, tmp_path, capsys):
+    out, hashdir = exported
+    shutil.copytree(hashdir, tmp_path / "src")
+    shutil.copy(out / "classes.txt", tmp_path / "classes.txt")
+    layer = json.loads((hashdir / "metadata.json").read_text())["layers"][-1]
+    cfg = adopt_config(tmp_path, tmp_path / "src", layer=layer)
+    assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
+    key = pl.make_plan(pl.load(cfg))["dump"].artifacts[0].key
+    (tmp_path / "src").rename(tmp_path / "moved")
+    cfg = adopt_config(tmp_path, tmp_path / "moved", layer=layer)
+    assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
+    assert "is missing" in capsys.readouterr().err  # the old links were found dangling, and made again
+    dump = pl.make_plan(pl.load(cfg))["dump"].artifacts[0]
+    assert dump.key == key and dump.is_done()
+    assert os.readlink(dump.dpath / "acts000000.bin") == str((tmp_path / "moved" / "acts000000.bin").resolve())
 
 
 def test_pipeline_refusals_before_anything_runs(exported, tmp_path, capsys):
