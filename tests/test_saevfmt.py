@@ -310,6 +310,8 @@ def test_export_then_adopt_gives_identical_activations_labels_and_best_json(done
     out, hashdir = exported
     native = pl.make_plan(pl.load(done_config))["dump"].artifacts[0]
     md = Shards(native.dpath).metadata
+    assert md.n_imgs % md.n_imgs_per_shard  # the last shard has fewer images: the dump's chunk padded it
+    assert {(native.dpath / f"acts{s:06d}.bin").stat().st_size for s in range(md.n_shards)} == {md.shard_bytes}
     shutil.copy(out / "classes.txt", tmp_path / "classes.txt")
     cfg = adopt_config(tmp_path, hashdir, layer=md.layers[-1])
     assert launch.main(launch.Args(config=cfg)) == 0
@@ -392,3 +394,9 @@ def test_a_dump_without_labels_is_refused_by_the_stages_that_need_them(exported,
     err = capsys.readouterr().err
     assert f"error: {src.resolve() / 'labels.bin'} is missing: the adopted dump has no per-patch labels" in err
     assert err.count("\n") == 1
+
+
+def test_export_of_a_dump_that_is_not_done_is_refused(tiny_config, tmp_path, capsys):
+    assert launch.main(launch.Args(config=tiny_config, export=tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: dump/") and "is not done" in err and err.count("\n") == 1

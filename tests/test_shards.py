@@ -621,3 +621,41 @@ def test_metadata_json_with_a_budget_below_one_image_is_named(dump):
     fpath.write_text(json.dumps(md))
     with pytest.raises(ValueError, match=re.escape(f"{fpath}: max_patches_per_shard=3 is smaller than one image")):
         Shards(dump.dpath)
+
+
+def test_a_labels_json_of_the_wrong_shape_is_named(dump):
+    fpath = dump.dpath / "labels.json"
+    for bad in ('["uint8"]', '{"labels_dtype": "float32"}', '{"class_names": "abc"}', '{"labels_ignore": "255"}'):
+        fpath.write_text(bad)
+        with pytest.raises(ShardError, match=re.escape(str(fpath))):
+            Shards(dump.dpath)
+
+
+def test_metadata_json_is_accepted_by_a_reader_with_the_v1_fields_and_types(dump):
+    """The v1 reader of the seed builds a frozen dataclass from metadata.json (unknown keys are a TypeError) whose
+    protocol is Literal["1.0.0"] and family Literal["clip", "siglip", "dinov2"], checked by beartype; then it maps
+    every shard at the full shard shape."""
+    import beartype
+
+    @beartype.beartype
+    @dataclasses.dataclass(frozen=True)
+    class V1Metadata:
+        vit_family: typing.Literal["clip", "siglip", "dinov2"]
+        vit_ckpt: str
+        layers: tuple[int, ...]
+        n_patches_per_img: int
+        cls_token: bool
+        d_vit: int
+        n_imgs: int
+        max_patches_per_shard: int
+        data: dict[str, object]
+        dtype: typing.Literal["float32"] = "float32"
+        protocol: typing.Literal["1.0.0"] = "1.0.0"
+
+    dct = json.loads((dump.dpath / "metadata.json").read_text())
+    dct["layers"] = tuple(dct.pop("layers"))
+    v1 = V1Metadata(**dct)
+    per = v1.max_patches_per_shard // ((v1.n_patches_per_img + v1.cls_token) * len(v1.layers))
+    shape = (per, len(v1.layers), v1.n_patches_per_img + v1.cls_token, v1.d_vit)
+    for entry in json.loads((dump.dpath / "shards.json").read_text()):
+        np.memmap(dump.dpath / entry["name"], mode="r", dtype=np.float32, shape=shape)  # no "mmap length" error

@@ -344,8 +344,8 @@ class Shards:
         try:
             obj = json.loads(md_fpath.read_text())
             labels = json.loads(labels_json_fpath.read_text()) if labels_json_fpath.exists() else None
-            if labels is not None and not isinstance(labels, dict):
-                raise ShardError(f"{labels_json_fpath} is not a JSON object of label fields")
+            if labels is not None and not (isinstance(labels, dict) and isinstance(labels.get("class_names", []), list)):
+                raise ShardError(f"{labels_json_fpath} is not a JSON object of label fields (class_names a list)")
             self.metadata = Metadata.from_json(obj, labels)
         except FileNotFoundError:
             raise ShardError(f"{md_fpath} is missing; is {self.dpath} a finished dump?") from None
@@ -359,8 +359,11 @@ class Shards:
             )
         if md.dtype != "float32":
             raise ShardError(f"{md_fpath}: dtype {md.dtype!r} is not supported (protocol v1 stores float32)")
+        labels_where = labels_json_fpath if labels is not None else md_fpath
         if md.labels_dtype not in ("uint8", "int16"):
-            raise ShardError(f"{md_fpath}: labels_dtype {md.labels_dtype!r} is not 'uint8' or 'int16'")
+            raise ShardError(f"{labels_where}: labels_dtype {md.labels_dtype!r} is not 'uint8' or 'int16'")
+        if type(md.labels_ignore) is not int or not all(isinstance(n, str) for n in md.class_names):
+            raise ShardError(f"{labels_where}: labels_ignore must be an integer and class_names a list of strings")
         shards_fpath = self.dpath / "shards.json"
         try:
             listed = json.loads(shards_fpath.read_text())
