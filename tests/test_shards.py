@@ -637,24 +637,20 @@ def test_metadata_json_is_accepted_by_a_reader_with_the_v1_fields_and_types(dump
     every shard at the full shard shape."""
     import beartype
 
-    @beartype.beartype
-    @dataclasses.dataclass(frozen=True)
-    class V1Metadata:
-        vit_family: typing.Literal["clip", "siglip", "dinov2"]
-        vit_ckpt: str
-        layers: tuple[int, ...]
-        n_patches_per_img: int
-        cls_token: bool
-        d_vit: int
-        n_imgs: int
-        max_patches_per_shard: int
-        data: dict[str, object]
-        dtype: typing.Literal["float32"] = "float32"
-        protocol: typing.Literal["1.0.0"] = "1.0.0"
+    # The seed's field types, as its reader declares them (the defaults of dtype and protocol do not matter here).
+    v1_types = [("vit_family", typing.Literal["clip", "siglip", "dinov2"]), ("vit_ckpt", str),
+                ("layers", tuple[int, ...]), ("n_patches_per_img", int), ("cls_token", bool), ("d_vit", int),
+                ("n_imgs", int), ("max_patches_per_shard", int), ("data", dict[str, object]),
+                ("dtype", typing.Literal["float32"]), ("protocol", typing.Literal["1.0.0"])]  # fmt: skip
+    V1Metadata = beartype.beartype(dataclasses.make_dataclass("V1Metadata", v1_types, frozen=True))
 
     dct = json.loads((dump.dpath / "metadata.json").read_text())
     dct["layers"] = tuple(dct.pop("layers"))
     v1 = V1Metadata(**dct)
+    with pytest.raises(Exception):  # what this stand-in refuses, as the seed's reader does
+        V1Metadata(**{**dct, "protocol": "1.1.0"})
+    with pytest.raises(TypeError):
+        V1Metadata(**dct, labels_dtype="uint8")
     per = v1.max_patches_per_shard // ((v1.n_patches_per_img + v1.cls_token) * len(v1.layers))
     shape = (per, len(v1.layers), v1.n_patches_per_img + v1.cls_token, v1.d_vit)
     for entry in json.loads((dump.dpath / "shards.json").read_text()):
