@@ -400,3 +400,25 @@ def test_export_of_a_dump_that_is_not_done_is_refused(tiny_config, tmp_path, cap
     assert launch.main(launch.Args(config=tiny_config, export=tmp_path / "out")) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: dump/") and "is not done" in err and err.count("\n") == 1
+
+
+def test_a_dump_of_our_earlier_versions_is_adopted_with_its_own_label_fields(tmp_path):
+    """Protocol "1.1.0": label keys in metadata.json, the last shard truncated to its images."""
+    md = Metadata(vit_family="clip", vit_ckpt="m", layers=(1,), n_patches_per_img=4, cls_token=False, d_vit=3,
+                  n_imgs=3, max_patches_per_shard=8, data={}, labels_dtype="int16", labels_ignore=-1,
+                  class_names=("x", "y"))  # fmt: skip
+    acts = np.random.default_rng(0).normal(size=(3, 1, 4, 3)).astype(np.float32)
+    writer = ShardWriter(tmp_path / "old", md)
+    writer.write(acts)
+    writer.write_labels(np.array([[0, 1, -1, 1]] * 3, np.int16))
+    writer.close()
+    old = tmp_path / "old"
+    (old / "metadata.json").write_text(json.dumps({**md.to_json(), **md.labels_json(), "protocol": "1.1.0"}))
+    (old / "labels.json").unlink()
+    (old / "acts000001.bin").write_bytes((old / "acts000001.bin").read_bytes()[: md.bytes_per_img])
+    source = saevfmt.read_source(old)
+    saevfmt.adopt(source, tmp_path / "art")
+    shards = Shards(tmp_path / "art")
+    assert (shards.metadata.class_names, shards.metadata.labels_ignore) == (("x", "y"), -1)
+    np.testing.assert_array_equal(shards.patches(1, 0, 3), acts[:, 0])
+    np.testing.assert_array_equal(shards.labels, [[0, 1, -1, 1]] * 3)

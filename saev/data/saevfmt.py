@@ -85,7 +85,8 @@ def read_source(
     dpath: pathlib.Path, *, class_names: tuple[str, ...] = (), ignore: int = 255
 ) -> Source:
     """Read and check a saev shard directory (v1 or 2.x layout): metadata.json, shards.json against the shard sizing,
-    every listed shard file at the full shard size, labels.bin's size if present.
+    every listed shard file at the full shard size, labels.bin's size if present. The label fields are
+    `class_names` and `ignore` (a "1.1.0" dump of this pipeline given no class names keeps its own).
 
     Raises:
         ShardError: one line naming the file and field: not a shard directory, a protocol we do not know, a missing
@@ -156,7 +157,8 @@ def read_source(
             raise ShardError(f"{md_fpath}: {name} must be at least 1, got {value}")
     if md.dtype != "float32":
         raise ShardError(f"{md_fpath}: field 'dtype' is {md.dtype!r}; only 'float32' is supported")
-    md = dataclasses.replace(md, labels_dtype=labels_dtype, labels_ignore=ignore, class_names=class_names)
+    if not (protocol == "1.1.0" and not class_names):  # our earlier dumps name their classes and ignore value
+        md = dataclasses.replace(md, labels_dtype=labels_dtype, labels_ignore=ignore, class_names=class_names)
     try:
         md.n_shards
     except ShardValueError as err:
