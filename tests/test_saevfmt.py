@@ -422,3 +422,17 @@ def test_a_dump_of_our_earlier_versions_is_adopted_with_its_own_label_fields(tmp
     assert (shards.metadata.class_names, shards.metadata.labels_ignore) == (("x", "y"), -1)
     np.testing.assert_array_equal(shards.patches(1, 0, 3), acts[:, 0])
     np.testing.assert_array_equal(shards.labels, [[0, 1, -1, 1]] * 3)
+
+
+def test_a_dump_of_this_pipeline_is_adopted_with_its_labels_json(tmp_path):
+    md = Metadata(vit_family="clip", vit_ckpt="m", layers=(1,), n_patches_per_img=4, cls_token=False, d_vit=3,
+                  n_imgs=3, max_patches_per_shard=8, data={}, labels_dtype="int16", labels_ignore=-1,
+                  class_names=("x", "y"))  # fmt: skip
+    writer = ShardWriter(tmp_path / "ours", md)
+    writer.write(np.ones((3, 1, 4, 3), np.float32))
+    writer.write_labels(np.array([[0, 1, -1, 1]] * 3, np.int16))
+    writer.close()
+    saevfmt.adopt(saevfmt.read_source(tmp_path / "ours"), tmp_path / "art")
+    shards = Shards(tmp_path / "art")
+    assert (shards.metadata.labels_dtype, shards.metadata.class_names) == ("int16", ("x", "y"))
+    np.testing.assert_array_equal(shards.labels, [[0, 1, -1, 1]] * 3)

@@ -86,7 +86,8 @@ def read_source(
 ) -> Source:
     """Read and check a saev shard directory (v1 or 2.x layout): metadata.json, shards.json against the shard sizing,
     every listed shard file at the full shard size, labels.bin's size if present. The label fields are
-    `class_names` and `ignore` (a "1.1.0" dump of this pipeline given no class names keeps its own).
+    `class_names` and `ignore`; a dump of this pipeline (labels.json, or protocol "1.1.0") keeps its labels dtype, and
+    its class names and ignore value when `class_names` is empty.
 
     Raises:
         ShardError: one line naming the file and field: not a shard directory, a protocol we do not know, a missing
@@ -108,7 +109,7 @@ def read_source(
     protocol = obj.get("protocol")
     if protocol not in SOURCE_PROTOCOLS:
         raise ShardError(f"{md_fpath}: field 'protocol' is {protocol!r}, not one we know ({', '.join(SOURCE_PROTOCOLS)})")
-    labels_dtype = "uint8"
+    labels_dtype, has_own_labels = "uint8", False
     if protocol == V2_PROTOCOL:
         obj2 = dict(obj)
         for alias, name in V2_ALIASES.items():
@@ -149,15 +150,23 @@ def read_source(
                          ("cls_token", bool), ("d_vit", int), ("n_imgs", int), ("max_patches_per_shard", int),
                          ("data", dict), ("dtype", str)):  # fmt: skip
             _field(obj2, name, tp, md_fpath)
-        md = Metadata.from_json(obj2)
+        own_fpath = dpath / shards_.LABELS_JSON  # a dump of this pipeline: its label fields beside metadata.json
+        try:
+            own = json.loads(own_fpath.read_text()) if protocol == "1.0.0" and own_fpath.is_file() else None
+            if own is not None and not (isinstance(own, dict) and isinstance(own.get("class_names", []), list)):
+                raise ValueError("not a JSON object of label fields")
+        except (OSError, ValueError) as err:
+            raise ShardError(f"{own_fpath}: cannot read it: {err}") from None
+        md = Metadata.from_json(obj2, own)
         labels_dtype = md.labels_dtype
+        has_own_labels = protocol == "1.1.0" or own is not None
     for name, value in (("layers", len(md.layers)), ("patches per image", md.n_patches_per_img),
                         ("d_model", md.d_vit), ("examples", md.n_imgs)):  # fmt: skip
         if value < 1:
             raise ShardError(f"{md_fpath}: {name} must be at least 1, got {value}")
     if md.dtype != "float32":
         raise ShardError(f"{md_fpath}: field 'dtype' is {md.dtype!r}; only 'float32' is supported")
-    if not (protocol == "1.1.0" and not class_names):  # our earlier dumps name their classes and ignore value
+    if not (has_own_labels and not class_names):  # our own dumps name their classes and ignore value
         md = dataclasses.replace(md, labels_dtype=labels_dtype, labels_ignore=ignore, class_names=class_names)
     try:
         md.n_shards
