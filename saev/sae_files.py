@@ -120,8 +120,8 @@ def read_saev_pt(fpath: pathlib.Path | str) -> ImportedSae:
     if newline < 0:
         raise SaeFileError(f"{fpath}: no JSON header line (a saev sae.pt starts with one line of JSON)")
     try:
-        header = json.loads(data[:newline].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        header = json.loads(data[:newline].decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as err:
         raise SaeFileError(f"{fpath}: the header line is not JSON ({_one_line(err)})") from None
     if not isinstance(header, dict):
         raise SaeFileError(f"{fpath}: the header is JSON {type(header).__name__}, not an object")
@@ -300,6 +300,10 @@ def _read_bytes(fpath: pathlib.Path) -> bytes:
         raise SaeFileError(f"{fpath} is a directory, not an SAE checkpoint file") from None
     except OSError as err:
         raise SaeFileError(f"cannot read SAE checkpoint {fpath}: {err.strerror or err}") from None
+
+
+def _refuse_constant(name: str) -> typing.NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _one_line(err: BaseException) -> str:

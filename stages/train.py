@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import logging
 import pathlib
+import typing
 
 import numpy as np
 
@@ -161,14 +162,28 @@ IMPORT_EVAL_ROWS = 4096
 of its layer (all of them when the dump has fewer)."""
 
 
-@functools.lru_cache(maxsize=16)
-def _read_import(path: pathlib.Path, signature: tuple[int, ...]) -> sae_files.ImportedSae:
-    """`sae_files.read_sae`, once per file version (`signature`: stat signatures) per process: a plan reads it."""
-    return sae_files.read_sae(path)
+class PlannedImport(typing.NamedTuple):
+    """What planning needs from an imported SAE (its weights are read again by the job)."""
+
+    info: ImportInfo
+    """Where it comes from, its format, checksum and activation."""
+    d_vit: int
+    """Width of the activations it reads."""
+    top_k: int | None
+    """saev's top_k of a TopK or BatchTopK SAE (kept in its key params, for exports)."""
 
 
-def read_import(path: pathlib.Path) -> sae_files.ImportedSae:
-    """The SAE checkpoint at `path` (file or directory), read and converted (cached while its files are unchanged)."""
+@functools.lru_cache(maxsize=256)
+def _plan_import(path: pathlib.Path, signature: tuple[int, ...]) -> PlannedImport:
+    imported = sae_files.read_sae(path)
+    sae = imported.sae
+    info = ImportInfo(path, imported.fmt, imported.checksum, repr(sae.activation), sae.cfg.d_sae)
+    return PlannedImport(info, sae.cfg.d_vit, imported.top_k)
+
+
+def plan_import(path: pathlib.Path) -> PlannedImport:
+    """The SAE checkpoint at `path` (file or directory), read, converted and checked (`sae_files.read_sae`); read
+    once per process while its files are unchanged (same stat signatures), since every plan reads it."""
     fpaths = [path / nn.CONFIG_FNAME, path / nn.WEIGHTS_FNAME, path / "sae.pt"] if path.is_dir() else [path]
     signature = []
     for fpath in fpaths:
@@ -176,7 +191,7 @@ def read_import(path: pathlib.Path) -> sae_files.ImportedSae:
             signature += checksums.stat_sig(fpath.stat())
         except OSError:
             signature.append(-1)
-    return _read_import(path, tuple(signature))
+    return _plan_import(path, tuple(signature))
 
 
 def get_imports(pipeline) -> list[tuple[pathlib.Path, int]]:
@@ -203,24 +218,24 @@ def plan(pipeline, upstream: Plan) -> StagePlan[TrainInfo]:
     pieces = []
     d_vit = vit.get_d_vit(pipeline.dump.vit.model)
     for path, import_layer in get_imports(pipeline):
-        imported = read_import(path)
-        if imported.sae.cfg.d_vit != d_vit:
+        planned = plan_import(path)
+        if planned.d_vit != d_vit:
             raise sae_files.SaeFileError(
-                f"{path}: the SAE reads width d_model={imported.sae.cfg.d_vit}, but the dump's activations "
+                f"{path}: the SAE reads width d_model={planned.d_vit}, but the dump's activations "
                 f"(dump.vit.model={pipeline.dump.vit.model!r}) have width {d_vit}"
             )
-        source = {"format": imported.fmt, "checksum": imported.checksum, "conversion": sae_files.CONVERSION_VERSION}
-        if imported.top_k is not None:
-            source["top_k"] = imported.top_k
+        import_info = planned.info
+        source = {"format": import_info.fmt, "checksum": import_info.checksum, "conversion": sae_files.CONVERSION_VERSION}
+        if planned.top_k is not None:
+            source["top_k"] = planned.top_k
         params = {"import": source, "layer": import_layer}
         inputs = {"dump": dump_ref}
         art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, inputs))
         if art.key in info:
             continue  # the same file twice
-        import_info = ImportInfo(path, imported.fmt, imported.checksum, repr(imported.sae.activation), imported.sae.cfg.d_sae)
         arts.append(art)
         all_params[art.key], all_inputs[art.key] = params, inputs
-        info[art.key] = TrainInfo(config=import_info, d_sae=imported.sae.cfg.d_sae, layer=import_layer)
+        info[art.key] = TrainInfo(config=import_info, d_sae=import_info.d_sae, layer=import_layer)
         pieces.append(Piece(NAME, art, label=f"import {path}"))
     by_cfg: dict[training.TrainConfig, artifacts.Artifact] = {}
     for train_cfg in get_sweep(pipeline):

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from saev import nn, sae_files
+from saev import artifacts, nn, sae_files
 from stages import pipeline as pl
 
 from conftest import flip_byte
@@ -465,3 +465,32 @@ def test_bad_imports_are_refused_before_anything_runs(tiny_config, tmp_path, cap
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], errors
     assert not (tiny_config.parent / "runs").exists()
+
+
+#####################################
+# Our model: the fields this added  #
+#####################################
+
+
+def test_latents_sets_d_sae_and_stays_out_of_keys_and_files_while_unset(tmp_path):
+    """`SaeConfig.latents` and `TopK.keep_negative` were added without changing any earlier key or sae.json."""
+    assert artifacts.hashed_params(nn.SaeConfig(d_vit=8)) == {"__class__": "SaeConfig", "d_vit": 8, "exp_factor": 8, "seed": 0}
+    assert artifacts.hashed_params(nn.SaeConfig(d_vit=8, latents=13))["latents"] == 13
+    assert nn.activation_to_json(nn.TopK(4)) == {"kind": "topk", "k": 4}
+    assert nn.activation_from_json(nn.activation_to_json(nn.TopK(4, keep_negative=True))) == nn.TopK(4, keep_negative=True)
+    sae = nn.SparseAutoencoder(nn.SaeConfig(d_vit=8, exp_factor=1, latents=13), nn.TopK(4, keep_negative=True))
+    assert {k: tuple(v.shape) for k, v in sae.state_dict().items()} == {
+        "W_enc": (8, 13), "b_enc": (13,), "W_dec": (13, 8), "b_dec": (8,)
+    }  # fmt: skip
+    nn.save(sae, tmp_path)
+    assert json.loads((tmp_path / "sae.json").read_text())["latents"] == 13
+    assert nn.load(tmp_path).activation == nn.TopK(4, keep_negative=True)
+    with pytest.raises(ValueError, match="latents must be positive"):
+        nn.SaeConfig(d_vit=8, latents=0)
+
+
+def test_a_header_with_nan_is_refused(tmp_path):
+    fpath = tmp_path / "sae.pt"
+    fpath.write_bytes(b'{"schema": 5, "cfg": {"d_model": NaN}}\n')
+    with pytest.raises(sae_files.SaeFileError, match="header line is not JSON"):
+        sae_files.read_sae(fpath)
