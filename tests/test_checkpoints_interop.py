@@ -494,3 +494,37 @@ def test_a_header_with_nan_is_refused(tmp_path):
     fpath.write_bytes(b'{"schema": 5, "cfg": {"d_model": NaN}}\n')
     with pytest.raises(sae_files.SaeFileError, match="header line is not JSON"):
         sae_files.read_sae(fpath)
+
+
+def test_a_saev_topk_sae_is_scored_with_saevs_own_latents(copy_of_done, tmp_path):
+    """End to end, an imported saev 2.x TopK SAE (d_sae not a multiple of the width; most pre-activations negative, so
+    kept latents can be negative) gets, per class, the best AP and latent that scikit-learn gives on saev's own forward
+    over the kept patches."""
+    from sklearn.metrics import average_precision_score
+
+    from saev import vit
+    from stages import score as score_stage
+
+    d_model, d_sae, k = vit.get_d_vit("saev-tiny-vit"), 50, 5
+    state = random_state(d_model, d_sae, seed=5, b_enc_shift=-1.0)
+    state["W_enc"] *= 0.05  # pre-activations of order 0.3 below a bias of -1: rows with fewer than k positive ones
+    fpath = write_schema5(tmp_path / "theirs" / "sae.pt", "TopK", d_model, d_sae, state, top_k=k)
+    cfg = import_config(copy_of_done, json.dumps([str(fpath)]))
+    assert run(cfg) == 0
+    plan = pl.make_plan(pl.load(cfg))
+    (train_art,) = plan["train"].artifacts
+    best = json.loads((plan["reduce"].artifacts[0].dpath / "best.json").read_text())
+    acts_ND, labels_N = score_stage.load_kept(
+        plan["dump"].artifacts[0].dpath, plan["mask"].artifacts[0].dpath, plan["train"].info[train_art.key].layer
+    )
+    f_NK, _ = saev_forward(state, torch.from_numpy(acts_ND), "topk", top_k=k)
+    assert (f_NK < 0).any()
+    scores_NK = f_NK.float().numpy()  # scored in float32, as the pipeline scores
+    for c, row in enumerate(best["per_sae"][train_art.key]["classes"]):
+        positive_N = labels_N == c
+        if not positive_N.any():
+            assert row["ap"] is None
+            continue
+        ap_K = [average_precision_score(positive_N, scores_NK[:, j]) for j in range(d_sae)]
+        assert row["ap"] == pytest.approx(max(ap_K), abs=1e-6), row["name"]
+        assert ap_K[row["prototype"]] == pytest.approx(max(ap_K), abs=1e-6)
