@@ -319,3 +319,22 @@ def run_import(pipeline, plan: Plan, piece: Piece) -> None:
         params=plan[NAME].params[art.key], inputs=plan[NAME].inputs[art.key], started=started, extra={"metrics": metrics}
     )
     logger.info("imported %s as %s: nmse %.4f, l0 %.1f", source.path, art.ref, metrics["nmse"], metrics["l0"])
+
+
+def export(plan: Plan, out_dpath: pathlib.Path) -> list[pathlib.Path]:
+    """Write every SAE of the plan's train stage as a saev 2.x file, `<out_dpath>/<key>/sae.pt`
+    (`sae_files.export_train_artifact`), in sweep order (imports first); returns the files written.
+
+    Raises:
+        artifacts.IncompleteArtifactError: an SAE is not trained (or imported) yet; nothing is written then.
+    """
+    arts = plan[NAME].artifacts
+    for art in arts:
+        if not art.is_done():
+            raise artifacts.IncompleteArtifactError(f"cannot export {art.ref}: it is not done (`--stage train` first)")
+    out = []
+    for art in arts:
+        fpath = out_dpath / art.key / "sae.pt"
+        sae_files.export_train_artifact(art.dpath, fpath)
+        out.append(fpath)
+    return out

@@ -528,3 +528,19 @@ def test_a_saev_topk_sae_is_scored_with_saevs_own_latents(copy_of_done, tmp_path
         ap_K = [average_precision_score(positive_N, scores_NK[:, j]) for j in range(d_sae)]
         assert row["ap"] == pytest.approx(max(ap_K), abs=1e-6), row["name"]
         assert ap_K[row["prototype"]] == pytest.approx(max(ap_K), abs=1e-6)
+
+
+def test_export_writes_every_sae_of_a_run(done_config, tiny_config, tmp_path):
+    """`stages.train.export` (for `launch.py --export`): one saev file per SAE, importable to the same SAE."""
+    from stages import train as train_stage
+
+    plan = pl.make_plan(pl.load(done_config))
+    written = train_stage.export(plan, tmp_path / "out")
+    assert written == [tmp_path / "out" / a.key / "sae.pt" for a in plan["train"].artifacts]
+    x = inputs(plan["train"].info[plan["train"].artifacts[0].key].config.sae.d_vit)
+    for art, fpath in zip(plan["train"].artifacts, written, strict=True):
+        with torch.no_grad():
+            torch.testing.assert_close(sae_files.read_sae(fpath).sae(x).f_BS, nn.load(art.dpath)(x).f_BS, atol=1e-6, rtol=0)
+    with pytest.raises(artifacts.IncompleteArtifactError, match="not done"):
+        train_stage.export(pl.make_plan(pl.load(tiny_config)), tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
