@@ -208,8 +208,9 @@ def _int_field(fpath: pathlib.Path, obj: dict, name: str, prefix: str, default: 
 
 
 def _load_state_dict(fpath: pathlib.Path, payload: bytes) -> dict[str, Tensor]:
+    buffer = io.BytesIO(payload)
     try:
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        state = torch.load(buffer, weights_only=True, map_location="cpu")
     except Exception as err:  # torch reports a truncated or garbled archive with many exception types
         if "Unsupported global" in str(err) or "Unsupported class" in str(err):  # a class or function to rebuild
             raise SaeFileError(
