@@ -9,8 +9,8 @@ with batched matmuls in one job (one piece of work), on one stream of shuffled b
 on held-out rows).
 
 SAEs trained elsewhere are scored the same way: each entry of `imports` (a saev `sae.pt`, v1 or 2.x, or a directory
-with our `sae.json` + `sae.safetensors`) becomes a train artifact of its own, keyed by the file's content checksum and
-the conversion version (`saev.sae_files`) and the layer it reads, holding the converted SAE and `metrics.json`
+with our `sae.json` + `sae.safetensors`) becomes a train artifact of its own, keyed by the file's content checksum, the
+conversion version (`saev.sae_files`), the layer it reads and the dump (an input, like a trained SAE's), holding the converted SAE and `metrics.json`
 measured on the last `IMPORT_EVAL_ROWS` patches of the dump (with `n_steps` 0). `sweep = ""` trains nothing.
 
 Training saves a checkpoint every `checkpoint_every` steps and when asked to (Slurm's pre-timeout signal, see

@@ -436,6 +436,20 @@ def test_a_changed_checkpoint_is_a_new_sae(done_config, tiny_config, tmp_path):
     assert pl.make_plan(pl.load(cfg))["train"].artifacts[0].key != before
 
 
+def test_a_checkpoint_changed_after_the_plan_is_refused_by_the_job(done_config, tiny_config, tmp_path):
+    from stages import train as train_stage
+
+    native_plan = pl.make_plan(pl.load(done_config))
+    fpath = tmp_path / "sae.pt"
+    sae_files.export_train_artifact(native_plan["train"].artifacts[0].dpath, fpath)
+    pipeline = pl.load(import_config(tiny_config, json.dumps([str(fpath)])))
+    plan = pl.make_plan(pipeline)
+    sae_files.export_train_artifact(native_plan["train"].artifacts[1].dpath, fpath)
+    with pytest.raises(sae_files.SaeFileError, match="changed since the plan"):
+        train_stage.run(pipeline, plan, plan["train"].pieces[0])
+    assert not plan["train"].artifacts[0].dpath.exists()
+
+
 def test_imports_with_a_layer_of_their_own_and_relative_paths(done_config, tiny_config):
     native_plan = pl.make_plan(pl.load(done_config))
     sae_files.export_train_artifact(native_plan["train"].artifacts[0].dpath, tiny_config.parent / "a.pt")
