@@ -154,6 +154,23 @@ def test_schema5_with_d_sae_not_a_multiple_of_d_model(tmp_path, cls, kind, thres
         torch.testing.assert_close(imported.sae.encode(x, slice(3, 9)), imported.sae.encode(x)[:, 3:9])
 
 
+def test_v1_schema1_with_a_tagged_activation(tmp_path):
+    """saev's later schema-1 files: cls "SparseAutoencoderConfig" and the activation as {"cls", "params"}."""
+    state = random_state(8, 16, b_enc_shift=-0.4)
+    cfg = {"d_vit": 8, "exp_factor": 2, "seed": 0, "activation": {"cls": "TopK", "params": {"top_k": 3}}}
+    fpath = write_pt(tmp_path / "sae.pt", {"schema": 1, "cfg": cfg, "cls": "SparseAutoencoderConfig"}, state)
+    x = inputs(8)
+    assert_same_outputs(sae_files.read_sae(fpath).sae, *saev_forward(state, x, "topk", top_k=3), x)
+
+
+def test_a_top_k_above_d_sae_keeps_every_latent_like_saev(tmp_path):
+    state = random_state(8, 13)
+    imported = sae_files.read_sae(write_schema5(tmp_path / "sae.pt", "TopK", 8, 13, state, top_k=40))
+    assert imported.sae.activation.k == 13
+    x = inputs(8)
+    assert_same_outputs(imported.sae, *saev_forward(state, x, "topk", top_k=40), x)
+
+
 def test_imported_topk_keeps_negative_values_like_saev(tmp_path):
     """Rows with fewer than k positive pre-activations keep their k largest values, negative ones included."""
     state = random_state(8, 16, b_enc_shift=-2.0)  # most pre-activations negative
