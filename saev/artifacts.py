@@ -82,8 +82,9 @@ def hashed_if_set(default: object = None, **kwargs: object) -> typing.Any:
 def hashed_params(obj: object) -> object:
     """The result-changing part of a config as plain JSON types.
 
-    Dataclasses become dicts without their `unhashed` fields and their `hashed_if_set` fields at the default (plus a `__class__` entry so that two config classes
-    with the same fields never collide); tuples become lists; everything else must already be JSON-serialisable.
+    Dataclasses become dicts without their `unhashed` fields and their `hashed_if_set` fields at the default (plus a
+    `__class__` entry so that two config classes with the same fields never collide); tuples become lists; everything
+    else must already be JSON-serialisable.
     """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out: dict[str, object] = {"__class__": type(obj).__name__}

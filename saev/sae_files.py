@@ -18,12 +18,12 @@ Conversion. saev's encoder is `h = x @ W_enc + b_enc` (no `b_dec` subtraction); 
 so an imported SAE gets `b_enc_ours = b_enc_theirs + b_dec @ W_enc` (computed in float64), and an export
 `b_enc_theirs = b_enc_ours - b_dec @ W_enc`. Activations:
 
-| saev | ours |
-|---|---|
-| ReLU | `Relu()` |
-| TopK(top_k) | `TopK(min(top_k, d_sae), keep_negative=True)`: saev keeps the k largest pre-activations as they are, so a row with fewer than k positive ones keeps negative values; so do we, for imported SAEs |
-| BatchTopK (2.x) | `JumpRelu(max(threshold, 0))` from the `activation.threshold` buffer: saev's inference rule is `h if h > threshold else 0`, and plain ReLU when threshold <= 0 |
-| BatchTopK (v1) | refused: it has no inference threshold, so a patch's latents depend on the rest of its batch |
+- ReLU -> `Relu()`.
+- TopK(top_k) -> `TopK(min(top_k, d_sae), keep_negative=True)`: saev keeps the k largest pre-activations as they are,
+  so a row with fewer than k positive ones keeps negative values; so do we, for imported SAEs.
+- BatchTopK (2.x) -> `JumpRelu(max(threshold, 0))` from the `activation.threshold` buffer: saev's inference rule is
+  `h if h > threshold else 0`, and plain ReLU when threshold <= 0 (so no negative threshold is needed).
+- BatchTopK (v1) -> refused: it has no inference threshold, so a patch's latents depend on the rest of its batch.
 
 Export (`write_saev_pt`) writes header schema 5. Our `TopK` passes kept values through a ReLU, saev's does not: an
 export of such an SAE says so in the header's "lib" field ("saev-pipeline <version> (relu-after-top-k)"), and

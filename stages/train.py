@@ -10,8 +10,9 @@ on held-out rows).
 
 SAEs trained elsewhere are scored the same way: each entry of `imports` (a saev `sae.pt`, v1 or 2.x, or a directory
 with our `sae.json` + `sae.safetensors`) becomes a train artifact of its own, keyed by the file's content checksum, the
-conversion version (`saev.sae_files`), the layer it reads and the dump (an input, like a trained SAE's), holding the converted SAE and `metrics.json`
-measured on the last `IMPORT_EVAL_ROWS` patches of the dump (with `n_steps` 0). `sweep = ""` trains nothing.
+conversion version (`saev.sae_files`), the layer it reads and the dump (an input, like a trained SAE's), holding the
+converted SAE and `metrics.json` measured on the last `IMPORT_EVAL_ROWS` patches of the dump (with `n_steps` 0).
+`sweep = ""` trains nothing.
 
 Training saves a checkpoint every `checkpoint_every` steps and when asked to (Slurm's pre-timeout signal, see
 `stages.pipeline.run_pieces`); a rerun or a requeued job resumes from it and ends with the same weights.
@@ -85,7 +86,8 @@ def get_layer(pipeline, layer: int | None = None, what: str = "train.layer") -> 
     dumped = vit.resolve_layers(model, pipeline.dump.vit.layers)
     if block not in dumped:
         raise ValueError(
-            f"{what}={given} (block {block}) is not among the dumped layers dump.vit.layers={list(pipeline.dump.vit.layers)}"
+            f"{what}={given} (block {block}) is not among the dumped layers "
+            f"dump.vit.layers={list(pipeline.dump.vit.layers)}"
         )
     return block
 
@@ -202,10 +204,8 @@ def get_imports(pipeline) -> list[tuple[pathlib.Path, int]]:
         entry = entry if isinstance(entry, SaeImport) else SaeImport(path=entry)
         path = (pipeline.config_dpath / entry.path).absolute()
         if not path.exists():
-            raise sae_files.SaeFileError(
-                f"train.imports[{i}]: SAE checkpoint not found: {path}"
-                + (f" (relative to the config's directory {pipeline.config_dpath})" if not entry.path.is_absolute() else "")
-            )
+            where = "" if entry.path.is_absolute() else f" (relative to the config's directory {pipeline.config_dpath})"
+            raise sae_files.SaeFileError(f"train.imports[{i}]: SAE checkpoint not found: {path}{where}")
         out.append((path, get_layer(pipeline, entry.layer, f"train.imports[{i}].layer")))
     return out
 
@@ -225,7 +225,8 @@ def plan(pipeline, upstream: Plan) -> StagePlan[TrainInfo]:
                 f"(dump.vit.model={pipeline.dump.vit.model!r}) have width {d_vit}"
             )
         import_info = planned.info
-        source = {"format": import_info.fmt, "checksum": import_info.checksum, "conversion": sae_files.CONVERSION_VERSION}
+        source = {"format": import_info.fmt, "checksum": import_info.checksum}
+        source["conversion"] = sae_files.CONVERSION_VERSION
         if planned.top_k is not None:
             source["top_k"] = planned.top_k
         params = {"import": source, "layer": import_layer}
@@ -316,7 +317,10 @@ def run_import(pipeline, plan: Plan, piece: Piece) -> None:
         {"path": str(source.path), "format": imported.fmt, "checksum": imported.checksum, "header": imported.header},
     )
     art.write_manifest(
-        params=plan[NAME].params[art.key], inputs=plan[NAME].inputs[art.key], started=started, extra={"metrics": metrics}
+        params=plan[NAME].params[art.key],
+        inputs=plan[NAME].inputs[art.key],
+        started=started,
+        extra={"metrics": metrics},
     )
     logger.info("imported %s as %s: nmse %.4f, l0 %.1f", source.path, art.ref, metrics["nmse"], metrics["l0"])
 

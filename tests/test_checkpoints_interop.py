@@ -118,7 +118,8 @@ def test_encoder_bias_absorbs_the_decoder_bias(tmp_path):
         assert torch.equal(imported.sae.state_dict()[name], state[name])
     x = inputs(8)
     with torch.no_grad():
-        torch.testing.assert_close(imported.sae.pre_acts(x).double(), x.double() @ state["W_enc"].double() + state["b_enc"].double(), atol=1e-6, rtol=0)
+        theirs = x.double() @ state["W_enc"].double() + state["b_enc"].double()
+        torch.testing.assert_close(imported.sae.pre_acts(x).double(), theirs, atol=1e-6, rtol=0)
 
 
 def test_v1_pre_schema_relu(tmp_path):
