@@ -576,3 +576,14 @@ def test_export_writes_every_sae_of_a_run(done_config, tiny_config, tmp_path):
     with pytest.raises(artifacts.IncompleteArtifactError, match="not done"):
         train_stage.export(pl.make_plan(pl.load(tiny_config)), tmp_path / "nothing")
     assert not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.parametrize("params,top_k", [({"sae": {"objective": {"k": 12}}}, 12), ({"import": {"top_k": 9}}, 9), ({}, 32)])
+def test_an_exported_jumprelu_sae_names_the_k_it_was_trained_with(tmp_path, params, top_k):
+    """BatchTopK's k only matters to saev's training, but an export says what it was when the manifest records it
+    (a native batchtopk SAE's objective, or the file it was imported from), else saev's default."""
+    nn.save(make_sae(nn.JumpRelu(0.1)), tmp_path / "art")
+    (tmp_path / "art" / "manifest.json").write_text(json.dumps({"params": params}))
+    sae_files.export_train_artifact(tmp_path / "art", tmp_path / "sae.pt")
+    header = sae_files.read_sae(tmp_path / "sae.pt").header
+    assert header["cfg"]["activation"]["params"]["top_k"] == top_k
