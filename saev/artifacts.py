@@ -72,18 +72,26 @@ def unhashed(default: object = dataclasses.MISSING, **kwargs: object) -> typing.
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
+def hashed_if_set(default: object = None, **kwargs: object) -> typing.Any:
+    """A dataclass field left out of artifact keys while it equals `default`: adding such a field to a config class
+    keeps every earlier key, while setting it (it changes the output) gives new ones."""
+    return dataclasses.field(default=default, metadata={"hashed": "unless-default"}, **kwargs)
+
+
 @beartype.beartype
 def hashed_params(obj: object) -> object:
     """The result-changing part of a config as plain JSON types.
 
-    Dataclasses become dicts without their `unhashed` fields (plus a `__class__` entry so that two config classes
-    with the same fields never collide); tuples become lists; everything else must already be JSON-serialisable.
+    Dataclasses become dicts without their `unhashed` fields and their `hashed_if_set` fields at the default (plus a
+    `__class__` entry so that two config classes with the same fields never collide); tuples become lists; everything
+    else must already be JSON-serialisable.
     """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out: dict[str, object] = {"__class__": type(obj).__name__}
         for field in dataclasses.fields(obj):
-            if field.metadata.get("hashed", True):
-                out[field.name] = hashed_params(getattr(obj, field.name))
+            hashed, value = field.metadata.get("hashed", True), getattr(obj, field.name)
+            if hashed is True or (hashed == "unless-default" and value != field.default):
+                out[field.name] = hashed_params(value)
         return out
     if isinstance(obj, (list, tuple)):
         return [hashed_params(x) for x in obj]
@@ -464,7 +472,7 @@ class Artifact:
             "host": socket.gethostname(),
             "slurm_job_id": slurm.job_id(),
             "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "versions": _versions(),
             **dict(extra or {}),
         }
@@ -570,7 +578,8 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """The commit of this code's git checkout (HEAD), or None outside one."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],

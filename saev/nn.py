@@ -1,6 +1,7 @@
 """Sparse autoencoders (SAEs): the model, its activation rules, its decoder invariants, and its checkpoint format.
 
-A `SparseAutoencoder` maps a ViT activation x (width d_vit) to d_sae non-negative latents f and back:
+A `SparseAutoencoder` maps a ViT activation x (width d_vit) to d_sae latents f (non-negative, except for an imported
+saev TopK SAE, see `TopK.keep_negative`) and back:
 
     pre   = (x - b_dec) @ W_enc + b_enc
     f     = activation(pre)
@@ -9,7 +10,8 @@ A `SparseAutoencoder` maps a ViT activation x (width d_vit) to d_sae non-negativ
 The activation rule is one of `ACTIVATIONS` and is saved with the SAE:
 
 - `Relu`: f = relu(pre) (SAEs trained with the "relu_l1" objective).
-- `TopK(k)`: the k largest pre-activations of each example, through a ReLU, the rest 0 ("topk" objective).
+- `TopK(k)`: the k largest pre-activations of each example, through a ReLU, the rest 0 ("topk" objective);
+  `TopK(k, keep_negative=True)` keeps them as they are (saev's rule, for imported SAEs, see `saev.sae_files`).
 - `JumpRelu(threshold)`: f = pre * (pre > threshold) with one global threshold (what "batchtopk" and "matryoshka"
   SAEs use at inference: the threshold is estimated during training).
 
@@ -62,20 +64,25 @@ class SaeConfig:
     d_vit: int
     """Width of the ViT activations the SAE reads and reconstructs."""
     exp_factor: int = 8
-    """Expansion factor: the SAE has d_sae = d_vit * exp_factor latents."""
+    """Expansion factor: the SAE has d_sae = d_vit * exp_factor latents (unless `latents` is given)."""
     seed: int = 0
     """Seed of the weight initialisation."""
+    latents: int | None = artifacts.hashed_if_set(None)
+    """Number of latents when it is not d_vit * exp_factor (e.g. an imported SAE with 1000 latents on width 768);
+    None: d_vit * exp_factor. Left out of artifact keys while None, so earlier keys are unchanged."""
 
     def __post_init__(self):
         if self.d_vit < 1:
             raise ValueError(f"d_vit must be positive, got {self.d_vit}")
         if self.exp_factor < 1:
             raise ValueError(f"exp_factor must be positive, got {self.exp_factor}")
+        if self.latents is not None and self.latents < 1:
+            raise ValueError(f"latents must be positive, got {self.latents}")
 
     @property
     def d_sae(self) -> int:
-        """Number of latents."""
-        return self.d_vit * self.exp_factor
+        """Number of latents: `latents`, or d_vit * exp_factor."""
+        return self.d_vit * self.exp_factor if self.latents is None else self.latents
 
 
 ####################
@@ -115,10 +122,14 @@ class TopK:
     """The k largest pre-activations of each example (last axis), through a ReLU; every other latent is 0.
 
     At most k latents are non-zero per example, exactly k when the k-th largest pre-activation is positive.
+    With `keep_negative` the kept values are not passed through the ReLU (the saev library's rule, used for SAEs
+    imported from its files): a row with fewer than k positive pre-activations keeps some negative values.
     """
 
     k: int
     """Latents kept per example."""
+    keep_negative: bool = artifacts.hashed_if_set(False)
+    """Keep the k largest pre-activations as they are, even negative ones (saev's TopK); False: through a ReLU."""
 
     kind: typing.ClassVar[str] = "topk"
     per_latent: typing.ClassVar[bool] = False
@@ -131,7 +142,7 @@ class TopK:
         if self.k > pre_BS.shape[-1]:
             raise ValueError(f"TopK keeps k={self.k} latents but there are only {pre_BS.shape[-1]}")
         vals_BK, idx_BK = pre_BS.topk(self.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre_BS).scatter(-1, idx_BK, torch.relu(vals_BK))
+        return torch.zeros_like(pre_BS).scatter(-1, idx_BK, vals_BK if self.keep_negative else torch.relu(vals_BK))
 
 
 @beartype.beartype
@@ -157,10 +168,20 @@ ACTIVATIONS: dict[str, type] = {cls.kind: cls for cls in (Relu, TopK, JumpRelu)}
 """Activation kind (as saved in sae.json) -> its class."""
 
 
+def _fields_json(obj: object) -> dict[str, object]:
+    """The fields of a config dataclass for `sae.json`, without those added later (`artifacts.hashed_if_set`) that
+    are at their default: what earlier versions wrote, they still write."""
+    return {
+        f.name: getattr(obj, f.name)
+        for f in dataclasses.fields(obj)
+        if f.metadata.get("hashed") != "unless-default" or getattr(obj, f.name) != f.default
+    }
+
+
 @beartype.beartype
 def activation_to_json(activation: Activation) -> dict[str, object]:
     """{"kind": ..., **fields}, what `sae.json` stores under "activation"."""
-    return {"kind": activation.kind, **dataclasses.asdict(activation)}
+    return {"kind": activation.kind, **_fields_json(activation)}
 
 
 @beartype.beartype
@@ -211,7 +232,7 @@ class SaeOutput(typing.NamedTuple):
     x_hat_BD: Tensor
     """Reconstructions, in the same space as the inputs."""
     f_BS: Tensor
-    """Latent activations (non-negative)."""
+    """Latent activations (non-negative, except for `TopK(keep_negative=True)`)."""
 
 
 class SparseAutoencoder(torch.nn.Module):
@@ -370,7 +391,7 @@ def save(sae: SparseAutoencoder, dpath: pathlib.Path | str) -> None:
     dpath = pathlib.Path(dpath)
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in sae.state_dict().items()}
     artifacts.atomic_write_bytes(dpath / WEIGHTS_FNAME, safetensors.torch.save(tensors))
-    config = {**dataclasses.asdict(sae.cfg), "activation": activation_to_json(sae.activation)}
+    config = {**_fields_json(sae.cfg), "activation": activation_to_json(sae.activation)}
     artifacts.atomic_write_json(dpath / CONFIG_FNAME, config)
 
 

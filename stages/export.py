@@ -3,14 +3,14 @@
     OUT_DIR/<HASH>/          the dump in the 2.x shard layout (metadata.json, shards.json, acts*.bin, labels.bin);
                              HASH is the sha256 of its metadata, as saev names shard directories
     OUT_DIR/classes.txt      the dump's class names, one a line (saev's files hold none)
-    OUT_DIR/saes/<train key>/sae.pt   each trained SAE (see `export_saes`)
+    OUT_DIR/saes/<train key>/sae.pt   each SAE of the run (trained or imported) as a saev 2.x checkpoint
 
 Nothing is recomputed: the artifacts must be done (checked against their manifests first).
 """
 
 import pathlib
 
-from saev import artifacts
+from saev import artifacts, sae_files
 from saev.data import saevfmt
 from saev.data.shards import Shards
 
@@ -38,15 +38,25 @@ def export(pipeline, plan: Plan, out_dpath: pathlib.Path) -> list[str]:
         classes_fpath = out_dpath / "classes.txt"
         artifacts.atomic_write_bytes(classes_fpath, "".join(f"{n}\n" for n in shards.metadata.class_names).encode())
         lines.append(f"class names: {classes_fpath}")
-    lines.extend(export_saes(pipeline, plan, out_dpath / "saes"))
+    lines.extend(export_saes(plan, out_dpath / "saes"))
     return lines
 
 
-def export_saes(pipeline, plan: Plan, saes_dpath: pathlib.Path) -> list[str]:
-    """Each done train artifact as `saes_dpath/<train key>/sae.pt` (saev 2.x checkpoint); one line per SAE.
+def export_saes(plan: Plan, saes_dpath: pathlib.Path) -> list[str]:
+    """Each train artifact of the plan (trained or imported SAEs, in sweep order, imports first) as
+    `saes_dpath/<train key>/sae.pt`, a saev 2.x checkpoint (`sae_files.export_train_artifact`); one line per SAE.
 
-    SAE EXPORT PLUGS IN HERE: for each `art` of `plan["train"].artifacts` that `art.is_done()`, call the SAE
-    exporter (`export_sae(art.dpath, saes_dpath / art.key / "sae.pt")`, from the checkpoint interop module) and
-    return a line naming the file. Until then no SAE is exported.
+    Every SAE is checked against its manifest before anything is written (`Artifact.verify`).
+
+    Raises:
+        IncompleteArtifactError: an SAE is not done (`--stage train` first) or is damaged.
     """
-    return []
+    arts = plan["train"].artifacts
+    for art in arts:
+        art.verify(params=plan["train"].params[art.key])
+    lines = []
+    for art in arts:
+        fpath = saes_dpath / art.key / "sae.pt"
+        sae_files.export_train_artifact(art.dpath, fpath)
+        lines.append(f"sae {art.ref}: {fpath}")
+    return lines

@@ -81,11 +81,27 @@ class DumpInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImportInfo:
+    """Where an imported SAE (`[train] imports`) comes from: what its train artifact is made from."""
+
+    path: pathlib.Path
+    """The checkpoint file or directory (absolute)."""
+    fmt: str
+    """Its format (`saev.sae_files.ImportedSae.fmt`)."""
+    checksum: str
+    """XXH3-128 of its bytes when planned (the job refuses a file that changed since)."""
+    activation: str
+    """Its activation rule after conversion, e.g. "TopK(k=32, keep_negative=True)"."""
+    d_sae: int
+    """Its number of latents."""
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainInfo:
     """What the train plan tells later stages about one SAE (one train artifact)."""
 
-    config: training.TrainConfig
-    """The SAE's canonical training config (as hashed into its key)."""
+    config: training.TrainConfig | ImportInfo
+    """The SAE's canonical training config (as hashed into its key), or where an imported SAE comes from."""
     d_sae: int
     """Latents of the SAE."""
     layer: int

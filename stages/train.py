@@ -8,19 +8,29 @@ with batched matmuls in one job (one piece of work), on one stream of shuffled b
 `sae.json` (its config and activation rule) and `metrics.json` (MSE, normalized MSE, L0, dead and dense fractions
 on held-out rows).
 
+SAEs trained elsewhere are scored the same way: each entry of `imports` (a saev `sae.pt`, v1 or 2.x, or a directory
+with our `sae.json` + `sae.safetensors`) becomes a train artifact of its own, keyed by the file's content checksum, the
+conversion version (`saev.sae_files`), the layer it reads and the dump (an input, like a trained SAE's), holding the
+converted SAE and `metrics.json` measured on the last `IMPORT_EVAL_ROWS` patches of the dump (with `n_steps` 0).
+`sweep = ""` trains nothing.
+
 Training saves a checkpoint every `checkpoint_every` steps and when asked to (Slurm's pre-timeout signal, see
 `stages.pipeline.run_pieces`); a rerun or a requeued job resumes from it and ends with the same weights.
 """
 
 import dataclasses
+import functools
 import logging
 import pathlib
+import typing
 
-from saev import artifacts, helpers, nn, sweep, training, vit
+import numpy as np
+
+from saev import artifacts, checksums, helpers, nn, sae_files, sweep, training, vit
 from saev.data import loader
 from saev.data.shards import Shards
 
-from .graph import DumpInfo, Piece, Plan, StagePlan, TrainInfo
+from .graph import DumpInfo, ImportInfo, Piece, Plan, StagePlan, TrainInfo
 
 NAME = "train"
 VERSION = 3  # 2: batches from saev.data.loader (chunked windows); 3: one config class per objective (params nest)
@@ -32,11 +42,26 @@ check = finalize = manifest_extra = None
 
 
 @dataclasses.dataclass(frozen=True)
+class SaeImport:
+    """An existing SAE checkpoint to score, instead of training one."""
+
+    path: pathlib.Path
+    """A saev `sae.pt` (v1 or 2.x), or a directory with our `sae.json` + `sae.safetensors` (e.g. a train artifact);
+    relative to the pipeline config's directory."""
+    layer: int | None = None
+    """ViT layer the SAE reads (a value of dump.vit.layers; negative counts from the end); None: `[train] layer`."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """Which SAEs to train, on which layer."""
+    """Which SAEs to train (or import), on which layer."""
 
     sweep: pathlib.Path = artifacts.unhashed(pathlib.Path("sweeps/demo.toml"))
-    """Sweep TOML file (relative to the pipeline config's directory); its expanded contents, not its path, are hashed."""
+    """Sweep TOML file (relative to the pipeline config's directory); its expanded contents, not its path, are hashed.
+    "" trains nothing (score `imports` only)."""
+    imports: tuple[pathlib.Path | SaeImport, ...] = artifacts.unhashed(())
+    """Existing SAE checkpoints to score besides the sweep: paths, or tables {path = "...", layer = N}; each SAE is
+    keyed by its file's content (see `saev.sae_files`)."""
     layer: int = -1
     """ViT layer whose patch activations the SAEs learn (a value of dump.vit.layers; negative counts from the end of the ViT)."""
     max_group: int = artifacts.unhashed(16)
@@ -52,28 +77,35 @@ class Config:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
 
 
-def get_layer(pipeline, dump: DumpInfo) -> int:
-    """The train layer as a non-negative block index, checked against the dumped layers (an adopted dump: one of the
-    layers its metadata.json lists, as listed; there is no model to count negative indices from)."""
+def get_layer(pipeline, dump: DumpInfo, layer: int | None = None, what: str = "train.layer") -> int:
+    """The train layer (or `layer`, named `what` in messages) as a non-negative block index, checked against the
+    dumped layers (an adopted dump: one of the layers its metadata.json lists, as listed; there is no model to count
+    negative indices from)."""
+    given = pipeline.train.layer if layer is None else layer
     if dump.adopted is not None:
-        if pipeline.train.layer not in dump.layers:
+        if given not in dump.layers:
             raise ValueError(
-                f"train.layer={pipeline.train.layer} is not among the layers of the adopted dump "
+                f"{what}={given} is not among the layers of the adopted dump "
                 f"{dump.adopted / 'metadata.json'}: layers={list(dump.layers)}"
             )
-        return pipeline.train.layer
-    model = pipeline.dump.vit.model
-    (layer,) = vit.resolve_layers(model, (pipeline.train.layer,))
-    if layer not in dump.layers:
+        return given
+    (block,) = vit.resolve_layers(pipeline.dump.vit.model, (given,))
+    if block not in dump.layers:
         raise ValueError(
-            f"train.layer={pipeline.train.layer} (block {layer}) is not among the dumped layers "
+            f"{what}={given} (block {block}) is not among the dumped layers "
             f"dump.vit.layers={list(pipeline.dump.vit.layers)}"
         )
-    return layer
+    return block
+
+
+NO_SWEEP = pathlib.Path("")
+"""`sweep = ""`: train nothing."""
 
 
 def get_sweep(pipeline, d_vit: int) -> list[training.TrainConfig]:
     """The expanded sweep with the SAE input width `d_vit` (the dump's), each distinct SAE once, in sweep order."""
+    if pipeline.train.sweep == NO_SWEEP:
+        return []
     fpath = pipeline.config_dpath / pipeline.train.sweep
     if not fpath.exists() and not pipeline.train.sweep.is_absolute():
         raise sweep.SweepError(
@@ -91,7 +123,10 @@ def get_sweep(pipeline, d_vit: int) -> list[training.TrainConfig]:
     return distinct
 
 
-def describe(cfg: training.TrainConfig) -> str:
+def describe(cfg: training.TrainConfig | ImportInfo) -> str:
+    """The SAE in a line: e.g. "relu_l1(l1_coeff=0.001) d_sae=512 lr=0.003 seed=0" or "imported saev-2-schema5 ..."."""
+    if isinstance(cfg, ImportInfo):
+        return f"imported {cfg.fmt} {cfg.path} {cfg.activation} d_sae={cfg.d_sae}"
     fields = ", ".join(f"{f.name}={getattr(cfg.objective, f.name)}" for f in dataclasses.fields(cfg.objective))
     return f"{cfg.objective.kind}({fields}) d_sae={cfg.sae.d_sae} lr={cfg.lr:g} seed={cfg.sae.seed}"
 
@@ -128,12 +163,90 @@ def warn_small_data(cfgs: list[training.TrainConfig], n_rows: int) -> list[str]:
     return out
 
 
+IMPORT_EVAL_ROWS = 4096
+"""An imported SAE's `metrics.json` (hence its health in the results) is measured on the dump's last this many patches
+of its layer (all of them when the dump has fewer)."""
+
+
+class PlannedImport(typing.NamedTuple):
+    """What planning needs from an imported SAE (its weights are read again by the job)."""
+
+    info: ImportInfo
+    """Where it comes from, its format, checksum and activation."""
+    d_vit: int
+    """Width of the activations it reads."""
+    top_k: int | None
+    """saev's top_k of a TopK or BatchTopK SAE (kept in its key params, for exports)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_import(path: pathlib.Path, signature: tuple[int, ...]) -> PlannedImport:
+    imported = sae_files.read_sae(path)
+    sae = imported.sae
+    info = ImportInfo(path, imported.fmt, imported.checksum, repr(sae.activation), sae.cfg.d_sae)
+    return PlannedImport(info, sae.cfg.d_vit, imported.top_k)
+
+
+def plan_import(path: pathlib.Path) -> PlannedImport:
+    """The SAE checkpoint at `path` (file or directory), read, converted and checked (`sae_files.read_sae`); read
+    once per process while its files are unchanged (same stat signatures), since every plan reads it."""
+    fpaths = [path / nn.CONFIG_FNAME, path / nn.WEIGHTS_FNAME, path / "sae.pt"] if path.is_dir() else [path]
+    signature = []
+    for fpath in fpaths:
+        try:
+            signature += checksums.stat_sig(fpath.stat())
+        except OSError:
+            signature.append(-1)
+    return _plan_import(path, tuple(signature))
+
+
+def get_imports(pipeline, dump: DumpInfo) -> list[tuple[pathlib.Path, int]]:
+    """Each `[train] imports` entry as (absolute path, dumped layer), checked: the path exists and the layer was
+    dumped."""
+    out = []
+    for i, entry in enumerate(pipeline.train.imports):
+        entry = entry if isinstance(entry, SaeImport) else SaeImport(path=entry)
+        path = (pipeline.config_dpath / entry.path).absolute()
+        if not path.exists():
+            where = "" if entry.path.is_absolute() else f" (relative to the config's directory {pipeline.config_dpath})"
+            raise sae_files.SaeFileError(f"train.imports[{i}]: SAE checkpoint not found: {path}{where}")
+        out.append((path, get_layer(pipeline, dump, entry.layer, f"train.imports[{i}].layer")))
+    return out
+
+
 def plan(pipeline, upstream: Plan) -> StagePlan[TrainInfo]:
     dump_ref = upstream["dump"].artifacts[0].ref
     dump_info: DumpInfo = upstream["dump"].info[upstream["dump"].artifacts[0].key]
     layer = get_layer(pipeline, dump_info)
     arts, all_params, all_inputs = [], {}, {}
     info: dict[str, TrainInfo] = {}
+    pieces = []
+    d_vit = dump_info.d_vit
+    for path, import_layer in get_imports(pipeline, dump_info):
+        planned = plan_import(path)
+        if planned.d_vit != d_vit:
+            source_desc = (
+                f"adopted dump {dump_info.adopted}" if dump_info.adopted is not None
+                else f"dump.vit.model={pipeline.dump.vit.model!r}"
+            )
+            raise sae_files.SaeFileError(
+                f"{path}: the SAE reads width d_model={planned.d_vit}, but the dump's activations "
+                f"({source_desc}) have width {d_vit}"
+            )
+        import_info = planned.info
+        source = {"format": import_info.fmt, "checksum": import_info.checksum}
+        source["conversion"] = sae_files.CONVERSION_VERSION
+        if planned.top_k is not None:
+            source["top_k"] = planned.top_k
+        params = {"import": source, "layer": import_layer}
+        inputs = {"dump": dump_ref}
+        art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, inputs))
+        if art.key in info:
+            continue  # the same file twice
+        arts.append(art)
+        all_params[art.key], all_inputs[art.key] = params, inputs
+        info[art.key] = TrainInfo(config=import_info, d_sae=import_info.d_sae, layer=import_layer)
+        pieces.append(Piece(NAME, art, label=f"import {path}"))
     by_cfg: dict[training.TrainConfig, artifacts.Artifact] = {}
     for train_cfg in get_sweep(pipeline, dump_info.d_vit):
         params = {"sae": artifacts.hashed_params(train_cfg), "layer": layer}
@@ -146,10 +259,11 @@ def plan(pipeline, upstream: Plan) -> StagePlan[TrainInfo]:
         all_params[art.key] = params
         all_inputs[art.key] = inputs
         info[art.key] = TrainInfo(config=train_cfg, d_sae=train_cfg.sae.d_sae, layer=layer)
+    if not info:
+        raise ValueError('[train] has no SAEs: sweep = "" and no imports')
     n_rows = dump_info.n_patches
-    for msg in warn_small_data([i.config for i in info.values()], n_rows):
+    for msg in warn_small_data([cfg for cfg in by_cfg], n_rows):
         logger.warning("the data is small for the sweep: %s", msg)
-    pieces = []
     for group in training.group(list(by_cfg), max_size=pipeline.train.max_group):
         group_arts = [by_cfg[cfg] for cfg in group]
         label = describe(group[0]) if len(group) == 1 else f"group of {len(group)}: {describe(group[0])}, ..."
@@ -158,6 +272,8 @@ def plan(pipeline, upstream: Plan) -> StagePlan[TrainInfo]:
 
 
 def run(pipeline, plan: Plan, piece: Piece) -> None:
+    if isinstance(plan[NAME].info[piece.artifact.key].config, ImportInfo):
+        return run_import(pipeline, plan, piece)
     started = artifacts.now()
     todo = [art for art in (piece.artifact, *piece.also) if not art.is_done()]
     infos = [plan[NAME].info[art.key] for art in todo]
@@ -185,3 +301,34 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
         )
         logger.info("trained %s: nmse %.4f, l0 %.1f, dead %.3f", art.ref, result.metrics.nmse, result.metrics.l0, result.metrics.dead_frac)
     checkpoint_fpath.unlink(missing_ok=True)
+
+
+def run_import(pipeline, plan: Plan, piece: Piece) -> None:
+    """The job body of an imported SAE: convert it again (refusing a file changed since the plan), save it as ours
+    (`sae.json`, `sae.safetensors`), measure `metrics.json` on the dump's last `IMPORT_EVAL_ROWS` patches, record where
+    it came from (`source.json`: path, format, checksum, header) and seal the artifact."""
+    started = artifacts.now()
+    art = piece.artifact
+    info: TrainInfo = plan[NAME].info[art.key]
+    source: ImportInfo = info.config
+    imported = sae_files.read_sae(source.path)
+    if imported.checksum != source.checksum:
+        raise sae_files.SaeFileError(f"{source.path} changed since the plan was made; run the launcher again")
+    rows = loader.ShardRows(Shards(plan["dump"].artifacts[0].dpath), info.layer)
+    n_eval = min(IMPORT_EVAL_ROWS, rows.n_rows)
+    eval_ND = np.empty((n_eval, rows.d), dtype=np.float32)
+    rows.read(rows.n_rows - n_eval, rows.n_rows, eval_ND)
+    metrics = dataclasses.asdict(training.get_metrics(imported.sae, eval_ND, n_steps=0))
+    nn.save(imported.sae, art.dpath)
+    artifacts.atomic_write_json(art.dpath / "metrics.json", metrics)
+    artifacts.atomic_write_json(
+        art.dpath / "source.json",
+        {"path": str(source.path), "format": imported.fmt, "checksum": imported.checksum, "header": imported.header},
+    )
+    art.write_manifest(
+        params=plan[NAME].params[art.key],
+        inputs=plan[NAME].inputs[art.key],
+        started=started,
+        extra={"metrics": metrics},
+    )
+    logger.info("imported %s as %s: nmse %.4f, l0 %.1f", source.path, art.ref, metrics["nmse"], metrics["l0"])

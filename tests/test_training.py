@@ -80,6 +80,7 @@ CHANGES = {
     "sae.d_vit": None,  # fixed by the data; a mismatch is an error (test_width_mismatch_is_refused)
     "sae.exp_factor": (TINY, {"sae": nn.SaeConfig(d_vit=8, exp_factor=3)}),
     "sae.seed": (TINY, {"sae": nn.SaeConfig(d_vit=8, exp_factor=2, seed=1)}),
+    "sae.latents": (TINY, {"sae": nn.SaeConfig(d_vit=8, exp_factor=2, latents=13)}),  # not a multiple of d_vit
     "objective": (TINY, {"objective": TopK(k=3)}),
     "objective.l1_coeff": (TINY, with_obj(TINY, l1_coeff=0.1)),
     "objective.k": (TINY_TOPK, with_obj(TINY_TOPK, k=2)),

@@ -1,0 +1,400 @@
+"""SAE checkpoints made elsewhere, read as our `SparseAutoencoder`, and ours written in the saev library's format.
+
+Formats read (`read_sae`):
+
+- the saev library's `sae.pt`: one line of UTF-8 JSON (the header), a newline, then `torch.save(state_dict)` bytes.
+  Header schemas: none (saev v1's first files: a flat ReLU config, `d_vit`, `exp_factor`), 1 (saev v1: `cfg` with
+  `d_vit`, `exp_factor`, `top_k`, and `cls` naming the activation "Relu", "TopK" or "BatchTopK"; or `cls`
+  "SparseAutoencoderConfig" with a tagged `cfg.activation`) and 5 (saev 2.x: `cfg` with `d_model`, `d_sae` and
+  `activation` = {"cls": "Relu" | "TopK" | "BatchTopK", "params": {"key": ..., "top_k": ..., ...}}). Other schemas are
+  refused. Tensors: `W_enc` [d_model, d_sae], `b_enc` [d_sae], `W_dec` [d_sae, d_model], `b_dec` [d_model], plus
+  `activation.threshold` (a scalar) for a 2.x BatchTopK SAE.
+- ours: a directory with `sae.json` + `sae.safetensors` (`saev.nn.save`; a train artifact directory is one).
+
+Nothing is unpickled: the header is parsed as JSON and the state dict read with `torch.load(weights_only=True)`,
+which only rebuilds tensors; a file that needs more (pickled objects) is refused.
+
+Conversion. saev's encoder is `h = x @ W_enc + b_enc` (no `b_dec` subtraction); ours is `(x - b_dec) @ W_enc + b_enc`,
+so an imported SAE gets `b_enc_ours = b_enc_theirs + b_dec @ W_enc` (computed in float64), and an export
+`b_enc_theirs = b_enc_ours - b_dec @ W_enc`. Activations:
+
+- ReLU -> `Relu()`.
+- TopK(top_k) -> `TopK(min(top_k, d_sae), keep_negative=True)`: saev keeps the k largest pre-activations as they are,
+  so a row with fewer than k positive ones keeps negative values; so do we, for imported SAEs.
+- BatchTopK (2.x) -> `JumpRelu(max(threshold, 0))` from the `activation.threshold` buffer: saev's inference rule is
+  `h if h > threshold else 0`, and plain ReLU when threshold <= 0 (so no negative threshold is needed).
+- BatchTopK (v1) -> refused: it has no inference threshold, so a patch's latents depend on the rest of its batch.
+
+Export (`write_saev_pt`) writes header schema 5. Our `TopK` passes kept values through a ReLU, saev's does not: an
+export of such an SAE says so in the header's "lib" field ("saev-pipeline <version> (relu-after-top-k)"), and
+`read_sae` restores our rule from it; the saev library itself ignores "lib" and keeps negative values in rows with
+fewer than k positive pre-activations. Training-only fields of the header (sparsity penalty, auxiliary loss, BatchTopK
+momentum) are written as saev's defaults; they do not change an SAE's outputs.
+"""
+
+import dataclasses
+import importlib.metadata
+import io
+import json
+import pathlib
+import typing
+
+import beartype
+import torch
+from torch import Tensor
+
+from saev import artifacts, checksums, nn
+
+CONVERSION_VERSION = 1
+"""Version of the conversion rules above; part of the key of every imported SAE (bump it when they change)."""
+
+LIB_NAME = "saev-pipeline"
+"""How our exports name their writer in the header's "lib" field."""
+RELU_AFTER_TOP_K = "relu-after-top-k"
+"""The mark, in "lib", of an export whose TopK passes kept values through a ReLU (our `TopK` rule)."""
+
+SUPPORTED_SCHEMAS = (None, 1, 5)
+"""saev header schemas `read_sae` reads (None: a header without "schema")."""
+
+_MAX_HEADER_BYTES = 1 << 20
+_ACTIVATION_CLASSES = ("Relu", "TopK", "BatchTopK")
+_THRESHOLD = "activation.threshold"
+_V1_DEFAULTS = {"d_vit": 1024, "exp_factor": 16, "top_k": 32}  # saev v1's dataclass defaults, for absent fields
+
+
+class SaeFileError(ValueError):
+    """An SAE checkpoint cannot be imported; the message (one line) names the file and the field at fault."""
+
+
+@beartype.beartype
+@dataclasses.dataclass(frozen=True)
+class ImportedSae:
+    """An SAE read from a checkpoint and converted to our formula."""
+
+    sae: nn.SparseAutoencoder
+    """The SAE (cpu, float32), computing the same latents and reconstructions as the original."""
+    fmt: str
+    """Where it came from: "saev-v1" (no schema), "saev-v1-schema1", "saev-2-schema5" or "ours"."""
+    checksum: str
+    """XXH3-128 of the file's bytes (ours: of sae.json, then sae.safetensors); with `CONVERSION_VERSION` it keys the
+    SAE's train artifact."""
+    top_k: int | None
+    """saev's `top_k` of a TopK or BatchTopK SAE as written in its header (None otherwise)."""
+    header: dict[str, typing.Any]
+    """The JSON header as read (ours: sae.json)."""
+
+
+############
+# Reading  #
+############
+
+
+@beartype.beartype
+def read_sae(path: pathlib.Path | str) -> ImportedSae:
+    """Read an SAE checkpoint: a saev `sae.pt` file, a directory holding one, or a directory with our `sae.json` +
+    `sae.safetensors`.
+
+    Raises:
+        SaeFileError: missing or unreadable path, truncated or corrupted file, bad header, unsupported schema or
+            activation, pickled objects, missing, extra, misshapen or non-finite tensors (one line naming the file
+            and the field).
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        if (path / nn.CONFIG_FNAME).exists() or (path / nn.WEIGHTS_FNAME).exists():
+            return _read_ours(path)
+        if (path / "sae.pt").is_file():
+            return read_saev_pt(path / "sae.pt")
+        raise SaeFileError(
+            f"{path}: directory holds neither a saev sae.pt nor our {nn.CONFIG_FNAME} + {nn.WEIGHTS_FNAME}"
+        )
+    return read_saev_pt(path)
+
+
+@beartype.beartype
+def read_saev_pt(fpath: pathlib.Path | str) -> ImportedSae:
+    """Read a saev `sae.pt` (header schema none, 1 or 5) and convert it (see the module docstring)."""
+    fpath = pathlib.Path(fpath)
+    data = _read_bytes(fpath)
+    newline = data.find(b"\n", 0, _MAX_HEADER_BYTES)
+    if newline < 0:
+        raise SaeFileError(f"{fpath}: no JSON header line (a saev sae.pt starts with one line of JSON)")
+    try:
+        header = json.loads(data[:newline].decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise SaeFileError(f"{fpath}: the header line is not JSON ({_one_line(err)})") from None
+    if not isinstance(header, dict):
+        raise SaeFileError(f"{fpath}: the header is JSON {type(header).__name__}, not an object")
+    spec = _parse_header(fpath, header)
+    state = _load_state_dict(fpath, data[newline + 1 :])
+    return ImportedSae(
+        sae=_convert(fpath, spec, state),
+        fmt=spec.fmt,
+        checksum=checksums.bytes_checksum(data),
+        top_k=spec.top_k,
+        header=header,
+    )
+
+
+class _Spec(typing.NamedTuple):
+    fmt: str
+    d_model: int
+    d_sae: int
+    activation: str  # "Relu", "TopK" or "BatchTopK"
+    top_k: int | None
+    keep_negative: bool
+
+
+def _parse_header(fpath: pathlib.Path, header: dict) -> _Spec:
+    schema = header.get("schema")
+    if schema not in SUPPORTED_SCHEMAS or isinstance(schema, bool):
+        raise SaeFileError(
+            f"{fpath}: header field 'schema' is {schema!r}; supported: none or 1 (saev v1), 5 (saev 2.x)"
+        )
+    ours = isinstance(header.get("lib"), str) and header["lib"].startswith(LIB_NAME)
+    keep_negative = not (ours and RELU_AFTER_TOP_K in header["lib"])
+    if schema is None:  # saev v1's first files: the ReLU config itself
+        d_model = _int_field(fpath, header, "d_vit", "", _V1_DEFAULTS["d_vit"])
+        d_sae = d_model * _int_field(fpath, header, "exp_factor", "", _V1_DEFAULTS["exp_factor"])
+        return _Spec("saev-v1", d_model, d_sae, "Relu", None, keep_negative)
+    cfg = header.get("cfg")
+    if not isinstance(cfg, dict):
+        raise SaeFileError(f"{fpath}: header field 'cfg' must be an object, got {cfg!r:.60}")
+    if schema == 1:
+        d_model = _int_field(fpath, cfg, "d_vit", "cfg.", _V1_DEFAULTS["d_vit"])
+        fmt = "saev-v1-schema1"
+        cls = header.get("cls", "SparseAutoencoderConfig")
+        if cls in _ACTIVATION_CLASSES:
+            d_sae = d_model * _int_field(fpath, cfg, "exp_factor", "cfg.", _V1_DEFAULTS["exp_factor"])
+            top_k = None if cls == "Relu" else _int_field(fpath, cfg, "top_k", "cfg.", _V1_DEFAULTS["top_k"])
+            return _Spec(fmt, d_model, d_sae, cls, top_k, keep_negative)
+        if cls != "SparseAutoencoderConfig":
+            raise SaeFileError(
+                f"{fpath}: header field 'cls' is {cls!r}; supported: {', '.join(_ACTIVATION_CLASSES)} "
+                "or SparseAutoencoderConfig"
+            )
+        d_sae = _d_sae(fpath, cfg, d_model)
+        activation = cfg.get("activation", {"cls": "Relu", "params": {}})
+    else:
+        fmt = "saev-2-schema5"
+        d_model = _int_field(fpath, cfg, "d_model", "cfg.")
+        d_sae = _d_sae(fpath, cfg, d_model)
+        activation = cfg.get("activation")
+    if not (isinstance(activation, dict) and isinstance(activation.get("params", {}), dict)):
+        raise SaeFileError(f"{fpath}: header field 'cfg.activation' must be an object with 'cls' and 'params'")
+    cls = activation.get("cls")
+    if cls not in _ACTIVATION_CLASSES:
+        raise SaeFileError(
+            f"{fpath}: header field 'cfg.activation.cls' is {cls!r}; supported: {', '.join(_ACTIVATION_CLASSES)}"
+        )
+    params = activation.get("params", {})
+    top_k = None if cls == "Relu" else _int_field(fpath, params, "top_k", "cfg.activation.params.", 32)
+    return _Spec(fmt, d_model, d_sae, cls, top_k, keep_negative)
+
+
+def _d_sae(fpath: pathlib.Path, cfg: dict, d_model: int) -> int:
+    if "d_sae" in cfg:
+        return _int_field(fpath, cfg, "d_sae", "cfg.")
+    return d_model * _int_field(fpath, cfg, "exp_factor", "cfg.", _V1_DEFAULTS["exp_factor"])
+
+
+def _int_field(fpath: pathlib.Path, obj: dict, name: str, prefix: str, default: int | None = None) -> int:
+    value = obj.get(name, default)
+    if value is None:
+        raise SaeFileError(f"{fpath}: header field '{prefix}{name}' is missing")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SaeFileError(f"{fpath}: header field '{prefix}{name}' must be a positive integer, got {value!r:.60}")
+    return value
+
+
+def _load_state_dict(fpath: pathlib.Path, payload: bytes) -> dict[str, Tensor]:
+    buffer = io.BytesIO(payload)
+    try:
+        state = torch.load(buffer, weights_only=True, map_location="cpu")
+    except Exception as err:  # torch reports a truncated or garbled archive with many exception types
+        if "Unsupported global" in str(err) or "Unsupported class" in str(err):  # a class or function to rebuild
+            raise SaeFileError(
+                f"{fpath}: the state dict holds pickled objects, which weights_only loading refuses (only tensors "
+                "are read; nothing was unpickled)"
+            ) from None
+        raise SaeFileError(
+            f"{fpath}: the bytes after the header are not a readable torch state dict (truncated or corrupted?): "
+            f"{_one_line(err)}"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise SaeFileError(f"{fpath}: the state dict is not a mapping of names to tensors")
+    return state
+
+
+def _convert(fpath: pathlib.Path, spec: _Spec, state: dict[str, Tensor]) -> nn.SparseAutoencoder:
+    d_model, d_sae = spec.d_model, spec.d_sae
+    expected = {"W_enc": (d_model, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_model), "b_dec": (d_model,)}
+    if spec.activation == "BatchTopK":
+        if _THRESHOLD not in state:
+            raise SaeFileError(
+                f"{fpath}: a BatchTopK SAE without an inference threshold (tensor '{_THRESHOLD}'; saev v1 has none): "
+                "its latents depend on the rest of the batch, so a patch has no score of its own"
+            )
+        expected[_THRESHOLD] = ()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        what = [f"missing tensor(s) {', '.join(missing)}"] * bool(missing) + [
+            f"unexpected tensor(s) {', '.join(extra)}"
+        ] * bool(extra)
+        raise SaeFileError(f"{fpath}: state dict has {'; '.join(what)} (expected {', '.join(expected)})")
+    for name, shape in expected.items():
+        tensor = state[name]
+        if tuple(tensor.shape) != shape and not (shape == () and tensor.numel() == 1):
+            raise SaeFileError(
+                f"{fpath}: tensor '{name}' has shape {list(tensor.shape)}, but header d_model={d_model}, "
+                f"d_sae={d_sae} need {list(shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise SaeFileError(f"{fpath}: tensor '{name}' has dtype {tensor.dtype}, not a floating-point type")
+        if not bool(torch.isfinite(tensor).all()):
+            raise SaeFileError(f"{fpath}: tensor '{name}' holds NaN or infinite values")
+    W_enc, b_enc, b_dec = (state[n].double() for n in ("W_enc", "b_enc", "b_dec"))
+    activation: nn.Activation
+    if spec.activation == "Relu":
+        activation = nn.Relu()
+    elif spec.activation == "TopK":
+        activation = nn.TopK(min(typing.cast(int, spec.top_k), d_sae), keep_negative=spec.keep_negative)
+    else:
+        activation = nn.JumpRelu(max(float(state[_THRESHOLD]), 0.0))
+    sae = nn.SparseAutoencoder(_sae_config(d_model, d_sae), activation)
+    sae.load_state_dict({
+        "W_enc": state["W_enc"].float(),
+        "b_enc": (b_enc + b_dec @ W_enc).float(),  # their x @ W + b == our (x - b_dec) @ W + b + b_dec @ W
+        "W_dec": state["W_dec"].float(),
+        "b_dec": state["b_dec"].float(),
+    })
+    return sae
+
+
+def _sae_config(d_model: int, d_sae: int) -> nn.SaeConfig:
+    if d_sae % d_model == 0:
+        return nn.SaeConfig(d_vit=d_model, exp_factor=d_sae // d_model)
+    return nn.SaeConfig(d_vit=d_model, exp_factor=1, latents=d_sae)
+
+
+def _read_ours(dpath: pathlib.Path) -> ImportedSae:
+    hasher = checksums.new_hasher()
+    for fpath in (dpath / nn.CONFIG_FNAME, dpath / nn.WEIGHTS_FNAME):
+        hasher.update(_read_bytes(fpath))
+    try:
+        sae = nn.load(dpath)
+    except (OSError, ValueError) as err:
+        raise SaeFileError(_one_line(err)) from None
+    for name, tensor in sae.state_dict().items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise SaeFileError(f"{dpath / nn.WEIGHTS_FNAME}: tensor '{name}' holds NaN or infinite values")
+    header = json.loads((dpath / nn.CONFIG_FNAME).read_text())
+    return ImportedSae(sae=sae, fmt="ours", checksum=hasher.hexdigest(), top_k=None, header=header)
+
+
+def _read_bytes(fpath: pathlib.Path) -> bytes:
+    try:
+        return fpath.read_bytes()
+    except FileNotFoundError:
+        raise SaeFileError(f"SAE checkpoint not found: {fpath}") from None
+    except IsADirectoryError:
+        raise SaeFileError(f"{fpath} is a directory, not an SAE checkpoint file") from None
+    except OSError as err:
+        raise SaeFileError(f"cannot read SAE checkpoint {fpath}: {err.strerror or err}") from None
+
+
+def _refuse_constant(name: str) -> typing.NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+###########
+# Writing #
+###########
+
+
+@beartype.beartype
+def write_saev_pt(sae: nn.SparseAutoencoder, fpath: pathlib.Path | str, *, top_k: int | None = None) -> None:
+    """Write `sae` as a saev 2.x `sae.pt` (header schema 5), atomically; see the module docstring for the rules.
+
+    Arguments:
+        sae: the SAE (any device).
+        fpath: the file to write.
+        top_k: saev's `top_k` for a JumpReLU SAE (exported as BatchTopK, whose k matters only for training); None:
+            saev's default, 32. A TopK SAE's own k is used.
+
+    Raises:
+        artifacts.WriteError: the file could not be written.
+    """
+    state = {name: t.detach().to("cpu", torch.float64) for name, t in sae.state_dict().items()}
+    tensors = {
+        "W_enc": state["W_enc"].float(),
+        "b_enc": (state["b_enc"] - state["b_dec"] @ state["W_enc"]).float(),
+        "W_dec": state["W_dec"].float(),
+        "b_dec": state["b_dec"].float(),
+    }
+    no_sparsity = {"cls": "NoSparsity", "params": {"key": "no-sparsity"}}
+    auxk = {"cls": "AuxK", "params": {"key": "auxk", "k_aux": 512, "alpha": 1 / 32}}
+    lib = f"{LIB_NAME} {_version()}"
+    act = sae.activation
+    if isinstance(act, nn.Relu):
+        payload = {"key": "relu", "sparsity": no_sparsity, "aux": {"cls": "NoAux", "params": {"key": "no-aux"}}}
+        activation = {"cls": "Relu", "params": payload}
+    elif isinstance(act, nn.TopK):
+        activation = {"cls": "TopK", "params": {"key": "top-k", "top_k": act.k, "sparsity": no_sparsity, "aux": auxk}}
+        if not act.keep_negative:
+            lib += f" ({RELU_AFTER_TOP_K})"
+    elif isinstance(act, nn.JumpRelu):
+        params = {"key": "batch-top-k", "top_k": top_k or 32, "sparsity": no_sparsity, "momentum": 0.1, "aux": auxk}
+        activation = {"cls": "BatchTopK", "params": params}
+        # float64 keeps our threshold exact; saev's load_state_dict casts it to its float32 buffer, and both compare
+        # float32 pre-activations with the threshold rounded to float32.
+        tensors[_THRESHOLD] = torch.tensor(act.threshold, dtype=torch.float64)
+    else:
+        raise TypeError(f"cannot export activation {act!r}")
+    header = {
+        "schema": 5,
+        "cfg": {
+            "d_model": sae.cfg.d_vit,
+            "d_sae": sae.cfg.d_sae,
+            "activation": activation,
+            "reinit_blend": 0.8,
+            "reinit_enc_dec_tranpose": True,  # sic: saev's spelling
+            "remove_parallel_grads": True,
+            "normalize_w_dec": True,
+        },
+        "commit": artifacts.git_commit() or "unknown",
+        "lib": lib,
+    }
+    buffer = io.BytesIO()
+    buffer.write((json.dumps(header) + "\n").encode("utf-8"))
+    torch.save(tensors, buffer)
+    artifacts.atomic_write_bytes(pathlib.Path(fpath), buffer.getvalue())
+
+
+@beartype.beartype
+def export_train_artifact(train_dpath: pathlib.Path | str, fpath: pathlib.Path | str) -> None:
+    """Write the SAE of a train artifact (`<root>/train/<key>/`) as a saev 2.x `sae.pt` (`write_saev_pt`), with the
+    BatchTopK `top_k` of its training config or of the file it was imported from, when its manifest records one."""
+    train_dpath = pathlib.Path(train_dpath)
+    sae = nn.load(train_dpath)
+    top_k = None
+    try:
+        params = json.loads((train_dpath / "manifest.json").read_text()).get("params", {})
+        found = params.get("import", {}).get("top_k") or params.get("sae", {}).get("objective", {}).get("k")
+        top_k = found if isinstance(found, int) and not isinstance(found, bool) and found > 0 else None
+    except (OSError, ValueError, AttributeError):
+        pass
+    write_saev_pt(sae, fpath, top_k=top_k)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version(LIB_NAME)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
