@@ -304,3 +304,31 @@ def test_stack_encodes_and_decodes_each_sae_like_the_single_sae():
 def test_stack_refuses_saes_of_different_shapes():
     with pytest.raises(ValueError, match="must share d_vit and d_sae"):
         nn.SaeStack([nn.SaeConfig(d_vit=8, exp_factor=2), nn.SaeConfig(d_vit=8, exp_factor=4)])
+
+
+def test_topk_keeps_every_value_tied_with_the_kth():
+    """One rule: relu(pre) where pre >= the k-th largest; ties with the k-th are all kept."""
+    pre_BS = torch.tensor([[1.0, 2.0, 2.0, 0.5], [3.0, 3.0, 3.0, -1.0]])
+    assert torch.equal(nn.TopK(1)(pre_BS), torch.tensor([[0.0, 2.0, 2.0, 0.0], [3.0, 3.0, 3.0, 0.0]]))
+    assert torch.equal(nn.TopK(2).kth_largest(pre_BS), torch.tensor([2.0, 3.0]))
+
+
+def test_a_topk_block_given_each_rows_kth_computes_only_its_columns(monkeypatch):
+    sae = make_sae(d_vit=8, exp_factor=4)
+    sae.activation = nn.TopK(3)
+    x_BD = torch.randn(16, 8)
+    full_BS = sae.encode(x_BD)
+    kth_B = sae.activation.kth_largest(sae.pre_acts(x_BD))
+    asked = []
+    pre_acts = sae.pre_acts
+    monkeypatch.setattr(sae, "pre_acts", lambda x, latents=None: asked.append(latents) or pre_acts(x, latents))
+    for block in (slice(0, 8), slice(8, 20), slice(20, 32)):
+        # Equal up to the last bit: tiny matmuls of a slice may round differently (saev.scoring avoids that).
+        torch.testing.assert_close(sae.encode(x_BD, latents=block, kth_B=kth_B), full_BS[:, block])
+    assert asked == [slice(0, 8), slice(8, 20), slice(20, 32)]
+
+
+def test_kth_is_refused_for_a_per_latent_activation():
+    sae = make_sae(d_vit=8, exp_factor=4)
+    with pytest.raises(ValueError, match="kth_B only applies to a TopK SAE"):
+        sae.encode(torch.randn(2, 8), latents=slice(0, 4), kth_B=torch.zeros(2))
