@@ -238,18 +238,41 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
         # The rows must go through the matmuls in the batches the thresholds were computed with.
         kth = get_kth(cfg, piece.artifact, info, sae, acts_ND, device)
         kth_N, batch_size = torch.from_numpy(kth.kth_N).to(device), kth.batch_size
-    scores_NK = scoring.encode_block(
-        sae, acts_ND, k_start, k_stop, batch_size=batch_size, device=device, kth_N=kth_N
-    )
+    score_block(
+        piece.fpath, sae, acts_ND, labels_N, n_classes, k_start, k_stop,
+        batch_size=batch_size, device=device, kth_N=kth_N, train_key=info.train_key,
+        matmul_precision=cfg.matmul_precision,
+    )  # fmt: skip
+
+
+def score_block(
+    fpath: pathlib.Path,
+    sae: nn.SparseAutoencoder,
+    acts_ND: np.ndarray,
+    labels_N: np.ndarray,
+    n_classes: int,
+    k_start: int,
+    k_stop: int,
+    *,
+    batch_size: int,
+    device: torch.device,
+    kth_N: torch.Tensor | None,
+    train_key: str,
+    matmul_precision: str,
+) -> None:
+    """A block's work once its inputs are at hand (what benchmarks/score.py times): encode latents [k_start, k_stop)
+    of every kept row (`scoring.encode_block`; `kth_N` for a TopK SAE), their AP for every class, and the partial
+    file `fpath`."""
+    scores_NK = scoring.encode_block(sae, acts_ND, k_start, k_stop, batch_size=batch_size, device=device, kth_N=kth_N)
     ap_CK = ap.average_precision(scores_NK, torch.from_numpy(labels_N).to(device), n_classes=n_classes)
     scoring.write_partial(
-        piece.fpath,
+        fpath,
         ap_CK=ap_CK.cpu().numpy(),
         scores_NK=scores_NK,
         k_start=k_start,
         k_stop=k_stop,
-        train_key=info.train_key,
-        matmul_precision=cfg.matmul_precision,
+        train_key=train_key,
+        matmul_precision=matmul_precision,
     )
 
 
