@@ -10,7 +10,8 @@ reads and writes. This module owns three formats:
   example's k-th largest pre-activation (`nn.TopK`). `topk_kth` finds it for every kept row in one pass over the
   SAE's blocks, from the very matmuls the blocks compute (rows in batches of `batch_size`, latents in blocks of
   `block_size`: a matmul of a slice may differ in the last bit from the same columns of a bigger matmul, the same
-  shapes never do), so each block then computes only its own columns (`encode_block(..., kth_N=...)`).
+  shapes never do, on one kind of device: a GPU and a CPU round differently, as they do for every score), so
+  each block then computes only its own columns (`encode_block(..., kth_N=...)`).
   `topk_kth.safetensors` of a score artifact holds `kth_N` (float32 [N], finite) and metadata `"sae"`, `"k"`,
   `"block_size"`, `"batch_size"`, `"matmul_precision"`; `write_kth` and `read_kth` own it.
 - Kept activations. `acts.npy` of a kept artifact: float32 [N, d_vit], C-order, the activations of the kept patches

@@ -19,7 +19,8 @@ What a block costs is its own columns, for every activation rule:
 - A TopK SAE's per-row k-th largest pre-activation is computed once per SAE by the first block task that needs
   it (under the artifact's lock `.lock-kth`: one pass over all blocks' matmuls, about one block's cost per block)
   into `topk_kth.safetensors` of the score artifact; every block then computes its own columns and keeps those at
-  or above the row's k-th (`saev.nn.TopK.select`), bit for bit the same latents as a full encode.
+  or above the row's k-th (`saev.nn.TopK.select`): exactly TopK's rule on the pre-activations the blocks compute
+  (the pass computes the same matmuls, `saev.scoring.topk_kth`).
 """
 
 import dataclasses
