@@ -10,15 +10,16 @@ saev TopK SAE, see `TopK.keep_negative`) and back:
 The activation rule is one of `ACTIVATIONS` and is saved with the SAE:
 
 - `Relu`: f = relu(pre) (SAEs trained with the "relu_l1" objective).
-- `TopK(k)`: the k largest pre-activations of each example, through a ReLU, the rest 0 ("topk" objective);
-  `TopK(k, keep_negative=True)` keeps them as they are (saev's rule, for imported SAEs, see `saev.sae_files`).
+- `TopK(k)`: the k largest pre-activations of each example (and any tied with the k-th), through a ReLU, the
+  rest 0 ("topk" objective); `TopK(k, keep_negative=True)` keeps them as they are (saev's rule, for imported SAEs,
+  see `saev.sae_files`).
 - `JumpRelu(threshold)`: f = pre * (pre > threshold) with one global threshold (what "batchtopk" and "matryoshka"
   SAEs use at inference: the threshold is estimated during training).
 
 `Relu` and `JumpRelu` are per-latent rules: latent j depends on pre[:, j] only, so `encode(x, latents=slice(a, b))`
-computes just those columns. `TopK` is not: a block encode computes all d_sae pre-activations, keeps each
-example's top k, and returns the requested columns, so a block equals the same columns of the full encoding
-(costing a full encoder matmul per block).
+computes just those columns. `TopK` is not, but it is one threshold rule: f = relu(pre) where pre >= kth else 0,
+with kth each example's k-th largest pre-activation. Given kth (`encode(..., kth_B=...)`), a block computes just
+its columns too; without it a block encode computes all d_sae pre-activations and returns the requested columns.
 
 Training (saev.training) runs on activations multiplied by a scalar `scale` (so their mean L2 norm is sqrt(d_vit))
 with unit-norm decoder rows. Before saving, `fold_scale_` rewrites the weights so that the saved SAE takes RAW
@@ -121,7 +122,11 @@ class Relu:
 class TopK:
     """The k largest pre-activations of each example (last axis), through a ReLU; every other latent is 0.
 
-    At most k latents are non-zero per example, exactly k when the k-th largest pre-activation is positive.
+    One rule, whole or by blocks: f = relu(pre) where pre >= kth else 0, with kth the example's k-th largest
+    pre-activation over ALL latents (`kth_largest`); `select` applies it to any block of columns given kth. Values
+    tied with the k-th are all kept, so an example has more than k non-zero latents only when several
+    pre-activations equal its k-th exactly (training's own top-k keeps exactly k; ties of float32 pre-activations
+    are rare). At most k (up to ties) are non-zero, exactly k when the k-th is positive and unique.
     With `keep_negative` the kept values are not passed through the ReLU (the saev library's rule, used for SAEs
     imported from its files): a row with fewer than k positive pre-activations keeps some negative values.
     """
@@ -139,10 +144,22 @@ class TopK:
             raise ValueError(f"k must be positive, got {self.k}")
 
     def __call__(self, pre_BS: Tensor) -> Tensor:
+        return self.select(pre_BS, self.kth_largest(pre_BS))
+
+    def kth_largest(self, pre_BS: Tensor) -> Tensor:
+        """Each example's k-th largest value along the last axis, shape pre_BS.shape[:-1]. The k-th largest of a
+        row is the smallest of its top k, so it is also the k-th largest of the union of the top-k values of any
+        split of the row's columns (how `saev.scoring` finds it one block at a time)."""
         if self.k > pre_BS.shape[-1]:
             raise ValueError(f"TopK keeps k={self.k} latents but there are only {pre_BS.shape[-1]}")
-        vals_BK, idx_BK = pre_BS.topk(self.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre_BS).scatter(-1, idx_BK, vals_BK if self.keep_negative else torch.relu(vals_BK))
+        return pre_BS.topk(self.k, dim=-1, sorted=False).values.amin(dim=-1)
+
+    def select(self, pre_BK: Tensor, kth_B: Tensor) -> Tensor:
+        """f = relu(pre) (pre itself with `keep_negative`) where pre >= kth else 0, for any block of columns of
+        pre, given each example's k-th largest pre-activation over all latents (`kth_largest`, shape
+        pre_BK.shape[:-1])."""
+        kept_BK = pre_BK if self.keep_negative else torch.relu(pre_BK)
+        return torch.where(pre_BK >= kth_B.unsqueeze(-1), kept_BK, 0.0)
 
 
 @beartype.beartype
@@ -268,13 +285,21 @@ class SparseAutoencoder(torch.nn.Module):
         return (x_BD - self.b_dec) @ W_enc_DK + b_enc_K
 
     @jaxtyped(typechecker=beartype.beartype)
-    def encode(self, x_BD: Float[Tensor, "B D"], latents: slice | None = None) -> Float[Tensor, "B K"]:
+    def encode(
+        self, x_BD: Float[Tensor, "B D"], latents: slice | None = None, kth_B: Float[Tensor, " B"] | None = None
+    ) -> Float[Tensor, "B K"]:
         """Latent activations f = activation((x - b_dec) @ W_enc + b_enc), shape [B, d_sae].
 
         With `latents` (e.g. slice(k_start, k_stop)) only those columns are returned, shape [B, len(range)]; their
         values equal the same columns of the full encoding. For per-latent rules (ReLU, JumpReLU) only those
-        columns are computed; for TopK the full encoding is computed and sliced (top-k is over all latents).
+        columns are computed. For TopK, given `kth_B` (each example's k-th largest pre-activation over all latents,
+        `TopK.kth_largest`) only those columns are computed too (`TopK.select`); without it the full encoding is
+        computed and sliced.
         """
+        if kth_B is not None:
+            if not isinstance(self.activation, TopK):
+                raise ValueError(f"kth_B only applies to a TopK SAE, not to {self.activation!r}")
+            return self.activation.select(self.pre_acts(x_BD, latents), kth_B)
         if latents is None or self.activation.per_latent:
             return self.activation(self.pre_acts(x_BD, latents))
         return self.activation(self.pre_acts(x_BD))[:, latents]

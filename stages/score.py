@@ -7,6 +7,20 @@ block is one piece of work (one task of a job array on Slurm); the artifact is s
 
 Block size: a fixed number of latents, or "auto": as many latents as fit the memory budget, given the number of
 kept patches (the block's float32 scores [N, block] dominate; the AP engine bounds its own working memory).
+
+What a block costs is its own columns, for every activation rule:
+- Kept activations are gathered from the dump's shards once per (dump, mask, layer), into a kept artifact
+  `<root>/kept/<key>/acts.npy` (float32 [n_keep, d_vit], `saev.scoring.write_kept`), by the first score task that
+  needs them (under that artifact's lock); every other task memory-maps the contiguous file (one sequential read,
+  shared through the page cache by the tasks of a node) and reads no shard. Its key hashes the layer and the keys
+  of the dump and mask; its manifest records a checksum of those two manifests' file lists, so kept activations of
+  a dump or mask that was recomputed since are gathered again, as are damaged ones.
+- ReLU and JumpReLU (BatchTopK, Matryoshka) latents are per-latent rules: a block computes its columns only.
+- A TopK SAE's per-row k-th largest pre-activation is computed once per SAE by the first block task that needs
+  it (under the artifact's lock `.lock-kth`: one pass over all blocks' matmuls, about one block's cost per block)
+  into `topk_kth.safetensors` of the score artifact; every block then computes its own columns and keeps those at
+  or above the row's k-th (`saev.nn.TopK.select`): exactly TopK's rule on the pre-activations the blocks compute
+  (the pass computes the same matmuls, `saev.scoring.topk_kth`).
 """
 
 import dataclasses
@@ -14,12 +28,13 @@ import functools
 import logging
 import math
 import pathlib
+import time
 import typing
 
 import numpy as np
 import torch
 
-from saev import ap, artifacts, helpers, keepmask, nn, scoring
+from saev import ap, artifacts, checksums, helpers, keepmask, nn, scoring
 from saev.data.shards import Shards
 
 from .graph import Piece, Plan, ScoreInfo, StagePlan
@@ -101,18 +116,106 @@ def plan(pipeline, upstream: Plan) -> StagePlan[ScoreInfo]:
     return StagePlan(NAME, tuple(arts), tuple(pieces), all_params, all_inputs, info)
 
 
-@functools.lru_cache(maxsize=2)
-def load_kept(dump_dpath: pathlib.Path, mask_dpath: pathlib.Path, layer: int) -> tuple[np.ndarray, np.ndarray]:
-    """Activations [n_keep, D] and labels [n_keep] of the kept patches (cached: every block of a job reuses them).
+KEPT = "kept"
+"""Stage name (directory under the root) of the kept-activations artifacts; no stage of its own: the score stage
+writes them (see the module docstring)."""
+KEPT_VERSION = 1
+"""Format version of the kept-activations artifacts, part of their keys."""
 
-    The keep-mask, the labels and the gathered activations are checked where they are read (a bad file raises an
-    error naming it: `keepmask.MaskFileError`, `ShardValueError`), so no bad value reaches the AP engine.
+
+def kept_artifact(root: pathlib.Path, dump_ref: str, mask_ref: str, layer: int) -> artifacts.Artifact:
+    """The kept artifact of a dump, a mask and a layer: `<root>/kept/<key>/`, its key hashing all three."""
+    params = {"layer": layer}
+    return artifacts.Artifact(root, KEPT, artifacts.get_key(KEPT, KEPT_VERSION, params, _kept_inputs(dump_ref, mask_ref)))
+
+
+def _kept_inputs(dump_ref: str, mask_ref: str) -> dict[str, str]:
+    return {"dump": dump_ref, "mask": mask_ref}
+
+
+def _sources(dump_art: artifacts.Artifact, mask_art: artifacts.Artifact) -> str:
+    """Checksum of the file lists (sizes and checksums) of the dump's and the mask's manifests: what the kept
+    activations were gathered from."""
+    files = {art.stage: art.read_manifest()["files"] for art in (dump_art, mask_art)}
+    return checksums.bytes_checksum(artifacts.canonical_json(files).encode("utf-8"))
+
+
+@functools.lru_cache(maxsize=2)
+def load_kept(
+    dump_art: artifacts.Artifact, mask_art: artifacts.Artifact, layer: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Activations [n_keep, D] (memory-mapped, read-only) and labels [n_keep] of the kept patches (cached: every
+    block of a job reuses them).
+
+    The activations come from the kept artifact of (dump, mask, layer), gathered from the shards first if it is
+    missing, damaged or gathered from another dump or mask (under its lock, so a task never reads a half-written
+    one). The keep-mask and labels are checked where they are read, the shards' rows when gathered, the kept file by
+    its checksum (`Artifact.verify`) and shape (`keepmask.MaskFileError`, `ShardValueError`, `scoring.KeptError`
+    name the bad file), so no bad value reaches the AP engine.
     """
-    shards = Shards(dump_dpath)
-    keep = keepmask.load_keep(mask_dpath, shards)  # checked: in range, labelled, sorted, disjoint from held-out
+    shards = Shards(dump_art.dpath)
+    keep = keepmask.load_keep(mask_art.dpath, shards)  # checked: in range, labelled, sorted, disjoint from held-out
     labels = np.asarray(shards.labels).reshape(-1)[keep].astype(np.int64)
-    acts = shards.patches_flat(layer, keep)
-    return acts, labels
+    d_vit = shards.metadata.d_vit
+    kept = kept_artifact(dump_art.root, dump_art.ref, mask_art.ref, layer)
+    fpath = kept.dpath / scoring.KEPT_FNAME
+    sources = _sources(dump_art, mask_art)
+    with kept.lock(wait=True, on_wait=lambda: logger.info("%s: another task is gathering it; waiting", kept.ref)):
+        if kept.check().state != "missing":
+            try:
+                manifest = kept.verify(params={"layer": layer})
+                if manifest.get("sources") == sources:
+                    return scoring.read_kept(fpath, len(keep), d_vit), labels
+                logger.warning("%s: gathered from another dump or mask (recomputed since); gathering again", kept.ref)
+            except (artifacts.IncompleteArtifactError, scoring.KeptError) as err:
+                logger.warning("%s; gathering again", err)
+            kept.manifest_fpath.unlink(missing_ok=True)
+        started, t0 = artifacts.now(), time.perf_counter()
+        artifacts.remove_temp_files(kept.dpath)  # we hold its lock: leftovers of a killed job
+        scoring.write_kept(fpath, lambda a, b: shards.patches_flat(layer, keep[a:b]), len(keep), d_vit)
+        kept.write_manifest(
+            params={"layer": layer},
+            inputs=_kept_inputs(dump_art.ref, mask_art.ref),
+            started=started,
+            extra={"sources": sources, "n_rows": len(keep), "d_vit": d_vit},
+        )
+        logger.info("%s: gathered %d kept rows of layer %d in %.1f s", kept.ref, len(keep), layer, time.perf_counter() - t0)
+        return scoring.read_kept(fpath, len(keep), d_vit), labels
+
+
+def get_kth(
+    cfg: Config,
+    art: artifacts.Artifact,
+    info: ScoreInfo,
+    sae: nn.SparseAutoencoder,
+    acts_ND: np.ndarray,
+    device: torch.device,
+) -> scoring.Kth:
+    """The TopK thresholds of a score artifact: read (and checked, `scoring.read_kth`), or computed and written
+    under the artifact's lock `.lock-kth` by the first block task that needs them while the others wait."""
+    assert isinstance(sae.activation, nn.TopK)
+    fpath = art.dpath / scoring.KTH_FNAME
+    expected = {
+        "n_rows": len(acts_ND), "train_key": info.train_key, "k": sae.activation.k, "block_size": info.block_size,
+        "matmul_precision": cfg.matmul_precision,
+    }  # fmt: skip
+    with art.lock("kth", wait=True, on_wait=lambda: logger.info("%s: another task is computing the TopK thresholds", art.ref)):
+        try:
+            return scoring.read_kth(fpath, **expected)
+        except scoring.KthError as err:
+            if fpath.exists():
+                logger.warning("%s; computing it again", err)
+        artifacts.remove_temp_files(art.dpath, scoring.KTH_FNAME)  # we hold its lock: leftovers of a killed job
+        progress = helpers.Progress(desc="topk thresholds", total=len(acts_ND), unit="rows", logger=logger)
+        kth_N = scoring.topk_kth(
+            sae, acts_ND, info.block_size, batch_size=cfg.batch_size, device=device, on_rows=progress.update
+        )
+        progress.finish()
+        scoring.write_kth(
+            fpath, kth_N, train_key=info.train_key, k=sae.activation.k, block_size=info.block_size,
+            batch_size=cfg.batch_size, matmul_precision=cfg.matmul_precision,
+        )  # fmt: skip
+        return scoring.Kth(kth_N.cpu().numpy(), cfg.batch_size)
 
 
 def run(pipeline, plan: Plan, piece: Piece) -> None:
@@ -125,22 +228,52 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
     dump_art = plan["dump"].artifacts[0]
     mask_art = plan["mask"].artifacts[0]
     train_art = artifacts.Artifact(pipeline.root, "train", info.train_key)
-    acts_ND, labels_N = load_kept(dump_art.dpath, mask_art.dpath, info.layer)
+    acts_ND, labels_N = load_kept(dump_art, mask_art, info.layer)
     n_classes = len(Shards(dump_art.dpath).metadata.class_names)
 
     device = helpers.get_device(cfg.device)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     sae = nn.load(train_art.dpath, device=device)
-    scores_NK = scoring.encode_block(sae, acts_ND, k_start, k_stop, batch_size=cfg.batch_size, device=device)
+    kth_N, batch_size = None, cfg.batch_size
+    if isinstance(sae.activation, nn.TopK):
+        # The rows must go through the matmuls in the batches the thresholds were computed with.
+        kth = get_kth(cfg, piece.artifact, info, sae, acts_ND, device)
+        kth_N, batch_size = torch.from_numpy(kth.kth_N).to(device), kth.batch_size
+    score_block(
+        piece.fpath, sae, acts_ND, labels_N, n_classes, k_start, k_stop,
+        batch_size=batch_size, device=device, kth_N=kth_N, train_key=info.train_key,
+        matmul_precision=cfg.matmul_precision,
+    )  # fmt: skip
+
+
+def score_block(
+    fpath: pathlib.Path,
+    sae: nn.SparseAutoencoder,
+    acts_ND: np.ndarray,
+    labels_N: np.ndarray,
+    n_classes: int,
+    k_start: int,
+    k_stop: int,
+    *,
+    batch_size: int,
+    device: torch.device,
+    kth_N: torch.Tensor | None,
+    train_key: str,
+    matmul_precision: str,
+) -> None:
+    """A block's work once its inputs are at hand (what benchmarks/score.py times): encode latents [k_start, k_stop)
+    of every kept row (`scoring.encode_block`; `kth_N` for a TopK SAE), their AP for every class, and the partial
+    file `fpath`."""
+    scores_NK = scoring.encode_block(sae, acts_ND, k_start, k_stop, batch_size=batch_size, device=device, kth_N=kth_N)
     ap_CK = ap.average_precision(scores_NK, torch.from_numpy(labels_N).to(device), n_classes=n_classes)
     scoring.write_partial(
-        piece.fpath,
+        fpath,
         ap_CK=ap_CK.cpu().numpy(),
         scores_NK=scores_NK,
         k_start=k_start,
         k_stop=k_stop,
-        train_key=info.train_key,
-        matmul_precision=cfg.matmul_precision,
+        train_key=train_key,
+        matmul_precision=matmul_precision,
     )
 
 

@@ -1,0 +1,176 @@
+"""The score stage's per-block work vs the sum of its two necessary parts measured alone, in one run.
+
+    uv run python benchmarks/score.py                       # N=100,000 kept rows, width 1,024, K=4,096, CPU
+    uv run python benchmarks/score.py --device cuda --k 32768
+
+For a ReLU SAE and a TopK SAE (same weights, d_sae = `--blocks` x K latents), one block of K latents:
+(a) the stage's block work, `stages.score.score_block` (encode the block's columns of every row in the stage's row
+    batches, exact AP for every class, min/max, and the partial file); for TopK given the per-row thresholds, which
+    the stage computes once per SAE (`saev.scoring.topk_kth`, timed once and shown as a per-block share);
+(b) its parts alone: the bare encoder matmul for those columns (the same row batches into one preallocated output)
+    and the AP engine `saev.ap.average_precision` on the resulting scores.
+Each is measured `--rounds` times, alternating; medians and spreads (min to max) are printed with the conditions
+(torch threads, CPU affinity, load average before and after, CPU model).
+Last line: RESULT score_vs_parts=<(matmul + AP) / ReLU block> topk_vs_relu=<ReLU block / TopK block>
+latents_per_s=<K / the slower block>.
+"""
+
+import argparse
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from saev import ap, nn, scoring  # noqa: E402
+from stages import score as score_stage  # noqa: E402
+
+
+def get_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000, help="kept rows")
+    parser.add_argument("--width", type=int, default=1024, help="activation width (d_vit)")
+    parser.add_argument("--k", type=int, default=4096, help="latents per block")
+    parser.add_argument("--blocks", type=int, default=4, help="blocks per SAE (d_sae = blocks x k; TopK's k-th pass)")
+    parser.add_argument("--topk", type=int, default=32, help="k of the TopK SAE")
+    parser.add_argument("--classes", type=int, default=151)
+    parser.add_argument("--batch-size", type=int, default=score_stage.Config.batch_size, help="rows per matmul")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def conditions() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as fd:
+            cpu = next((line.split(":", 1)[1].strip() for line in fd if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU affinity {len(os.sched_getaffinity(0))} "
+        f"of {os.cpu_count()} cores ({cpu}), load average {load}"
+    )
+
+
+def make_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, nn.SparseAutoencoder]:
+    """Kept activations float32 [N, width], int labels [N] (skewed classes) and a random SAE whose ReLU latents are
+    about 10% non-zero, each leaning towards one class so that APs are not all near prevalence."""
+    gen = torch.Generator().manual_seed(args.seed)
+    weights_C = torch.rand(args.classes, generator=gen) ** 3 + 0.01
+    labels_N = torch.multinomial(weights_C, args.n, replacement=True, generator=gen)
+    centers_CD = torch.randn(args.classes, args.width, generator=gen)
+    acts_ND = torch.randn(args.n, args.width, generator=gen) + 0.5 * centers_CD[labels_N]
+    d_sae = args.blocks * args.k
+    if d_sae % args.width:
+        sys.exit(f"--blocks x --k = {d_sae} latents must be a multiple of --width {args.width}")
+    sae = nn.SparseAutoencoder(nn.SaeConfig(d_vit=args.width, exp_factor=d_sae // args.width, seed=args.seed))
+    with torch.no_grad():
+        pre_std = float(((acts_ND[:1000] - sae.b_dec) @ sae.W_enc[:, :64]).std())
+        sae.b_enc.fill_(-1.2816 * pre_std)  # the 90th percentile of the pre-activations: about 10% fire
+    return acts_ND.numpy(), labels_N.numpy(), sae
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def describe(name: str, times: list[float], k: int) -> str:
+    med = statistics.median(times)
+    return (f"{name:14s} median {med:7.3f} s (range {min(times):.3f} to {max(times):.3f}, {len(times)} rounds), "
+            f"{k / med:9.0f} latents/s")  # fmt: skip
+
+
+def main() -> None:
+    args = get_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda asked for, but CUDA is not available")
+    device = torch.device(args.device)
+    torch.set_float32_matmul_precision("highest")
+    print(f"before: {conditions()}", flush=True)
+    acts_ND, labels_N, sae = make_data(args)
+    sae = sae.to(device)
+    relu, topk = nn.Relu(), nn.TopK(args.topk)
+    print(f"N={args.n} width={args.width} block K={args.k} d_sae={args.blocks * args.k} classes={args.classes} "
+          f"batch {args.batch_size} device {args.device}; TopK k={args.topk}", flush=True)  # fmt: skip
+    k_start, k_stop = 0, args.k
+    block = slice(k_start, k_stop)
+    labels_dev = torch.from_numpy(labels_N).to(device)
+
+    sae.activation = topk
+    start = time.perf_counter()
+    kth_N = scoring.topk_kth(sae, acts_ND, args.k, batch_size=args.batch_size, device=device)
+    kth_s = time.perf_counter() - start
+    print(f"TopK thresholds (once per SAE, all {args.blocks} blocks): {kth_s:.2f} s, "
+          f"{kth_s / args.blocks:.2f} s per block", flush=True)  # fmt: skip
+
+    W_DK = sae.W_enc.detach()[:, block]
+    b_K = sae.b_enc.detach()[block]
+    x_ND = torch.from_numpy(acts_ND).to(device) - sae.b_dec.detach()
+    out_NK = torch.empty((args.n, args.k), device=device)
+
+    def matmul() -> None:
+        for s in range(0, args.n, args.batch_size):
+            torch.addmm(b_K, x_ND[s : s + args.batch_size], W_DK, out=out_NK[s : s + args.batch_size])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fpath = pathlib.Path(tmp) / "block00000.safetensors"
+
+        def stage_block(activation: nn.Activation) -> Callable[[], None]:
+            def go() -> None:
+                sae.activation = activation
+                with torch.inference_mode():
+                    score_stage.score_block(
+                        fpath, sae, acts_ND, labels_N, args.classes, k_start, k_stop, batch_size=args.batch_size,
+                        device=device, kth_N=kth_N if activation is topk else None, train_key="bench",
+                        matmul_precision="highest",
+                    )  # fmt: skip
+            return go
+
+        with torch.inference_mode():
+            relu_scores_NK = torch.relu(x_ND[: args.batch_size] @ W_DK + b_K)  # warm-up of both paths
+            stage_block(relu)()
+            sae.activation = relu
+            relu_scores_NK = scoring.encode_block(sae, acts_ND, k_start, k_stop, batch_size=args.batch_size, device=device)
+        nonzero = float((relu_scores_NK > 0).float().mean())
+        print(f"ReLU block: {nonzero:.1%} non-zero scores", flush=True)
+        times: dict[str, list[float]] = {"relu block": [], "topk block": [], "matmul": [], "ap": []}
+        for r in range(args.rounds):
+            with torch.inference_mode():
+                times["relu block"].append(timed(stage_block(relu), args.device))
+                times["topk block"].append(timed(stage_block(topk), args.device))
+                times["matmul"].append(timed(matmul, args.device))
+                times["ap"].append(timed(lambda: ap.average_precision(relu_scores_NK, labels_dev, args.classes), args.device))
+            print(f"round {r + 1}: " + ", ".join(f"{name} {t[-1]:.3f} s" for name, t in times.items()), flush=True)
+    del relu_scores_NK, out_NK
+
+    for name, t in times.items():
+        print(describe(name, t, args.k))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    parts = med["matmul"] + med["ap"]
+    print(f"parts (matmul + AP): {parts:.3f} s; TopK block + its threshold share: "
+          f"{med['topk block'] + kth_s / args.blocks:.3f} s")  # fmt: skip
+    print(f"after: {conditions()}")
+    print(f"RESULT score_vs_parts={parts / med['relu block']:.3f} "
+          f"topk_vs_relu={med['relu block'] / med['topk block']:.3f} "
+          f"latents_per_s={args.k / max(med['relu block'], med['topk block']):.0f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The score stage's block path: TopK blocks computing only their own columns, and kept activations gathered once.
+
+A tiny pipeline with one SAE of each top-k family objective (TopK, BatchTopK, Matryoshka) runs to the score stage;
+its partials must equal, bit for bit, those computed from a full encode of the SAE sliced into the same blocks.
+"""
+
+import pathlib
+import re
+import shutil
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+
+import launch
+from saev import ap, artifacts, keepmask, nn, scoring
+from saev.data.shards import Shards
+from stages import pipeline as pl
+from stages import score as score_stage
+from tests.conftest import flip_byte, write_tiny_config
+
+TINY_OBJECTIVE = "l1_coeff = [1e-3, 4e-3]"
+"""The objective line of tests/tiny-sweep.toml, replaced by one SAE per top-k family objective."""
+TOPK_OBJECTIVES = 'objective.kind = ["topk", "batchtopk", "matryoshka"]\nobjective.k = 4'
+
+
+def write_topk_config(dpath: pathlib.Path) -> pathlib.Path:
+    cfg = write_tiny_config(dpath)
+    sweep_fpath = dpath / "tiny-sweep.toml"
+    assert TINY_OBJECTIVE in sweep_fpath.read_text()
+    sweep_fpath.write_text(sweep_fpath.read_text().replace(TINY_OBJECTIVE, TOPK_OBJECTIVES))
+    cfg.write_text(cfg.read_text() + "\n[reduce]\nreport = false\n")
+    return cfg
+
+
+def run_score(cfg: pathlib.Path, stage: str = "score") -> None:
+    assert launch.main(launch.Args(config=cfg, stage=stage)) == 0
+
+
+@pytest.fixture(scope="module")
+def topk_config(tmp_path_factory) -> pathlib.Path:
+    """The tiny pipeline with TopK, BatchTopK and Matryoshka SAEs, run through the score stage."""
+    cfg = write_topk_config(tmp_path_factory.mktemp("topk-score"))
+    run_score(cfg, "all")
+    return cfg
+
+
+@pytest.fixture
+def copy_of_topk(topk_config, tmp_path) -> pathlib.Path:
+    """A private copy of the scored run that a test may change."""
+    cfg = write_topk_config(tmp_path)
+    shutil.copytree(topk_config.parent / "runs", tmp_path / "runs")
+    return cfg
+
+
+def partial_tensors(art: artifacts.Artifact) -> dict[str, dict[str, np.ndarray]]:
+    """File name -> the tensors of each partial of a score artifact."""
+    return {
+        fpath.name: safetensors.numpy.load_file(str(fpath)) for fpath in sorted((art.dpath / "partials").glob("*.safetensors"))
+    }  # fmt: skip
+
+
+def test_partials_of_every_topk_family_sae_equal_a_full_encode_sliced_bit_for_bit(topk_config):
+    pipeline = pl.load(topk_config)
+    plan = pl.make_plan(pipeline)
+    shards = Shards(plan["dump"].artifacts[0].dpath)
+    keep = keepmask.load_keep(plan["mask"].artifacts[0].dpath, shards)
+    labels_N = torch.from_numpy(np.asarray(shards.labels).reshape(-1)[keep].astype(np.int64))
+    n_classes = len(shards.metadata.class_names)
+    kinds = set()
+    for art in plan["score"].artifacts:
+        info = plan["score"].info[art.key]
+        sae = nn.load(pipeline.root / "train" / info.train_key)
+        kinds.add(sae.activation.kind)
+        assert info.d_sae // info.block_size >= 2  # several blocks: a block really is a slice
+        with torch.inference_mode():
+            full_NS = sae.encode(torch.from_numpy(shards.patches_flat(info.layer, keep)))
+        got = partial_tensors(art)
+        assert len(got) == info.d_sae // info.block_size
+        for name, tensors in got.items():
+            k_start, k_stop = (int(x) for x in tensors["k_range"])
+            scores_NK = full_NS[:, k_start:k_stop].contiguous()
+            ap_CK = ap.average_precision(scores_NK, labels_N, n_classes=n_classes).numpy()
+            np.testing.assert_array_equal(tensors["ap_CK"], ap_CK, err_msg=name)  # NaN rows equal NaN rows
+            np.testing.assert_array_equal(tensors["min_K"], scores_NK.amin(dim=0).numpy(), err_msg=name)
+            np.testing.assert_array_equal(tensors["max_K"], scores_NK.amax(dim=0).numpy(), err_msg=name)
+        # Only a TopK SAE needs per-row thresholds.
+        assert (art.dpath / scoring.KTH_FNAME).is_file() == (sae.activation.kind == "topk")
+    assert kinds == {"topk", "jumprelu"}
+
+
+def test_topk_thresholds_are_each_rows_kth_largest_pre_activation(topk_config):
+    pipeline = pl.load(topk_config)
+    plan = pl.make_plan(pipeline)
+    shards = Shards(plan["dump"].artifacts[0].dpath)
+    keep = keepmask.load_keep(plan["mask"].artifacts[0].dpath, shards)
+    (art,) = [a for a in plan["score"].artifacts if (a.dpath / scoring.KTH_FNAME).is_file()]
+    info = plan["score"].info[art.key]
+    sae = nn.load(pipeline.root / "train" / info.train_key)
+    kth = scoring.read_kth(
+        art.dpath / scoring.KTH_FNAME, n_rows=len(keep), train_key=info.train_key, k=sae.activation.k,
+        block_size=info.block_size, matmul_precision=pipeline.score.matmul_precision,
+    )  # fmt: skip
+    with torch.inference_mode():
+        pre_NS = sae.pre_acts(torch.from_numpy(shards.patches_flat(info.layer, keep)))
+    np.testing.assert_array_equal(kth.kth_N, sae.activation.kth_largest(pre_NS).numpy())
+    assert kth.batch_size == pipeline.score.batch_size
+    assert "topk_kth.safetensors" in art.read_manifest()["files"]  # part of the sealed, checksummed artifact
+
+
+def test_gathered_kept_activations_equal_the_rows_the_shards_hold(topk_config):
+    pipeline = pl.load(topk_config)
+    plan = pl.make_plan(pipeline)
+    dump_art, mask_art = plan["dump"].artifacts[0], plan["mask"].artifacts[0]
+    shards = Shards(dump_art.dpath)
+    keep = keepmask.load_keep(mask_art.dpath, shards)
+    layer = plan["score"].info[plan["score"].artifacts[0].key].layer
+    kept = score_stage.kept_artifact(pipeline.root, dump_art.ref, mask_art.ref, layer)
+    kept.verify(params={"layer": layer})
+    acts_ND = np.load(kept.dpath / scoring.KEPT_FNAME)
+    assert acts_ND.dtype == np.float32
+    np.testing.assert_array_equal(acts_ND, shards.patches_flat(layer, keep))
+    # One kept artifact for the three SAEs of the layer.
+    assert [p.name for p in (pipeline.root / score_stage.KEPT).iterdir()] == [kept.key]
+
+
+def rescore(cfg: pathlib.Path) -> tuple[dict, dict]:
+    """Delete every partial (and TopK thresholds) of the run, score again; (partials before, partials after)."""
+    plan = pl.make_plan(pl.load(cfg))
+    before = {art.key: partial_tensors(art) for art in plan["score"].artifacts}
+    for art in plan["score"].artifacts:
+        shutil.rmtree(art.dpath / "partials")
+        (art.dpath / scoring.KTH_FNAME).unlink(missing_ok=True)
+    score_stage.load_kept.cache_clear()
+    run_score(cfg)
+    after = {art.key: partial_tensors(art) for art in plan["score"].artifacts}
+    return before, after
+
+
+def assert_same_partials(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for key in before:
+        assert before[key].keys() == after[key].keys()
+        for name in before[key]:
+            for tensor in before[key][name]:
+                np.testing.assert_array_equal(before[key][name][tensor], after[key][name][tensor])
+
+
+def test_a_score_task_reads_no_shard_when_the_kept_activations_are_gathered(copy_of_topk, monkeypatch):
+    def no_shard_reads(*args, **kwargs):
+        raise AssertionError("a score task read a shard")
+
+    monkeypatch.setattr(Shards, "shard", no_shard_reads)
+    monkeypatch.setattr(Shards, "patches_flat", no_shard_reads)
+    before, after = rescore(copy_of_topk)
+    assert_same_partials(before, after)
+
+
+def test_damaged_kept_activations_are_gathered_again(copy_of_topk, caplog):
+    (kept_dpath,) = (copy_of_topk.parent / "runs" / score_stage.KEPT).iterdir()
+    flip_byte(kept_dpath / scoring.KEPT_FNAME)
+    before, after = rescore(copy_of_topk)
+    assert_same_partials(before, after)
+    assert "gathering again" in caplog.text
+    assert artifacts.Artifact(copy_of_topk.parent / "runs", score_stage.KEPT, kept_dpath.name).check("all").state == "done"
+
+
+def test_kept_activations_of_a_recomputed_mask_are_gathered_again(copy_of_topk, caplog):
+    """The kept artifact records what it was gathered from: a mask rewritten since makes it stale."""
+    plan = pl.make_plan(pl.load(copy_of_topk))
+    mask_art = plan["mask"].artifacts[0]
+    manifest = mask_art.read_manifest()
+    artifacts.atomic_write_json(mask_art.manifest_fpath, {**manifest, "files": {**manifest["files"]}, "finished": "x"})
+    # Same files: not stale. A changed file list (a recomputed, different mask) is.
+    files = dict(manifest["files"])
+    files["heldout.npy"] = {**files["heldout.npy"], "xxh3_128": "0" * 32}
+    score_stage.load_kept.cache_clear()
+    dump_art = plan["dump"].artifacts[0]
+    layer = plan["score"].info[plan["score"].artifacts[0].key].layer
+    score_stage.load_kept(dump_art, mask_art, layer)
+    assert "gathering again" not in caplog.text
+    artifacts.atomic_write_json(mask_art.manifest_fpath, {**manifest, "files": files})
+    score_stage.load_kept.cache_clear()
+    score_stage.load_kept(dump_art, mask_art, layer)
+    assert "gathered from another dump or mask" in caplog.text
+
+
+def test_damaged_topk_thresholds_are_computed_again(copy_of_topk, caplog):
+    plan = pl.make_plan(pl.load(copy_of_topk))
+    (art,) = [a for a in plan["score"].artifacts if (a.dpath / scoring.KTH_FNAME).is_file()]
+    before = partial_tensors(art)
+    art.manifest_fpath.unlink()  # as while its blocks are being scored
+    flip_byte(art.dpath / scoring.KTH_FNAME)
+    for fpath in (art.dpath / "partials").iterdir():
+        fpath.unlink()
+    score_stage.load_kept.cache_clear()
+    run_score(copy_of_topk)
+    assert "does not match the checksum" in caplog.text and "computing it again" in caplog.text
+    assert_same_partials({art.key: before}, {art.key: partial_tensors(art)})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda kw: {**kw, "k": 5}, "computed for"),
+        (lambda kw: {**kw, "n_rows": 7}, "kth_N is float32 [6], expected float32 [7]"),
+        (lambda kw: {**kw, "train_key": "other"}, "computed for"),
+    ],
+)
+def test_topk_thresholds_for_other_rows_or_another_sae_are_refused_naming_the_file(tmp_path, change, message):
+    fpath = tmp_path / scoring.KTH_FNAME
+    scoring.write_kth(
+        fpath, torch.arange(6, dtype=torch.float32), train_key="sae", k=4, block_size=8, batch_size=3,
+        matmul_precision="highest",
+    )  # fmt: skip
+    kw = {"n_rows": 6, "train_key": "sae", "k": 4, "block_size": 8, "matmul_precision": "highest"}
+    assert scoring.read_kth(fpath, **kw).batch_size == 3
+    with pytest.raises(scoring.KthError, match=re.escape(f"{fpath}: {message}")):
+        scoring.read_kth(fpath, **change(kw))
+
+
+def test_topk_thresholds_with_nan_are_refused(tmp_path):
+    fpath = tmp_path / scoring.KTH_FNAME
+    kth_N = torch.tensor([1.0, float("nan")])
+    scoring.write_kth(fpath, kth_N, train_key="s", k=1, block_size=2, batch_size=2, matmul_precision="highest")
+    with pytest.raises(scoring.KthError, match="NaN/inf at row 1"):
+        scoring.read_kth(fpath, n_rows=2, train_key="s", k=1, block_size=2, matmul_precision="highest")
+
+
+def test_kept_activations_of_another_shape_are_refused_naming_the_file(tmp_path):
+    fpath = tmp_path / scoring.KEPT_FNAME
+    scoring.write_kept(fpath, lambda a, b: np.ones((b - a, 3), np.float32), 5, 3)
+    assert scoring.read_kept(fpath, 5, 3).shape == (5, 3)
+    with pytest.raises(scoring.KeptError, match=rf"{fpath}: holds float32 \[5, 3\], expected float32 \[5, 4\]"):
+        scoring.read_kept(fpath, 5, 4)
+    artifacts.atomic_save_npy(fpath, np.ones((5, 3), np.float64))
+    with pytest.raises(scoring.KeptError, match="holds float64"):
+        scoring.read_kept(fpath, 5, 3)
