@@ -547,7 +547,7 @@ def test_a_saev_topk_sae_is_scored_with_saevs_own_latents(copy_of_done, tmp_path
     (train_art,) = plan["train"].artifacts
     best = json.loads((plan["reduce"].artifacts[0].dpath / "best.json").read_text())
     acts_ND, labels_N = score_stage.load_kept(
-        plan["dump"].artifacts[0].dpath, plan["mask"].artifacts[0].dpath, plan["train"].info[train_art.key].layer
+        plan["dump"].artifacts[0], plan["mask"].artifacts[0], plan["train"].info[train_art.key].layer
     )
     f_NK, _ = saev_forward(state, torch.from_numpy(acts_ND), "topk", top_k=k)
     assert (f_NK < 0).any()
