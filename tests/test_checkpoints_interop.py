@@ -549,7 +549,7 @@ def test_a_saev_topk_sae_is_scored_with_saevs_own_latents(copy_of_done, tmp_path
     acts_ND, labels_N = score_stage.load_kept(
         plan["dump"].artifacts[0], plan["mask"].artifacts[0], plan["train"].info[train_art.key].layer
     )
-    f_NK, _ = saev_forward(state, torch.from_numpy(acts_ND), "topk", top_k=k)
+    f_NK, _ = saev_forward(state, torch.tensor(acts_ND), "topk", top_k=k)
     assert (f_NK < 0).any()
     scores_NK = f_NK.float().numpy()  # scored in float32, as the pipeline scores
     for c, row in enumerate(best["per_sae"][train_art.key]["classes"]):
