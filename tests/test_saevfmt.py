@@ -14,6 +14,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import launch
 from saev import artifacts
@@ -436,3 +437,45 @@ def test_a_dump_of_this_pipeline_is_adopted_with_its_labels_json(tmp_path):
     shards = Shards(tmp_path / "art")
     assert (shards.metadata.labels_dtype, shards.metadata.class_names) == ("int16", ("x", "y"))
     np.testing.assert_array_equal(shards.labels, [[0, 1, -1, 1]] * 3)
+
+
+def test_an_adopted_dump_and_two_imported_saes_give_the_native_best_latents(done_config, exported, tmp_path):
+    """The whole round trip through saev's formats: `launch.py --export` writes the tiny run's dump (2.x layout) and
+    its two SAEs (2.x sae.pt); a config that adopts that dump and imports those SAEs instead of training runs
+    `--stage all` and gets, per class and per SAE, the native run's best latents, with APs equal to float rounding
+    (the 2.x encoder bias is converted, so latents differ from ours by ~1e-7)."""
+    from saev import nn, sae_files
+
+    out, hashdir = exported
+    native_plan = pl.make_plan(pl.load(done_config))
+    native = json.loads((native_plan["reduce"].artifacts[0].dpath / "best.json").read_text())
+    saes = [out / "saes" / art.key / "sae.pt" for art in native_plan["train"].artifacts]
+    assert all(f.is_file() for f in saes)
+    shutil.copy(out / "classes.txt", tmp_path / "classes.txt")
+    layer = Shards(native_plan["dump"].artifacts[0].dpath).metadata.layers[-1]
+    cfg = adopt_config(tmp_path, hashdir, layer=layer)
+    text = cfg.read_text().replace('sweep = "tiny-sweep.toml"', f"sweep = \"\"\nimports = {json.dumps([str(f) for f in saes])}")
+    cfg.write_text(text)
+    assert launch.main(launch.Args(config=cfg)) == 0
+    plan = pl.make_plan(pl.load(cfg))
+    assert (plan["dump"].artifacts[0].dpath / "source.json").is_file()  # adopted, not dumped
+    got = json.loads((plan["reduce"].artifacts[0].dpath / "best.json").read_text())
+    key_map = {a.key: b.key for a, b in zip(native_plan["train"].artifacts, plan["train"].artifacts, strict=True)}
+    for want_sae, got_sae in key_map.items():
+        native_sae, imported_sae = nn.load(native_plan["train"].artifacts[0].dpath.parent / want_sae), nn.load(
+            plan["train"].artifacts[0].dpath.parent / got_sae
+        )
+        x = torch.randn(64, native_sae.cfg.d_vit)
+        torch.testing.assert_close(imported_sae(x).f_BS, native_sae(x).f_BS, atol=1e-6, rtol=0)
+        assert sae_files.read_sae(saes[list(key_map).index(want_sae)]).fmt == "saev-2-schema5"
+    for want, row in zip(native["classes"], got["classes"], strict=True):
+        assert (row["name"], row["prototype"], row["dead"]) == (want["name"], want["prototype"], want["dead"])
+        assert row["sae"] == key_map.get(want["sae"])
+        for field in ("ap", "heldout_ap"):
+            assert (row[field] is None) == (want[field] is None)
+            if want[field] is not None:
+                assert row[field] == pytest.approx(want[field], abs=1e-6)
+    for native_key, key in key_map.items():
+        assert [c["prototype"] for c in got["per_sae"][key]["classes"]] == [
+            c["prototype"] for c in native["per_sae"][native_key]["classes"]
+        ]
