@@ -4,16 +4,25 @@
     uv run python benchmarks/dump.py --model ViT-B-16 --n-imgs 64 --batch-size 16
 
 (a) the dump stage's job body (`stages.pipeline.run_pieces`) over n images: dataset generation, preprocessing,
-    patch labels, the forward pass, shard and label writes; the model build, timed separately, is subtracted;
+    patch labels, the forward pass, shard and label writes (each shard fsynced), sealing; the model build, timed
+    separately, is subtracted;
 (b) the bare forward on the same images, already preprocessed into one tensor, in the same batches;
 (c) the dump again with its shards written without checksums (they are hashed while written, XXH3-128), to measure
-    what hashing costs; (a) and (c) alternate for `--rounds` rounds and their medians are compared.
+    what hashing costs.
+
+After a warm-up round that is not counted, --rounds rounds run (a), (b) and (c), in an order that rotates and
+reverses from round to round; each ratio is taken within a round (the machine's speed drifts between rounds) and
+the medians are reported with their range. Both sides use the same torch threads (set from the CPUs this process
+may use, as the dump job sets them). The dump writes to a temp dir (its page cache; the fsync at the end of a shard
+waits for the disk); the conditions printed first include that disk's write + fsync and cold read speeds, the
+CPUs, threads and load average.
 Last line: RESULT dump_vs_forward=<a/b> hashed_vs_unhashed=<a/c> images_per_s=<a>.
 """
 
 import argparse
 import dataclasses
 import functools
+import os
 import pathlib
 import statistics
 import sys
@@ -24,10 +33,38 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from saev import vit  # noqa: E402
+import conditions  # noqa: E402
+from saev import helpers, vit  # noqa: E402
 from saev.data import datasets, shards  # noqa: E402
 from stages import dump as dump_stage  # noqa: E402
 from stages import pipeline as pl  # noqa: E402
+
+
+def measure_disk(dpath: pathlib.Path, n_mib: int = 256) -> str:
+    """Write `n_mib` MiB into `dpath` and fsync (as a dump closes a shard), then read them back from a cold page
+    cache: a line for the conditions."""
+    fpath, block = dpath / "disk-speed.bin", os.urandom(1 << 20)
+    start = time.perf_counter()
+    with open(fpath, "wb") as fd:
+        for _ in range(n_mib):
+            fd.write(block)
+        fd.flush()
+        os.fsync(fd.fileno())
+    write_s = time.perf_counter() - start
+    fd_r = os.open(fpath, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd_r, 0, 0, os.POSIX_FADV_DONTNEED)  # written back by the fsync: clean pages, dropped
+        start = time.perf_counter()
+        while os.read(fd_r, 64 << 20):
+            pass
+        read_s = time.perf_counter() - start
+    finally:
+        os.close(fd_r)
+        fpath.unlink()
+    mb = n_mib * 2**20 / 1e6
+    return (
+        f"disk of {dpath.parent}: write + fsync {mb / write_s:.0f} MB/s, cold read {mb / read_s:.0f} MB/s ({mb:.0f} MB)"
+    )
 
 
 def main() -> None:
@@ -37,14 +74,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--n-workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=4, help="dumps with and without checksums, alternating")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of a dump, a forward pass and an unhashed dump")
     args = parser.parse_args()
 
     img_size, _ = vit.get_patch_grid(args.model)
     data = datasets.Synthetic(n_imgs=args.n_imgs, img_size=img_size, seed=0)
     vit_cfg = vit.VitConfig(model=args.model, layers=(-1,))
-    print(f"model {args.model} ({img_size} px), {args.n_imgs} images, batch {args.batch_size}, device {args.device}, "
-          f"{torch.get_num_threads()} torch threads", flush=True)
+    helpers.use_allocated_cpus()  # as the dump job sets them (it does so again in run_pieces): both sides alike
+    print(f"model {args.model} ({img_size} px), {args.n_imgs} images, batch {args.batch_size}, device {args.device}",
+          flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"{conditions.describe('start')}; {measure_disk(pathlib.Path(tmp))}", flush=True)
 
     dump_cfg = dump_stage.Config(
         data=data,
@@ -77,34 +117,45 @@ def main() -> None:
             shards.ShardWriter.__init__ = real_init
         return seconds, build_s, model
 
-    vit.make_vit(vit_cfg, args.device)  # one-time costs (imports, first allocations) stay out of the rounds
-    hashed, unhashed = [], []
-    for r in range(args.rounds):  # ABBA: neither variant always runs first
-        for checksum in (True, False) if r % 2 == 0 else (False, True):
-            seconds, build_s, model = dump_once(checksum)
-            (hashed if checksum else unhashed).append(seconds)
-            print(f"round {r + 1} {'hashed  ' if checksum else 'unhashed'}: {args.n_imgs / seconds:9.1f} images/s "
-                  f"({seconds:.2f} s, model build {build_s:.2f} s subtracted)", flush=True)
-    dump_s = statistics.median(hashed)
-    dump_rate = args.n_imgs / dump_s
-    spread = f"{args.n_imgs / max(hashed):.0f} to {args.n_imgs / min(hashed):.0f}"
-    print(f"dump:    {dump_rate:9.1f} images/s (median of {len(hashed)}, range {spread}); without checksums "
-          f"{args.n_imgs / statistics.median(unhashed):.1f} images/s", flush=True)
-
     dataset = datasets.make_dataset(data)
-    x_N3SS = torch.stack([model.preprocess(dataset[i].image) for i in range(args.n_imgs)])
-    model(x_N3SS[: args.batch_size])  # warm up
-    start = time.perf_counter()
-    for b in range(0, args.n_imgs, args.batch_size):
-        model(x_N3SS[b : b + args.batch_size]).cpu()
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    forward_s = time.perf_counter() - start
-    forward_rate = args.n_imgs / forward_s
-    print(f"forward: {forward_rate:9.1f} images/s ({forward_s:.2f} s, inputs preprocessed beforehand)", flush=True)
-    ratio_hash = statistics.median(unhashed) / dump_s
-    print(f"RESULT dump_vs_forward={dump_rate / forward_rate:.3f} hashed_vs_unhashed={ratio_hash:.3f} "
-          f"images_per_s={dump_rate:.1f}")
+    forward_model = vit.make_vit(vit_cfg, args.device)
+    x_N3SS = torch.stack([forward_model.preprocess(dataset[i].image) for i in range(args.n_imgs)])
+
+    def forward_once() -> float:
+        """The bare forward pass over the same images, preprocessed beforehand, in the dump's batches: seconds."""
+        start = time.perf_counter()
+        for b in range(0, args.n_imgs, args.batch_size):
+            forward_model(x_N3SS[b : b + args.batch_size]).cpu()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    print("warm-up round (not counted): a dump and a forward pass (first allocations, first-call paths)", flush=True)
+    dump_once(True), forward_once()
+    hashed, unhashed, forward = [], [], []
+    for r in range(args.rounds):  # the order rotates, so that no side always runs first or after the same one
+        order = ("hashed", "forward", "unhashed")[r % 3 :] + ("hashed", "forward", "unhashed")[: r % 3]
+        for side in order if r % 2 == 0 else order[::-1]:
+            if side == "forward":
+                seconds, note = forward_once(), "inputs preprocessed beforehand"
+                forward.append(seconds)
+            else:
+                seconds, build_s, _ = dump_once(side == "hashed")
+                note = f"model build {build_s:.2f} s subtracted"
+                (hashed if side == "hashed" else unhashed).append(seconds)
+            per_s = args.n_imgs / seconds
+            print(f"round {r + 1} {side:<8}: {per_s:9.1f} images/s ({seconds:.2f} s, {note})", flush=True)
+    vs_forward = [f / d for f, d in zip(forward, hashed)]
+    hash_ratio = [u / h for u, h in zip(unhashed, hashed)]
+    rate = [args.n_imgs / s for s in hashed]
+    print(f"dump {conditions.spread(rate, '{:.1f}')} images/s; without checksums "
+          f"{conditions.spread([args.n_imgs / s for s in unhashed], '{:.1f}')}; forward "
+          f"{conditions.spread([args.n_imgs / s for s in forward], '{:.1f}')}", flush=True)
+    print(f"dump_vs_forward {conditions.spread(vs_forward, '{:.3f}')}; hashed_vs_unhashed "
+          f"{conditions.spread(hash_ratio, '{:.3f}')} (each the ratio within a round)", flush=True)
+    print(conditions.describe("end"), flush=True)
+    print(f"RESULT dump_vs_forward={statistics.median(vs_forward):.3f} "
+          f"hashed_vs_unhashed={statistics.median(hash_ratio):.3f} images_per_s={statistics.median(rate):.1f}")
 
 
 if __name__ == "__main__":

@@ -4,21 +4,27 @@
     uv run python benchmarks/loader.py --gb 8 --dpath /scratch/me/loader-bench --keep
 
 Writes a dump in the shard protocol (one layer, CLS token, 256 patches of width 1024 per image: ViT-L/14 at 224 px)
-unless --dpath already holds one of the requested size, then measures, each from a cold page cache:
+unless --dpath already holds one of the requested size, then, after a warm-up round that is not counted, runs
+--rounds rounds of:
 
 (a) raw: every byte of the shard files read front to back in 64 MB blocks, as one stream and as --n-read-threads
     streams over contiguous parts (virtual and network disks are faster with several reads in flight; the loader
-    keeps that many in flight); the faster counts. It also reads the CLS rows, which the others skip;
+    keeps that many in flight); the faster of the two is the reference. It also reads the CLS rows, which the
+    others skip;
 (b) loader: `saev.data.loader.ShuffledLoader` over the layer's patch rows (`ShardRows`), one full epoch of shuffled
     batches with the training defaults (`TrainConfig.chunk_rows`, `TrainConfig.buffer_rows`), first window
     included;
 (c) naive: upstream saev's pattern, a map-style torch Dataset whose item memory-maps its shard and copies one row,
     batched by torch's DataLoader (shuffle=True, --naive-workers worker processes), for --naive-s seconds.
 
-The cache is dropped before each with `echo 1 > /proc/sys/vm/drop_caches` when that is allowed (root), and always
-with posix_fadvise(DONTNEED) on every shard file; the method used is printed. Examples are patch rows. Raw and
-loader alternate --repeats times and the best of each is compared (virtual disks vary from run to run).
-Last line: RESULT loader_vs_raw=<b/a> loader_vs_naive=<b/c> examples_per_s=<b>.
+After a warm-up round that is not counted, the order is R L R L ... R (--rounds loader epochs): each epoch is
+compared with the mean time of the raw reads just before and after it; then --naive-rounds naive runs. Every
+measurement starts from a cold page cache (training reads dumps larger than RAM): `echo 1 > /proc/sys/vm/drop_caches`
+when allowed (root), and always posix_fadvise(DONTNEED) on every shard file; the method is printed. torch threads
+are set as a training job sets them (the CPUs this process may use); the loader's gather runs on one thread by
+design. Printed: the conditions (CPUs and where that figure comes from, threads, load average at the start and the
+end), the disk's cold read speed (1 stream, every round), and every measurement. Examples are patch rows.
+Last line: RESULT loader_vs_raw=<b/a> loader_vs_naive=<b/c> examples_per_s=<b>, medians over the rounds.
 """
 
 import argparse
@@ -26,6 +32,7 @@ import concurrent.futures
 import os
 import pathlib
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -35,7 +42,8 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from saev import training  # noqa: E402
+import conditions  # noqa: E402
+from saev import helpers, training  # noqa: E402
 from saev.data import loader  # noqa: E402
 from saev.data.shards import Metadata, Shards, ShardWriter, shard_name  # noqa: E402
 
@@ -54,8 +62,9 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--chunk-rows", type=int, default=defaults.chunk_rows)
     parser.add_argument("--buffer-rows", type=int, default=defaults.buffer_rows)
     parser.add_argument("--n-read-threads", type=int, default=4, help="the loader's concurrent reads")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating raw/loader measurements (best kept)")
-    parser.add_argument("--naive-s", type=float, default=20.0, help="seconds of naive loading to time")
+    parser.add_argument("--rounds", type=int, default=5, help="loader epochs, each bracketed by raw reads (medians reported)")
+    parser.add_argument("--naive-rounds", type=int, default=3, help="naive runs, after the loader's rounds")
+    parser.add_argument("--naive-s", type=float, default=10.0, help="seconds of naive loading to time per round (two batches at least)")
     parser.add_argument("--naive-workers", type=int, default=2, help="DataLoader worker processes of the naive loader")
     return parser.parse_args()
 
@@ -182,13 +191,14 @@ def time_naive(dpath: pathlib.Path, md: Metadata, args: argparse.Namespace) -> t
     start = time.perf_counter()
     for batch in dataloader:
         n_examples += len(batch["act"])
-        if time.perf_counter() - start > args.naive_s:
-            break
+        if time.perf_counter() - start > args.naive_s and n_examples >= 2 * args.batch_size:
+            break  # at least two batches: the first one also starts the workers
     return time.perf_counter() - start, n_examples
 
 
 def main() -> None:
     args = get_args()
+    helpers.use_allocated_cpus()  # as a training job does: torch threads = the CPUs this process may use
     md = make_metadata(args)
     tmp = None
     if args.dpath is None:
@@ -204,36 +214,70 @@ def main() -> None:
             f"{rows.n_rows} patch rows of width {rows.d} ({gib:.2f} GiB) in {md.n_shards} shards; batch "
             f"{args.batch_size}, chunk_rows {args.chunk_rows}, buffer_rows {args.buffer_rows}", flush=True,
         )
-
+        fs = os.statvfs(args.dpath)
+        print(f"{conditions.describe('start')}; loader read threads {args.n_read_threads}, naive workers "
+              f"{args.naive_workers}; shards in {args.dpath} ({fs.f_bavail * fs.f_frsize / 2**30:.0f} GiB free there)",
+              flush=True)  # fmt: skip
         how = drop_cache(fpaths)
-        print(f"page cache dropped before each measurement with {how}", flush=True)
-        raw_rates, loader_rates = [], []
-        for _ in range(args.repeats):  # alternating, so a slow spell of the disk hits both
-            for n_streams in sorted({1, args.n_read_threads}):
-                drop_cache(fpaths)
-                raw_s, raw_bytes = time_raw(fpaths, n_streams)
-                raw_rates.append(rows.n_rows / raw_s)
-                print(f"raw ({n_streams} stream{'s' if n_streams > 1 else ''}): {raw_rates[-1]:12.0f} examples/s "
-                      f"({raw_bytes / raw_s / 1e9:.2f} GB/s, {raw_s:.2f} s)", flush=True)  # fmt: skip
+        print(f"page cache: every measurement starts cold (dropped with {how}); the dump is larger than a "
+              f"window, so the loader's first window is read before its first batch, as in training", flush=True)
 
+        def measure_raw(n_streams: int) -> float:
+            drop_cache(fpaths)
+            raw_s, raw_bytes = time_raw(fpaths, n_streams)
+            print(f"  raw ({n_streams} stream{'s' if n_streams > 1 else ''}): {rows.n_rows / raw_s:12.0f} examples/s "
+                  f"({raw_bytes / raw_s / 1e9:.2f} GB/s, {raw_s:.2f} s)", flush=True)  # fmt: skip
+            return rows.n_rows / raw_s
+
+        def measure_loader() -> float:
             drop_cache(fpaths)
             loader_s, n, stats = time_loader(rows, args)
-            loader_rates.append(n / loader_s)
             print(
-                f"loader:         {loader_rates[-1]:12.0f} examples/s ({n * rows.d * 4 / loader_s / 1e9:.2f} GB/s, "
+                f"  loader:         {n / loader_s:12.0f} examples/s ({n * rows.d * 4 / loader_s / 1e9:.2f} GB/s, "
                 f"{loader_s:.2f} s; reading {stats.read_s:.2f} s on the background thread, consumer waited "
                 f"{stats.wait_s:.2f} s)", flush=True,
             )  # fmt: skip
-        raw_rate, loader_rate = max(raw_rates), max(loader_rates)
-        print(f"best of {args.repeats}: raw {raw_rate:.0f}, loader {loader_rate:.0f} examples/s", flush=True)
+            return n / loader_s
 
-        drop_cache(fpaths)
-        naive_s, n = time_naive(args.dpath, md, args)
-        naive_rate = n / naive_s
-        print(f"naive:          {naive_rate:12.0f} examples/s ({n} examples in {naive_s:.1f} s)", flush=True)
+        def measure_naive() -> float:
+            drop_cache(fpaths)
+            naive_s, n = time_naive(args.dpath, md, args)
+            print(f"  naive:          {n / naive_s:12.0f} examples/s ({n} examples in {naive_s:.1f} s)", flush=True)
+            return n / naive_s
+
+        def measure_reference() -> tuple[float, float]:
+            """The faster of a 1-stream and an n-stream raw read (the true bare cost), and the 1-stream rate."""
+            rates = {n: measure_raw(n) for n in sorted({1, args.n_read_threads})}
+            return max(rates.values()), rates[1]
+
+        print("warm-up round (not counted):", flush=True)
+        measure_reference(), measure_loader()
+        # Raw reads bracket every loader epoch (R L R L ... R): each epoch is compared with the mean time of the raw
+        # reads just before and after it, so a disk that speeds up or slows down during the run (a shared or virtual
+        # disk) moves both sides of a ratio alike.
+        raw_rates, disk_1, loader_rates = [], [], []
+        for r in range(args.rounds + 1):
+            print(f"round {r + 1}:" if r < args.rounds else "closing raw read:", flush=True)
+            raw_rate, one_stream = measure_reference()
+            raw_rates.append(raw_rate)
+            disk_1.append(one_stream * rows.d * 4 / 1e9)
+            if r < args.rounds:
+                loader_rates.append(measure_loader())
+        vs_raw = [rate * (1 / raw_rates[r] + 1 / raw_rates[r + 1]) / 2 for r, rate in enumerate(loader_rates)]
+        # The naive loader's random reads leave this kind of virtual disk slow for a while (raw reads right after
+        # one ran at 0.37-0.58 GB/s, 0.7-1.4 before), so its runs come after the bracketed ones, not between them.
+        print("naive runs:", flush=True)
+        naive_rates = [measure_naive() for _ in range(args.naive_rounds)]
+        raw_gbs = [rate * rows.d * 4 / 1e9 for rate in raw_rates]
+        print(f"disk read speed of {args.dpath} (cold, whole files): 1 stream {conditions.spread(disk_1, '{:.2f}')} "
+              f"GB/s; raw reference {conditions.spread(raw_gbs, '{:.2f}')} GB/s", flush=True)  # fmt: skip
+        print(f"loader {conditions.spread(loader_rates)} examples/s; vs raw {conditions.spread(vs_raw, '{:.3f}')}; "
+              f"naive {conditions.spread(naive_rates)} examples/s", flush=True)  # fmt: skip
+        loader_vs_naive = statistics.median(loader_rates) / statistics.median(naive_rates)
+        print(conditions.describe("end"), flush=True)
         print(
-            f"RESULT loader_vs_raw={loader_rate / raw_rate:.3f} loader_vs_naive={loader_rate / naive_rate:.1f} "
-            f"examples_per_s={loader_rate:.0f}"
+            f"RESULT loader_vs_raw={statistics.median(vs_raw):.3f} loader_vs_naive={loader_vs_naive:.1f} "
+            f"examples_per_s={statistics.median(loader_rates):.0f}"
         )
     finally:
         if tmp is not None and not args.keep:
