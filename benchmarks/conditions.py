@@ -25,6 +25,15 @@ def _cpu_ticks() -> list[int]:
         return []
 
 
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("?" where unavailable)."""
+    try:
+        with open("/proc/cpuinfo") as fd:
+            return next((line.split(":", 1)[1].strip() for line in fd if line.startswith("model name")), "?")
+    except OSError:
+        return "?"
+
+
 @beartype.beartype
 def describe(when: str) -> str:
     """CPUs this process may use (and where that figure comes from), torch's threads and the load average; from the
@@ -33,7 +42,7 @@ def describe(when: str) -> str:
     n_cpus, why = helpers.allocated_cpus()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     line = (
-        f"conditions ({when}): {n_cpus} CPUs ({why}; {os.cpu_count()} on the machine), torch threads "
+        f"conditions ({when}): {n_cpus} CPUs ({why}; {os.cpu_count()} on the machine: {_cpu_model()}), torch threads "
         f"{torch.get_num_threads()}, load average {load} (1, 5, 15 min)"
     )
     times = os.times()

@@ -16,9 +16,7 @@ latents_per_s=<K / the slower block>.
 """
 
 import argparse
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+import conditions  # noqa: E402
 from saev import ap, nn, scoring  # noqa: E402
 from stages import score as score_stage  # noqa: E402
 
@@ -47,20 +46,6 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
-
-
-def conditions() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as fd:
-            cpu = next((line.split(":", 1)[1].strip() for line in fd if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU affinity {len(os.sched_getaffinity(0))} "
-        f"of {os.cpu_count()} cores ({cpu}), load average {load}"
-    )
 
 
 def make_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, nn.SparseAutoencoder]:
@@ -103,7 +88,7 @@ def main() -> None:
         sys.exit("--device cuda asked for, but CUDA is not available")
     device = torch.device(args.device)
     torch.set_float32_matmul_precision("highest")
-    print(f"before: {conditions()}", flush=True)
+    print(conditions.describe("before"), flush=True)
     acts_ND, labels_N, sae = make_data(args)
     sae = sae.to(device)
     relu, topk = nn.Relu(), nn.TopK(args.topk)
@@ -164,9 +149,10 @@ def main() -> None:
         print(describe(name, t, args.k))
     med = {name: statistics.median(t) for name, t in times.items()}
     parts = med["matmul"] + med["ap"]
-    print(f"parts (matmul + AP): {parts:.3f} s; TopK block + its threshold share: "
-          f"{med['topk block'] + kth_s / args.blocks:.3f} s")  # fmt: skip
-    print(f"after: {conditions()}")
+    topk_share = med["topk block"] + kth_s / args.blocks
+    print(f"parts (matmul + AP): {parts:.3f} s; TopK block + its share of the thresholds pass: {topk_share:.3f} s "
+          f"(ReLU block / that = {med['relu block'] / topk_share:.3f})")  # fmt: skip
+    print(conditions.describe("after"))
     print(f"RESULT score_vs_parts={parts / med['relu block']:.3f} "
           f"topk_vs_relu={med['relu block'] / med['topk block']:.3f} "
           f"latents_per_s={args.k / max(med['relu block'], med['topk block']):.0f}")  # fmt: skip
