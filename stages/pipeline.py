@@ -423,6 +423,15 @@ def piece_jobs(plan: Plan) -> dict[str, tuple[str, str]]:
     return {pid: (job, states.get(job, "UNKNOWN")) for pid, job in wanted.items()}
 
 
+def stage_slurm(pipeline: Pipeline, name: str) -> SlurmConfig:
+    """The Slurm settings stage `name` is submitted with: `pipeline.slurm`, except that adopting a dump
+    (`[dump.adopt]`) only links and hashes files, so that job asks for no GPU (`[slurm.dump]`'s gpus and gres are
+    dropped; its partition, CPUs, memory and hours are kept)."""
+    if name == "dump" and pipeline.dump.adopt is not None:
+        return dataclasses.replace(pipeline.slurm, dump=dataclasses.replace(pipeline.slurm.dump, gpus=0, gres=""))
+    return pipeline.slurm
+
+
 def submit_slurm(
     pipeline: Pipeline,
     plan: Plan,
@@ -451,7 +460,7 @@ def submit_slurm(
         after = slurm.array_ids(after)
         args = [(pipeline, name, [piece.id]) for piece in todo]
         try:
-            job_ids = slurm.submit(pipeline.slurm, name, run_pieces, args, after=after)
+            job_ids = slurm.submit(stage_slurm(pipeline, name), name, run_pieces, args, after=after)
         except slurm.SlurmError as err:
             _record_jobs(stage_plan, todo, err.submitted)  # so that a rerun does not submit them twice
             raise

@@ -479,3 +479,19 @@ def test_an_adopted_dump_and_two_imported_saes_give_the_native_best_latents(done
         assert [c["prototype"] for c in got["per_sae"][key]["classes"]] == [
             c["prototype"] for c in native["per_sae"][native_key]["classes"]
         ]
+
+
+def test_adopting_a_dump_asks_slurm_for_no_gpu(exported, tmp_path):
+    """The adopt job only links and hashes files: its sbatch options ask for no GPU, whatever [slurm.dump] says;
+    the other stages keep theirs."""
+    from saev import slurm
+
+    out, hashdir = exported
+    shutil.copy(out / "classes.txt", tmp_path / "classes.txt")
+    layer = json.loads((hashdir / "metadata.json").read_text())["layers"][-1]
+    cfg = adopt_config(tmp_path, hashdir, layer=layer)
+    cfg.write_text(cfg.read_text() + '\n[slurm.dump]\ngpus = "a100:2"\ncpus = 3\n')
+    pipeline = pl.load(cfg)
+    params = slurm.executor_parameters(pl.stage_slurm(pipeline, "dump"), "dump")
+    assert "gpus_per_node" not in params and "gres" not in params and params["cpus_per_task"] == 3
+    assert slurm.executor_parameters(pl.stage_slurm(pipeline, "train"), "train")["gpus_per_node"] == 1
