@@ -5,8 +5,8 @@
 
 For a ReLU SAE and a TopK SAE (same weights, d_sae = `--blocks` x K latents), one block of K latents:
 (a) the stage's block work, `stages.score.score_block` (encode the block's columns of every row in the stage's row
-    batches, exact AP for every class, min/max, and the partial file); for TopK given the per-row thresholds, which
-    the stage computes once per SAE (`saev.scoring.topk_kth`, timed once and shown as a per-block share);
+    batches, exact AP for every class, min/max, and the partial file); for TopK given each row's selected latents, which
+    the stage computes once per SAE (`saev.scoring.topk_latents`, timed once and shown as a per-block share);
 (b) its parts alone: the bare encoder matmul for those columns (the same row batches into one preallocated output)
     and the AP engine `saev.ap.average_precision` on the resulting scores.
 Each is measured `--rounds` times, alternating; medians and spreads (min to max) are printed with the conditions
@@ -100,10 +100,10 @@ def main() -> None:
 
     sae.activation = topk
     start = time.perf_counter()
-    kth_N = scoring.topk_kth(sae, acts_ND, args.k, batch_size=args.batch_size, device=device)
-    kth_s = time.perf_counter() - start
-    print(f"TopK thresholds (once per SAE, all {args.blocks} blocks): {kth_s:.2f} s, "
-          f"{kth_s / args.blocks:.2f} s per block", flush=True)  # fmt: skip
+    top_Nk = scoring.topk_latents(sae, acts_ND, args.k, batch_size=args.batch_size, device=device)
+    pass_s = time.perf_counter() - start
+    print(f"TopK latents pass (once per SAE, all {args.blocks} blocks): {pass_s:.2f} s, "
+          f"{pass_s / args.blocks:.2f} s per block", flush=True)  # fmt: skip
 
     W_DK = sae.W_enc.detach()[:, block]
     b_K = sae.b_enc.detach()[block]
@@ -123,7 +123,7 @@ def main() -> None:
                 with torch.inference_mode():
                     score_stage.score_block(
                         fpath, sae, acts_ND, labels_N, args.classes, k_start, k_stop, batch_size=args.batch_size,
-                        device=device, kth_N=kth_N if activation is topk else None, train_key="bench",
+                        device=device, top_Nk=top_Nk if activation is topk else None, train_key="bench",
                         matmul_precision="highest",
                     )  # fmt: skip
             return go
@@ -149,8 +149,8 @@ def main() -> None:
         print(describe(name, t, args.k))
     med = {name: statistics.median(t) for name, t in times.items()}
     parts = med["matmul"] + med["ap"]
-    topk_share = med["topk block"] + kth_s / args.blocks
-    print(f"parts (matmul + AP): {parts:.3f} s; TopK block + its share of the thresholds pass: {topk_share:.3f} s "
+    topk_share = med["topk block"] + pass_s / args.blocks
+    print(f"parts (matmul + AP): {parts:.3f} s; TopK block + its share of the latents pass: {topk_share:.3f} s "
           f"(ReLU block / that = {med['relu block'] / topk_share:.3f})")  # fmt: skip
     print(conditions.describe("after"))
     print(f"RESULT score_vs_parts={parts / med['relu block']:.3f} "

@@ -10,16 +10,16 @@ saev TopK SAE, see `TopK.keep_negative`) and back:
 The activation rule is one of `ACTIVATIONS` and is saved with the SAE:
 
 - `Relu`: f = relu(pre) (SAEs trained with the "relu_l1" objective).
-- `TopK(k)`: the k largest pre-activations of each example (and any tied with the k-th), through a ReLU, the
-  rest 0 ("topk" objective); `TopK(k, keep_negative=True)` keeps them as they are (saev's rule, for imported SAEs,
-  see `saev.sae_files`).
+- `TopK(k)`: the k largest pre-activations of each example, through a ReLU, the rest 0 ("topk" objective);
+  `TopK(k, keep_negative=True)` keeps them as they are (saev's rule, for imported SAEs, see `saev.sae_files`).
 - `JumpRelu(threshold)`: f = pre * (pre > threshold) with one global threshold (what "batchtopk" and "matryoshka"
   SAEs use at inference: the threshold is estimated during training).
 
 `Relu` and `JumpRelu` are per-latent rules: latent j depends on pre[:, j] only, so `encode(x, latents=slice(a, b))`
-computes just those columns. `TopK` is not, but it is one threshold rule: f = relu(pre) where pre >= kth else 0,
-with kth each example's k-th largest pre-activation. Given kth (`encode(..., kth_B=...)`), a block computes just
-its columns too; without it a block encode computes all d_sae pre-activations and returns the requested columns.
+computes just those columns. `TopK` is not: which latents an example keeps depends on all of them. Given each
+example's selected latent indices (`encode(..., top_Bk=...)`, from `TopK.top_latents` over all latents), a block
+computes just its columns too; without them a block encode computes all d_sae pre-activations and returns the
+requested columns.
 
 Training (saev.training) runs on activations multiplied by a scalar `scale` (so their mean L2 norm is sqrt(d_vit))
 with unit-norm decoder rows. Before saving, `fold_scale_` rewrites the weights so that the saved SAE takes RAW
@@ -45,7 +45,7 @@ import beartype
 import safetensors
 import safetensors.torch
 import torch
-from jaxtyping import Float, jaxtyped
+from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
 from saev import artifacts
@@ -122,13 +122,12 @@ class Relu:
 class TopK:
     """The k largest pre-activations of each example (last axis), through a ReLU; every other latent is 0.
 
-    One rule, whole or by blocks: f = relu(pre) where pre >= kth else 0, with kth the example's k-th largest
-    pre-activation over ALL latents (`kth_largest`); `select` applies it to any block of columns given kth. Values
-    tied with the k-th are all kept, so an example has more than k non-zero latents only when several
-    pre-activations equal its k-th exactly (training's own top-k keeps exactly k; ties of float32 pre-activations
-    are rare). At most k (up to ties) are non-zero, exactly k when the k-th is positive and unique.
-    With `keep_negative` the kept values are not passed through the ReLU (the saev library's rule, used for SAEs
-    imported from its files): a row with fewer than k positive pre-activations keeps some negative values.
+    Exactly k latents are selected per example (`top_latents`; among values tied at the k-th, torch.topk picks);
+    at most k are non-zero, exactly k when the k-th largest pre-activation is positive. `select` applies the rule to
+    any block of columns given each example's selected latent indices, so a block of an SAE's latents can be
+    encoded without computing the others (`saev.scoring.topk_latents` finds the indices once per SAE). With
+    `keep_negative` the kept values are not passed through the ReLU (the saev library's rule, used for SAEs imported
+    from its files): a row with fewer than k positive pre-activations keeps some negative values.
     """
 
     k: int
@@ -144,22 +143,26 @@ class TopK:
             raise ValueError(f"k must be positive, got {self.k}")
 
     def __call__(self, pre_BS: Tensor) -> Tensor:
-        return self.select(pre_BS, self.kth_largest(pre_BS))
+        return self.select(pre_BS, self.top_latents(pre_BS))
 
-    def kth_largest(self, pre_BS: Tensor) -> Tensor:
-        """Each example's k-th largest value along the last axis, shape pre_BS.shape[:-1]. The k-th largest of a
-        row is the smallest of its top k, so it is also the k-th largest of the union of the top-k values of any
-        split of the row's columns (how `saev.scoring` finds it one block at a time)."""
+    def top_latents(self, pre_BS: Tensor) -> Tensor:
+        """Indices (int64, shape pre_BS.shape[:-1] + (k,), in no particular order) of each example's k largest
+        values along the last axis."""
         if self.k > pre_BS.shape[-1]:
             raise ValueError(f"TopK keeps k={self.k} latents but there are only {pre_BS.shape[-1]}")
-        return pre_BS.topk(self.k, dim=-1, sorted=False).values.amin(dim=-1)
+        return pre_BS.topk(self.k, dim=-1, sorted=False).indices
 
-    def select(self, pre_BK: Tensor, kth_B: Tensor) -> Tensor:
-        """f = relu(pre) (pre itself with `keep_negative`) where pre >= kth else 0, for any block of columns of
-        pre, given each example's k-th largest pre-activation over all latents (`kth_largest`, shape
-        pre_BK.shape[:-1])."""
+    def select(self, pre_BK: Tensor, top_Bk: Tensor, offset: int = 0) -> Tensor:
+        """f = relu(pre) (pre itself with `keep_negative`) at each example's selected latents, 0 elsewhere, for the
+        block of columns [offset, offset + K) of an SAE's pre-activations, given the example's selected latent
+        indices over ALL latents (`top_latents`; indices outside the block select nothing in it)."""
+        n_cols = pre_BK.shape[-1]
+        pos_Bk = top_Bk.to(device=pre_BK.device, dtype=torch.int64) - offset
+        pos_Bk = torch.where((pos_Bk >= 0) & (pos_Bk < n_cols), pos_Bk, n_cols)  # outside: a spare last column
+        mask_BK = torch.zeros(pre_BK.shape[:-1] + (n_cols + 1,), dtype=torch.bool, device=pre_BK.device)
+        mask_BK = mask_BK.scatter_(-1, pos_Bk, True)[..., :n_cols]
         kept_BK = pre_BK if self.keep_negative else torch.relu(pre_BK)
-        return torch.where(pre_BK >= kth_B.unsqueeze(-1), kept_BK, 0.0)
+        return torch.where(mask_BK, kept_BK, 0.0)
 
 
 @beartype.beartype
@@ -286,20 +289,21 @@ class SparseAutoencoder(torch.nn.Module):
 
     @jaxtyped(typechecker=beartype.beartype)
     def encode(
-        self, x_BD: Float[Tensor, "B D"], latents: slice | None = None, kth_B: Float[Tensor, " B"] | None = None
+        self, x_BD: Float[Tensor, "B D"], latents: slice | None = None, top_Bk: Int[Tensor, "B k"] | None = None
     ) -> Float[Tensor, "B K"]:
         """Latent activations f = activation((x - b_dec) @ W_enc + b_enc), shape [B, d_sae].
 
         With `latents` (e.g. slice(k_start, k_stop)) only those columns are returned, shape [B, len(range)]; their
         values equal the same columns of the full encoding. For per-latent rules (ReLU, JumpReLU) only those
-        columns are computed. For TopK, given `kth_B` (each example's k-th largest pre-activation over all latents,
-        `TopK.kth_largest`) only those columns are computed too (`TopK.select`); without it the full encoding is
+        columns are computed. For TopK, given `top_Bk` (each example's selected latents over all latents,
+        `TopK.top_latents`) only those columns are computed too (`TopK.select`); without it the full encoding is
         computed and sliced.
         """
-        if kth_B is not None:
+        if top_Bk is not None:
             if not isinstance(self.activation, TopK):
-                raise ValueError(f"kth_B only applies to a TopK SAE, not to {self.activation!r}")
-            return self.activation.select(self.pre_acts(x_BD, latents), kth_B)
+                raise ValueError(f"top_Bk only applies to a TopK SAE, not to {self.activation!r}")
+            offset = 0 if latents is None else range(self.cfg.d_sae)[latents].start
+            return self.activation.select(self.pre_acts(x_BD, latents), top_Bk, offset)
         if latents is None or self.activation.per_latent:
             return self.activation(self.pre_acts(x_BD, latents))
         return self.activation(self.pre_acts(x_BD))[:, latents]

@@ -6,14 +6,15 @@ reads and writes. This module owns three formats:
   (float32 [block]: each latent's lowest and highest score; equal = a constant, dead latent), `k_range` (int64
   [k_start, k_stop)) and metadata `"sae"` (the key of the train artifact scored) and `"matmul_precision"`.
   `write_partial` writes it and `read_partials` reads and checks every block of an artifact.
-- TopK thresholds. A TopK SAE's latent depends on every other latent of the example, through one number: the
-  example's k-th largest pre-activation (`nn.TopK`). `topk_kth` finds it for every kept row in one pass over the
-  SAE's blocks, from the very matmuls the blocks compute (rows in batches of `batch_size`, latents in blocks of
-  `block_size`: a matmul of a slice may differ in the last bit from the same columns of a bigger matmul, the same
-  shapes never do, on one kind of device: a GPU and a CPU round differently, as they do for every score), so
-  each block then computes only its own columns (`encode_block(..., kth_N=...)`).
-  `topk_kth.safetensors` of a score artifact holds `kth_N` (float32 [N], finite) and metadata `"sae"`, `"k"`,
-  `"block_size"`, `"batch_size"`, `"matmul_precision"`; `write_kth` and `read_kth` own it.
+- TopK latents. Which latents a TopK SAE keeps for an example depends on all of its pre-activations
+  (`nn.TopK`). `topk_latents` finds each kept row's k selected latents (their indices) in one pass over the SAE's
+  blocks (rows in batches of `batch_size`, latents in blocks of `block_size`, a running top k per row), so each
+  block then computes only its own columns and keeps those selected (`encode_block(..., top_Nk=...)`). Indices, not
+  a threshold value: a block that rounds its pre-activations differently (another batch size, device or BLAS) still
+  keeps exactly the latents selected, so the selection never depends on where a block runs.
+  `topk_latents.safetensors` of a score artifact holds `latents_Nk` (int32 [N, k], distinct indices in [0, d_sae)
+  per row) and metadata `"sae"`, `"k"`, `"d_sae"`, `"matmul_precision"` (what it is for) and `"block_size"`,
+  `"batch_size"` (how it was computed); `write_topk` and `read_topk` own it.
 - Kept activations. `acts.npy` of a kept artifact: float32 [N, d_vit], C-order, the activations of the kept patches
   (in keep.npy order) at one layer, gathered once from the dump's shards so that every score task reads one
   contiguous file instead of gathering rows from every shard (`write_kept`, `read_kept`).
@@ -29,7 +30,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 import torch
-from jaxtyping import Float, jaxtyped
+from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
 from saev import artifacts, checksums, nn
@@ -54,25 +55,25 @@ def encode_block(
     *,
     batch_size: int,
     device: torch.device,
-    kth_N: Tensor | None = None,
+    top_Nk: Tensor | None = None,
 ) -> torch.Tensor:
     """Latents [k_start, k_stop) of the SAE for every row of acts_ND, as float32 [N, k_stop - k_start].
 
-    Rows are encoded `batch_size` at a time. For a TopK SAE, `kth_N` (float32 [N], `topk_kth` with the same
-    `batch_size` and a block size that has this block as one of its blocks) lets a block compute only its own
-    columns; without it every batch computes all latents (a full encode per block).
+    Rows are encoded `batch_size` at a time. For a TopK SAE, `top_Nk` (each row's selected latents,
+    `topk_latents`) lets a block compute only its own columns; without it every batch computes all latents (a full
+    encode per block).
     """
     n = len(acts_ND)
     out = torch.empty((n, k_stop - k_start), dtype=torch.float32, device=device)
     for start in range(0, n, batch_size):
         x_BD = _rows(acts_ND, start, batch_size, device)
-        kth_B = None if kth_N is None else kth_N[start : start + len(x_BD)].to(device)
-        out[start : start + len(x_BD)] = sae.encode(x_BD, latents=slice(k_start, k_stop), kth_B=kth_B)
+        top_Bk = None if top_Nk is None else top_Nk[start : start + len(x_BD)].to(device)
+        out[start : start + len(x_BD)] = sae.encode(x_BD, latents=slice(k_start, k_stop), top_Bk=top_Bk)
     return out
 
 
 @torch.inference_mode()
-def topk_kth(
+def topk_latents(
     sae: nn.SparseAutoencoder,
     acts_ND: np.ndarray,
     block_size: int,
@@ -80,117 +81,113 @@ def topk_kth(
     batch_size: int,
     device: torch.device,
     on_rows: Callable[[int], None] | None = None,
-) -> Float[Tensor, " N"]:
-    """Each row's k-th largest pre-activation over all latents of a TopK SAE, float32 [N] on `device`.
+) -> Int[Tensor, "N k"]:
+    """Each row's k selected latents (the indices of its k largest pre-activations over all latents) of a TopK
+    SAE, int32 [N, k] on the CPU.
 
     One pass: rows `batch_size` at a time, each through the blocks [0, block_size), [block_size, 2 block_size), ...
-    of latents, keeping a running top k of every row (the k-th largest of a row is that of the union of its blocks'
-    top k). These are the matmuls `encode_block` computes for each block with the same `batch_size`, so a block's
-    test pre >= kth compares the same bits as a full encode would (`nn.TopK.select`). `on_rows(n)` is called after
-    each batch of n rows (progress).
+    of latents, keeping a running top k of every row (a row's top k is the top k of the union of its blocks' top k).
+    These are the matmuls `encode_block` computes for each block, so the selection equals that of a full encode of
+    the same pre-activations. `on_rows(n)` is called after each batch of n rows (progress).
     """
     activation = sae.activation
     if not isinstance(activation, nn.TopK):
-        raise ValueError(f"topk_kth needs a TopK SAE, not one with activation {activation!r}")
-    n, d_sae = len(acts_ND), sae.cfg.d_sae
-    out = torch.empty(n, dtype=torch.float32, device=device)
+        raise ValueError(f"topk_latents needs a TopK SAE, not one with activation {activation!r}")
+    n, d_sae, k = len(acts_ND), sae.cfg.d_sae, activation.k
+    if k > d_sae:
+        raise ValueError(f"TopK keeps k={k} latents but there are only {d_sae}")
+    out = torch.empty((n, k), dtype=torch.int32)
     for start in range(0, n, batch_size):
         x_BD = _rows(acts_ND, start, batch_size, device)
-        top_BJ = torch.empty((len(x_BD), 0), dtype=torch.float32, device=device)
+        vals_BJ = torch.empty((len(x_BD), 0), dtype=torch.float32, device=device)
+        idx_BJ = torch.empty((len(x_BD), 0), dtype=torch.int64, device=device)
         for k_start in range(0, d_sae, block_size):
             pre_BK = sae.pre_acts(x_BD, slice(k_start, min(d_sae, k_start + block_size)))
-            top_BK = pre_BK.topk(min(activation.k, pre_BK.shape[1]), dim=1, sorted=False).values
-            both_BJ = torch.cat([top_BJ, top_BK], dim=1)
-            top_BJ = both_BJ.topk(min(activation.k, both_BJ.shape[1]), dim=1, sorted=False).values
-        out[start : start + len(x_BD)] = activation.kth_largest(top_BJ)  # raises if k > d_sae, as a full encode
+            top = pre_BK.topk(min(k, pre_BK.shape[1]), dim=1, sorted=False)
+            vals_BJ = torch.cat([vals_BJ, top.values], dim=1)
+            idx_BJ = torch.cat([idx_BJ, top.indices + k_start], dim=1)
+            keep = vals_BJ.topk(min(k, vals_BJ.shape[1]), dim=1, sorted=False).indices
+            vals_BJ, idx_BJ = vals_BJ.gather(1, keep), idx_BJ.gather(1, keep)
+        out[start : start + len(x_BD)] = idx_BJ.to(device="cpu", dtype=torch.int32)
         if on_rows is not None:
             on_rows(len(x_BD))
     return out
 
 
-KTH_FNAME = "topk_kth.safetensors"
-"""The TopK thresholds of a score artifact (see the module docstring)."""
+TOPK_FNAME = "topk_latents.safetensors"
+"""The TopK latents of a score artifact (see the module docstring)."""
 
 
-class KthError(artifacts.IncompleteArtifactError):
-    """A TopK thresholds file is missing, unreadable, changed since written, or not for this SAE and these rows; the
+class TopkError(artifacts.IncompleteArtifactError):
+    """A TopK latents file is missing, unreadable, changed since written, or not for this SAE and these rows; the
     message names it."""
 
 
-class Kth(typing.NamedTuple):
-    """A TopK thresholds file's contents."""
-
-    kth_N: np.ndarray
-    """float32 [N] each kept row's k-th largest pre-activation."""
-    batch_size: int
-    """Rows per matmul they were computed with (blocks must encode with the same)."""
-
-
 @beartype.beartype
-def write_kth(
+def write_topk(
     fpath: pathlib.Path,
-    kth_N: Tensor,
+    top_Nk: Tensor,
     *,
     train_key: str,
-    k: int,
+    d_sae: int,
     block_size: int,
     batch_size: int,
     matmul_precision: str,
 ) -> None:
-    """Write a TopK thresholds file atomically (checksummed): `kth_N` and what it was computed for and with."""
-    tensors = {"kth_N": kth_N.to(device="cpu", dtype=torch.float32).contiguous().numpy()}
+    """Write a TopK latents file atomically (checksummed): `top_Nk` and what it was computed for and with."""
+    tensors = {"latents_Nk": top_Nk.to(device="cpu", dtype=torch.int32).contiguous().numpy()}
     metadata = {
-        "sae": train_key, "k": str(k), "block_size": str(block_size), "batch_size": str(batch_size),
-        "matmul_precision": matmul_precision,
+        "sae": train_key, "k": str(top_Nk.shape[1]), "d_sae": str(d_sae), "block_size": str(block_size),
+        "batch_size": str(batch_size), "matmul_precision": matmul_precision,
     }  # fmt: skip
     artifacts.atomic_write_bytes(fpath, safetensors.numpy.save(tensors, metadata=metadata))
 
 
 @beartype.beartype
-def read_kth(
-    fpath: pathlib.Path, *, n_rows: int, train_key: str, k: int, block_size: int, matmul_precision: str
-) -> Kth:
-    """Read and check a TopK thresholds file: its checksum matches the one recorded when it was written, it holds
-    exactly `kth_N` (float32 [n_rows], finite) and its metadata names this SAE, k, block size and matmul precision.
+def read_topk(
+    fpath: pathlib.Path, *, n_rows: int, train_key: str, k: int, d_sae: int, matmul_precision: str
+) -> np.ndarray:
+    """Read and check a TopK latents file; returns `latents_Nk` (int32 [n_rows, k]). Checked: its checksum matches
+    the one recorded when it was written, it holds exactly `latents_Nk` of that dtype and shape, every row holds k
+    distinct indices in [0, d_sae), and its metadata names this SAE, k, d_sae and matmul precision.
 
     Raises:
-        KthError: naming the file and what is wrong (the score stage then computes it again).
+        TopkError: naming the file and what is wrong (the score stage then computes it again).
     """
     if not fpath.is_file():
-        raise KthError(f"{fpath} is missing")
+        raise TopkError(f"{fpath} is missing")
     if checksums.recorded_checksum(fpath) is None:
-        raise KthError(f"{fpath} has no checksum record (not written by write_kth)")
+        raise TopkError(f"{fpath} has no checksum record (not written by write_topk)")
     try:
         artifacts.verify_file(fpath)
         with safetensors.safe_open(str(fpath), framework="numpy") as fd:
             metadata = fd.metadata() or {}
             names = set(fd.keys())
-            if names != {"kth_N"}:
-                raise KthError(f"{fpath}: holds tensors {sorted(names)}, expected ['kth_N']")
-            kth_N = fd.get_tensor("kth_N")
+            if names != {"latents_Nk"}:
+                raise TopkError(f"{fpath}: holds tensors {sorted(names)}, expected ['latents_Nk']")
+            top_Nk = fd.get_tensor("latents_Nk")
     except artifacts.DamagedArtifactError as err:
-        raise KthError(str(err)) from None
-    except KthError:
+        raise TopkError(str(err)) from None
+    except TopkError:
         raise
     except Exception as err:  # safetensors raises SafetensorError (or others) on a corrupt header or short file
-        raise KthError(f"{fpath} is not a readable safetensors file ({err})") from None
-    expected = {
-        "sae": train_key, "k": str(k), "block_size": str(block_size), "matmul_precision": matmul_precision,
-    }  # fmt: skip
+        raise TopkError(f"{fpath} is not a readable safetensors file ({err})") from None
+    expected = {"sae": train_key, "k": str(k), "d_sae": str(d_sae), "matmul_precision": matmul_precision}
     got = {name: metadata.get(name) for name in expected}
     if got != expected:
-        raise KthError(f"{fpath}: computed for {got}, expected {expected}")
-    if kth_N.dtype != np.float32 or kth_N.shape != (n_rows,):
-        raise KthError(f"{fpath}: kth_N is {kth_N.dtype} {list(kth_N.shape)}, expected float32 [{n_rows}]")
-    if kth_N.size and not np.isfinite(kth_N).all():
-        raise KthError(f"{fpath}: kth_N holds NaN/inf at row {int(np.flatnonzero(~np.isfinite(kth_N))[0])}")
-    try:
-        batch_size = int(metadata.get("batch_size", ""))
-    except ValueError:
-        raise KthError(f"{fpath}: batch_size {metadata.get('batch_size')!r} is not an integer") from None
-    if batch_size < 1:
-        raise KthError(f"{fpath}: batch_size {batch_size} is not positive")
-    return Kth(kth_N, batch_size)
+        raise TopkError(f"{fpath}: computed for {got}, expected {expected}")
+    if top_Nk.dtype != np.int32 or top_Nk.shape != (n_rows, k):
+        raise TopkError(f"{fpath}: latents_Nk is {top_Nk.dtype} {list(top_Nk.shape)}, expected int32 [{n_rows}, {k}]")
+    if top_Nk.size:
+        bad = (top_Nk < 0) | (top_Nk >= d_sae)
+        if bad.any():
+            row = int(np.flatnonzero(bad.any(axis=1))[0])
+            raise TopkError(f"{fpath}: latents_Nk row {row} holds an index outside [0, {d_sae})")
+        sorted_Nk = np.sort(top_Nk, axis=1)
+        dup = (sorted_Nk[:, 1:] == sorted_Nk[:, :-1]).any(axis=1)
+        if dup.any():
+            raise TopkError(f"{fpath}: latents_Nk row {int(np.flatnonzero(dup)[0])} holds an index twice")
+    return top_Nk
 
 
 KEPT_FNAME = "acts.npy"

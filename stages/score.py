@@ -16,11 +16,11 @@ What a block costs is its own columns, for every activation rule:
   of the dump and mask; its manifest records a checksum of those two manifests' file lists, so kept activations of
   a dump or mask that was recomputed since are gathered again, as are damaged ones.
 - ReLU and JumpReLU (BatchTopK, Matryoshka) latents are per-latent rules: a block computes its columns only.
-- A TopK SAE's per-row k-th largest pre-activation is computed once per SAE by the first block task that needs
-  it (under the artifact's lock `.lock-kth`: one pass over all blocks' matmuls, about one block's cost per block)
-  into `topk_kth.safetensors` of the score artifact; every block then computes its own columns and keeps those at
-  or above the row's k-th (`saev.nn.TopK.select`): exactly TopK's rule on the pre-activations the blocks compute
-  (the pass computes the same matmuls, `saev.scoring.topk_kth`).
+- A TopK SAE's selected latents (each kept row's k largest pre-activations, as indices) are found once per SAE
+  by the first block task that needs them (under the artifact's lock `.lock-topk`: one pass over all blocks'
+  matmuls, about one block's matmul per block) into `topk_latents.safetensors` of the score artifact
+  (`saev.scoring.topk_latents`); every block then computes its own columns and keeps the selected ones
+  (`saev.nn.TopK.select`): TopK's rule, with a selection that does not depend on where a block runs.
 """
 
 import dataclasses
@@ -63,7 +63,8 @@ class Config:
     device: str = artifacts.unhashed("auto")
     """'auto' (CUDA when available), 'cpu' or 'cuda'."""
     batch_size: int = artifacts.unhashed(16_384)
-    """Patches per encoder matmul (memory only; results do not depend on it)."""
+    """Patches per encoder matmul (memory only: which latents a TopK SAE keeps does not depend on it; on some BLAS
+    paths a score may differ in its last bit between batch sizes, as between devices)."""
 
     def __post_init__(self):
         if self.block_size != "auto" and self.block_size <= 0:
@@ -183,39 +184,40 @@ def load_kept(
         return scoring.read_kept(fpath, len(keep), d_vit), labels
 
 
-def get_kth(
+def get_topk(
     cfg: Config,
     art: artifacts.Artifact,
     info: ScoreInfo,
     sae: nn.SparseAutoencoder,
     acts_ND: np.ndarray,
     device: torch.device,
-) -> scoring.Kth:
-    """The TopK thresholds of a score artifact: read (and checked, `scoring.read_kth`), or computed and written
-    under the artifact's lock `.lock-kth` by the first block task that needs them while the others wait."""
-    assert isinstance(sae.activation, nn.TopK)
-    fpath = art.dpath / scoring.KTH_FNAME
+) -> np.ndarray:
+    """The TopK latents of a score artifact: read (and checked, `scoring.read_topk`), or computed and written
+    under the artifact's lock `.lock-topk` by the first block task that needs them while the others wait."""
+    if not isinstance(sae.activation, nn.TopK):
+        raise TypeError(f"get_topk needs a TopK SAE, not {sae.activation!r}")
+    fpath = art.dpath / scoring.TOPK_FNAME
     expected = {
-        "n_rows": len(acts_ND), "train_key": info.train_key, "k": sae.activation.k, "block_size": info.block_size,
+        "n_rows": len(acts_ND), "train_key": info.train_key, "k": sae.activation.k, "d_sae": info.d_sae,
         "matmul_precision": cfg.matmul_precision,
     }  # fmt: skip
-    with art.lock("kth", wait=True, on_wait=lambda: logger.info("%s: another task is computing the TopK thresholds", art.ref)):
+    with art.lock("topk", wait=True, on_wait=lambda: logger.info("%s: another task is finding the TopK latents", art.ref)):
         try:
-            return scoring.read_kth(fpath, **expected)
-        except scoring.KthError as err:
+            return scoring.read_topk(fpath, **expected)
+        except scoring.TopkError as err:
             if fpath.exists():
                 logger.warning("%s; computing it again", err)
-        artifacts.remove_temp_files(art.dpath, scoring.KTH_FNAME)  # we hold its lock: leftovers of a killed job
-        progress = helpers.Progress(desc="topk thresholds", total=len(acts_ND), unit="rows", logger=logger)
-        kth_N = scoring.topk_kth(
+        artifacts.remove_temp_files(art.dpath, scoring.TOPK_FNAME)  # we hold its lock: leftovers of a killed job
+        progress = helpers.Progress(desc="topk latents", total=len(acts_ND), unit="rows", logger=logger)
+        top_Nk = scoring.topk_latents(
             sae, acts_ND, info.block_size, batch_size=cfg.batch_size, device=device, on_rows=progress.update
         )
         progress.finish()
-        scoring.write_kth(
-            fpath, kth_N, train_key=info.train_key, k=sae.activation.k, block_size=info.block_size,
+        scoring.write_topk(
+            fpath, top_Nk, train_key=info.train_key, d_sae=info.d_sae, block_size=info.block_size,
             batch_size=cfg.batch_size, matmul_precision=cfg.matmul_precision,
         )  # fmt: skip
-        return scoring.Kth(kth_N.cpu().numpy(), cfg.batch_size)
+        return top_Nk.numpy()
 
 
 def run(pipeline, plan: Plan, piece: Piece) -> None:
@@ -234,14 +236,12 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
     device = helpers.get_device(cfg.device)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     sae = nn.load(train_art.dpath, device=device)
-    kth_N, batch_size = None, cfg.batch_size
+    top_Nk = None
     if isinstance(sae.activation, nn.TopK):
-        # The rows must go through the matmuls in the batches the thresholds were computed with.
-        kth = get_kth(cfg, piece.artifact, info, sae, acts_ND, device)
-        kth_N, batch_size = torch.from_numpy(kth.kth_N).to(device), kth.batch_size
+        top_Nk = torch.from_numpy(get_topk(cfg, piece.artifact, info, sae, acts_ND, device))
     score_block(
         piece.fpath, sae, acts_ND, labels_N, n_classes, k_start, k_stop,
-        batch_size=batch_size, device=device, kth_N=kth_N, train_key=info.train_key,
+        batch_size=cfg.batch_size, device=device, top_Nk=top_Nk, train_key=info.train_key,
         matmul_precision=cfg.matmul_precision,
     )  # fmt: skip
 
@@ -257,14 +257,14 @@ def score_block(
     *,
     batch_size: int,
     device: torch.device,
-    kth_N: torch.Tensor | None,
+    top_Nk: torch.Tensor | None,
     train_key: str,
     matmul_precision: str,
 ) -> None:
     """A block's work once its inputs are at hand (what benchmarks/score.py times): encode latents [k_start, k_stop)
-    of every kept row (`scoring.encode_block`; `kth_N` for a TopK SAE), their AP for every class, and the partial
+    of every kept row (`scoring.encode_block`; `top_Nk` for a TopK SAE), their AP for every class, and the partial
     file `fpath`."""
-    scores_NK = scoring.encode_block(sae, acts_ND, k_start, k_stop, batch_size=batch_size, device=device, kth_N=kth_N)
+    scores_NK = scoring.encode_block(sae, acts_ND, k_start, k_stop, batch_size=batch_size, device=device, top_Nk=top_Nk)
     ap_CK = ap.average_precision(scores_NK, torch.from_numpy(labels_N).to(device), n_classes=n_classes)
     scoring.write_partial(
         fpath,

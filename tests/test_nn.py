@@ -306,31 +306,33 @@ def test_stack_refuses_saes_of_different_shapes():
         nn.SaeStack([nn.SaeConfig(d_vit=8, exp_factor=2), nn.SaeConfig(d_vit=8, exp_factor=4)])
 
 
-def test_topk_keeps_every_value_tied_with_the_kth():
-    """One rule: relu(pre) where pre >= the k-th largest; ties with the k-th are all kept."""
-    pre_BS = torch.tensor([[1.0, 2.0, 2.0, 0.5], [3.0, 3.0, 3.0, -1.0]])
-    assert torch.equal(nn.TopK(1)(pre_BS), torch.tensor([[0.0, 2.0, 2.0, 0.0], [3.0, 3.0, 3.0, 0.0]]))
-    assert torch.equal(nn.TopK(2).kth_largest(pre_BS), torch.tensor([2.0, 3.0]))
+def test_topk_keeps_exactly_k_latents_even_with_ties():
+    """Exactly k selected per example (as training's top-k and saev's TopK); ties at the k-th: torch.topk picks."""
+    pre_BS = torch.tensor([[1.0, 2.0, 2.0, 0.5], [3.0, 3.0, 3.0, -1.0], [-1.0, -2.0, 0.5, -3.0]])
+    f_BS = nn.TopK(2)(pre_BS)
+    assert (f_BS != 0).sum(dim=1).tolist() == [2, 2, 1]  # the third row's second largest is negative: ReLU'd to 0
+    assert torch.equal(f_BS[0], torch.tensor([0.0, 2.0, 2.0, 0.0])) and set(f_BS[1].tolist()) == {0.0, 3.0}
+    assert torch.equal(nn.TopK(2, keep_negative=True)(pre_BS)[2], torch.tensor([-1.0, 0.0, 0.5, 0.0]))
 
 
-def test_a_topk_block_given_each_rows_kth_computes_only_its_columns(monkeypatch):
+def test_a_topk_block_given_each_rows_selected_latents_computes_only_its_columns(monkeypatch):
     sae = make_sae(d_vit=8, exp_factor=4)
     sae.activation = nn.TopK(3)
     x_BD = torch.randn(16, 8)
     blocks = (slice(0, 8), slice(8, 20), slice(20, 32))
-    # The full rule on the blocks' own matmuls (a tiny matmul of a slice may round the last bit differently from
-    # the same columns of the whole one, and flip a value tied at the k-th: saev.scoring.topk_kth avoids that).
     pre_BS = torch.cat([sae.pre_acts(x_BD, block) for block in blocks], dim=1)
-    full_BS, kth_B = sae.activation(pre_BS), sae.activation.kth_largest(pre_BS)
+    top_Bk = sae.activation.top_latents(pre_BS)
+    full_BS = sae.activation.select(pre_BS, top_Bk)
+    assert torch.equal(full_BS, sae.activation(pre_BS))
     asked = []
     pre_acts = sae.pre_acts
     monkeypatch.setattr(sae, "pre_acts", lambda x, latents=None: asked.append(latents) or pre_acts(x, latents))
     for block in blocks:
-        assert torch.equal(sae.encode(x_BD, latents=block, kth_B=kth_B), full_BS[:, block])
+        assert torch.equal(sae.encode(x_BD, latents=block, top_Bk=top_Bk), full_BS[:, block])
     assert asked == list(blocks)
 
 
-def test_kth_is_refused_for_a_per_latent_activation():
+def test_selected_latents_are_refused_for_a_per_latent_activation():
     sae = make_sae(d_vit=8, exp_factor=4)
-    with pytest.raises(ValueError, match="kth_B only applies to a TopK SAE"):
-        sae.encode(torch.randn(2, 8), latents=slice(0, 4), kth_B=torch.zeros(2))
+    with pytest.raises(ValueError, match="top_Bk only applies to a TopK SAE"):
+        sae.encode(torch.randn(2, 8), latents=slice(0, 4), top_Bk=torch.zeros(2, 1, dtype=torch.int64))

@@ -85,28 +85,42 @@ def test_partials_of_every_topk_family_sae_equal_a_full_encode_sliced_bit_for_bi
             np.testing.assert_array_equal(tensors["ap_CK"], ap_CK, err_msg=name)  # NaN rows equal NaN rows
             np.testing.assert_array_equal(tensors["min_K"], scores_NK.amin(dim=0).numpy(), err_msg=name)
             np.testing.assert_array_equal(tensors["max_K"], scores_NK.amax(dim=0).numpy(), err_msg=name)
-        # Only a TopK SAE needs per-row thresholds.
-        assert (art.dpath / scoring.KTH_FNAME).is_file() == (sae.activation.kind == "topk")
+        # Only a TopK SAE needs its selected latents found first.
+        assert (art.dpath / scoring.TOPK_FNAME).is_file() == (sae.activation.kind == "topk")
     assert kinds == {"topk", "jumprelu"}
 
 
-def test_topk_thresholds_are_each_rows_kth_largest_pre_activation(topk_config):
+def test_topk_latents_are_each_rows_k_largest_pre_activations(topk_config):
     pipeline = pl.load(topk_config)
     plan = pl.make_plan(pipeline)
     shards = Shards(plan["dump"].artifacts[0].dpath)
     keep = keepmask.load_keep(plan["mask"].artifacts[0].dpath, shards)
-    (art,) = [a for a in plan["score"].artifacts if (a.dpath / scoring.KTH_FNAME).is_file()]
+    (art,) = [a for a in plan["score"].artifacts if (a.dpath / scoring.TOPK_FNAME).is_file()]
     info = plan["score"].info[art.key]
     sae = nn.load(pipeline.root / "train" / info.train_key)
-    kth = scoring.read_kth(
-        art.dpath / scoring.KTH_FNAME, n_rows=len(keep), train_key=info.train_key, k=sae.activation.k,
-        block_size=info.block_size, matmul_precision=pipeline.score.matmul_precision,
+    top_Nk = scoring.read_topk(
+        art.dpath / scoring.TOPK_FNAME, n_rows=len(keep), train_key=info.train_key, k=sae.activation.k,
+        d_sae=info.d_sae, matmul_precision=pipeline.score.matmul_precision,
     )  # fmt: skip
     with torch.inference_mode():
         pre_NS = sae.pre_acts(torch.from_numpy(shards.patches_flat(info.layer, keep)))
-    np.testing.assert_array_equal(kth.kth_N, sae.activation.kth_largest(pre_NS).numpy())
-    assert kth.batch_size == pipeline.score.batch_size
-    assert "topk_kth.safetensors" in art.read_manifest()["files"]  # part of the sealed, checksummed artifact
+    want_Nk = sae.activation.top_latents(pre_NS).numpy()
+    np.testing.assert_array_equal(np.sort(top_Nk, axis=1), np.sort(want_Nk, axis=1))
+    assert "topk_latents.safetensors" in art.read_manifest()["files"]  # part of the sealed, checksummed artifact
+
+
+def test_a_topk_block_keeps_the_selected_latents_whatever_its_rounding():
+    """The selection is indices, not a threshold value: pre-activations that round differently in a block (another
+    device, batch size or BLAS path) still keep exactly the latents selected, k per row."""
+    sae = nn.SparseAutoencoder(nn.SaeConfig(d_vit=8, exp_factor=4, seed=1), nn.TopK(3))
+    x_ND = torch.randn(50, 8)
+    top_Nk = scoring.topk_latents(sae, x_ND.numpy(), 8, batch_size=7, device=torch.device("cpu"))
+    with torch.inference_mode():
+        nudged = sae.pre_acts(x_ND) * (1 + 1e-7)  # every value one rounding away
+    f_NS = sae.activation.select(nudged, top_Nk)
+    mask_NS = torch.zeros_like(nudged, dtype=torch.bool).scatter_(1, top_Nk.long(), True)
+    assert mask_NS.sum(dim=1).tolist() == [3] * 50
+    assert torch.equal(f_NS, torch.where(mask_NS, torch.relu(nudged), 0.0))
 
 
 def test_gathered_kept_activations_equal_the_rows_the_shards_hold(topk_config):
@@ -131,7 +145,7 @@ def rescore(cfg: pathlib.Path) -> tuple[dict, dict]:
     before = {art.key: partial_tensors(art) for art in plan["score"].artifacts}
     for art in plan["score"].artifacts:
         shutil.rmtree(art.dpath / "partials")
-        (art.dpath / scoring.KTH_FNAME).unlink(missing_ok=True)
+        (art.dpath / scoring.TOPK_FNAME).unlink(missing_ok=True)
     score_stage.load_kept.cache_clear()
     run_score(cfg)
     after = {art.key: partial_tensors(art) for art in plan["score"].artifacts}
@@ -186,12 +200,12 @@ def test_kept_activations_of_a_recomputed_mask_are_gathered_again(copy_of_topk, 
     assert "gathered from another dump or mask" in caplog.text
 
 
-def test_damaged_topk_thresholds_are_computed_again(copy_of_topk, caplog):
+def test_damaged_topk_latents_are_computed_again(copy_of_topk, caplog):
     plan = pl.make_plan(pl.load(copy_of_topk))
-    (art,) = [a for a in plan["score"].artifacts if (a.dpath / scoring.KTH_FNAME).is_file()]
+    (art,) = [a for a in plan["score"].artifacts if (a.dpath / scoring.TOPK_FNAME).is_file()]
     before = partial_tensors(art)
     art.manifest_fpath.unlink()  # as while its blocks are being scored
-    flip_byte(art.dpath / scoring.KTH_FNAME)
+    flip_byte(art.dpath / scoring.TOPK_FNAME)
     for fpath in (art.dpath / "partials").iterdir():
         fpath.unlink()
     score_stage.load_kept.cache_clear()
@@ -203,29 +217,31 @@ def test_damaged_topk_thresholds_are_computed_again(copy_of_topk, caplog):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda kw: {**kw, "k": 5}, "computed for"),
-        (lambda kw: {**kw, "n_rows": 7}, "kth_N is float32 [6], expected float32 [7]"),
+        (lambda kw: {**kw, "k": 3}, "computed for"),
+        (lambda kw: {**kw, "d_sae": 9}, "computed for"),
+        (lambda kw: {**kw, "n_rows": 7}, "latents_Nk is int32 [6, 2], expected int32 [7, 2]"),
         (lambda kw: {**kw, "train_key": "other"}, "computed for"),
     ],
 )
-def test_topk_thresholds_for_other_rows_or_another_sae_are_refused_naming_the_file(tmp_path, change, message):
-    fpath = tmp_path / scoring.KTH_FNAME
-    scoring.write_kth(
-        fpath, torch.arange(6, dtype=torch.float32), train_key="sae", k=4, block_size=8, batch_size=3,
+def test_topk_latents_for_other_rows_or_another_sae_are_refused_naming_the_file(tmp_path, change, message):
+    fpath = tmp_path / scoring.TOPK_FNAME
+    top_Nk = torch.arange(12, dtype=torch.int32).reshape(6, 2) % 8
+    scoring.write_topk(fpath, top_Nk, train_key="sae", d_sae=8, block_size=4, batch_size=3, matmul_precision="highest")
+    kw = {"n_rows": 6, "train_key": "sae", "k": 2, "d_sae": 8, "matmul_precision": "highest"}
+    np.testing.assert_array_equal(scoring.read_topk(fpath, **kw), top_Nk.numpy())
+    with pytest.raises(scoring.TopkError, match=re.escape(f"{fpath}: {message}")):
+        scoring.read_topk(fpath, **change(kw))
+
+
+@pytest.mark.parametrize(("rows", "message"), [([[0, 8], [1, 2]], "row 0 holds an index outside"), ([[1, 2], [3, 3]], "row 1 holds an index twice")])
+def test_topk_latents_out_of_range_or_repeated_are_refused(tmp_path, rows, message):
+    fpath = tmp_path / scoring.TOPK_FNAME
+    scoring.write_topk(
+        fpath, torch.tensor(rows, dtype=torch.int32), train_key="s", d_sae=8, block_size=4, batch_size=2,
         matmul_precision="highest",
     )  # fmt: skip
-    kw = {"n_rows": 6, "train_key": "sae", "k": 4, "block_size": 8, "matmul_precision": "highest"}
-    assert scoring.read_kth(fpath, **kw).batch_size == 3
-    with pytest.raises(scoring.KthError, match=re.escape(f"{fpath}: {message}")):
-        scoring.read_kth(fpath, **change(kw))
-
-
-def test_topk_thresholds_with_nan_are_refused(tmp_path):
-    fpath = tmp_path / scoring.KTH_FNAME
-    kth_N = torch.tensor([1.0, float("nan")])
-    scoring.write_kth(fpath, kth_N, train_key="s", k=1, block_size=2, batch_size=2, matmul_precision="highest")
-    with pytest.raises(scoring.KthError, match="NaN/inf at row 1"):
-        scoring.read_kth(fpath, n_rows=2, train_key="s", k=1, block_size=2, matmul_precision="highest")
+    with pytest.raises(scoring.TopkError, match=message):
+        scoring.read_topk(fpath, n_rows=2, train_key="s", k=2, d_sae=8, matmul_precision="highest")
 
 
 def test_kept_activations_of_another_shape_are_refused_naming_the_file(tmp_path):
