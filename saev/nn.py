@@ -278,8 +278,11 @@ class SparseAutoencoder(torch.nn.Module):
         self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_vit))
 
     @jaxtyped(typechecker=beartype.beartype)
-    def pre_acts(self, x_BD: Float[Tensor, "B D"], latents: slice | None = None) -> Float[Tensor, "B K"]:
-        """Latent pre-activations, before the activation rule: all of them, or only those in `latents`."""
+    def pre_acts(
+        self, x_BD: Float[Tensor, "B D"], latents: slice | Int[Tensor, " K"] | None = None
+    ) -> Float[Tensor, "B K"]:
+        """Latent pre-activations, before the activation rule: all of them, or only those in `latents` (a slice, or
+        a 1-D tensor of latent indices)."""
         if x_BD.shape[-1] != self.cfg.d_vit:
             raise ValueError(f"SAE expects d_vit={self.cfg.d_vit} but activations have width {x_BD.shape[-1]}")
         W_enc_DK, b_enc_K = self.W_enc, self.b_enc
@@ -289,12 +292,16 @@ class SparseAutoencoder(torch.nn.Module):
 
     @jaxtyped(typechecker=beartype.beartype)
     def encode(
-        self, x_BD: Float[Tensor, "B D"], latents: slice | None = None, top_Bk: Int[Tensor, "B k"] | None = None
+        self,
+        x_BD: Float[Tensor, "B D"],
+        latents: slice | Int[Tensor, " K"] | None = None,
+        top_Bk: Int[Tensor, "B k"] | None = None,
     ) -> Float[Tensor, "B K"]:
         """Latent activations f = activation((x - b_dec) @ W_enc + b_enc), shape [B, d_sae].
 
-        With `latents` (e.g. slice(k_start, k_stop)) only those columns are returned, shape [B, len(range)]; their
-        values equal the same columns of the full encoding. For per-latent rules (ReLU, JumpReLU) only those
+        With `latents` (e.g. slice(k_start, k_stop), or a 1-D tensor of latent indices) only those columns are
+        returned, shape [B, K]; their values equal the same columns of the full encoding (up to the last bit: a
+        matmul over other columns may round differently). For per-latent rules (ReLU, JumpReLU) only those
         columns are computed. For TopK, given `top_Bk` (each example's selected latents over all latents,
         `TopK.top_latents`) only those columns are computed too (`TopK.select`); without it the full encoding is
         computed and sliced.
@@ -302,6 +309,8 @@ class SparseAutoencoder(torch.nn.Module):
         if top_Bk is not None:
             if not isinstance(self.activation, TopK):
                 raise ValueError(f"top_Bk only applies to a TopK SAE, not to {self.activation!r}")
+            if not isinstance(latents, slice | None):
+                raise ValueError("top_Bk needs latents as a slice (a block of columns)")
             offset = 0 if latents is None else range(self.cfg.d_sae)[latents].start
             return self.activation.select(self.pre_acts(x_BD, latents), top_Bk, offset)
         if latents is None or self.activation.per_latent:

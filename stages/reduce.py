@@ -192,9 +192,9 @@ def chosen_scores(pipeline, plan, chosen, idx: np.ndarray) -> dict[int, np.ndarr
         latents = torch.tensor([chosen[c]["prototype"] for c in classes], device=device)
         parts = []
         for start in range(0, len(idx), _BATCH):
-            acts_BD = shards.patches_flat(layer, idx[start : start + _BATCH])
-            scores = scoring.encode_block(sae, acts_BD, 0, sae.cfg.d_sae, batch_size=_BATCH, device=device)
-            parts.append(scores[:, latents].cpu())
+            acts_BD = torch.from_numpy(shards.patches_flat(layer, idx[start : start + _BATCH])).to(device)
+            with torch.inference_mode():  # only the chosen latents' columns, except for TopK (which needs all)
+                parts.append(sae.encode(acts_BD, latents=latents).cpu())
         scores_NJ = torch.cat(parts).numpy()
         for j, c in enumerate(classes):
             out[c] = np.ascontiguousarray(scores_NJ[:, j])
