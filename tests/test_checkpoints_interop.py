@@ -297,6 +297,20 @@ def test_pickled_objects_are_refused_and_never_run(tmp_path):
     assert not marker.exists() and "\n" not in str(info.value) and str(fpath) in str(info.value)
 
 
+@pytest.mark.parametrize("field,value", [("d_vit", "8"), ("keep_negative", "yes")])
+def test_our_directory_with_a_mistyped_field_is_refused_in_one_line(tmp_path, field, value):
+    """An imported sae.json of ours with a field of the wrong type: SaeFileError naming the file and the field."""
+    nn.save(nn.SparseAutoencoder(nn.SaeConfig(d_vit=8, exp_factor=2), nn.TopK(4)), tmp_path / "mine")
+    cfg_fpath = tmp_path / "mine" / nn.CONFIG_FNAME
+    fields = json.loads(cfg_fpath.read_text())
+    (fields["activation"] if field == "keep_negative" else fields)[field] = value
+    cfg_fpath.write_text(json.dumps(fields))
+    with pytest.raises(sae_files.SaeFileError) as info:
+        sae_files.read_sae(tmp_path / "mine")
+    msg = str(info.value)
+    assert "\n" not in msg and str(cfg_fpath) in msg and f"{field}={value!r}" in msg, msg
+
+
 @pytest.mark.parametrize("where", ["missing path", "empty directory", "our directory without weights"])
 def test_missing_checkpoints_are_refused(tmp_path, where):
     path = tmp_path / "ckpt"
