@@ -440,8 +440,8 @@ def load(dpath: pathlib.Path | str, device: str | torch.device = "cpu") -> Spars
     Raises:
         FileNotFoundError: `sae.json` or `sae.safetensors` is missing (the message names the file).
         PermissionError: a file is not readable by this user (the error names the file).
-        ValueError: the JSON is not a valid `SaeConfig` + activation, or the tensors' names or shapes disagree
-            with it.
+        ValueError: the JSON is not a valid `SaeConfig` + activation (a missing, unknown or mistyped field), or the
+            tensors' names or shapes disagree with it.
     """
     dpath = pathlib.Path(dpath)
     cfg_fpath, weights_fpath = dpath / CONFIG_FNAME, dpath / WEIGHTS_FNAME
@@ -455,7 +455,8 @@ def load(dpath: pathlib.Path | str, device: str | torch.device = "cpu") -> Spars
             raise TypeError(f"expected a JSON object, got {type(fields).__name__}")
         activation = activation_from_json(fields.pop("activation", {"kind": Relu.kind}))
         cfg = SaeConfig(**fields)
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
+    # A field of the wrong type ("d_vit": "8") is refused by beartype, whose violation is not a TypeError.
+    except (json.JSONDecodeError, TypeError, ValueError, beartype.roar.BeartypeCallHintViolation) as err:
         raise ValueError(f"{cfg_fpath} is not a valid SaeConfig: {err}") from err
 
     sae = SparseAutoencoder(cfg, activation)

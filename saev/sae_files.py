@@ -5,9 +5,15 @@ Formats read (`read_sae`):
 - the saev library's `sae.pt`: one line of UTF-8 JSON (the header), a newline, then `torch.save(state_dict)` bytes.
   Header schemas: none (saev v1's first files: a flat ReLU config, `d_vit`, `exp_factor`), 1 (saev v1: `cfg` with
   `d_vit`, `exp_factor`, `top_k`, and `cls` naming the activation "Relu", "TopK" or "BatchTopK"; or `cls`
-  "SparseAutoencoderConfig" with a tagged `cfg.activation`) and 5 (saev 2.x: `cfg` with `d_model`, `d_sae` and
-  `activation` = {"cls": "Relu" | "TopK" | "BatchTopK", "params": {"key": ..., "top_k": ..., ...}}). Other schemas are
-  refused. Tensors: `W_enc` [d_model, d_sae], `b_enc` [d_sae], `W_dec` [d_sae, d_model], `b_dec` [d_model], plus
+  "SparseAutoencoderConfig" with a tagged `cfg.activation`) and 2 to 5 (saev 2.x: `cfg` with `d_model`, `d_sae` and
+  `activation` = {"cls": "Relu" | "TopK" | "BatchTopK", "params": {"key": ..., "top_k": ..., ...}}). saev's own loader
+  reads schemas 2, 3 and 4 like 5 except that their training-only params may be in a legacy form (`"kind"` for
+  `"key"`, `"sparsity": {"coeff": ...}` or `{}` for a tagged sparsity object); neither changes an SAE's outputs, so we
+  read the four alike (and do not refuse a legacy form in schema 5, as saev does). Other schemas are refused. Every
+  schema may spell the width `d_vit` or `d_model`, and the latent count `d_sae` or `exp_factor` (times the width), as
+  saev's versions did; the width, the latent count, the activation of a tagged header and a TopK/BatchTopK `top_k` are
+  required (saev's defaults for them changed between its versions, so a missing one is refused, never guessed).
+  Tensors: `W_enc` [d_model, d_sae], `b_enc` [d_sae], `W_dec` [d_sae, d_model], `b_dec` [d_model], plus
   `activation.threshold` (a scalar) for a 2.x BatchTopK SAE.
 - ours: a directory with `sae.json` + `sae.safetensors` (`saev.nn.save`; a train artifact directory is one).
 
@@ -53,13 +59,12 @@ LIB_NAME = "saev-pipeline"
 RELU_AFTER_TOP_K = "relu-after-top-k"
 """The mark, in "lib", of an export whose TopK passes kept values through a ReLU (our `TopK` rule)."""
 
-SUPPORTED_SCHEMAS = (None, 1, 5)
+SUPPORTED_SCHEMAS = (None, 1, 2, 3, 4, 5)
 """saev header schemas `read_sae` reads (None: a header without "schema")."""
 
 _MAX_HEADER_BYTES = 1 << 20
 _ACTIVATION_CLASSES = ("Relu", "TopK", "BatchTopK")
 _THRESHOLD = "activation.threshold"
-_V1_DEFAULTS = {"d_vit": 1024, "exp_factor": 16, "top_k": 32}  # saev v1's dataclass defaults, for absent fields
 
 
 class SaeFileError(ValueError):
@@ -74,7 +79,7 @@ class ImportedSae:
     sae: nn.SparseAutoencoder
     """The SAE (cpu, float32), computing the same latents and reconstructions as the original."""
     fmt: str
-    """Where it came from: "saev-v1" (no schema), "saev-v1-schema1", "saev-2-schema5" or "ours"."""
+    """Where it came from: "saev-v1" (no schema), "saev-v1-schema1", "saev-2-schema<2 to 5>" or "ours"."""
     checksum: str
     """XXH3-128 of the file's bytes (ours: of sae.json, then sae.safetensors); with `CONVERSION_VERSION` it keys the
     SAE's train artifact."""
@@ -113,7 +118,7 @@ def read_sae(path: pathlib.Path | str) -> ImportedSae:
 
 @beartype.beartype
 def read_saev_pt(fpath: pathlib.Path | str) -> ImportedSae:
-    """Read a saev `sae.pt` (header schema none, 1 or 5) and convert it (see the module docstring)."""
+    """Read a saev `sae.pt` (header schema none, or 1 to 5) and convert it (see the module docstring)."""
     fpath = pathlib.Path(fpath)
     data = _read_bytes(fpath)
     newline = data.find(b"\n", 0, _MAX_HEADER_BYTES)
@@ -149,59 +154,78 @@ def _parse_header(fpath: pathlib.Path, header: dict) -> _Spec:
     schema = header.get("schema")
     if schema not in SUPPORTED_SCHEMAS or isinstance(schema, bool):
         raise SaeFileError(
-            f"{fpath}: header field 'schema' is {schema!r}; supported: none or 1 (saev v1), 5 (saev 2.x)"
+            f"{fpath}: header field 'schema' is {schema!r}; supported: none or 1 (saev v1), 2 to 5 (saev 2.x)"
         )
     ours = isinstance(header.get("lib"), str) and header["lib"].startswith(LIB_NAME)
     keep_negative = not (ours and RELU_AFTER_TOP_K in header["lib"])
+    v1 = schema in (None, 1)
     if schema is None:  # saev v1's first files: the ReLU config itself
-        d_model = _int_field(fpath, header, "d_vit", "", _V1_DEFAULTS["d_vit"])
-        d_sae = d_model * _int_field(fpath, header, "exp_factor", "", _V1_DEFAULTS["exp_factor"])
+        d_model, d_sae = _widths(fpath, header, "", v1)
         return _Spec("saev-v1", d_model, d_sae, "Relu", None, keep_negative)
     cfg = header.get("cfg")
     if not isinstance(cfg, dict):
         raise SaeFileError(f"{fpath}: header field 'cfg' must be an object, got {cfg!r:.60}")
+    d_model, d_sae = _widths(fpath, cfg, "cfg.", v1)
+    fmt = "saev-v1-schema1" if v1 else f"saev-2-schema{schema}"
     if schema == 1:
-        d_model = _int_field(fpath, cfg, "d_vit", "cfg.", _V1_DEFAULTS["d_vit"])
-        fmt = "saev-v1-schema1"
         cls = header.get("cls", "SparseAutoencoderConfig")
-        if cls in _ACTIVATION_CLASSES:
-            d_sae = d_model * _int_field(fpath, cfg, "exp_factor", "cfg.", _V1_DEFAULTS["exp_factor"])
-            top_k = None if cls == "Relu" else _int_field(fpath, cfg, "top_k", "cfg.", _V1_DEFAULTS["top_k"])
+        if cls in _ACTIVATION_CLASSES:  # saev v1's first schema-1 files: the activation is the config's class
+            top_k = None if cls == "Relu" else _int_field(fpath, cfg, "top_k", "cfg.")
             return _Spec(fmt, d_model, d_sae, cls, top_k, keep_negative)
         if cls != "SparseAutoencoderConfig":
             raise SaeFileError(
                 f"{fpath}: header field 'cls' is {cls!r}; supported: {', '.join(_ACTIVATION_CLASSES)} "
                 "or SparseAutoencoderConfig"
             )
-        d_sae = _d_sae(fpath, cfg, d_model)
-        activation = cfg.get("activation", {"cls": "Relu", "params": {}})
-    else:
-        fmt = "saev-2-schema5"
-        d_model = _int_field(fpath, cfg, "d_model", "cfg.")
-        d_sae = _d_sae(fpath, cfg, d_model)
-        activation = cfg.get("activation")
-    if not (isinstance(activation, dict) and isinstance(activation.get("params", {}), dict)):
+    if "activation" not in cfg:  # saev's default activation changed between versions (Relu, then TopK)
+        raise SaeFileError(f"{fpath}: header field 'cfg.activation' is missing")
+    activation = cfg["activation"]
+    if not (isinstance(activation, dict) and isinstance(activation.get("params"), dict)):
         raise SaeFileError(f"{fpath}: header field 'cfg.activation' must be an object with 'cls' and 'params'")
     cls = activation.get("cls")
     if cls not in _ACTIVATION_CLASSES:
         raise SaeFileError(
             f"{fpath}: header field 'cfg.activation.cls' is {cls!r}; supported: {', '.join(_ACTIVATION_CLASSES)}"
         )
-    params = activation.get("params", {})
-    top_k = None if cls == "Relu" else _int_field(fpath, params, "top_k", "cfg.activation.params.", 32)
+    # Only top_k matters at inference; the other params (sparsity, aux, momentum, in any legacy form) train.
+    top_k = None if cls == "Relu" else _int_field(fpath, activation["params"], "top_k", "cfg.activation.params.")
     return _Spec(fmt, d_model, d_sae, cls, top_k, keep_negative)
 
 
-def _d_sae(fpath: pathlib.Path, cfg: dict, d_model: int) -> int:
-    if "d_sae" in cfg:
-        return _int_field(fpath, cfg, "d_sae", "cfg.")
-    return d_model * _int_field(fpath, cfg, "exp_factor", "cfg.", _V1_DEFAULTS["exp_factor"])
+def _widths(fpath: pathlib.Path, obj: dict, prefix: str, v1: bool) -> tuple[int, int]:
+    """(d_model, d_sae) from either spelling of each: the width `d_vit` (saev v1) or `d_model` (2.x), the latent count
+    `d_sae` or `exp_factor` times the width. A missing one, or two spellings that disagree, is refused."""
+    width = {n: _int_field(fpath, obj, n, prefix) for n in ("d_vit", "d_model") if n in obj}
+    if not width:
+        name, other = ("d_vit", "d_model") if v1 else ("d_model", "d_vit")
+        raise SaeFileError(
+            f"{fpath}: header field '{prefix}{name}' is missing (the width; '{prefix}{other}' is not given either)"
+        )
+    if len(set(width.values())) > 1:
+        raise SaeFileError(
+            f"{fpath}: header fields '{prefix}d_vit'={width['d_vit']} and '{prefix}d_model'={width['d_model']} "
+            "disagree (both name the width)"
+        )
+    d_model = width.popitem()[1]
+    count = {n: _int_field(fpath, obj, n, prefix) for n in ("exp_factor", "d_sae") if n in obj}
+    if not count:
+        name, other = ("exp_factor", "d_sae") if v1 else ("d_sae", "exp_factor")
+        raise SaeFileError(
+            f"{fpath}: header field '{prefix}{name}' is missing (the number of latents; '{prefix}{other}' is not "
+            "given either)"
+        )
+    if len(count) == 2 and count["d_sae"] != count["exp_factor"] * d_model:
+        raise SaeFileError(
+            f"{fpath}: header fields '{prefix}d_sae'={count['d_sae']} and '{prefix}exp_factor'={count['exp_factor']} "
+            f"disagree (width {d_model})"
+        )
+    return d_model, count["d_sae"] if "d_sae" in count else count["exp_factor"] * d_model
 
 
-def _int_field(fpath: pathlib.Path, obj: dict, name: str, prefix: str, default: int | None = None) -> int:
-    value = obj.get(name, default)
-    if value is None:
+def _int_field(fpath: pathlib.Path, obj: dict, name: str, prefix: str) -> int:
+    if name not in obj:
         raise SaeFileError(f"{fpath}: header field '{prefix}{name}' is missing")
+    value = obj[name]
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise SaeFileError(f"{fpath}: header field '{prefix}{name}' must be a positive integer, got {value!r:.60}")
     return value

@@ -1,4 +1,4 @@
-"""SAE checkpoints of the saev library (v1: no schema and schema 1; 2.x: schema 5) and our own, imported and scored;
+"""SAE checkpoints of the saev library (v1: no schema and schema 1; 2.x: schemas 2 to 5) and our own, imported and scored;
 ours exported as saev 2.x files. The fixtures are written here from the documented formats
 (shared/notes/saev-formats.md and the v1 source), and the expected outputs computed independently with saev's
 documented forward: h = x @ W_enc + b_enc, then its activation, then f @ W_dec + b_dec."""
@@ -164,6 +164,44 @@ def test_v1_schema1_with_a_tagged_activation(tmp_path):
     assert_same_outputs(sae_files.read_sae(fpath).sae, *saev_forward(state, x, "topk", top_k=3), x)
 
 
+def legacy_2x_header(schema: int, cls: str, d_model: int, d_sae: int, top_k: int) -> dict:
+    """A 2.x header of schema 2, 3 or 4 with the legacy forms saev's loader still reads for them: "kind" for "key" and
+    an untagged sparsity ({"coeff": ...} or {}); schema 2 with saev's older cfg spelling (d_vit, exp_factor)."""
+    header = schema5_header(cls, d_model, d_sae, top_k)
+    params = header["cfg"]["activation"]["params"]
+    params["kind"] = params.pop("key")
+    params["sparsity"] = {"coeff": 4e-4} if cls == "Relu" else {}
+    if schema == 2:
+        cfg = {"d_vit": d_model, "exp_factor": d_sae // d_model, "n_reinit_samples": 524288, "seed": 0,
+               "remove_parallel_grads": True, "normalize_w_dec": True, "activation": header["cfg"]["activation"]}  # fmt: skip
+        header["cfg"] = cfg
+    return {**header, "schema": schema}
+
+
+@pytest.mark.parametrize("schema", [2, 3, 4])
+@pytest.mark.parametrize("cls,kind,threshold", [("Relu", "relu", 0.0), ("TopK", "topk", 0.0), ("BatchTopK", "batchtopk", 0.3)])
+def test_schemas_2_to_4_are_read_like_5(tmp_path, schema, cls, kind, threshold):
+    """saev's loader reads schemas 2-4 as 5, accepting legacy training-only params; so do we, with the same outputs."""
+    state = random_state(8, 16, b_enc_shift=-0.3)
+    if cls == "BatchTopK":
+        state["activation.threshold"] = torch.tensor(threshold)
+    imported = sae_files.read_sae(write_pt(tmp_path / "sae.pt", legacy_2x_header(schema, cls, 8, 16, top_k=5), state))
+    assert imported.fmt == f"saev-2-schema{schema}" and imported.sae.cfg.d_vit == 8 and imported.sae.cfg.d_sae == 16
+    assert imported.top_k == (None if cls == "Relu" else 5)
+    x = inputs(8)
+    assert_same_outputs(imported.sae, *saev_forward(state, x, kind, top_k=5, threshold=threshold), x)
+
+
+def test_a_schema1_header_may_spell_the_width_d_model(tmp_path):
+    """Some saev versions wrote the schema-1 width as d_model: it is read, never replaced by a default width."""
+    state = random_state(8, 24)
+    cfg = {"d_model": 8, "exp_factor": 3, "seed": 0}
+    imported = sae_files.read_sae(write_pt(tmp_path / "sae.pt", {"schema": 1, "cfg": cfg, "cls": "Relu"}, state))
+    assert imported.sae.cfg.d_vit == 8 and imported.sae.cfg.d_sae == 24
+    x = inputs(8)
+    assert_same_outputs(imported.sae, *saev_forward(state, x, "relu"), x)
+
+
 def test_a_top_k_above_d_sae_keeps_every_latent_like_saev(tmp_path):
     state = random_state(8, 13)
     imported = sae_files.read_sae(write_schema5(tmp_path / "sae.pt", "TopK", 8, 13, state, top_k=40))
@@ -231,7 +269,8 @@ REFUSALS = {
     "no newline": (lambda p: p.write_bytes(b"\x00" * 100), "no JSON header line"),
     "header not JSON": (lambda p: p.write_bytes(b"{schema: 5\n" + b"x" * 10), "header line is not JSON"),
     "header a list": (lambda p: write_pt(p, [1, 2], _state()), "not an object"),
-    "schema 2": (lambda p: write_pt(p, {**schema5_header("Relu", 8, 16), "schema": 2}, _state()), "'schema' is 2"),
+    "schema 0": (lambda p: write_pt(p, {**schema5_header("Relu", 8, 16), "schema": 0}, _state()), "'schema' is 0"),
+    "schema 6": (lambda p: write_pt(p, {**schema5_header("Relu", 8, 16), "schema": 6}, _state()), "'schema' is 6"),
     "schema 99": (lambda p: write_pt(p, {**schema5_header("Relu", 8, 16), "schema": 99}, _state()), "'schema' is 99"),
     "schema string": (lambda p: write_pt(p, {**schema5_header("Relu", 8, 16), "schema": "5"}, _state()), "'schema' is '5'"),
     "cfg missing": (lambda p: write_pt(p, {"schema": 5}, _state()), "'cfg' must be an object"),
@@ -242,6 +281,36 @@ REFUSALS = {
     "d_sae negative": (
         lambda p: write_pt(p, {"schema": 5, "cfg": {**schema5_header("Relu", 8, 16)["cfg"], "d_sae": -3}}, _state()),
         "'cfg.d_sae' must be a positive integer",
+    ),
+    "v1 width missing": (lambda p: write_pt(p, {"schema": 1, "cfg": {"exp_factor": 2, "top_k": 4}, "cls": "TopK"}, _state()),
+                         "'cfg.d_vit' is missing (the width; 'cfg.d_model' is not given either)"),
+    "v1 exp_factor missing": (lambda p: write_pt(p, {"schema": 1, "cfg": {"d_vit": 8, "top_k": 4}, "cls": "TopK"}, _state()),
+                              "'cfg.exp_factor' is missing"),
+    "v1 top_k missing": (lambda p: write_pt(p, {"schema": 1, "cfg": {"d_vit": 8, "exp_factor": 2}, "cls": "TopK"}, _state()),
+                         "'cfg.top_k' is missing"),
+    "v1 widths disagree": (lambda p: write_pt(p, {"schema": 1, "cfg": {"d_vit": 8, "d_model": 16, "exp_factor": 2}, "cls": "Relu"}, _state()),
+                           "'cfg.d_vit'=8 and 'cfg.d_model'=16 disagree"),
+    "pre-schema width missing": (lambda p: write_pt(p, {"exp_factor": 2, "seed": 0}, _state()), "header field 'd_vit' is missing"),
+    "pre-schema exp_factor missing": (lambda p: write_pt(p, {"d_vit": 8, "seed": 0}, _state()), "header field 'exp_factor' is missing"),
+    "tagged schema 1 without activation": (
+        lambda p: write_pt(p, {"schema": 1, "cfg": {"d_vit": 8, "exp_factor": 2}, "cls": "SparseAutoencoderConfig"}, _state()),
+        "'cfg.activation' is missing",
+    ),
+    "d_sae missing": (
+        lambda p: write_pt(p, {"schema": 5, "cfg": {"d_model": 8, "activation": {"cls": "Relu", "params": {}}}}, _state()),
+        "'cfg.d_sae' is missing",
+    ),
+    "d_sae and exp_factor disagree": (
+        lambda p: write_pt(p, {"schema": 5, "cfg": {**schema5_header("Relu", 8, 16)["cfg"], "exp_factor": 3}}, _state()),
+        "'cfg.d_sae'=16 and 'cfg.exp_factor'=3 disagree",
+    ),
+    "top_k missing": (
+        lambda p: write_pt(p, {"schema": 5, "cfg": {"d_model": 8, "d_sae": 16, "activation": {"cls": "TopK", "params": {}}}}, _state()),
+        "'cfg.activation.params.top_k' is missing",
+    ),
+    "params missing": (
+        lambda p: write_pt(p, {"schema": 3, "cfg": {"d_model": 8, "d_sae": 16, "activation": {"cls": "Relu"}}}, _state()),
+        "'cfg.activation' must be an object with 'cls' and 'params'",
     ),
     "unknown activation": (
         lambda p: write_pt(p, {"schema": 5, "cfg": {**schema5_header("Relu", 8, 16)["cfg"], "activation": {"cls": "Gated", "params": {}}}}, _state()),
@@ -295,6 +364,20 @@ def test_pickled_objects_are_refused_and_never_run(tmp_path):
     with pytest.raises(sae_files.SaeFileError, match="pickled objects") as info:
         sae_files.read_sae(fpath)
     assert not marker.exists() and "\n" not in str(info.value) and str(fpath) in str(info.value)
+
+
+@pytest.mark.parametrize("field,value", [("d_vit", "8"), ("keep_negative", "yes")])
+def test_our_directory_with_a_mistyped_field_is_refused_in_one_line(tmp_path, field, value):
+    """An imported sae.json of ours with a field of the wrong type: SaeFileError naming the file and the field."""
+    nn.save(nn.SparseAutoencoder(nn.SaeConfig(d_vit=8, exp_factor=2), nn.TopK(4)), tmp_path / "mine")
+    cfg_fpath = tmp_path / "mine" / nn.CONFIG_FNAME
+    fields = json.loads(cfg_fpath.read_text())
+    (fields["activation"] if field == "keep_negative" else fields)[field] = value
+    cfg_fpath.write_text(json.dumps(fields))
+    with pytest.raises(sae_files.SaeFileError) as info:
+        sae_files.read_sae(tmp_path / "mine")
+    msg = str(info.value)
+    assert "\n" not in msg and str(cfg_fpath) in msg and f"{field}={value!r}" in msg, msg
 
 
 @pytest.mark.parametrize("where", ["missing path", "empty directory", "our directory without weights"])
@@ -488,8 +571,8 @@ def test_bad_imports_are_refused_before_anything_runs(tiny_config, tmp_path, cap
         write_schema5(fpath, "Relu", 32, 64, random_state(32, 64))
         imports, message = f'[{{path = "{fpath}", layer = 0}}]', "train.imports[0].layer=0"
     elif case == "bad file":
-        fpath.write_bytes(b'{"schema": 3, "cfg": {}}\n')
-        message = f"{fpath}: header field 'schema' is 3"
+        fpath.write_bytes(b'{"schema": 6, "cfg": {}}\n')
+        message = f"{fpath}: header field 'schema' is 6"
     elif case == "nothing to score":
         imports, message = "[]", '[train] has no SAEs: sweep = "" and no imports'
     cfg = import_config(tiny_config, imports)

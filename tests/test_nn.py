@@ -175,6 +175,23 @@ def test_load_rejects_a_config_with_unknown_fields(tmp_path):
         nn.load(tmp_path)
 
 
+@pytest.mark.parametrize("field,value", [("d_vit", "8"), ("seed", 1.5), ("keep_negative", "yes")])
+def test_load_names_the_file_and_a_field_of_the_wrong_type(tmp_path, field, value):
+    """A mistyped field is a ValueError (one line, naming the file and the field), not beartype's own violation."""
+    nn.save(make_sae(d_vit=8), tmp_path)
+    fields = {"d_vit": 8, "exp_factor": 4, "seed": 0, "activation": {"kind": "topk", "k": 3}}
+    if field == "keep_negative":
+        fields["activation"][field] = value
+    else:
+        fields[field] = value
+    (tmp_path / "sae.json").write_text(json.dumps(fields))
+    with pytest.raises(ValueError) as info:
+        nn.load(tmp_path)
+    msg = str(info.value)
+    assert type(info.value) is ValueError and "\n" not in msg, msg
+    assert f"{tmp_path / 'sae.json'} is not a valid SaeConfig" in msg and f"{field}={value!r}" in msg, msg
+
+
 def test_saved_file_is_plain_safetensors(tmp_path):
     """The weights file is readable without torch pickles (numpy loader), i.e. no code runs on load."""
     from safetensors.numpy import load_file

@@ -4,6 +4,9 @@ import os
 import pathlib
 import re
 import stat
+import tomllib
+
+import torch
 
 import launch
 
@@ -18,6 +21,15 @@ def test_no_pickle_and_no_unsafe_torch_load_in_the_code():
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{fpath}: {call}"
         assert "np.load(" not in text or "allow_pickle=False" in text, fpath
+
+
+def test_torch_is_new_enough_for_weights_only_loading_to_be_safe():
+    """torch.load(weights_only=True) can be made to run code before torch 2.6 (CVE-2025-32434): the project requires
+    2.6 or newer, and the torch installed is."""
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch>=2.6" in deps, deps
+    major, minor = (int(part) for part in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    assert (major, minor) >= (2, 6), torch.__version__
 
 
 def test_configs_are_parsed_never_executed():
