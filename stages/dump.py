@@ -47,14 +47,12 @@ class Adopt:
     """Class names: label i of labels.bin is class_names[i] (saev's files name no classes); or give `classes`."""
     classes: pathlib.Path | None = None
     """A classes.txt (one class name a line) instead of `class_names`; relative to the config's directory."""
-    ignore: int = 255
-    """The label of unlabelled patches in labels.bin."""
+    ignore: int | None = None
+    """The label of unlabelled patches in labels.bin; not set: 255, or the labels.json value of an adopted dump of this pipeline (-1 for int16 labels). Must fit the labels dtype and not be a class id (checked when planned)."""
 
     def __post_init__(self):
         if self.class_names and self.classes is not None:
             raise ValueError("dump.adopt: give class_names or classes, not both")
-        if not 0 <= self.ignore <= 255:
-            raise ValueError(f"dump.adopt.ignore must be within [0, 255] (labels.bin is uint8), got {self.ignore}")
 
 
 @dataclasses.dataclass(frozen=True)
