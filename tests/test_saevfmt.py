@@ -318,6 +318,42 @@ def test_export_writes_the_2x_layout(tmp_path):
     assert back.labels.tobytes() == make_labels().tobytes()
 
 
+def write_dump(dpath: pathlib.Path, acts: np.ndarray, labels: np.ndarray) -> Shards:
+    """A dump of ours (ShardWriter) with the metadata of `test_export_writes_the_2x_layout`."""
+    md = Metadata(vit_family="clip", vit_ckpt="m", layers=(1, 3), n_patches_per_img=4, cls_token=True, d_vit=3,
+                  n_imgs=7, max_patches_per_shard=25, data={"__class__": "Synthetic"}, class_names=CLASSES)  # fmt: skip
+    writer = ShardWriter(dpath, md)
+    writer.write(acts)
+    writer.write_labels(labels)
+    writer.close()
+    return Shards(dpath)
+
+
+def test_a_repeat_export_reuses_an_identical_directory_and_refuses_other_contents(tmp_path):
+    """The directory name hashes the metadata only: a dump with the same metadata but other labels or activations
+    (e.g. masks edited in place, dumped again) must not be answered with the old export."""
+    acts = np.random.default_rng(0).normal(size=(7, 2, 5, 3)).astype(np.float32)
+    out = saevfmt.export(write_dump(tmp_path / "a", acts, make_labels()), tmp_path / "out", dataset="", pixel_agg="majority")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = saevfmt.export(write_dump(tmp_path / "b", acts, make_labels()), tmp_path / "out", dataset="", pixel_agg="majority")
+    assert again == out and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    other_labels = make_labels(seed=5)
+    one_line_error(lambda: saevfmt.export(write_dump(tmp_path / "c", acts, other_labels), tmp_path / "out", dataset="",
+                                          pixel_agg="majority"),  # fmt: skip
+                   re.escape(f"{out / 'labels.bin'} does not have the checksum of {tmp_path / 'c' / 'labels.bin'}; ")
+                   + f".*remove {re.escape(str(out))} or export to another directory")  # fmt: skip
+    acts2 = acts.copy()
+    acts2[6, 0, 0, 0] += 1  # the last shard, padded
+    one_line_error(lambda: saevfmt.export(write_dump(tmp_path / "d", acts2, make_labels()), tmp_path / "out", dataset="",
+                                          pixel_agg="majority"), re.escape(f"{out / 'acts000003.bin'} does not have the checksum"))  # fmt: skip
+    (out / "labels.bin").unlink()
+    one_line_error(lambda: saevfmt.export(Shards(tmp_path / "a"), tmp_path / "out", dataset="", pixel_agg="majority"),
+                   re.escape(f"{out}: an earlier export holds other files (extra: -, missing: labels.bin)"))
+    shutil.rmtree(out)  # what the error says to do
+    assert saevfmt.export(Shards(tmp_path / "c"), tmp_path / "out", dataset="", pixel_agg="majority") == out
+    assert (out / "labels.bin").read_bytes() == other_labels.tobytes()
+
+
 def test_a_2x_dump_with_null_pixel_agg_is_adopted_and_exported_verbatim(tmp_path):
     src = src_2x(tmp_path, pixel_agg=None)
     back = adopted(tmp_path, src)
@@ -555,6 +591,18 @@ def test_a_malformed_labels_json_is_refused_when_read(tmp_path, field, value, ma
     one_line_error(lambda: saevfmt.read_source(ours), re.escape(f"{ours / 'labels.json'}: {match}"))
     with pytest.raises(ShardError, match=re.escape(match)):
         Shards(ours)
+
+
+def test_export_of_int16_labels_is_refused_before_anything_is_written(tmp_path, capsys):
+    """The whole export is refused (not the SAEs exported and the dump left out): OUT_DIR is not even made."""
+    ours = write_own_int16_dump(tmp_path / "ours")
+    (tmp_path / "classes.txt").write_text("x\ny\n")
+    cfg = adopt_config(tmp_path, ours, layer=1)
+    assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
+    assert launch.main(launch.Args(config=cfg, export=tmp_path / "out")) == 1
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err.startswith(f"error: {tmp_path / 'runs' / 'dump'}") and "labels_dtype is 'int16'" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_adopted_dump_and_two_imported_saes_give_the_native_best_latents(done_config, exported, tmp_path):

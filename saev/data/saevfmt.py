@@ -240,19 +240,17 @@ def export(
     metadata.json has the fields of the released saev 2.1 `Metadata` (`content_tokens_per_example`,
     `max_tokens_per_shard`; `data` is the JSON of our dataset config as text, or an adopted 2.x dump's own `data`,
     `dataset` and `pixel_agg`, verbatim), shards.json entries `{name, n_examples}`, every shard at full size (the last
-    padded with zeros), labels.bin as uint8. Written to a temporary directory renamed at the end; a directory of the
-    same hash that already exists is left as it is (same metadata: same export).
+    padded with zeros), labels.bin as uint8. Written to a temporary directory renamed at the end. HASH covers the
+    metadata only, so a directory of that name that already exists (an earlier export) is reused only if it holds
+    exactly what would be written (file names, sizes, checksums: `check_export`).
 
     Raises:
-        ShardError: the labels need int16 (255 classes or more): saev's labels.bin is uint8.
+        ShardError: the labels need int16 (255 classes or more): saev's labels.bin is uint8 (`check_exportable`);
+            or an earlier export of the same metadata holds other files or contents.
     """
+    check_exportable(shards)
     md = shards.metadata
     has_labels = (shards.dpath / LABELS_BIN).exists()
-    if has_labels and md.labels_dtype != "uint8":
-        raise ShardError(
-            f"{shards.dpath / shards_.LABELS_JSON}: labels_dtype is {md.labels_dtype!r} ({len(md.class_names)} "
-            "classes); saev's labels.bin is uint8 (at most 255 classes, 255 unlabelled): cannot export these labels"
-        )
     if md.data.get("__class__") == V2_DATA_CLASS:  # adopted from 2.x: its own fields, verbatim (pixel_agg may be null)
         data, dataset, pixel_agg = md.data["data"], md.data["dataset"], md.data["pixel_agg"]
     else:
@@ -266,7 +264,8 @@ def export(
     listed = [{"name": shards_.shard_name(s), "n_examples": md.shard_n_imgs(s)} for s in range(md.n_shards)]
     texts = {"shards.json": json.dumps(listed, indent=2) + "\n", "metadata.json": json.dumps(meta, indent=2) + "\n"}
     final = out_dpath / v2_hash(meta)
-    if (final / "metadata.json").is_file():
+    if final.exists():
+        check_export(shards, final, texts)
         return final
     tmp = out_dpath / f".{final.name}{checksums.TMP_MARK}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -286,3 +285,65 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+@beartype.beartype
+def check_exportable(shards: shards_.Shards) -> None:
+    """Refuse a dump whose labels cannot be written in saev's layout (int16: 255 classes or more; saev's labels.bin is
+    uint8), with a one-line `ShardError` naming labels.json and its field. Nothing is read but the metadata."""
+    md = shards.metadata
+    if (shards.dpath / LABELS_BIN).exists() and md.labels_dtype != "uint8":
+        raise ShardError(
+            f"{shards.dpath / shards_.LABELS_JSON}: labels_dtype is {md.labels_dtype!r} ({len(md.class_names)} "
+            "classes); saev's labels.bin is uint8 (at most 255 classes, 255 unlabelled): cannot export these labels"
+        )
+
+
+def check_export(shards: shards_.Shards, final: pathlib.Path, texts: dict[str, str]) -> None:
+    """An earlier export `final` of the same metadata must hold exactly what `export` would write: the same file
+    names, `texts` (shards.json, metadata.json) byte for byte, each shard and labels.bin at its size and with the
+    checksum of the dump's file (recorded at dump or adopt time; a truncated last shard is hashed with its padding).
+    Sizes are compared first; the export's files are then read once.
+
+    Raises:
+        ShardError: one line naming the differing file, what differs, and what to do (remove it, or export elsewhere).
+    """
+    md = shards.metadata
+    names = [shards_.shard_name(s) for s in range(md.n_shards)]
+    names += [LABELS_BIN] if (shards.dpath / LABELS_BIN).exists() else []
+    sizes = {name: md.shard_bytes for name in names} | ({LABELS_BIN: (shards.dpath / LABELS_BIN).stat().st_size}
+                                                        if LABELS_BIN in names else {})  # fmt: skip
+    todo = f"it was exported from other data with the same metadata (e.g. labels edited in place): remove {final} or export to another directory"
+    present = sorted(p.name for p in final.iterdir()) if final.is_dir() else []
+    if present != sorted([*names, *texts]):
+        extra = sorted(set(present) - set(names) - set(texts)) or ["-"]
+        missing = sorted((set(names) | set(texts)) - set(present)) or ["-"]
+        raise ShardError(f"{final}: an earlier export holds other files (extra: {extra[0]}, missing: {missing[0]}); {todo}")
+    for name, text in texts.items():
+        if (final / name).read_bytes() != text.encode():
+            raise ShardError(f"{final / name} differs from what this export writes; {todo}")
+    for name in names:
+        size = (final / name).stat().st_size
+        if size != sizes[name]:
+            raise ShardError(f"{final / name} has {size} bytes, this export writes {sizes[name]}; {todo}")
+    for name in names:
+        if checksums.file_checksum(final / name) != _padded_checksum(shards.dpath / name, sizes[name]):
+            raise ShardError(f"{final / name} does not have the checksum of {shards.dpath / name}; {todo}")
+
+
+def _padded_checksum(fpath: pathlib.Path, size: int) -> str:
+    """Checksum of `fpath` zero-padded to `size` bytes: the one recorded beside it when it has that size already (a
+    dump's files are hashed as written, adopted ones when linked), else read and hashed."""
+    record = checksums.recorded_checksum(fpath)
+    if record is not None and record[0] == size == fpath.stat().st_size:
+        return record[1]
+    hasher, n = checksums.new_hasher(), 0
+    with open(fpath, "rb") as fd:
+        while chunk := fd.read(16 << 20):
+            hasher.update(chunk)
+            n += len(chunk)
+    while n < size:
+        pad = min(size - n, 16 << 20)
+        hasher.update(bytes(pad))
+        n += pad
+    return hasher.hexdigest()
