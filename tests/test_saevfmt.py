@@ -605,6 +605,34 @@ def test_export_of_int16_labels_is_refused_before_anything_is_written(tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_an_identical_copy_elsewhere_is_relinked_and_a_different_one_refused(exported, tmp_path, capsys):
+    """The key leaves the path out (a moved directory keeps its key): pointing dump.adopt.shards at another directory
+    with the same metadata.json and shards.json relinks the done artifact when its files match the recorded
+    checksums, and refuses, naming the file, when they do not; the artifact never keeps reading the old one."""
+    out, hashdir = exported
+    shutil.copy(out / "classes.txt", tmp_path / "classes.txt")
+    layer = json.loads((hashdir / "metadata.json").read_text())["layers"][-1]
+    for name in ("one", "two", "three"):
+        shutil.copytree(hashdir, tmp_path / name)
+    cfg = adopt_config(tmp_path, tmp_path / "one", layer=layer)
+    assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
+    cfg = adopt_config(tmp_path, tmp_path / "two", layer=layer)
+    dump = pl.make_plan(pl.load(cfg))["dump"].artifacts[0]
+    assert dump.is_done() and dump.read_manifest()["adopted"] == str((tmp_path / "two").resolve())
+    assert json.loads((dump.dpath / "source.json").read_text())["dpath"] == str((tmp_path / "two").resolve())
+    assert os.readlink(dump.dpath / "acts000000.bin") == str((tmp_path / "two" / "acts000000.bin").resolve())
+    assert launch.main(launch.Args(config=cfg, verify=True)) == 0
+    flip_byte(tmp_path / "three" / "acts000001.bin")
+    cfg = adopt_config(tmp_path, tmp_path / "three", layer=layer)
+    capsys.readouterr()
+    assert launch.main(launch.Args(config=cfg, dry_run=True)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {(tmp_path / 'three').resolve() / 'acts000001.bin'} has another checksum: it differs "
+                          f"from {(tmp_path / 'two').resolve() / 'acts000001.bin'}, adopted as {dump.ref}")  # fmt: skip
+    assert err.count("\n") == 1
+    assert os.readlink(dump.dpath / "acts000001.bin") == str((tmp_path / "two" / "acts000001.bin").resolve())
+
+
 def test_an_adopted_dump_and_two_imported_saes_give_the_native_best_latents(done_config, exported, tmp_path):
     """The whole round trip through saev's formats: `launch.py --export` writes the tiny run's dump (2.x layout) and
     its two SAEs (2.x sae.pt); a config that adopts that dump and imports those SAEs instead of training runs

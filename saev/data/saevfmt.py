@@ -209,10 +209,7 @@ def adopt(source: Source, dpath: pathlib.Path) -> None:
     names = [shards_.shard_name(s) for s in range(source.n_listed)] + ([LABELS_BIN] if source.has_labels else [])
     for name in names:
         link = dpath / name
-        tmp = link.with_name(f".{name}{checksums.TMP_MARK}{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        os.symlink(source.dpath / name, tmp)
-        os.replace(tmp, link)  # replaces only our own link (or a leftover of ours), never the target
+        link_atomically(source.dpath / name, link)
         checksums.write_record(link, link.stat().st_size, checksums.file_checksum(link))
     md = source.metadata
     listed = [{"name": shards_.shard_name(s), "n_imgs": md.shard_n_imgs(s) if s < md.n_shards else 0}
@@ -224,6 +221,15 @@ def adopt(source: Source, dpath: pathlib.Path) -> None:
     artifacts.atomic_write_json(dpath / "shards.json", listed)
     artifacts.atomic_write_json(dpath / shards_.LABELS_JSON, md.labels_json())
     artifacts.atomic_write_json(dpath / "metadata.json", md.to_json())
+
+
+def link_atomically(target: pathlib.Path, link: pathlib.Path) -> None:
+    """Make `link` a symbolic link to `target`: a temporary link renamed onto it, so that it replaces only our own
+    link (or a leftover of ours), never the target."""
+    tmp = link.with_name(f".{link.name}{checksums.TMP_MARK}{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
 
 
 def v2_hash(metadata: dict[str, typing.Any]) -> str:
