@@ -482,6 +482,10 @@ class Artifact:
         (self.dpath / _DAMAGE_NOTE).unlink(missing_ok=True)
         return manifest
 
+    def verified_sigs(self) -> dict[str, list[int]]:
+        """File -> the stat signature (`checksums.stat_sig`) at which it last matched its checksum ({} if none)."""
+        return self._read_verified()
+
     def _read_verified(self) -> dict[str, list[int]]:
         try:
             with open(self.dpath / _VERIFIED) as fd:

@@ -47,14 +47,12 @@ class Adopt:
     """Class names: label i of labels.bin is class_names[i] (saev's files name no classes); or give `classes`."""
     classes: pathlib.Path | None = None
     """A classes.txt (one class name a line) instead of `class_names`; relative to the config's directory."""
-    ignore: int = 255
-    """The label of unlabelled patches in labels.bin."""
+    ignore: int | None = None
+    """The label of unlabelled patches in labels.bin; not set: 255, or the labels.json value of an adopted dump of this pipeline (-1 for int16 labels). Must fit the labels dtype and not be a class id (checked when planned)."""
 
     def __post_init__(self):
         if self.class_names and self.classes is not None:
             raise ValueError("dump.adopt: give class_names or classes, not both")
-        if not 0 <= self.ignore <= 255:
-            raise ValueError(f"dump.adopt.ignore must be within [0, 255] (labels.bin is uint8), got {self.ignore}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +150,7 @@ def plan_adopted(pipeline) -> StagePlan[DumpInfo]:
                   "class_names": list(md.class_names), "ignore": md.labels_ignore},
     }  # fmt: skip
     art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, {}))
+    relink_if_moved(art, source, params)
     piece = Piece(NAME, art, label=f"adopt {source.dpath} (saev protocol {source.protocol})")
     info = DumpInfo(
         chunks={},
@@ -163,6 +162,52 @@ def plan_adopted(pipeline) -> StagePlan[DumpInfo]:
         adopted=source.dpath,
     )
     return StagePlan(NAME, (art,), (piece,), {art.key: params}, {art.key: {}}, {art.key: info})
+
+
+def relink_if_moved(art: artifacts.Artifact, source: saevfmt.Source, params: dict) -> None:
+    """A done adopted dump whose config now names another directory than the one it links to, with the same
+    metadata.json and shards.json (its key leaves the path out, so that a moved directory keeps its key): relink it
+    to the configured directory if each file there has the size and checksum recorded when it was adopted (a file
+    whose stat signature is the one last verified is not read), else refuse. Called when planned, so that the
+    artifact never silently keeps reading the old directory.
+
+    Raises:
+        ShardError: one line naming the first file of the configured directory that differs, and what to do.
+    """
+    try:
+        old = json.loads((art.dpath / saevfmt.SOURCE_JSON).read_text())
+        old_dpath = pathlib.Path(old["dpath"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if old_dpath == source.dpath or not art.is_done():
+        return  # a source that vanished leaves dangling links: the repair before the run adopts it again
+    manifest = art.read_manifest()
+    verified = art.verified_sigs()
+    linked = sorted(rel for rel in manifest["files"] if (art.dpath / rel).is_symlink())
+    for rel in linked:
+        entry, fpath = manifest["files"][rel], source.dpath / rel
+        try:
+            st = fpath.stat()
+        except OSError:
+            st = None
+        if st is not None and checksums.stat_sig(st) == verified.get(rel):
+            continue
+        why = ("is missing" if st is None else f"has {st.st_size} bytes, {entry['size']} recorded" if st.st_size != entry["size"]
+               else "has another checksum" if checksums.file_checksum(fpath) != entry[checksums.CHECKSUM] else None)  # fmt: skip
+        if why is not None:
+            raise shards.ShardError(
+                f"{fpath} {why}: it differs from {old_dpath / rel}, adopted as {art.ref} with the same metadata.json "
+                f"and shards.json; set dump.adopt.shards back to {old_dpath}, or delete {art.dpath} and what was "
+                f"made from it to adopt {source.dpath}"
+            )
+    for rel in linked:  # the checksum record beside each link stays: the contents are the same
+        saevfmt.link_atomically(source.dpath / rel, art.dpath / rel)
+    artifacts.atomic_write_json(art.dpath / saevfmt.SOURCE_JSON, {**old, "dpath": str(source.dpath)})
+    art.write_manifest(
+        params=params, inputs={}, started=manifest.get("started", artifacts.now()),
+        extra={"adopted": str(source.dpath), "protocol": source.protocol},
+    )  # fmt: skip
+    logger.info("%s: relinked from %s to %s (same files)", art.ref, old_dpath, source.dpath)
 
 
 def plan(pipeline, upstream: Plan) -> StagePlan[DumpInfo]:

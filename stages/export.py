@@ -20,14 +20,22 @@ from .graph import Plan
 def export(pipeline, plan: Plan, out_dpath: pathlib.Path) -> list[str]:
     """Export the dump, then the SAEs; returns one line per thing written (for the launcher to print).
 
+    Everything is checked before anything is written (not even OUT_DIR is made): the dump and every SAE against
+    their manifests, and the dump's labels against saev's layout. A dump with int16 labels (255 classes or more) is
+    refused whole, SAEs included, rather than exported in part: saev's labels.bin is uint8.
+
     Raises:
-        IncompleteArtifactError: the dump is not done or is damaged (run the pipeline first).
-        ShardError: the dump cannot be written in the 2.x layout (int16 labels).
+        IncompleteArtifactError: the dump or an SAE is not done or is damaged (run the pipeline first).
+        ShardError: the dump cannot be written in the 2.x layout (int16 labels), or OUT_DIR holds an earlier export
+            of the same metadata with other contents.
     """
-    out_dpath.mkdir(parents=True, exist_ok=True)
     dump_art = plan["dump"].artifacts[0]
     dump_art.verify(params=plan["dump"].params[dump_art.key])
     shards = Shards(dump_art.dpath)
+    saevfmt.check_exportable(shards)
+    for art in plan["train"].artifacts:
+        art.verify(params=plan["train"].params[art.key])
+    out_dpath.mkdir(parents=True, exist_ok=True)
     cfg = pipeline.dump
     root = getattr(cfg.data, "root", "")  # folder datasets; the synthetic one has no directory
     dataset = str((pipeline.config_dpath / root).resolve()) if root and cfg.adopt is None else ""

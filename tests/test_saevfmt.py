@@ -11,7 +11,9 @@ import os
 import pathlib
 import re
 import shutil
+import typing
 
+import beartype
 import numpy as np
 import pytest
 import torch
@@ -41,13 +43,14 @@ def write_saev_shards(
     budget: int,
     protocol: str = "2.1",
     labels_NP: np.ndarray | None = None,
-    spelling: str = "notes",
+    spelling: str = "released",
+    pixel_agg: str | None = "majority",
 ) -> pathlib.Path:
     """A shard directory as saev writes it: every shard at full size (the last padded with zeros), and, as the 2.x
     writer does, one extra all-zero shard of 0 examples when the example count is a multiple of the shard size.
 
-    `protocol` "1.0.0" uses the v1 field names, "2.1" the 2.x ones (`spelling` "notes": patches_per_ex and
-    patches_per_shard; "tokens": content_tokens_per_example and max_tokens_per_shard).
+    `protocol` "1.0.0" uses the v1 field names, "2.1" the 2.x ones (`spelling` "released": content_tokens_per_example
+    and max_tokens_per_shard, as the released 2.1 `Metadata`; "notes": the older patches_per_ex and patches_per_shard).
     """
     n, n_layers, t, d = acts_NLTD.shape
     per = budget // (t * n_layers)
@@ -69,7 +72,7 @@ def write_saev_shards(
             "content_tokens_per_example", "max_tokens_per_shard")  # fmt: skip
         meta = {"family": "clip", "ckpt": "ViT-B-16/openai", "layers": list(layers), per_ex: p, "cls_token": cls_token,
                 "d_model": d, "n_examples": n, per_shard: budget, "data": "gASVAAAAAAAAAAB9lC4=",
-                "dataset": "/data/images", "dtype": "float32", "protocol": "2.1", "pixel_agg": "majority"}  # fmt: skip
+                "dataset": "/data/images", "dtype": "float32", "protocol": "2.1", "pixel_agg": pixel_agg}  # fmt: skip
     else:
         meta = {"vit_family": "clip", "vit_ckpt": "ViT-B-16/openai", "layers": list(layers), "n_patches_per_img": p,
                 "cls_token": cls_token, "d_vit": d, "n_imgs": n, "max_patches_per_shard": budget,
@@ -79,6 +82,44 @@ def write_saev_shards(
     if labels_NP is not None:
         np.ascontiguousarray(labels_NP, dtype=np.uint8).tofile(dpath / "labels.bin")
     return dpath
+
+
+@beartype.beartype
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Saev21Metadata:
+    """Stand-in for the released saev 2.1 `Metadata`: a kw_only frozen dataclass with exactly its fields and types,
+    so unknown keys are refused ("unexpected keyword argument") and, with beartype, wrong types too."""
+
+    family: typing.Literal["clip", "siglip", "dinov2", "dinov3", "fake-clip"]
+    ckpt: str
+    layers: list[int]
+    content_tokens_per_example: int
+    cls_token: bool
+    d_model: int
+    n_examples: int
+    max_tokens_per_shard: int
+    data: str
+    dataset: str
+    pixel_agg: typing.Literal["majority", "prefer-fg"] | None = None
+    dtype: typing.Literal["float32"]
+    protocol: typing.Literal["1.0.0", "1.1", "2.1"]
+
+
+def load_as_saev21(hashdir: pathlib.Path) -> Saev21Metadata:
+    """An exported directory as the 2.x reader takes it: metadata.json into its `Metadata`, named by its hash."""
+    obj = json.loads((hashdir / "metadata.json").read_text())
+    assert hashdir.name == hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+    return Saev21Metadata(**obj)
+
+
+def test_the_stand_in_2x_reader_refuses_what_the_released_one_refuses():
+    good = dict(family="clip", ckpt="m", layers=[1], content_tokens_per_example=4, cls_token=True, d_model=3,
+                n_examples=2, max_tokens_per_shard=10, data="", dataset="", dtype="float32", protocol="2.1")  # fmt: skip
+    assert Saev21Metadata(**good).pixel_agg is None
+    with pytest.raises(TypeError, match="unexpected keyword argument 'patches_per_ex'"):
+        Saev21Metadata(**good, patches_per_ex=4)
+    with pytest.raises(beartype.roar.BeartypeCallHintParamViolation):
+        Saev21Metadata(**{**good, "protocol": "1.1.0"})
 
 
 def make_acts(n=7, layers=(3, 5), t=5, d=4, seed=0) -> np.ndarray:
@@ -103,7 +144,7 @@ def adopted(tmp_path, source_dpath, **kwargs) -> Shards:
 ###########################
 
 
-@pytest.mark.parametrize("protocol,spelling", [("1.0.0", "notes"), ("2.1", "notes"), ("2.1", "tokens")])
+@pytest.mark.parametrize("protocol,spelling", [("1.0.0", "released"), ("2.1", "notes"), ("2.1", "released")])
 def test_a_saev_shard_set_is_adopted_and_reads_back_exactly(tmp_path, protocol, spelling):
     acts, labels = make_acts(), make_labels()
     src = write_saev_shards(tmp_path / "src", acts, layers=(3, 5), cls_token=True, budget=25, protocol=protocol,
@@ -194,8 +235,8 @@ def test_a_missing_unknown_or_mistyped_field_is_named(tmp_path):
     one_line_error(lambda: saevfmt.read_source(src), re.escape(f"{md}: field 'd_model' must be int, got '4'"))
     edit_json(md, d_model=4, colour="red")
     one_line_error(lambda: saevfmt.read_source(src), re.escape(f"{md}: field 'colour' is not a field of protocol 2.1"))
-    edit_json(md, colour=None, content_tokens_per_example=4)
-    one_line_error(lambda: saevfmt.read_source(src), "fields 'content_tokens_per_example' and 'patches_per_ex' are the same")
+    edit_json(md, colour=None, patches_per_ex=4)
+    one_line_error(lambda: saevfmt.read_source(src), "fields 'patches_per_ex' and 'content_tokens_per_example' are the same")
 
 
 def test_a_truncated_shard_is_refused(tmp_path):
@@ -215,6 +256,25 @@ def test_a_missing_shard_or_a_shard_list_that_disagrees_is_refused(tmp_path):
     (src / "shards.json").write_text(json.dumps(listed))
     (src / "acts000002.bin").unlink()
     one_line_error(lambda: saevfmt.read_source(src), re.escape(f"shard file missing: {src / 'acts000002.bin'}"))
+
+
+@pytest.mark.parametrize("fname,entry,field,value", [
+    ("shards.json", 0, "n_examples", 2.0), ("shards.json", 3, "n_examples", True),
+    ("metadata.json", None, "n_examples", 7.0), ("metadata.json", None, "d_model", True),
+    ("metadata.json", None, "layers", [3, 5.0]),
+])  # fmt: skip
+def test_integer_fields_must_be_real_integers(tmp_path, fname, entry, field, value):
+    """JSON true and 2.0 compare equal to 1 and 2 in Python: they are refused, not taken as integers."""
+    src = src_2x(tmp_path)
+    if entry is None:
+        edit_json(src / fname, **{field: value})
+        match = f"{src / fname}: field '{field}' must be"
+    else:
+        listed = json.loads((src / fname).read_text())
+        listed[entry][field] = value
+        (src / fname).write_text(json.dumps(listed))
+        match = f"{src / fname}: entry {entry} field '{field}' must be an integer"
+    one_line_error(lambda: saevfmt.read_source(src), re.escape(match))
 
 
 def test_a_labels_file_of_the_wrong_size_is_refused(tmp_path):
@@ -249,12 +309,60 @@ def test_export_writes_the_2x_layout(tmp_path):
     out = saevfmt.export(Shards(tmp_path / "dump"), tmp_path / "out", dataset="", pixel_agg="majority")
     meta = json.loads((out / "metadata.json").read_text())
     assert list(meta) == list(saevfmt.V2_KEYS) and meta["protocol"] == "2.1"
-    assert out.name == hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    released = load_as_saev21(out)  # the released names, not patches_per_ex / patches_per_shard
+    assert (released.content_tokens_per_example, released.max_tokens_per_shard) == (4, 25)
     assert json.loads((out / "shards.json").read_text())[-1] == {"name": "acts000003.bin", "n_examples": 1}
     assert {(out / f"acts{s:06d}.bin").stat().st_size for s in range(4)} == {2 * 2 * 5 * 3 * 4}
     back = adopted(tmp_path, out)
     np.testing.assert_array_equal(back.patches(3, 0, 7), acts[:, 1, 1:])
     assert back.labels.tobytes() == make_labels().tobytes()
+
+
+def write_dump(dpath: pathlib.Path, acts: np.ndarray, labels: np.ndarray) -> Shards:
+    """A dump of ours (ShardWriter) with the metadata of `test_export_writes_the_2x_layout`."""
+    md = Metadata(vit_family="clip", vit_ckpt="m", layers=(1, 3), n_patches_per_img=4, cls_token=True, d_vit=3,
+                  n_imgs=7, max_patches_per_shard=25, data={"__class__": "Synthetic"}, class_names=CLASSES)  # fmt: skip
+    writer = ShardWriter(dpath, md)
+    writer.write(acts)
+    writer.write_labels(labels)
+    writer.close()
+    return Shards(dpath)
+
+
+def test_a_repeat_export_reuses_an_identical_directory_and_refuses_other_contents(tmp_path):
+    """The directory name hashes the metadata only: a dump with the same metadata but other labels or activations
+    (e.g. masks edited in place, dumped again) must not be answered with the old export."""
+    acts = np.random.default_rng(0).normal(size=(7, 2, 5, 3)).astype(np.float32)
+    out = saevfmt.export(write_dump(tmp_path / "a", acts, make_labels()), tmp_path / "out", dataset="", pixel_agg="majority")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = saevfmt.export(write_dump(tmp_path / "b", acts, make_labels()), tmp_path / "out", dataset="", pixel_agg="majority")
+    assert again == out and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    other_labels = make_labels(seed=5)
+    one_line_error(lambda: saevfmt.export(write_dump(tmp_path / "c", acts, other_labels), tmp_path / "out", dataset="",
+                                          pixel_agg="majority"),  # fmt: skip
+                   re.escape(f"{out / 'labels.bin'} does not have the checksum of {tmp_path / 'c' / 'labels.bin'}; ")
+                   + f".*remove {re.escape(str(out))} or export to another directory")  # fmt: skip
+    acts2 = acts.copy()
+    acts2[6, 0, 0, 0] += 1  # the last shard, padded
+    one_line_error(lambda: saevfmt.export(write_dump(tmp_path / "d", acts2, make_labels()), tmp_path / "out", dataset="",
+                                          pixel_agg="majority"), re.escape(f"{out / 'acts000003.bin'} does not have the checksum"))  # fmt: skip
+    (out / "labels.bin").unlink()
+    one_line_error(lambda: saevfmt.export(Shards(tmp_path / "a"), tmp_path / "out", dataset="", pixel_agg="majority"),
+                   re.escape(f"{out}: an earlier export holds other files (extra: -, missing: labels.bin)"))
+    shutil.rmtree(out)  # what the error says to do
+    assert saevfmt.export(Shards(tmp_path / "c"), tmp_path / "out", dataset="", pixel_agg="majority") == out
+    assert (out / "labels.bin").read_bytes() == other_labels.tobytes()
+
+
+def test_a_2x_dump_with_null_pixel_agg_is_adopted_and_exported_verbatim(tmp_path):
+    src = src_2x(tmp_path, pixel_agg=None)
+    back = adopted(tmp_path, src)
+    assert back.metadata.data["pixel_agg"] is None
+    out = saevfmt.export(back, tmp_path / "out", dataset="ignored", pixel_agg="majority")
+    released = load_as_saev21(out)
+    assert (released.pixel_agg, released.dataset) == (None, "/data/images")
+    edit_json(src / "metadata.json", pixel_agg=3)
+    one_line_error(lambda: saevfmt.read_source(src), re.escape(f"{src / 'metadata.json'}: field 'pixel_agg' must be str or null, got 3"))
 
 
 def test_export_refuses_int16_labels(tmp_path):
@@ -374,6 +482,9 @@ def test_pipeline_refusals_before_anything_runs(exported, tmp_path, capsys):
     cfg = adopt_config(tmp_path, hashdir, layer=99)
     assert launch.main(launch.Args(config=cfg, dry_run=True)) == 2
     assert f"error: train.layer=99 is not among the layers of the adopted dump {hashdir / 'metadata.json'}" in capsys.readouterr().err
+    cfg = adopt_config(tmp_path, hashdir, layer=layers[-1], extra="ignore = 1")
+    assert launch.main(launch.Args(config=cfg, dry_run=True)) == 2
+    assert "error: dump.adopt.ignore is 1, a class id (classes are 0..1)" in capsys.readouterr().err
     cfg = adopt_config(tmp_path, tmp_path / "missing", layer=0)
     assert launch.main(launch.Args(config=cfg, dry_run=True)) == 2
     assert f"is not a directory of saev shards" in capsys.readouterr().err
@@ -437,6 +548,89 @@ def test_a_dump_of_this_pipeline_is_adopted_with_its_labels_json(tmp_path):
     shards = Shards(tmp_path / "art")
     assert (shards.metadata.labels_dtype, shards.metadata.class_names) == ("int16", ("x", "y"))
     np.testing.assert_array_equal(shards.labels, [[0, 1, -1, 1]] * 3)
+
+
+def write_own_int16_dump(dpath: pathlib.Path) -> pathlib.Path:
+    md = Metadata(vit_family="clip", vit_ckpt="m", layers=(1,), n_patches_per_img=4, cls_token=False, d_vit=3,
+                  n_imgs=3, max_patches_per_shard=8, data={}, labels_dtype="int16", labels_ignore=-1,
+                  class_names=("x", "y"))  # fmt: skip
+    writer = ShardWriter(dpath, md)
+    writer.write(np.ones((3, 1, 4, 3), np.float32))
+    writer.write_labels(np.array([[0, 1, -1, 1]] * 3, np.int16))
+    writer.close()
+    return dpath
+
+
+def test_the_ignore_label_is_never_a_class_and_fits_the_labels(tmp_path):
+    src = src_2x(tmp_path)
+    one_line_error(lambda: saevfmt.read_source(src, class_names=CLASSES, ignore=1),
+                   re.escape("dump.adopt.ignore is 1, a class id (classes are 0..2): unlabelled patches would count"))
+    one_line_error(lambda: saevfmt.read_source(src, class_names=CLASSES, ignore=-1),
+                   re.escape("dump.adopt.ignore must be an integer within [0, 255] (labels.bin is uint8), got -1"))
+    assert saevfmt.read_source(src, class_names=CLASSES, ignore=7).metadata.labels_ignore == 7
+    ours = write_own_int16_dump(tmp_path / "ours")
+    # Our own int16 dump: labels.json's -1 is kept when the config names classes but no ignore value.
+    assert saevfmt.read_source(ours, class_names=("p", "q")).metadata.labels_ignore == -1
+    assert saevfmt.read_source(ours, class_names=("p", "q"), ignore=-7).metadata.labels_ignore == -7
+    one_line_error(lambda: saevfmt.read_source(ours, ignore=0), re.escape("dump.adopt.ignore is 0, a class id"))
+    edit_json(ours / "labels.json", labels_ignore=1)
+    one_line_error(lambda: saevfmt.read_source(ours), re.escape(f"{ours / 'labels.json'}: field 'labels_ignore' is 1, a class id"))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("labels_dtype", "float64", "field 'labels_dtype' must be 'uint8' or 'int16', got 'float64'"),
+    ("labels_dtype", ["int16"], "field 'labels_dtype' must be 'uint8' or 'int16', got ['int16']"),
+    ("class_names", ["x", 2], "field 'class_names' must be a list of strings, got ['x', 2]"),
+    ("labels_ignore", 1.5, "field 'labels_ignore' must be an integer within [-32768, 32767]"),
+    ("labels_ignore", True, "field 'labels_ignore' must be an integer within"),
+])  # fmt: skip
+def test_a_malformed_labels_json_is_refused_when_read(tmp_path, field, value, match):
+    """Every field of an adopted dump's labels.json is checked where it is read (plan time), not at run time."""
+    ours = write_own_int16_dump(tmp_path / "ours")
+    edit_json(ours / "labels.json", **{field: value})
+    one_line_error(lambda: saevfmt.read_source(ours), re.escape(f"{ours / 'labels.json'}: {match}"))
+    with pytest.raises(ShardError, match=re.escape(match)):
+        Shards(ours)
+
+
+def test_export_of_int16_labels_is_refused_before_anything_is_written(tmp_path, capsys):
+    """The whole export is refused (not the SAEs exported and the dump left out): OUT_DIR is not even made."""
+    ours = write_own_int16_dump(tmp_path / "ours")
+    (tmp_path / "classes.txt").write_text("x\ny\n")
+    cfg = adopt_config(tmp_path, ours, layer=1)
+    assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
+    assert launch.main(launch.Args(config=cfg, export=tmp_path / "out")) == 1
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err.startswith(f"error: {tmp_path / 'runs' / 'dump'}") and "labels_dtype is 'int16'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_identical_copy_elsewhere_is_relinked_and_a_different_one_refused(exported, tmp_path, capsys):
+    """The key leaves the path out (a moved directory keeps its key): pointing dump.adopt.shards at another directory
+    with the same metadata.json and shards.json relinks the done artifact when its files match the recorded
+    checksums, and refuses, naming the file, when they do not; the artifact never keeps reading the old one."""
+    out, hashdir = exported
+    shutil.copy(out / "classes.txt", tmp_path / "classes.txt")
+    layer = json.loads((hashdir / "metadata.json").read_text())["layers"][-1]
+    for name in ("one", "two", "three"):
+        shutil.copytree(hashdir, tmp_path / name)
+    cfg = adopt_config(tmp_path, tmp_path / "one", layer=layer)
+    assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
+    cfg = adopt_config(tmp_path, tmp_path / "two", layer=layer)
+    dump = pl.make_plan(pl.load(cfg))["dump"].artifacts[0]
+    assert dump.is_done() and dump.read_manifest()["adopted"] == str((tmp_path / "two").resolve())
+    assert json.loads((dump.dpath / "source.json").read_text())["dpath"] == str((tmp_path / "two").resolve())
+    assert os.readlink(dump.dpath / "acts000000.bin") == str((tmp_path / "two" / "acts000000.bin").resolve())
+    assert launch.main(launch.Args(config=cfg, verify=True)) == 0
+    flip_byte(tmp_path / "three" / "acts000001.bin")
+    cfg = adopt_config(tmp_path, tmp_path / "three", layer=layer)
+    capsys.readouterr()
+    assert launch.main(launch.Args(config=cfg, dry_run=True)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {(tmp_path / 'three').resolve() / 'acts000001.bin'} has another checksum: it differs "
+                          f"from {(tmp_path / 'two').resolve() / 'acts000001.bin'}, adopted as {dump.ref}")  # fmt: skip
+    assert err.count("\n") == 1
+    assert os.readlink(dump.dpath / "acts000001.bin") == str((tmp_path / "two" / "acts000001.bin").resolve())
 
 
 def test_an_adopted_dump_and_two_imported_saes_give_the_native_best_latents(done_config, exported, tmp_path):

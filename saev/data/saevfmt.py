@@ -3,13 +3,14 @@ can be adopted as a dump artifact in place, and export a dump in the 2.x layout.
 
 Facts (shared/notes/saev-formats.md, and the saev source): v1 metadata.json has `vit_family, vit_ckpt, layers,
 n_patches_per_img, cls_token, d_vit, n_imgs, max_patches_per_shard, data, dtype, protocol` and shards.json entries
-`{name, n_imgs}`. 2.x has `family, ckpt, layers, patches_per_ex, cls_token, d_model, n_examples, patches_per_shard,
-data, dataset, dtype, protocol, pixel_agg` and entries `{name, n_examples}`; some 2.x releases spell
-`patches_per_ex` as `content_tokens_per_example` (patches per example, CLS excluded) and `patches_per_shard` as
-`max_tokens_per_shard` (the shard budget in activation vectors). Every shard file has the full shard size (the last
-one padded), trailing entries of 0 examples may follow, and `labels.bin` is uint8 [examples, patches] with no class
-names and no ignore value in the metadata. `data` is a base64 pickle in 2.x: it is kept as opaque text, never
-unpickled.
+`{name, n_imgs}`. 2.x (the released saev 2.1 `Metadata`, a frozen dataclass refusing unknown keys) has `family,
+ckpt, layers, content_tokens_per_example, cls_token, d_model, n_examples, max_tokens_per_shard, data, dataset,
+pixel_agg, dtype, protocol` and entries `{name, n_examples}`; `content_tokens_per_example` is patches per example
+(CLS excluded), `max_tokens_per_shard` the shard budget in activation vectors, `pixel_agg` a string or null. The older
+spellings `patches_per_ex` and `patches_per_shard` (shared/notes/saev-formats.md) are still read; exports use the
+released names. Every shard file has the full shard size (the last one padded), trailing entries of 0 examples may
+follow, and `labels.bin` is uint8 [examples, patches] with no class names and no ignore value in the metadata. `data`
+is a base64 pickle in 2.x: it is kept as opaque text, never unpickled.
 
 An adopted directory is never copied or written: the dump artifact holds our translated `metadata.json`,
 `labels.json` and `shards.json`, a `source.json` (where it came from, and its metadata and shard list verbatim), and
@@ -36,11 +37,11 @@ V2_PROTOCOL = "2.1"
 """The 2.x protocol string we read and write."""
 SOURCE_PROTOCOLS = ("1.0.0", "1.1.0", V2_PROTOCOL)
 """Protocols of shard directories that can be adopted ("1.1.0": dumps of earlier versions of this pipeline)."""
-V2_KEYS = ("family", "ckpt", "layers", "patches_per_ex", "cls_token", "d_model", "n_examples", "patches_per_shard",
-           "data", "dataset", "dtype", "protocol", "pixel_agg")  # fmt: skip
-"""The fields of a 2.1 metadata.json (all required)."""
-V2_ALIASES = {"content_tokens_per_example": "patches_per_ex", "max_tokens_per_shard": "patches_per_shard"}
-"""Other spellings of 2.x fields seen in some releases -> the name used here."""
+V2_KEYS = ("family", "ckpt", "layers", "content_tokens_per_example", "cls_token", "d_model", "n_examples",
+           "max_tokens_per_shard", "data", "dataset", "pixel_agg", "dtype", "protocol")  # fmt: skip
+"""The fields of a 2.1 metadata.json, in the released `Metadata`'s order (all written; pixel_agg may be null)."""
+V2_ALIASES = {"patches_per_ex": "content_tokens_per_example", "patches_per_shard": "max_tokens_per_shard"}
+"""Older spellings of 2.x fields (still read) -> the released name, which exports write."""
 V2_DATA_CLASS = "Saev2Data"
 """`__class__` of the `data` entry of an adopted 2.x dump: its `data`, `dataset` and `pixel_agg`, kept verbatim."""
 SOURCE_JSON = "source.json"
@@ -69,29 +70,21 @@ class Source:
     """Whether it holds labels.bin (checked for size)."""
 
 
-def _field(obj: dict, name: str, tp: type, fpath: pathlib.Path) -> typing.Any:
-    value = obj[name]
-    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-    if tp is list:
-        ok = ok and all(type(v) is int for v in value)
-    if not ok:
-        want = "a list of integers" if tp is list else tp.__name__
-        raise ShardError(f"{fpath}: field '{name}' must be {want}, got {value!r}")
-    return value
-
-
 @beartype.beartype
 def read_source(
-    dpath: pathlib.Path, *, class_names: tuple[str, ...] = (), ignore: int = 255
+    dpath: pathlib.Path, *, class_names: tuple[str, ...] = (), ignore: int | None = None
 ) -> Source:
     """Read and check a saev shard directory (v1 or 2.x layout): metadata.json, shards.json against the shard sizing,
     every listed shard file at the full shard size, labels.bin's size if present. The label fields are
-    `class_names` and `ignore`; a dump of this pipeline (labels.json, or protocol "1.1.0") keeps its labels dtype, and
-    its class names and ignore value when `class_names` is empty.
+    `class_names` and `ignore` (`dump.adopt.ignore`; None: not set, 255). A dump of this pipeline (labels.json, or
+    protocol "1.1.0") keeps its labels dtype, its class names when `class_names` is empty, and its ignore value unless
+    `ignore` is set (so an int16 dump keeps -1).
 
     Raises:
         ShardError: one line naming the file and field: not a shard directory, a protocol we do not know, a missing
-            or malformed field, a shard list that disagrees with the metadata, a missing or truncated shard file.
+            or malformed field (integers must be real integers, not true or 2.0), a shard list that disagrees with
+            the metadata, a missing or truncated shard file, a malformed labels.json field, an ignore value that
+            is a class id or does not fit the labels dtype.
     """
     dpath = dpath.expanduser().resolve()
     md_fpath, list_fpath = dpath / "metadata.json", dpath / "shards.json"
@@ -127,36 +120,36 @@ def read_source(
     if extra:
         raise ShardError(f"{md_fpath}: field '{extra[0]}' is not a field of protocol {protocol}")
     if protocol == V2_PROTOCOL:
+        field = shards_.check_field
         md = Metadata(
-            vit_family=_field(obj2, "family", str, md_fpath),
-            vit_ckpt=_field(obj2, "ckpt", str, md_fpath),
-            layers=tuple(_field(obj2, "layers", list, md_fpath)),
-            n_patches_per_img=_field(obj2, "patches_per_ex", int, md_fpath),
-            cls_token=_field(obj2, "cls_token", bool, md_fpath),
-            d_vit=_field(obj2, "d_model", int, md_fpath),
-            n_imgs=_field(obj2, "n_examples", int, md_fpath),
-            max_patches_per_shard=_field(obj2, "patches_per_shard", int, md_fpath),
+            vit_family=field(obj2, "family", str, md_fpath),
+            vit_ckpt=field(obj2, "ckpt", str, md_fpath),
+            layers=tuple(field(obj2, "layers", list, md_fpath)),
+            n_patches_per_img=field(obj2, "content_tokens_per_example", int, md_fpath),
+            cls_token=field(obj2, "cls_token", bool, md_fpath),
+            d_vit=field(obj2, "d_model", int, md_fpath),
+            n_imgs=field(obj2, "n_examples", int, md_fpath),
+            max_patches_per_shard=field(obj2, "max_tokens_per_shard", int, md_fpath),
             data={
                 "__class__": V2_DATA_CLASS,
-                "data": _field(obj2, "data", str, md_fpath),
-                "dataset": _field(obj2, "dataset", str, md_fpath),
-                "pixel_agg": _field(obj2, "pixel_agg", str, md_fpath),
+                "data": field(obj2, "data", str, md_fpath),
+                "dataset": field(obj2, "dataset", str, md_fpath),
+                "pixel_agg": field(obj2, "pixel_agg", (str, type(None)), md_fpath),  # kept verbatim, null included
             },
-            dtype=_field(obj2, "dtype", str, md_fpath),
+            dtype=field(obj2, "dtype", str, md_fpath),
             protocol=protocol,
         )
     else:
-        for name, tp in (("vit_family", str), ("vit_ckpt", str), ("layers", list), ("n_patches_per_img", int),
-                         ("cls_token", bool), ("d_vit", int), ("n_imgs", int), ("max_patches_per_shard", int),
-                         ("data", dict), ("dtype", str)):  # fmt: skip
-            _field(obj2, name, tp, md_fpath)
+        for name, tp in shards_.V1_TYPES.items():
+            shards_.check_field(obj2, name, tp, md_fpath)
         own_fpath = dpath / shards_.LABELS_JSON  # a dump of this pipeline: its label fields beside metadata.json
         try:
             own = json.loads(own_fpath.read_text()) if protocol == "1.0.0" and own_fpath.is_file() else None
-            if own is not None and not (isinstance(own, dict) and isinstance(own.get("class_names", []), list)):
-                raise ValueError("not a JSON object of label fields")
         except (OSError, ValueError) as err:
             raise ShardError(f"{own_fpath}: cannot read it: {err}") from None
+        if own is not None and not isinstance(own, dict):
+            raise ShardError(f"{own_fpath} is not a JSON object of label fields")
+        shards_.check_label_fields(own if own is not None else obj2, own_fpath if own is not None else md_fpath)
         md = Metadata.from_json(obj2, own)
         labels_dtype = md.labels_dtype
         has_own_labels = protocol == "1.1.0" or own is not None
@@ -166,8 +159,17 @@ def read_source(
             raise ShardError(f"{md_fpath}: {name} must be at least 1, got {value}")
     if md.dtype != "float32":
         raise ShardError(f"{md_fpath}: field 'dtype' is {md.dtype!r}; only 'float32' is supported")
-    if not (has_own_labels and not class_names):  # our own dumps name their classes and ignore value
-        md = dataclasses.replace(md, labels_dtype=labels_dtype, labels_ignore=ignore, class_names=class_names)
+    # Our own dumps name their classes and ignore value; the config's class names and ignore value, when given, win.
+    own_ignore = has_own_labels and ignore is None
+    md = dataclasses.replace(
+        md,
+        labels_dtype=labels_dtype,
+        labels_ignore=md.labels_ignore if own_ignore else 255 if ignore is None else ignore,
+        class_names=md.class_names if has_own_labels and not class_names else class_names,
+    )
+    where = (f"{dpath / shards_.LABELS_JSON if protocol == '1.0.0' else md_fpath}: field 'labels_ignore'" if own_ignore
+             else "dump.adopt.ignore" if ignore is not None else "the default ignore value (dump.adopt.ignore)")  # fmt: skip
+    shards_.check_ignore(md.labels_ignore, labels_dtype, len(md.class_names), where)
     try:
         md.n_shards
     except ShardValueError as err:
@@ -207,10 +209,7 @@ def adopt(source: Source, dpath: pathlib.Path) -> None:
     names = [shards_.shard_name(s) for s in range(source.n_listed)] + ([LABELS_BIN] if source.has_labels else [])
     for name in names:
         link = dpath / name
-        tmp = link.with_name(f".{name}{checksums.TMP_MARK}{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        os.symlink(source.dpath / name, tmp)
-        os.replace(tmp, link)  # replaces only our own link (or a leftover of ours), never the target
+        link_atomically(source.dpath / name, link)
         checksums.write_record(link, link.stat().st_size, checksums.file_checksum(link))
     md = source.metadata
     listed = [{"name": shards_.shard_name(s), "n_imgs": md.shard_n_imgs(s) if s < md.n_shards else 0}
@@ -224,42 +223,55 @@ def adopt(source: Source, dpath: pathlib.Path) -> None:
     artifacts.atomic_write_json(dpath / "metadata.json", md.to_json())
 
 
+def link_atomically(target: pathlib.Path, link: pathlib.Path) -> None:
+    """Make `link` a symbolic link to `target`: a temporary link renamed onto it, so that it replaces only our own
+    link (or a leftover of ours), never the target."""
+    tmp = link.with_name(f".{link.name}{checksums.TMP_MARK}{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
 def v2_hash(metadata: dict[str, typing.Any]) -> str:
     """The 2.x shard directory name: sha256 (hex) of the canonical JSON of metadata.json."""
     return hashlib.sha256(json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 @beartype.beartype
-def export(shards: shards_.Shards, out_dpath: pathlib.Path, *, dataset: str, pixel_agg: str) -> pathlib.Path:
+def export(
+    shards: shards_.Shards, out_dpath: pathlib.Path, *, dataset: str, pixel_agg: str | None
+) -> pathlib.Path:
     """Write the dump `shards` in the 2.x layout as `out_dpath/<HASH>/` and return that directory.
 
-    metadata.json has the 2.1 fields (`data` is the JSON of our dataset config as text, or an adopted 2.x dump's own
-    `data`, `dataset` and `pixel_agg`), shards.json entries `{name, n_examples}`, every shard at full size (the last
-    padded with zeros), labels.bin as uint8. Written to a temporary directory renamed at the end; a directory of the
-    same hash that already exists is left as it is (same metadata: same export).
+    metadata.json has the fields of the released saev 2.1 `Metadata` (`content_tokens_per_example`,
+    `max_tokens_per_shard`; `data` is the JSON of our dataset config as text, or an adopted 2.x dump's own `data`,
+    `dataset` and `pixel_agg`, verbatim), shards.json entries `{name, n_examples}`, every shard at full size (the last
+    padded with zeros), labels.bin as uint8. Written to a temporary directory renamed at the end. HASH covers the
+    metadata only, so a directory of that name that already exists (an earlier export) is reused only if it holds
+    exactly what would be written (file names, sizes, checksums: `check_export`).
 
     Raises:
-        ShardError: the labels need int16 (255 classes or more): saev's labels.bin is uint8.
+        ShardError: the labels need int16 (255 classes or more): saev's labels.bin is uint8 (`check_exportable`);
+            or an earlier export of the same metadata holds other files or contents.
     """
+    check_exportable(shards)
     md = shards.metadata
     has_labels = (shards.dpath / LABELS_BIN).exists()
-    if has_labels and md.labels_dtype != "uint8":
-        raise ShardError(
-            f"{shards.dpath / shards_.LABELS_JSON}: labels_dtype is {md.labels_dtype!r} ({len(md.class_names)} "
-            "classes); saev's labels.bin is uint8 (at most 255 classes, 255 unlabelled): cannot export these labels"
-        )
-    if md.data.get("__class__") == V2_DATA_CLASS:  # adopted from 2.x: its own fields, verbatim
-        data, dataset, pixel_agg = str(md.data["data"]), str(md.data["dataset"]), str(md.data["pixel_agg"])
+    if md.data.get("__class__") == V2_DATA_CLASS:  # adopted from 2.x: its own fields, verbatim (pixel_agg may be null)
+        data, dataset, pixel_agg = md.data["data"], md.data["dataset"], md.data["pixel_agg"]
     else:
         data = artifacts.canonical_json(md.data)
     meta = {
-        "family": md.vit_family, "ckpt": md.vit_ckpt, "layers": list(md.layers), "patches_per_ex": md.n_patches_per_img,
-        "cls_token": md.cls_token, "d_model": md.d_vit, "n_examples": md.n_imgs,
-        "patches_per_shard": md.max_patches_per_shard, "data": data, "dataset": dataset, "dtype": "float32",
-        "protocol": V2_PROTOCOL, "pixel_agg": pixel_agg,
+        "family": md.vit_family, "ckpt": md.vit_ckpt, "layers": list(md.layers),
+        "content_tokens_per_example": md.n_patches_per_img, "cls_token": md.cls_token, "d_model": md.d_vit,
+        "n_examples": md.n_imgs, "max_tokens_per_shard": md.max_patches_per_shard, "data": data, "dataset": dataset,
+        "pixel_agg": pixel_agg, "dtype": "float32", "protocol": V2_PROTOCOL,
     }  # fmt: skip
+    listed = [{"name": shards_.shard_name(s), "n_examples": md.shard_n_imgs(s)} for s in range(md.n_shards)]
+    texts = {"shards.json": json.dumps(listed, indent=2) + "\n", "metadata.json": json.dumps(meta, indent=2) + "\n"}
     final = out_dpath / v2_hash(meta)
-    if (final / "metadata.json").is_file():
+    if final.exists():
+        check_export(shards, final, texts)
         return final
     tmp = out_dpath / f".{final.name}{checksums.TMP_MARK}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -270,13 +282,74 @@ def export(shards: shards_.Shards, out_dpath: pathlib.Path, *, dataset: str, pix
             with open(shards.dpath / name, "rb") as src, open(tmp / name, "wb") as dst:
                 shutil.copyfileobj(src, dst, 16 << 20)
                 dst.truncate(md.shard_bytes)  # pads a truncated last shard (dumps of earlier versions) with zeros
-        listed = [{"name": shards_.shard_name(s), "n_examples": md.shard_n_imgs(s)} for s in range(md.n_shards)]
-        (tmp / "shards.json").write_text(json.dumps(listed, indent=2) + "\n")
         if has_labels:
             shutil.copyfile(shards.dpath / LABELS_BIN, tmp / LABELS_BIN)
-        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for name, text in texts.items():  # metadata.json last
+            (tmp / name).write_text(text)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+@beartype.beartype
+def check_exportable(shards: shards_.Shards) -> None:
+    """Refuse a dump whose labels cannot be written in saev's layout (int16: 255 classes or more; saev's labels.bin is
+    uint8), with a one-line `ShardError` naming labels.json and its field. Nothing is read but the metadata."""
+    md = shards.metadata
+    if (shards.dpath / LABELS_BIN).exists() and md.labels_dtype != "uint8":
+        raise ShardError(
+            f"{shards.dpath / shards_.LABELS_JSON}: labels_dtype is {md.labels_dtype!r} ({len(md.class_names)} "
+            "classes); saev's labels.bin is uint8 (at most 255 classes, 255 unlabelled): cannot export these labels"
+        )
+
+
+def check_export(shards: shards_.Shards, final: pathlib.Path, texts: dict[str, str]) -> None:
+    """An earlier export `final` of the same metadata must hold exactly what `export` would write: the same file
+    names, `texts` (shards.json, metadata.json) byte for byte, each shard and labels.bin at its size and with the
+    checksum of the dump's file (recorded at dump or adopt time; a truncated last shard is hashed with its padding).
+    Sizes are compared first; the export's files are then read once.
+
+    Raises:
+        ShardError: one line naming the differing file, what differs, and what to do (remove it, or export elsewhere).
+    """
+    md = shards.metadata
+    names = [shards_.shard_name(s) for s in range(md.n_shards)]
+    names += [LABELS_BIN] if (shards.dpath / LABELS_BIN).exists() else []
+    sizes = {name: md.shard_bytes for name in names} | ({LABELS_BIN: (shards.dpath / LABELS_BIN).stat().st_size}
+                                                        if LABELS_BIN in names else {})  # fmt: skip
+    todo = f"it was exported from other data with the same metadata (e.g. labels edited in place): remove {final} or export to another directory"
+    present = sorted(p.name for p in final.iterdir()) if final.is_dir() else []
+    if present != sorted([*names, *texts]):
+        extra = sorted(set(present) - set(names) - set(texts)) or ["-"]
+        missing = sorted((set(names) | set(texts)) - set(present)) or ["-"]
+        raise ShardError(f"{final}: an earlier export holds other files (extra: {extra[0]}, missing: {missing[0]}); {todo}")
+    for name, text in texts.items():
+        if (final / name).read_bytes() != text.encode():
+            raise ShardError(f"{final / name} differs from what this export writes; {todo}")
+    for name in names:
+        size = (final / name).stat().st_size
+        if size != sizes[name]:
+            raise ShardError(f"{final / name} has {size} bytes, this export writes {sizes[name]}; {todo}")
+    for name in names:
+        if checksums.file_checksum(final / name) != _padded_checksum(shards.dpath / name, sizes[name]):
+            raise ShardError(f"{final / name} does not have the checksum of {shards.dpath / name}; {todo}")
+
+
+def _padded_checksum(fpath: pathlib.Path, size: int) -> str:
+    """Checksum of `fpath` zero-padded to `size` bytes: the one recorded beside it when it has that size already (a
+    dump's files are hashed as written, adopted ones when linked), else read and hashed."""
+    record = checksums.recorded_checksum(fpath)
+    if record is not None and record[0] == size == fpath.stat().st_size:
+        return record[1]
+    hasher, n = checksums.new_hasher(), 0
+    with open(fpath, "rb") as fd:
+        while chunk := fd.read(16 << 20):
+            hasher.update(chunk)
+            n += len(chunk)
+    while n < size:
+        pad = min(size - n, 16 << 20)
+        hasher.update(bytes(pad))
+        n += pad
+    return hasher.hexdigest()

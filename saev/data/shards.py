@@ -37,6 +37,11 @@ V1_KEYS = ("vit_family", "vit_ckpt", "layers", "n_patches_per_img", "cls_token",
            "max_patches_per_shard", "data", "dtype", "protocol")  # fmt: skip
 """Exactly the keys of the v1 metadata.json (saev's v1 `Metadata` refuses any other)."""
 LABEL_KEYS = ("labels_dtype", "labels_ignore", "class_names")
+V1_TYPES = {"vit_family": str, "vit_ckpt": str, "layers": list, "n_patches_per_img": int, "cls_token": bool,
+            "d_vit": int, "n_imgs": int, "max_patches_per_shard": int, "data": dict, "dtype": str, "protocol": str}  # fmt: skip
+"""The JSON type of each v1 metadata.json field (`list`: a list of integers)."""
+LABELS_DTYPES = {"uint8": (0, 255), "int16": (-32768, 32767)}
+"""labels.bin dtypes -> the range of values they hold."""
 
 
 class ShardError(ValueError):
@@ -142,6 +147,46 @@ class Metadata:
         """sha256 of the canonical JSON of metadata.json, as in the protocol."""
         blob = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def check_field(obj: dict, name: str, tp: type | tuple[type, ...], fpath: pathlib.Path | str) -> typing.Any:
+    """`obj[name]`, refused unless of JSON type `tp`: `int` means a real integer (not a bool, not 2.0), `list` a list
+    of integers, `type(None)` null. `ShardError` naming the file and field otherwise."""
+    value, tps = obj[name], tp if isinstance(tp, tuple) else (tp,)
+    ok = any(type(value) is t or (t is dict and isinstance(value, dict)) for t in tps)
+    if list in tps and isinstance(value, list):
+        ok = all(type(v) is int for v in value)
+    if not ok:
+        want = " or ".join("a list of integers" if t is list else "null" if t is type(None) else t.__name__ for t in tps)
+        raise ShardError(f"{fpath}: field '{name}' must be {want}, got {value!r}")
+    return value
+
+
+def check_label_fields(obj: dict[str, typing.Any], fpath: pathlib.Path | str) -> None:
+    """Refuse label fields (labels.json, or metadata.json of protocol "1.1.0") of the wrong type or value, one line
+    naming the file and field: `labels_dtype` "uint8" or "int16", `labels_ignore` an integer that dtype holds and not
+    a class id (within [0, len(class_names))), `class_names` a list of strings. Absent fields take their defaults."""
+    dtype = obj.get("labels_dtype", "uint8")
+    if type(dtype) is not str or dtype not in LABELS_DTYPES:
+        raise ShardError(f"{fpath}: field 'labels_dtype' must be 'uint8' or 'int16', got {dtype!r}")
+    names = obj.get("class_names", [])
+    if not (isinstance(names, list) and all(type(n) is str for n in names)):
+        raise ShardError(f"{fpath}: field 'class_names' must be a list of strings, got {names!r}")
+    ignore = obj.get("labels_ignore", 255)
+    check_ignore(ignore, dtype, len(names), f"{fpath}: field 'labels_ignore'")
+
+
+def check_ignore(ignore: object, dtype: str, n_classes: int, where: str) -> None:
+    """Refuse an ignore label that is not an integer, does not fit the labels dtype, or is a class id (unlabelled
+    patches would silently count as that class); `where` starts the one-line `ShardError` (file and field)."""
+    lo, hi = LABELS_DTYPES[dtype]
+    if type(ignore) is not int or not lo <= ignore <= hi:
+        raise ShardError(f"{where} must be an integer within [{lo}, {hi}] (labels.bin is {dtype}), got {ignore!r}")
+    if 0 <= ignore < n_classes:
+        raise ShardError(
+            f"{where} is {ignore}, a class id (classes are 0..{n_classes - 1}): unlabelled patches would count as "
+            f"that class; pick a value outside them ({hi if dtype == 'uint8' else -1} is usual)"
+        )
 
 
 def shard_name(shard: int) -> str:
@@ -320,6 +365,10 @@ def check_shard_list(
     for i, entry in enumerate(listed):
         if not isinstance(entry, dict) or set(entry) != {"name", count_key}:
             raise ShardError(f"{fpath} is not a valid shard list: entry {i} is {entry!r}, not {{name, {count_key}}}")
+        if type(entry["name"]) is not str or type(entry[count_key]) is not int:  # not true or 2.0, which equal 1 and 2
+            raise ShardError(
+                f"{fpath}: entry {i} field '{count_key}' must be an integer and 'name' a string, got {entry!r}"
+            )
     if len(listed) < md.n_shards:
         raise ShardError(
             f"{fpath} does not match the shard sizing of {md_fpath}: it lists {len(listed)} shards, {md.n_shards} needed"
@@ -344,8 +393,14 @@ class Shards:
         try:
             obj = json.loads(md_fpath.read_text())
             labels = json.loads(labels_json_fpath.read_text()) if labels_json_fpath.exists() else None
-            if labels is not None and not (isinstance(labels, dict) and isinstance(labels.get("class_names", []), list)):
-                raise ShardError(f"{labels_json_fpath} is not a JSON object of label fields (class_names a list)")
+            if labels is not None and not isinstance(labels, dict):
+                raise ShardError(f"{labels_json_fpath} is not a JSON object of label fields")
+            if not isinstance(obj, dict):
+                raise ShardError(f"{md_fpath} is not a JSON object of metadata fields")
+            for name, tp in V1_TYPES.items():
+                if name in obj:
+                    check_field(obj, name, tp, md_fpath)
+            check_label_fields(labels if labels is not None else obj, labels_json_fpath if labels is not None else md_fpath)
             self.metadata = Metadata.from_json(obj, labels)
         except FileNotFoundError:
             raise ShardError(f"{md_fpath} is missing; is {self.dpath} a finished dump?") from None
@@ -359,11 +414,6 @@ class Shards:
             )
         if md.dtype != "float32":
             raise ShardError(f"{md_fpath}: dtype {md.dtype!r} is not supported (protocol v1 stores float32)")
-        labels_where = labels_json_fpath if labels is not None else md_fpath
-        if md.labels_dtype not in ("uint8", "int16"):
-            raise ShardError(f"{labels_where}: labels_dtype {md.labels_dtype!r} is not 'uint8' or 'int16'")
-        if type(md.labels_ignore) is not int or not all(isinstance(n, str) for n in md.class_names):
-            raise ShardError(f"{labels_where}: labels_ignore must be an integer and class_names a list of strings")
         shards_fpath = self.dpath / "shards.json"
         try:
             listed = json.loads(shards_fpath.read_text())
