@@ -105,6 +105,8 @@ class Activation(typing.Protocol):
         ...
 
 
+
+
 @beartype.beartype
 @dataclasses.dataclass(frozen=True)
 class Relu:
@@ -115,6 +117,10 @@ class Relu:
 
     def __call__(self, pre_BS: Tensor) -> Tensor:
         return torch.relu(pre_BS)
+
+    def apply_(self, pre_BS: Tensor) -> Tensor:
+        """`self(pre_BS)` computed in place (same values, bit for bit); returns pre_BS."""
+        return pre_BS.relu_()
 
 
 @beartype.beartype
@@ -156,13 +162,18 @@ class TopK:
         """f = relu(pre) (pre itself with `keep_negative`) at each example's selected latents, 0 elsewhere, for the
         block of columns [offset, offset + K) of an SAE's pre-activations, given the example's selected latent
         indices over ALL latents (`top_latents`; indices outside the block select nothing in it)."""
+        return self.select_(pre_BK.clone(), top_Bk, offset)
+
+    def select_(self, pre_BK: Tensor, top_Bk: Tensor, offset: int = 0) -> Tensor:
+        """`select` computed in place in pre_BK (same values, bit for bit); returns pre_BK."""
         n_cols = pre_BK.shape[-1]
         pos_Bk = top_Bk.to(device=pre_BK.device, dtype=torch.int64) - offset
         pos_Bk = torch.where((pos_Bk >= 0) & (pos_Bk < n_cols), pos_Bk, n_cols)  # outside: a spare last column
         mask_BK = torch.zeros(pre_BK.shape[:-1] + (n_cols + 1,), dtype=torch.bool, device=pre_BK.device)
         mask_BK = mask_BK.scatter_(-1, pos_Bk, True)[..., :n_cols]
-        kept_BK = pre_BK if self.keep_negative else torch.relu(pre_BK)
-        return torch.where(mask_BK, kept_BK, 0.0)
+        if not self.keep_negative:
+            pre_BK.relu_()
+        return pre_BK.masked_fill_(~mask_BK, 0.0)
 
 
 @beartype.beartype
@@ -182,6 +193,10 @@ class JumpRelu:
 
     def __call__(self, pre_BS: Tensor) -> Tensor:
         return pre_BS * (pre_BS > self.threshold)
+
+    def apply_(self, pre_BS: Tensor) -> Tensor:
+        """`self(pre_BS)` computed in place (same values, bit for bit); returns pre_BS."""
+        return pre_BS.mul_(pre_BS > self.threshold)
 
 
 ACTIVATIONS: dict[str, type] = {cls.kind: cls for cls in (Relu, TopK, JumpRelu)}
@@ -316,6 +331,28 @@ class SparseAutoencoder(torch.nn.Module):
         if latents is None or self.activation.per_latent:
             return self.activation(self.pre_acts(x_BD, latents))
         return self.activation(self.pre_acts(x_BD))[:, latents]
+
+    @torch.no_grad()
+    def encode_into(
+        self, x_BD: Tensor, out_BK: Tensor, latents: slice, top_Bk: Tensor | None = None
+    ) -> None:
+        """`out_BK[:] = encode(x_BD, latents, top_Bk)`, the same values bit for bit, without temporaries the size of
+        out_BK: the encoder matmul writes into out_BK (a contiguous float32 [B, K] tensor), then the bias and the
+        activation rule are applied in place. What scoring does for every block of latents."""
+        if x_BD.shape[-1] != self.cfg.d_vit:
+            raise ValueError(f"SAE expects d_vit={self.cfg.d_vit} but activations have width {x_BD.shape[-1]}")
+        activation = self.activation
+        if top_Bk is None and not activation.per_latent:
+            out_BK.copy_(self.encode(x_BD, latents))
+            return
+        torch.matmul(x_BD - self.b_dec, self.W_enc[:, latents], out=out_BK)
+        out_BK.add_(self.b_enc[latents])
+        if top_Bk is not None:
+            if not isinstance(activation, TopK):
+                raise ValueError(f"top_Bk only applies to a TopK SAE, not to {activation!r}")
+            activation.select_(out_BK, top_Bk, range(self.cfg.d_sae)[latents].start)
+        else:
+            activation.apply_(out_BK)
 
     @jaxtyped(typechecker=beartype.beartype)
     def decode(self, f_BS: Float[Tensor, "B S"]) -> Float[Tensor, "B D"]:

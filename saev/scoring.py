@@ -68,7 +68,7 @@ def encode_block(
     for start in range(0, n, batch_size):
         x_BD = _rows(acts_ND, start, batch_size, device)
         top_Bk = None if top_Nk is None else top_Nk[start : start + len(x_BD)].to(device)
-        out[start : start + len(x_BD)] = sae.encode(x_BD, latents=slice(k_start, k_stop), top_Bk=top_Bk)
+        sae.encode_into(x_BD, out[start : start + len(x_BD)], slice(k_start, k_stop), top_Bk)
     return out
 
 
@@ -247,10 +247,11 @@ def write_partial(
 ) -> None:
     """Write one partial: the block's APs, each latent's lowest and highest score in `scores_NK` (the latents
     [k_start, k_stop) over the kept patches), its range, and the key of the train artifact whose SAE was scored."""
+    min_K, max_K = torch.aminmax(scores_NK, dim=0)  # one pass over the block's scores
     tensors = {
         "ap_CK": ap_CK,
-        "min_K": scores_NK.amin(dim=0).cpu().numpy(),
-        "max_K": scores_NK.amax(dim=0).cpu().numpy(),
+        "min_K": min_K.cpu().numpy(),
+        "max_K": max_K.cpu().numpy(),
         "k_range": np.array([k_start, k_stop], dtype=np.int64),
     }
     metadata = {"sae": train_key, "matmul_precision": matmul_precision}

@@ -353,3 +353,25 @@ def test_selected_latents_are_refused_for_a_per_latent_activation():
     sae = make_sae(d_vit=8, exp_factor=4)
     with pytest.raises(ValueError, match="top_Bk only applies to a TopK SAE"):
         sae.encode(torch.randn(2, 8), latents=slice(0, 4), top_Bk=torch.zeros(2, 1, dtype=torch.int64))
+
+
+@pytest.mark.parametrize(
+    "activation", [nn.Relu(), nn.JumpRelu(0.05), nn.TopK(3), nn.TopK(3, keep_negative=True)], ids=repr
+)
+def test_encode_into_writes_what_encode_returns_bit_for_bit(activation):
+    """Scoring's in-place block encode (matmul into the output, bias and rule in place) equals `encode`."""
+    sae = make_sae(d_vit=8, exp_factor=4)
+    sae.activation = activation
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+    x_BD = torch.randn(40, 8)
+    block = slice(8, 20)
+    top_Bk = activation.top_latents(sae.pre_acts(x_BD)) if isinstance(activation, nn.TopK) else None
+    out_BK = torch.full((40, 12), float("nan"))
+    sae.encode_into(x_BD, out_BK, block, top_Bk)
+    with torch.no_grad():
+        want_BK = sae.encode(x_BD, latents=block, top_Bk=top_Bk)
+    assert torch.equal(out_BK, want_BK) and not torch.equal(want_BK, torch.zeros_like(want_BK))
+    if isinstance(activation, nn.TopK):  # without the selection: the full encode, sliced
+        sae.encode_into(x_BD, out_BK, block)
+        assert torch.equal(out_BK, sae.encode(x_BD).detach()[:, block])
