@@ -89,7 +89,6 @@ def main() -> None:
     dump_cfg = dump_stage.Config(
         data=data,
         vit=vit_cfg,
-        max_patches_per_shard=10**9,
         batch_size=args.batch_size,
         n_workers=args.n_workers,
         device=args.device,

@@ -250,13 +250,16 @@ class ShardWriter:
     def _finish_shard(self) -> None:
         assert self._fd is not None and self._ctx is not None
         pad = (self.md.n_imgs_per_shard - self._in_shard) * self.md.bytes_per_img
-        zeros = bytes(min(pad, 16 << 20))
-        while pad:  # the last shard: zeros up to the full size saev's readers map (hashed like the rest)
-            chunk = memoryview(zeros)[: min(pad, len(zeros))]
-            self._fd.write(chunk)
-            if self._hasher is not None:
+        if pad:
+            # The last shard: zeros up to the full size saev's readers map, as a hole (no disk space and nothing
+            # written: a small dump's last shard would otherwise cost up to a whole shard budget of zeros), hashed
+            # like the rest from memory.
+            self._fd.truncate(self._fd.tell() + pad)
+            zeros = memoryview(bytes(min(pad, 16 << 20)))
+            while pad and self._hasher is not None:
+                chunk = zeros[: min(pad, len(zeros))]
                 self._hasher.update(chunk)
-            pad -= len(chunk)
+                pad -= len(chunk)
         self._fd.close()
         # Hashed while writing: no second read of the shard.
         artifacts.set_digest(self._tmp_fpath, self._hasher.hexdigest() if self._hasher is not None else "")
