@@ -235,6 +235,20 @@ def read_kept(fpath: pathlib.Path, n_rows: int, d_vit: int) -> Float[np.ndarray,
     return acts_ND
 
 
+def column_min_max(scores_NK: Tensor, rows: int = 8192) -> tuple[Tensor, Tensor]:
+    """Each column's lowest and highest value (NaN if it holds one), as `amin(dim=0)`, `amax(dim=0)` give them, but
+    reduced over chunks of `rows` rows: torch's reduction over the leading axis of a tall [N, K] tensor runs about 15x
+    slower on the CPU (2.6 s against 0.16 s for [100,000, 4,096] here), longer than the block's AP."""
+    if len(scores_NK) == 0:
+        return scores_NK.amin(dim=0), scores_NK.amax(dim=0)  # raises, as torch does for an empty reduction
+    min_K, max_K = scores_NK[:rows].amin(dim=0), scores_NK[:rows].amax(dim=0)
+    for start in range(rows, len(scores_NK), rows):
+        chunk = scores_NK[start : start + rows]
+        torch.minimum(min_K, chunk.amin(dim=0), out=min_K)
+        torch.maximum(max_K, chunk.amax(dim=0), out=max_K)
+    return min_K, max_K
+
+
 def write_partial(
     fpath: pathlib.Path,
     *,
@@ -247,7 +261,7 @@ def write_partial(
 ) -> None:
     """Write one partial: the block's APs, each latent's lowest and highest score in `scores_NK` (the latents
     [k_start, k_stop) over the kept patches), its range, and the key of the train artifact whose SAE was scored."""
-    min_K, max_K = torch.aminmax(scores_NK, dim=0)  # one pass over the block's scores
+    min_K, max_K = column_min_max(scores_NK)
     tensors = {
         "ap_CK": ap_CK,
         "min_K": min_K.cpu().numpy(),

@@ -253,3 +253,12 @@ def test_kept_activations_of_another_shape_are_refused_naming_the_file(tmp_path)
     artifacts.atomic_save_npy(fpath, np.ones((5, 3), np.float64))
     with pytest.raises(scoring.KeptError, match="holds float64"):
         scoring.read_kept(fpath, 5, 3)
+
+
+@pytest.mark.parametrize("n_rows", [1, 5, 8, 9, 20])
+def test_column_min_max_equals_amin_amax(n_rows):
+    scores_NK = torch.randn(n_rows, 6)
+    scores_NK[n_rows // 2, 3] = float("nan")
+    min_K, max_K = scoring.column_min_max(scores_NK, rows=4)
+    torch.testing.assert_close(min_K, scores_NK.amin(dim=0), equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(max_K, scores_NK.amax(dim=0), equal_nan=True, rtol=0, atol=0)
