@@ -19,7 +19,6 @@ import pytest
 import torch
 
 import launch
-from saev import artifacts
 from saev.data import saevfmt
 from saev.data.shards import Metadata, ShardError, Shards, ShardWriter
 from stages import pipeline as pl
@@ -487,7 +486,7 @@ def test_pipeline_refusals_before_anything_runs(exported, tmp_path, capsys):
     assert "error: dump.adopt.ignore is 1, a class id (classes are 0..1)" in capsys.readouterr().err
     cfg = adopt_config(tmp_path, tmp_path / "missing", layer=0)
     assert launch.main(launch.Args(config=cfg, dry_run=True)) == 2
-    assert f"is not a directory of saev shards" in capsys.readouterr().err
+    assert "is not a directory of saev shards" in capsys.readouterr().err
     cfg = write_tiny_config(tmp_path)
     cfg.write_text(cfg.read_text().replace("[dump]", f'[dump.adopt]\nshards = "{hashdir}"\n\n[dump]'))
     assert launch.main(launch.Args(config=cfg, dry_run=True)) == 2
