@@ -553,6 +553,29 @@ def test_a_moved_source_directory_is_adopted_again_under_the_same_key(exported, 
     assert os.readlink(dump.dpath / "acts000000.bin") == str((tmp_path / "moved" / "acts000000.bin").resolve())
 
 
+@pytest.mark.parametrize("inside", ["artifact", "store"])
+def test_adopting_a_directory_inside_the_store_is_refused_before_anything_runs(exported, tmp_path, capsys, inside):
+    """`dump.adopt.shards` naming the adopted artifact itself (or anything under the store root) would replace each
+    link by a link to itself; refused with one line naming the directory, exit 2, every link left as it was."""
+    out, hashdir = exported
+    shutil.copy(hashdir / "classes.txt", tmp_path / "classes.txt")
+    layer = json.loads((hashdir / "metadata.json").read_text())["layers"][-1]
+    cfg = adopt_config(tmp_path, hashdir, layer=layer)
+    assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
+    dump = pl.make_plan(pl.load(cfg))["dump"].artifacts[0]
+    links = {p.name: os.readlink(p) for p in dump.dpath.iterdir() if p.is_symlink()}
+    target = dump.dpath if inside == "artifact" else tmp_path / "runs" / "dump" / ".." / "dump"
+    cfg = adopt_config(tmp_path, target, layer=layer)
+    capsys.readouterr()
+    for args in (launch.Args(config=cfg, dry_run=True), launch.Args(config=cfg)):
+        assert launch.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: dump.adopt.shards: {target} is inside the artifact store {(tmp_path / 'runs').resolve()}")
+        assert err.count("\n") == 1, err
+    assert {p.name: os.readlink(p) for p in dump.dpath.iterdir() if p.is_symlink()} == links
+    assert launch.main(launch.Args(config=adopt_config(tmp_path, hashdir, layer=layer), stage="dump", only=True)) == 0
+
+
 def test_pipeline_refusals_before_anything_runs(exported, tmp_path, capsys):
     out, hashdir = exported
     layers = json.loads((hashdir / "metadata.json").read_text())["layers"]
