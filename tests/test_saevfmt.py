@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import shutil
+import subprocess
 import typing
 
 import beartype
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 import launch
+from saev import artifacts
 from saev.data import saevfmt
 from saev.data.shards import Metadata, ShardError, Shards, ShardWriter
 from stages import pipeline as pl
@@ -383,6 +385,33 @@ def test_a_repeat_export_reuses_an_identical_directory_and_refuses_other_content
     shutil.rmtree(out)  # what the error says to do
     assert saevfmt.export(Shards(tmp_path / "c"), tmp_path / "out", dataset="", pixel_agg="majority") == out
     assert (out / "labels.bin").read_bytes() == other_labels.tobytes()
+
+
+def test_an_export_to_a_full_disk_is_one_error_naming_the_file_and_a_rerun_with_space_recovers(tmp_path):
+    """Every shard's blocks are reserved before it is copied: a full disk is a WriteError naming the file (not a
+    SIGBUS in a later reader that maps the shard at full size), the temporary directory is removed, and once there is
+    room the export is written whole."""
+    from tests.test_errors import small_tmpfs
+
+    md = Metadata(vit_family="clip", vit_ckpt="m", layers=(1, 3), n_patches_per_img=4, cls_token=True, d_vit=512,
+                  n_imgs=7, max_patches_per_shard=25, data={"__class__": "Synthetic"}, class_names=CLASSES)  # fmt: skip
+    acts = np.random.default_rng(0).normal(size=(7, 2, 5, 512)).astype(np.float32)  # 4 shards of 40 KiB
+    writer = ShardWriter(tmp_path / "dump", md)
+    writer.write(acts)
+    writer.write_labels(make_labels())
+    writer.close()
+    shards = Shards(tmp_path / "dump")
+    with small_tmpfs(tmp_path / "disk", "64k") as disk:
+        with pytest.raises(artifacts.WriteError) as info:
+            saevfmt.export(shards, disk, dataset="", pixel_agg="majority")
+        assert re.fullmatch(rf"could not write {re.escape(str(disk / 'saev' / 'shards'))}/[0-9a-f]{{8}}/acts00000\d\.bin "
+                            r"\(disk full\?\): No space left on device", str(info.value)), str(info.value)  # fmt: skip
+        assert list((disk / "saev" / "shards").iterdir()) == []
+        subprocess.run(["mount", "-o", "remount,size=1m", str(disk)], check=True)
+        out = saevfmt.export(shards, disk, dataset="", pixel_agg="majority")
+        _, _, got, labels = open_as_saev2(disk)
+        assert got.tobytes() == acts.tobytes() and labels.tobytes() == make_labels().tobytes()
+        assert {os.stat(out / f"acts{s:06d}.bin").st_blocks * 512 for s in range(4)} == {md.shard_bytes}  # no hole
 
 
 def test_a_2x_dump_with_null_pixel_agg_is_adopted_and_exported_verbatim(tmp_path):
