@@ -54,7 +54,7 @@ class Args:
     root: pathlib.Path | None = None
     """Override the artifact root from the config (e.g. a scratch directory)."""
     export: pathlib.Path | None = None
-    """Write the config's dump (it must be done) in the saev library's 2.x layout as EXPORT/<hash>/ (and its class names as EXPORT/classes.txt), for saev's own tools, and exit; adopt it back with [dump.adopt]."""
+    """Write the config's dump (it must be done) in the saev library's 2.x layout as EXPORT/saev/shards/<hash>/ (with its class names as classes.txt there) and its SAEs as EXPORT/saev/saes/<train key>/sae.pt, for saev's own tools, and exit; files already there are reused if identical, never overwritten; adopt it back with [dump.adopt]."""
     verify: bool = False
     """Hash every file of every artifact this config uses and compare with the checksums in its manifest; report each bad file and what was made from it, unseal the damaged artifacts (a rerun recomputes them) and exit 1 if any."""
 

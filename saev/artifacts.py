@@ -158,13 +158,19 @@ def atomic_path(fpath: pathlib.Path | str) -> Iterator[pathlib.Path]:
             tmp_fpath.unlink(missing_ok=True)
         if isinstance(err, WriteError):
             raise
-        hint = " (disk full?)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        raise WriteError(err.errno, f"could not write {fpath}{hint}: {err.strerror or err}") from err
+        raise write_error(err, fpath) from err
     except BaseException:
         _DIGESTS.pop(str(tmp_fpath), None)
         tmp_fpath.unlink(missing_ok=True)
         raise
     _fsync_dir(fpath.parent)
+
+
+def write_error(err: OSError, fpath: pathlib.Path) -> WriteError:
+    """`err`, raised while writing `fpath`, as the `WriteError` that names it ("could not write FPATH (disk full?):
+    ..." for ENOSPC and EDQUOT)."""
+    hint = " (disk full?)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return WriteError(err.errno, f"could not write {fpath}{hint}: {err.strerror or err}")
 
 
 _DIGESTS: dict[str, str] = {}

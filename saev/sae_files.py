@@ -343,16 +343,22 @@ def _one_line(err: BaseException) -> str:
 
 @beartype.beartype
 def write_saev_pt(sae: nn.SparseAutoencoder, fpath: pathlib.Path | str, *, top_k: int | None = None) -> None:
-    """Write `sae` as a saev 2.x `sae.pt` (header schema 5), atomically; see the module docstring for the rules.
-
-    Arguments:
-        sae: the SAE (any device).
-        fpath: the file to write.
-        top_k: saev's `top_k` for a JumpReLU SAE (exported as BatchTopK, whose k matters only for training); None:
-            saev's default, 32. A TopK SAE's own k is used.
+    """Write `sae` as a saev 2.x `sae.pt` (`saev_pt_bytes`), atomically.
 
     Raises:
         artifacts.WriteError: the file could not be written.
+    """
+    artifacts.atomic_write_bytes(pathlib.Path(fpath), saev_pt_bytes(sae, top_k=top_k))
+
+
+@beartype.beartype
+def saev_pt_bytes(sae: nn.SparseAutoencoder, *, top_k: int | None = None) -> bytes:
+    """The bytes of `sae` as a saev 2.x `sae.pt` (header schema 5); see the module docstring for the rules.
+
+    Arguments:
+        sae: the SAE (any device).
+        top_k: saev's `top_k` for a JumpReLU SAE (exported as BatchTopK, whose k matters only for training); None:
+            saev's default, 32. A TopK SAE's own k is used.
     """
     state = {name: t.detach().to("cpu", torch.float64) for name, t in sae.state_dict().items()}
     tensors = {
@@ -397,13 +403,19 @@ def write_saev_pt(sae: nn.SparseAutoencoder, fpath: pathlib.Path | str, *, top_k
     buffer = io.BytesIO()
     buffer.write((json.dumps(header) + "\n").encode("utf-8"))
     torch.save(tensors, buffer)
-    artifacts.atomic_write_bytes(pathlib.Path(fpath), buffer.getvalue())
+    return buffer.getvalue()
 
 
 @beartype.beartype
 def export_train_artifact(train_dpath: pathlib.Path | str, fpath: pathlib.Path | str) -> None:
-    """Write the SAE of a train artifact (`<root>/train/<key>/`) as a saev 2.x `sae.pt` (`write_saev_pt`), with the
-    BatchTopK `top_k` of its training config or of the file it was imported from, when its manifest records one."""
+    """Write the SAE of a train artifact as a saev 2.x `sae.pt` (`train_artifact_saev_pt`), atomically."""
+    artifacts.atomic_write_bytes(pathlib.Path(fpath), train_artifact_saev_pt(train_dpath))
+
+
+def train_artifact_saev_pt(train_dpath: pathlib.Path | str) -> bytes:
+    """The SAE of a train artifact (`<root>/train/<key>/`) as the bytes of a saev 2.x `sae.pt` (`saev_pt_bytes`),
+    with the BatchTopK `top_k` of its training config or of the file it was imported from, when its manifest records
+    one."""
     train_dpath = pathlib.Path(train_dpath)
     sae = nn.load(train_dpath)
     top_k = None
@@ -413,7 +425,7 @@ def export_train_artifact(train_dpath: pathlib.Path | str, fpath: pathlib.Path |
         top_k = found if isinstance(found, int) and not isinstance(found, bool) and found > 0 else None
     except (OSError, ValueError, AttributeError):
         pass
-    write_saev_pt(sae, fpath, top_k=top_k)
+    return saev_pt_bytes(sae, top_k=top_k)
 
 
 def _version() -> str:

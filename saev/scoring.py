@@ -203,15 +203,27 @@ class KeptError(artifacts.IncompleteArtifactError):
 
 @beartype.beartype
 def write_kept(fpath: pathlib.Path, gather: Callable[[int, int], np.ndarray], n_rows: int, d_vit: int) -> None:
-    """Write the kept activations atomically (checksummed) as float32 [n_rows, d_vit] .npy, `_GATHER_ROWS` rows at a
-    time: `gather(start, stop)` returns rows [start, stop) (e.g. `Shards.patches_flat` of those kept patches)."""
-    with artifacts.atomic_path(fpath) as tmp_fpath:
-        out_ND = np.lib.format.open_memmap(tmp_fpath, mode="w+", dtype=np.float32, shape=(n_rows, d_vit))
+    """Write the kept activations atomically (checksummed while written) as float32 [n_rows, d_vit] .npy,
+    `_GATHER_ROWS` rows at a time: `gather(start, stop)` returns rows [start, stop) (e.g. `Shards.patches_flat` of
+    those kept patches).
+
+    Plain writes, not a memory map: on a full tmpfs or quota, storing into a mapped page kills the process with SIGBUS
+    instead of raising, so a full disk here is a `WriteError` naming `fpath` and no temporary file is left behind.
+
+    Raises:
+        artifacts.WriteError: the file could not be written (disk full, permissions).
+        ValueError: `gather` returned rows of another shape.
+    """
+    with artifacts.atomic_file(fpath) as fd:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                  "shape": (n_rows, d_vit)}  # fmt: skip
+        np.lib.format.write_array_header_1_0(fd, header)  # the header np.save and open_memmap write for this shape
         for start in range(0, n_rows, _GATHER_ROWS):
             stop = min(n_rows, start + _GATHER_ROWS)
-            out_ND[start:stop] = gather(start, stop)
-        out_ND.flush()
-        del out_ND
+            rows_ND = np.ascontiguousarray(gather(start, stop), dtype=np.float32)
+            if rows_ND.shape != (stop - start, d_vit):
+                raise ValueError(f"gather({start}, {stop}) returned {list(rows_ND.shape)}, expected [{stop - start}, {d_vit}]")
+            fd.write(rows_ND.data)
 
 
 @jaxtyped(typechecker=beartype.beartype)

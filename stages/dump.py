@@ -23,7 +23,7 @@ import pathlib
 
 import numpy as np
 
-from saev import artifacts, checksums, helpers
+from saev import artifacts, checksums, configs, helpers
 from saev import vit as vits
 from saev.data import datasets, labels, saevfmt, shards
 
@@ -138,7 +138,25 @@ def read_adopted(pipeline) -> saevfmt.Source:
     class_names = cfg.class_names
     if cfg.classes is not None:
         class_names = datasets.read_class_names(pipeline.config_dpath / cfg.classes)
+    check_adopt_outside_store(pipeline.config_dpath / cfg.shards, pipeline.root)
     return saevfmt.read_source(pipeline.config_dpath / cfg.shards, class_names=tuple(class_names), ignore=cfg.ignore)
+
+
+def check_adopt_outside_store(shards_dpath: pathlib.Path, root: pathlib.Path) -> None:
+    """Refuse a `[dump.adopt] shards` directory inside the artifact store (the adopted artifact itself, or any
+    `<root>/<stage>/<key>/`): adopting replaces each file of `<root>/dump/<key>/` by a link to the source's file, so a
+    source there turns the links into links to themselves ("Too many levels of symbolic links" on the next run).
+
+    Raises:
+        ConfigError: one line naming the directory and the store root.
+    """
+    src, store = shards_dpath.expanduser().resolve(), root.expanduser().resolve()
+    if src.is_relative_to(store):
+        raise configs.ConfigError(
+            f"dump.adopt.shards: {shards_dpath} is inside the artifact store {store}; adopting it would link the "
+            "store's files to themselves: adopt the original directory, or one exported with launch.py --export OUT "
+            "(OUT/saev/shards/<dir>)"
+        )
 
 
 def plan_adopted(pipeline) -> StagePlan[DumpInfo]:

@@ -10,6 +10,7 @@ import pathlib
 import shutil
 import stat
 import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -260,6 +261,26 @@ def test_checkpoint_save_on_full_disk_is_write_error_and_keeps_the_previous(tmp_
         _assert_disk_full(info.value, fpath)
         assert checkpoint.load(fpath, kind="test", version=1)[1] == {"step": 1}
         assert [p.name for p in dpath.iterdir() if not p.name.startswith(".")] == ["ckpt.safetensors"]
+
+
+def test_kept_activations_on_a_full_disk_are_a_write_error_not_sigbus(tmp_path):
+    """The kept activations were written through a memory map: on a full tmpfs a store into a mapped page kills the
+    process with SIGBUS. Run in a child process so that a SIGBUS fails the test instead of ending the session."""
+    with small_tmpfs(tmp_path / "disk") as dpath:
+        code = textwrap.dedent(f"""
+            import pathlib, numpy as np
+            from saev import artifacts, scoring
+            try:
+                scoring.write_kept(pathlib.Path({str(dpath / "kept" / "acts.npy")!r}),
+                                   lambda a, b: np.ones((b - a, 64), np.float32), 4096, 64)  # 1 MiB > 200 KiB
+            except artifacts.WriteError as err:
+                print(err)
+        """)
+        repo = pathlib.Path(__file__).resolve().parent.parent
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
+        assert done.returncode == 0, (done.returncode, done.stderr)
+        assert done.stdout.startswith(f"could not write {dpath / 'kept' / 'acts.npy'} (disk full?)"), done.stdout
+        assert list((dpath / "kept").iterdir()) == []  # no temp file left behind
 
 
 def test_sae_save_disk_full_without_tmpfs(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from saev import artifacts
+from saev import artifacts, checksums
 from tests.conftest import write_tiny_config
 
 pytestmark = pytest.mark.slow
@@ -155,3 +155,35 @@ def test_full_disk_is_a_clear_error_and_leaves_no_manifest(tmp_path):
         assert "error: could not write" in out and "(disk full?)" in out, out
         assert not list((disk / "runs").glob("*/*/manifest.json"))
         assert not list((disk / "runs").glob("dump/*/.*.tmp-*"))  # the failed write cleaned up after itself
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_while_gathering_the_kept_rows_is_an_error_and_a_rerun_recovers(tmp_path, reference):
+    """The kept activations were written through a memory map: with a little space left (264 KiB, less than the file)
+    the score task died by SIGBUS (exit 135) and left its temp file. Now: one `error:` line naming the file, exit 1,
+    no temp file, the same again on a rerun, and once space is freed a rerun gives the clean run's best.json."""
+    with small_disk(tmp_path / "disk", "16m") as disk:
+        root = disk / "runs"
+        cfg = write_tiny_config(tmp_path, root)
+        for stage in ("dump", "train", "mask"):  # everything before the kept rows, with room to spare
+            proc = launch(cfg, "--stage", stage, "--only")
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, out
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        with open(disk / "filler", "wb") as fd:  # leave 264 KiB; the kept rows need about 512 KiB
+            for _ in range((free - (264 << 10)) >> 12):
+                fd.write(bytes(4096))
+        for _ in range(2):
+            proc = launch(cfg)
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 1, out
+            errors = [line for line in out.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and "could not write" in errors[0] and "(disk full?)" in errors[0], out
+            assert f"{root / 'kept'}/" in errors[0] and "acts.npy" in errors[0], errors
+            assert not list(root.rglob(f"*{checksums.TMP_MARK}*")), list(root.rglob(f"*{checksums.TMP_MARK}*"))
+        (disk / "filler").unlink()
+        proc = launch(cfg)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        assert_done_means_complete(root)
+        assert best_of(root) == reference

@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import shutil
+import subprocess
 import typing
 
 import beartype
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 import launch
+from saev import artifacts
 from saev.data import saevfmt
 from saev.data.shards import Metadata, ShardError, Shards, ShardWriter
 from stages import pipeline as pl
@@ -105,10 +107,42 @@ class Saev21Metadata:
 
 
 def load_as_saev21(hashdir: pathlib.Path) -> Saev21Metadata:
-    """An exported directory as the 2.x reader takes it: metadata.json into its `Metadata`, named by its hash."""
+    """An exported directory as the 2.x reader takes it: metadata.json into its `Metadata`, at `saev/shards/<dir>`
+    and named by its hash (`saev_hash`)."""
     obj = json.loads((hashdir / "metadata.json").read_text())
-    assert hashdir.name == hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+    assert hashdir.parts[-3:-1] == ("saev", "shards") and hashdir.name == saev_hash(obj)
     return Saev21Metadata(**obj)
+
+
+def saev_hash(metadata: dict) -> str:
+    """saev's name for a shard directory, from the documented rule: the first 8 hex characters of sha256 over the
+    metadata as compact JSON with sorted keys (orjson OPT_SORT_KEYS: no spaces, UTF-8 not escaped)."""
+    text = json.dumps(metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+
+
+def open_as_saev2(out: pathlib.Path) -> tuple[pathlib.Path, dict, np.ndarray, np.ndarray]:
+    """A stand-in for saev 2.x's readers, written from the documented path and hash rule only (not our reader):
+    under `out/saev/shards/`, the directory whose name is the hash of its metadata.json; its path must end in
+    `saev/shards/<dir>` (saev's readers assert it); every listed shard memory-mapped at the full shard size (as saev
+    maps them: a shorter file fails here) and its first `n_examples` rows kept; labels.bin as uint8 [examples,
+    content tokens]. Returns the directory, its metadata, activations [examples, layers, tokens, d_model], labels."""
+    found = []
+    for dpath in sorted((out / "saev" / "shards").iterdir()):
+        meta = json.loads((dpath / "metadata.json").read_text())
+        if dpath.name == saev_hash(meta):
+            found.append((dpath, meta))
+    ((dpath, meta),) = found
+    assert dpath.parts[-3:-1] == ("saev", "shards"), dpath
+    Saev21Metadata(**meta)  # its fields and types, nothing else
+    tokens = meta["content_tokens_per_example"] + int(meta["cls_token"])
+    shape = (meta["max_tokens_per_shard"] // (tokens * len(meta["layers"])), len(meta["layers"]), tokens, meta["d_model"])
+    rows = [np.memmap(dpath / entry["name"], dtype=np.float32, mode="r", shape=shape)[: entry["n_examples"]]
+            for entry in json.loads((dpath / "shards.json").read_text())]  # fmt: skip
+    acts = np.concatenate(rows)
+    assert len(acts) == meta["n_examples"]
+    labels = np.fromfile(dpath / "labels.bin", dtype=np.uint8).reshape(meta["n_examples"], meta["content_tokens_per_example"])
+    return dpath, meta, acts, labels
 
 
 def test_the_stand_in_2x_reader_refuses_what_the_released_one_refuses():
@@ -353,6 +387,33 @@ def test_a_repeat_export_reuses_an_identical_directory_and_refuses_other_content
     assert (out / "labels.bin").read_bytes() == other_labels.tobytes()
 
 
+def test_an_export_to_a_full_disk_is_one_error_naming_the_file_and_a_rerun_with_space_recovers(tmp_path):
+    """Every shard's blocks are reserved before it is copied: a full disk is a WriteError naming the file (not a
+    SIGBUS in a later reader that maps the shard at full size), the temporary directory is removed, and once there is
+    room the export is written whole."""
+    from tests.test_errors import small_tmpfs
+
+    md = Metadata(vit_family="clip", vit_ckpt="m", layers=(1, 3), n_patches_per_img=4, cls_token=True, d_vit=512,
+                  n_imgs=7, max_patches_per_shard=25, data={"__class__": "Synthetic"}, class_names=CLASSES)  # fmt: skip
+    acts = np.random.default_rng(0).normal(size=(7, 2, 5, 512)).astype(np.float32)  # 4 shards of 40 KiB
+    writer = ShardWriter(tmp_path / "dump", md)
+    writer.write(acts)
+    writer.write_labels(make_labels())
+    writer.close()
+    shards = Shards(tmp_path / "dump")
+    with small_tmpfs(tmp_path / "disk", "64k") as disk:
+        with pytest.raises(artifacts.WriteError) as info:
+            saevfmt.export(shards, disk, dataset="", pixel_agg="majority")
+        assert re.fullmatch(rf"could not write {re.escape(str(disk / 'saev' / 'shards'))}/[0-9a-f]{{8}}/acts00000\d\.bin "
+                            r"\(disk full\?\): No space left on device", str(info.value)), str(info.value)  # fmt: skip
+        assert list((disk / "saev" / "shards").iterdir()) == []
+        subprocess.run(["mount", "-o", "remount,size=1m", str(disk)], check=True)
+        out = saevfmt.export(shards, disk, dataset="", pixel_agg="majority")
+        _, _, got, labels = open_as_saev2(disk)
+        assert got.tobytes() == acts.tobytes() and labels.tobytes() == make_labels().tobytes()
+        assert {os.stat(out / f"acts{s:06d}.bin").st_blocks * 512 for s in range(4)} == {md.shard_bytes}  # no hole
+
+
 def test_a_2x_dump_with_null_pixel_agg_is_adopted_and_exported_verbatim(tmp_path):
     src = src_2x(tmp_path, pixel_agg=None)
     back = adopted(tmp_path, src)
@@ -410,7 +471,7 @@ def exported(done_config, tmp_path_factory):
     """The tiny run's dump exported in the 2.x layout, with the adopting config's class names."""
     out = tmp_path_factory.mktemp("export")
     assert launch.main(launch.Args(config=done_config, export=out)) == 0
-    (hashdir,) = [p for p in out.iterdir() if p.is_dir() and p.name != "saes"]
+    (hashdir,) = (out / "saev" / "shards").iterdir()
     return out, hashdir
 
 
@@ -420,7 +481,7 @@ def test_export_then_adopt_gives_identical_activations_labels_and_best_json(done
     md = Shards(native.dpath).metadata
     assert md.n_imgs % md.n_imgs_per_shard  # the last shard has fewer images: the dump's chunk padded it
     assert {(native.dpath / f"acts{s:06d}.bin").stat().st_size for s in range(md.n_shards)} == {md.shard_bytes}
-    shutil.copy(out / "classes.txt", tmp_path / "classes.txt")
+    shutil.copy(hashdir / "classes.txt", tmp_path / "classes.txt")
     cfg = adopt_config(tmp_path, hashdir, layer=md.layers[-1])
     assert launch.main(launch.Args(config=cfg)) == 0
     pipeline = pl.load(cfg)
@@ -431,13 +492,63 @@ def test_export_then_adopt_gives_identical_activations_labels_and_best_json(done
     assert np.asarray(a.labels).tobytes() == np.asarray(b.labels).tobytes()
     assert b.metadata.class_names == md.class_names
     assert best_by_order(pipeline) == best_by_order(pl.load(done_config))
+    # ... and exported again: the same directory name and the same bytes, file for file.
+    assert launch.main(launch.Args(config=cfg, export=tmp_path / "again")) == 0
+    (again,) = (tmp_path / "again" / "saev" / "shards").iterdir()
+    assert again.name == hashdir.name
+    assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in hashdir.iterdir())
+    for fpath in hashdir.iterdir():
+        assert (again / fpath.name).read_bytes() == fpath.read_bytes(), fpath.name
+
+
+def test_launch_export_is_opened_by_a_reader_written_from_saevs_path_and_hash_rule(done_config, exported):
+    """`launch.py --export OUT` as saev's 2.x readers find it: OUT/saev/shards/<8 hex of the metadata's hash>/, with
+    the native dump's activations (CLS first) and labels, and its class names in classes.txt."""
+    out, hashdir = exported
+    dpath, meta, acts, labels = open_as_saev2(out)
+    assert dpath == hashdir and re.fullmatch(r"[0-9a-f]{8}", dpath.name)
+    native = Shards(pl.make_plan(pl.load(done_config))["dump"].artifacts[0].dpath)
+    md = native.metadata
+    assert (meta["layers"], meta["cls_token"], meta["n_examples"]) == (list(md.layers), md.cls_token, md.n_imgs)
+    for li, layer in enumerate(md.layers):
+        assert acts[:, li, int(md.cls_token) :].tobytes() == native.patches(layer, 0, md.n_imgs).tobytes()
+    assert labels.tobytes() == np.asarray(native.labels, dtype=np.uint8).tobytes()
+    assert (dpath / "classes.txt").read_text().splitlines() == list(md.class_names)
+
+
+def test_a_repeat_export_reuses_identical_files_and_overwrites_none_that_differ(done_config, exported, tmp_path, capsys):
+    """Every file an earlier export left (the shard directory's classes.txt, an SAE's sae.pt) is reused when it holds
+    what this export writes, and otherwise refused with one `error:` line naming it, before anything is written."""
+    out, hashdir = exported
+    mine = tmp_path / "out"
+    shutil.copytree(out, mine)
+    files = sorted(p for p in mine.rglob("*") if p.is_file())
+    before = {p: p.stat().st_mtime_ns for p in files}
+    assert launch.main(launch.Args(config=done_config, export=mine)) == 0
+    assert "(already there)" in capsys.readouterr().out
+    assert sorted(p for p in mine.rglob("*") if p.is_file()) == files
+    assert {p: p.stat().st_mtime_ns for p in files} == before
+    classes = mine / "saev" / "shards" / hashdir.name / "classes.txt"
+    saes = sorted((mine / "saev" / "saes").glob("*/sae.pt"))
+    shutil.rmtree(saes[1].parent)  # a missing SAE: written by a successful export, never by a refused one
+    for fpath, change in ((classes, lambda f: f.write_text("other\nnames\n")), (saes[0], flip_byte)):
+        original = fpath.read_bytes()
+        change(fpath)
+        changed = fpath.read_bytes()
+        assert launch.main(launch.Args(config=done_config, export=mine)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {fpath} ") and "remove" in err and err.count("\n") == 1, err
+        assert fpath.read_bytes() == changed and not saes[1].exists()
+        fpath.write_bytes(original)
+    assert launch.main(launch.Args(config=done_config, export=mine)) == 0
+    assert saes[1].read_bytes() == (out / saes[1].relative_to(mine)).read_bytes()
 
 
 def test_a_same_size_change_of_an_adopted_file_is_caught_and_never_adopted_silently(exported, tmp_path, capsys):
     out, hashdir = exported
     src = tmp_path / "src"
     shutil.copytree(hashdir, src)
-    shutil.copy(out / "classes.txt", tmp_path / "classes.txt")
+    shutil.copy(hashdir / "classes.txt", tmp_path / "classes.txt")
     layer = json.loads((src / "metadata.json").read_text())["layers"][-1]
     cfg = adopt_config(tmp_path, src, layer=layer)
     assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
@@ -457,7 +568,7 @@ def test_a_same_size_change_of_an_adopted_file_is_caught_and_never_adopted_silen
 def test_a_moved_source_directory_is_adopted_again_under_the_same_key(exported, tmp_path, capsys):
     out, hashdir = exported
     shutil.copytree(hashdir, tmp_path / "src")
-    shutil.copy(out / "classes.txt", tmp_path / "classes.txt")
+    shutil.copy(hashdir / "classes.txt", tmp_path / "classes.txt")
     layer = json.loads((hashdir / "metadata.json").read_text())["layers"][-1]
     cfg = adopt_config(tmp_path, tmp_path / "src", layer=layer)
     assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
@@ -469,6 +580,29 @@ def test_a_moved_source_directory_is_adopted_again_under_the_same_key(exported, 
     dump = pl.make_plan(pl.load(cfg))["dump"].artifacts[0]
     assert dump.key == key and dump.is_done()
     assert os.readlink(dump.dpath / "acts000000.bin") == str((tmp_path / "moved" / "acts000000.bin").resolve())
+
+
+@pytest.mark.parametrize("inside", ["artifact", "store"])
+def test_adopting_a_directory_inside_the_store_is_refused_before_anything_runs(exported, tmp_path, capsys, inside):
+    """`dump.adopt.shards` naming the adopted artifact itself (or anything under the store root) would replace each
+    link by a link to itself; refused with one line naming the directory, exit 2, every link left as it was."""
+    out, hashdir = exported
+    shutil.copy(hashdir / "classes.txt", tmp_path / "classes.txt")
+    layer = json.loads((hashdir / "metadata.json").read_text())["layers"][-1]
+    cfg = adopt_config(tmp_path, hashdir, layer=layer)
+    assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
+    dump = pl.make_plan(pl.load(cfg))["dump"].artifacts[0]
+    links = {p.name: os.readlink(p) for p in dump.dpath.iterdir() if p.is_symlink()}
+    target = dump.dpath if inside == "artifact" else tmp_path / "runs" / "dump" / ".." / "dump"
+    cfg = adopt_config(tmp_path, target, layer=layer)
+    capsys.readouterr()
+    for args in (launch.Args(config=cfg, dry_run=True), launch.Args(config=cfg)):
+        assert launch.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: dump.adopt.shards: {target} is inside the artifact store {(tmp_path / 'runs').resolve()}")
+        assert err.count("\n") == 1, err
+    assert {p.name: os.readlink(p) for p in dump.dpath.iterdir() if p.is_symlink()} == links
+    assert launch.main(launch.Args(config=adopt_config(tmp_path, hashdir, layer=layer), stage="dump", only=True)) == 0
 
 
 def test_pipeline_refusals_before_anything_runs(exported, tmp_path, capsys):
@@ -609,7 +743,7 @@ def test_an_identical_copy_elsewhere_is_relinked_and_a_different_one_refused(exp
     with the same metadata.json and shards.json relinks the done artifact when its files match the recorded
     checksums, and refuses, naming the file, when they do not; the artifact never keeps reading the old one."""
     out, hashdir = exported
-    shutil.copy(out / "classes.txt", tmp_path / "classes.txt")
+    shutil.copy(hashdir / "classes.txt", tmp_path / "classes.txt")
     layer = json.loads((hashdir / "metadata.json").read_text())["layers"][-1]
     for name in ("one", "two", "three"):
         shutil.copytree(hashdir, tmp_path / name)
@@ -642,9 +776,9 @@ def test_an_adopted_dump_and_two_imported_saes_give_the_native_best_latents(done
     out, hashdir = exported
     native_plan = pl.make_plan(pl.load(done_config))
     native = json.loads((native_plan["reduce"].artifacts[0].dpath / "best.json").read_text())
-    saes = [out / "saes" / art.key / "sae.pt" for art in native_plan["train"].artifacts]
+    saes = [out / "saev" / "saes" / art.key / "sae.pt" for art in native_plan["train"].artifacts]
     assert all(f.is_file() for f in saes)
-    shutil.copy(out / "classes.txt", tmp_path / "classes.txt")
+    shutil.copy(hashdir / "classes.txt", tmp_path / "classes.txt")
     layer = Shards(native_plan["dump"].artifacts[0].dpath).metadata.layers[-1]
     cfg = adopt_config(tmp_path, hashdir, layer=layer)
     text = cfg.read_text().replace('sweep = "tiny-sweep.toml"', f"sweep = \"\"\nimports = {json.dumps([str(f) for f in saes])}")
@@ -680,7 +814,7 @@ def test_adopting_a_dump_asks_slurm_for_no_gpu(exported, tmp_path):
     from saev import slurm
 
     out, hashdir = exported
-    shutil.copy(out / "classes.txt", tmp_path / "classes.txt")
+    shutil.copy(hashdir / "classes.txt", tmp_path / "classes.txt")
     layer = json.loads((hashdir / "metadata.json").read_text())["layers"][-1]
     cfg = adopt_config(tmp_path, hashdir, layer=layer)
     cfg.write_text(cfg.read_text() + '\n[slurm.dump]\ngpus = "a100:2"\ncpus = 3\n')

@@ -255,6 +255,22 @@ def test_kept_activations_of_another_shape_are_refused_naming_the_file(tmp_path)
         scoring.read_kept(fpath, 5, 3)
 
 
+def test_kept_activations_are_the_npy_file_np_save_writes(tmp_path):
+    """Written with plain writes (not a memory map), in chunks of `_GATHER_ROWS` rows: the same bytes as `np.save`, and
+    the checksum recorded beside it is the file's."""
+    acts_ND = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32)
+    fpath = tmp_path / scoring.KEPT_FNAME
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scoring, "_GATHER_ROWS", 3)  # three chunks, the last partial
+        scoring.write_kept(fpath, lambda a, b: acts_ND[a:b], 7, 3)
+    np.save(tmp_path / "ref.npy", acts_ND, allow_pickle=False)
+    assert fpath.read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    artifacts.verify_file(fpath)
+    with pytest.raises(ValueError, match=r"gather\(0, 7\) returned \[7, 2\], expected \[7, 3\]"):
+        scoring.write_kept(tmp_path / "bad.npy", lambda a, b: acts_ND[a:b, :2], 7, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fpath.name, f".{fpath.name}.sum", "ref.npy"])
+
+
 @pytest.mark.parametrize("n_rows", [1, 5, 8, 9, 20])
 def test_column_min_max_equals_amin_amax(n_rows):
     scores_NK = torch.randn(n_rows, 6)

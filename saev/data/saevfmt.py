@@ -233,30 +233,48 @@ def link_atomically(target: pathlib.Path, link: pathlib.Path) -> None:
 
 
 def v2_hash(metadata: dict[str, typing.Any]) -> str:
-    """The 2.x shard directory name: sha256 (hex) of the canonical JSON of metadata.json."""
-    return hashlib.sha256(json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+    """saev's name for a 2.x shard directory: the first 8 hex characters of the sha256 of metadata.json's fields as
+    compact JSON with sorted keys (no spaces, non-ASCII characters as UTF-8, not escaped; as orjson's OPT_SORT_KEYS)."""
+    text = json.dumps(metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+
+
+SHARDS_SUBDIR = ("saev", "shards")
+"""Where saev keeps its shard directories under its scratch root: its 2.x readers refuse a directory whose path does
+not end in `saev/shards/<dir>`, so an export is written as `OUT/saev/shards/<HASH>/`."""
+CLASSES_TXT = "classes.txt"
+"""In an exported shard directory: the dump's class names, one a line (saev's metadata holds none)."""
+
+
+class Export(typing.NamedTuple):
+    """An export of a dump, planned and checked against what is already there (`plan_export`)."""
+
+    dpath: pathlib.Path
+    """`OUT/saev/shards/<HASH>`."""
+    texts: dict[str, str]
+    """The text files written beside the shards: classes.txt (when the dump names classes), shards.json, then
+    metadata.json (last: a directory with metadata.json is complete)."""
+    exists: bool
+    """An earlier export left exactly these files there: nothing to write."""
 
 
 @beartype.beartype
-def export(
-    shards: shards_.Shards, out_dpath: pathlib.Path, *, dataset: str, pixel_agg: str | None
-) -> pathlib.Path:
-    """Write the dump `shards` in the 2.x layout as `out_dpath/<HASH>/` and return that directory.
+def plan_export(shards: shards_.Shards, out_dpath: pathlib.Path, *, dataset: str, pixel_agg: str | None) -> Export:
+    """Plan writing the dump `shards` in the 2.x layout as `out_dpath/saev/shards/<HASH>/`, and check what is there.
 
     metadata.json has the fields of the released saev 2.1 `Metadata` (`content_tokens_per_example`,
     `max_tokens_per_shard`; `data` is the JSON of our dataset config as text, or an adopted 2.x dump's own `data`,
     `dataset` and `pixel_agg`, verbatim), shards.json entries `{name, n_examples}`, every shard at full size (the last
-    padded with zeros), labels.bin as uint8. Written to a temporary directory renamed at the end. HASH covers the
-    metadata only, so a directory of that name that already exists (an earlier export) is reused only if it holds
-    exactly what would be written (file names, sizes, checksums: `check_export`).
+    padded with zeros), labels.bin as uint8, classes.txt the class names. HASH covers the metadata only
+    (`v2_hash`), so a directory of that name that already exists (an earlier export) is reused only if it holds
+    exactly what would be written (file names, sizes, checksums: `check_export`). Nothing is written.
 
     Raises:
         ShardError: the labels need int16 (255 classes or more): saev's labels.bin is uint8 (`check_exportable`);
-            or an earlier export of the same metadata holds other files or contents.
+            or an earlier export of the same metadata holds other files or contents (the message names the file).
     """
     check_exportable(shards)
     md = shards.metadata
-    has_labels = (shards.dpath / LABELS_BIN).exists()
     if md.data.get("__class__") == V2_DATA_CLASS:  # adopted from 2.x: its own fields, verbatim (pixel_agg may be null)
         data, dataset, pixel_agg = md.data["data"], md.data["dataset"], md.data["pixel_agg"]
     else:
@@ -268,29 +286,69 @@ def export(
         "pixel_agg": pixel_agg, "dtype": "float32", "protocol": V2_PROTOCOL,
     }  # fmt: skip
     listed = [{"name": shards_.shard_name(s), "n_examples": md.shard_n_imgs(s)} for s in range(md.n_shards)]
-    texts = {"shards.json": json.dumps(listed, indent=2) + "\n", "metadata.json": json.dumps(meta, indent=2) + "\n"}
-    final = out_dpath / v2_hash(meta)
-    if final.exists():
+    texts = {CLASSES_TXT: "".join(f"{n}\n" for n in md.class_names)} if md.class_names else {}
+    texts |= {"shards.json": json.dumps(listed, indent=2) + "\n", "metadata.json": json.dumps(meta, indent=2) + "\n"}
+    final = out_dpath.joinpath(*SHARDS_SUBDIR, v2_hash(meta))
+    if final.exists() or final.is_symlink():
         check_export(shards, final, texts)
-        return final
-    tmp = out_dpath / f".{final.name}{checksums.TMP_MARK}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+        return Export(final, texts, True)
+    return Export(final, texts, False)
+
+
+@beartype.beartype
+def write_export(shards: shards_.Shards, export: Export) -> None:
+    """Write a planned export (nothing if `export.exists`): into a temporary directory beside it, renamed at the end.
+
+    Every shard's blocks are reserved before it is copied (`os.posix_fallocate`): a full disk fails there, as an
+    error, and the padding of the last shard is real zeros, not a hole: saev's readers memory-map every shard at full
+    size, and reading a hole through a memory map on a full tmpfs kills the reader with SIGBUS.
+
+    Raises:
+        WriteError: a file could not be written (disk full, permissions); the message names it. The temporary
+            directory is removed.
+        ShardError: another export of the same metadata appeared meanwhile and differs (`check_export`).
+    """
+    if export.exists:
+        return
+    md, final = shards.metadata, export.dpath
+    names = [shards_.shard_name(s) for s in range(md.n_shards)]
+    names += [LABELS_BIN] if (shards.dpath / LABELS_BIN).exists() else []
+    tmp = final.with_name(f".{final.name}{checksums.TMP_MARK}{os.getpid()}")
+    name = ""
     try:
-        for s in range(md.n_shards):
-            name = shards_.shard_name(s)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name in names:
             with open(shards.dpath / name, "rb") as src, open(tmp / name, "wb") as dst:
+                size = md.shard_bytes if name != LABELS_BIN else (shards.dpath / name).stat().st_size
+                if size:
+                    os.posix_fallocate(dst.fileno(), 0, size)  # a truncated last shard (earlier versions): zeros
                 shutil.copyfileobj(src, dst, 16 << 20)
-                dst.truncate(md.shard_bytes)  # pads a truncated last shard (dumps of earlier versions) with zeros
-        if has_labels:
-            shutil.copyfile(shards.dpath / LABELS_BIN, tmp / LABELS_BIN)
-        for name, text in texts.items():  # metadata.json last
-            (tmp / name).write_text(text)
+        for name, text in export.texts.items():  # metadata.json last
+            (tmp / name).write_text(text, encoding="utf-8")
+        name = ""
         os.rename(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not name and final.is_dir():  # another export of the same metadata won the race: it must be identical
+            check_export(shards, final, export.texts)
+            return
+        raise artifacts.write_error(err, final / name if name else final) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
+
+
+@beartype.beartype
+def export(
+    shards: shards_.Shards, out_dpath: pathlib.Path, *, dataset: str, pixel_agg: str | None
+) -> pathlib.Path:
+    """Write the dump `shards` in the 2.x layout as `out_dpath/saev/shards/<HASH>/` (`plan_export`, `write_export`),
+    or reuse an identical earlier export; return that directory."""
+    planned = plan_export(shards, out_dpath, dataset=dataset, pixel_agg=pixel_agg)
+    write_export(shards, planned)
+    return planned.dpath
 
 
 @beartype.beartype
@@ -307,7 +365,7 @@ def check_exportable(shards: shards_.Shards) -> None:
 
 def check_export(shards: shards_.Shards, final: pathlib.Path, texts: dict[str, str]) -> None:
     """An earlier export `final` of the same metadata must hold exactly what `export` would write: the same file
-    names, `texts` (shards.json, metadata.json) byte for byte, each shard and labels.bin at its size and with the
+    names, `texts` (classes.txt, shards.json, metadata.json) byte for byte, each shard and labels.bin at its size and with the
     checksum of the dump's file (recorded at dump or adopt time; a truncated last shard is hashed with its padding).
     Sizes are compared first; the export's files are then read once.
 
@@ -319,8 +377,11 @@ def check_export(shards: shards_.Shards, final: pathlib.Path, texts: dict[str, s
     names += [LABELS_BIN] if (shards.dpath / LABELS_BIN).exists() else []
     sizes = {name: md.shard_bytes for name in names} | ({LABELS_BIN: (shards.dpath / LABELS_BIN).stat().st_size}
                                                         if LABELS_BIN in names else {})  # fmt: skip
-    todo = f"it was exported from other data with the same metadata (e.g. labels edited in place): remove {final} or export to another directory"
-    present = sorted(p.name for p in final.iterdir()) if final.is_dir() else []
+    todo = (f"it was exported from other data or class names with the same metadata (e.g. labels edited in place): "
+            f"remove {final} or export to another directory")  # fmt: skip
+    if final.is_symlink() or not final.is_dir():
+        raise ShardError(f"{final} is not a directory (an export writes one there); {todo}")
+    present = sorted(p.name for p in final.iterdir())
     if present != sorted([*names, *texts]):
         extra = sorted(set(present) - set(names) - set(texts)) or ["-"]
         missing = sorted((set(names) | set(texts)) - set(present)) or ["-"]
