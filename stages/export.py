@@ -13,8 +13,7 @@ import pathlib
 from saev import artifacts, sae_files
 from saev.data import saevfmt
 from saev.data.shards import Shards
-
-from .graph import Plan
+from saev.engine.plan import Plan
 
 
 def export(pipeline, plan: Plan, out_dpath: pathlib.Path) -> list[str]:

@@ -74,14 +74,61 @@ def test_second_run_does_nothing(copy_of_done, capsys):
 
 
 def test_every_stage_module_provides_the_stage_protocol():
-    """NAME, VERSION, Config, plan, run, and each optional hook declared (None when the stage has none)."""
-    from stages.graph import StageModule
+    """NAME, VERSION, Config, Inputs, plan, run, and each optional hook declared (None when the stage has none)."""
+    from saev.engine.plan import StageModule
 
-    for name, module in pl.MODULES.items():
+    for name in pl.STAGES:
+        module = pl.REGISTRY[name]
         assert isinstance(module, StageModule) and module.NAME == name
-        for hook in ("check", "finalize", "manifest_extra"):
+        for hook in ("check", "finalize", "manifest_extra", "slurm_resources", "explain_key"):
             assert getattr(module, hook) is None or callable(getattr(module, hook))
-    assert pl.MODULES["dump"].finalize is not None and pl.MODULES["reduce"].finalize is None
+    assert pl.REGISTRY["dump"].finalize is not None and pl.REGISTRY["reduce"].finalize is None
+
+
+def test_a_registry_refuses_a_module_missing_a_member_or_reading_a_later_stage():
+    import types
+
+    from saev.engine.plan import Registry
+    from stages import kept, mask
+
+    partial = types.ModuleType("stages.broken")
+    partial.NAME = "broken"
+    with pytest.raises(TypeError, match="broken does not provide what `StageModule` declares: .*'VERSION'"):
+        Registry([partial])
+    with pytest.raises(TypeError, match=r"stage 'mask' reads \['dump'\], which are not stages before it"):
+        Registry([mask, kept])
+
+
+def test_every_stage_reads_upstream_plans_it_declares_and_refs_only_their_artifacts(done_config):
+    """Each artifact's input refs name artifacts of the stages its module declares in `Inputs` (no hidden input)."""
+    plan = pl.make_plan(pl.load(done_config))
+    for name in pl.STAGES:
+        declared = set(pl.REGISTRY[name].Inputs._fields)
+        planned = {art.ref for upstream in declared for art in plan[upstream].artifacts}
+        for refs in plan[name].inputs.values():
+            assert set(refs.values()) <= planned, name
+
+
+def test_the_reduce_declares_every_artifact_it_reads(done_config):
+    plan = pl.make_plan(pl.load(done_config))
+    refs = set(plan["reduce"].inputs[plan["reduce"].artifact.key].values())
+    for name in ("dump", "mask", "train", "score"):
+        assert {art.ref for art in plan[name].artifacts} <= refs, name
+
+
+ENGINE_MODULES = ("saev.engine", "saev.engine.plan", "saev.engine.store", "saev.engine.job", "saev.engine.executors")
+
+
+def test_the_engine_imports_no_stage_and_no_launcher():
+    """The engine knows no stage: importing every engine module in a fresh interpreter loads no `stages` module."""
+    script = (
+        "import sys, importlib;"
+        f"[importlib.import_module(m) for m in {ENGINE_MODULES!r}];"
+        "print(sorted(m for m in sys.modules if m == 'launch' or m == 'stages' or m.startswith('stages.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
 def keys(config) -> dict[str, set[str]]:
