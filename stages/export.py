@@ -9,14 +9,18 @@ Nothing is recomputed: the artifacts must be done (checked against their manifes
 """
 
 import pathlib
+import typing
 
 from saev import artifacts, sae_files
 from saev.data import saevfmt
 from saev.data.shards import Shards
 from saev.engine.plan import Plan
 
+if typing.TYPE_CHECKING:
+    from .pipeline import Pipeline
 
-def export(pipeline, plan: Plan, out_dpath: pathlib.Path) -> list[str]:
+
+def export(pipeline: "Pipeline", plan: Plan, out_dpath: pathlib.Path) -> list[str]:
     """Export the dump, then the SAEs; returns one line per thing written (for the launcher to print).
 
     Everything is checked before anything is written (not even OUT_DIR is made): the dump and every SAE against
