@@ -396,3 +396,29 @@ def test_a_job_uses_as_many_torch_threads_as_cpus_it_was_given(tiny_config):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "threads 1" in out.stdout
     assert "torch threads: 1 (CPU affinity 1)" in out.stderr
+
+
+def test_slurm_submission_waits_on_the_stages_whose_artifacts_each_stage_reads(tiny_config, monkeypatch):
+    """afterok follows the declared inputs: the kept activations wait on the dump and the mask, not on training; the
+    job body submitted is the stages' `run_pieces` (pickled by reference), one job per missing piece."""
+    from saev import slurm
+    from saev.engine import executors
+
+    submitted: dict[str, tuple] = {}
+
+    def fake_submit(cfg, stage, fn, args_list, *, after=()):
+        submitted[stage] = (fn, len(args_list), list(after))
+        return [f"{len(submitted)}_{i}" for i in range(len(args_list))]
+
+    monkeypatch.setattr(slurm, "submit", fake_submit)
+    pipeline = dataclasses.replace(pl.load(tiny_config), slurm=slurm.SlurmConfig())
+    plan = pl.make_plan(pipeline)
+    lines = []
+    executors.Slurm(pl.REGISTRY, pl.run_pieces).run(pipeline, plan, pl.STAGES, say=lines.append)
+    assert list(submitted) == list(pl.STAGES)
+    job_of = {stage: str(i + 1) for i, stage in enumerate(submitted)}
+    reads = {"dump": [], "train": ["dump"], "mask": ["dump"], "kept": ["dump", "mask"],
+             "score": ["dump", "train", "mask", "kept"], "reduce": ["dump", "train", "mask", "score"]}  # fmt: skip
+    for stage, (fn, n_jobs, after) in submitted.items():
+        assert fn is pl.run_pieces and n_jobs == len(plan[stage].pieces)
+        assert after == [job_of[upstream] for upstream in reads[stage]], stage
