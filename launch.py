@@ -1,6 +1,6 @@
 """Find, for every class, the sparse-autoencoder latent that best detects it.
 
-Plans the five-stage graph (dump -> train -> mask -> score -> reduce) from one TOML config, skips what is already
+Plans the stage graph (dump -> train, mask -> kept -> score -> reduce) from one TOML config, skips what is already
 done, and runs the rest: locally in order, or on Slurm with every missing stage submitted at once (afterok chains)
 and the launcher returning right after submission.
 
@@ -28,11 +28,12 @@ import tyro
 # Keep jaxtyped library code out of this module: submitit pickles the job function from stages.pipeline, not here.
 # The stages (torch, open_clip) are imported when a command needs them, so that `--help` answers at once.
 from saev import artifacts, configs, helpers, preemption, slurm
+from saev.engine import executors, store
 
 if typing.TYPE_CHECKING:
     from stages import pipeline as pl
 
-Stage = typing.Literal["dump", "train", "mask", "score", "reduce", "all"]
+Stage = typing.Literal["dump", "train", "mask", "kept", "score", "reduce", "all"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Args:
     """Run or submit the pipeline described by one TOML config."""
 
     stage: Stage = "all"
-    """Stage to (re)run: dump, train, mask, score, reduce, or all. Runs that stage's missing pieces, then whatever downstream is not done (see --only). Done pieces are skipped."""
+    """Stage to (re)run: dump, train, mask, kept, score, reduce, or all. Runs that stage's missing pieces, then whatever downstream is not done (see --only). Done pieces are skipped."""
     config: pathlib.Path = pathlib.Path("configs/demo.toml")
     """The pipeline config (TOML). The default is the built-in demo that runs on CPU in a few minutes."""
     dry_run: bool = False
@@ -55,6 +56,12 @@ class Args:
     """Override the artifact root from the config (e.g. a scratch directory)."""
     export: pathlib.Path | None = None
     """Write the config's dump (it must be done) in the saev library's 2.x layout as EXPORT/saev/shards/<hash>/ (with its class names as classes.txt there) and its SAEs as EXPORT/saev/saes/<train key>/sae.pt, for saev's own tools, and exit; files already there are reused if identical, never overwritten; adopt it back with [dump.adopt]."""
+    gc: bool = False
+    """List every artifact under the root that this config (and --keep-configs) no longer reach, with its size, and exit; nothing is deleted without --yes. Refused while any artifact under the root is locked (a run is writing)."""
+    yes: bool = False
+    """With --gc: delete what it lists."""
+    keep_configs: tuple[pathlib.Path, ...] = ()
+    """With --gc: more pipeline configs whose artifacts (planned under the same root) are kept too."""
     verify: bool = False
     """Hash every file of every artifact this config uses and compare with the checksums in its manifest; report each bad file and what was made from it, unseal the damaged artifacts (a rerun recomputes them) and exit 1 if any."""
 
@@ -107,7 +114,7 @@ def describe_plan(
         key = keys[0].key if len(keys) == 1 else f"{len(keys)} artifacts"
         lines.append(f"{name:<8} {key:<18} {state:<8} {n_done:>4}/{n_total:<4}  {action}")
         if name in stages and state != "done":
-            lines.extend(f"    why: {why}" for why in pl.explain(pipeline, plan, name))
+            lines.extend(f"    why: {why}" for why in store.explain(pl.REGISTRY, pipeline, plan, name))
         if not verbose:
             continue
         for art in stage_plan.artifacts:
@@ -163,6 +170,42 @@ def main(args: Args) -> int:
         return 1
 
 
+def _gc(args: Args, pipeline: pl.Pipeline, plan: pl.Plan) -> int:
+    """`--gc [--yes]`: list (and with --yes delete) every artifact under the root that no config given reaches."""
+    pl, _ = _stages()
+    plans = [plan]
+    for fpath in args.keep_configs:
+        try:
+            other = dataclasses.replace(pl.load(fpath), root=pipeline.root)
+            plans.append(pl.make_plan(other))
+        except (configs.ConfigError, ValueError, OSError) as err:
+            print(f"error: --keep-configs {fpath}: {err}", file=sys.stderr)
+            return 2
+    held = store.held_locks(pipeline.root)
+    if held:
+        print(f"error: {held[0]} is held by a running process ({len(held)} lock(s) under {pipeline.root}): "
+              "garbage collection waits until no run writes to the root", file=sys.stderr)  # fmt: skip
+        return 1
+    garbage = store.unreached(pl.REGISTRY, pipeline.root, plans)
+    total = sum(g.n_bytes for g in garbage)
+    if not garbage:
+        print(f"gc: every artifact under {pipeline.root} is reached by the config(s) given: nothing to delete")
+        return 0
+    for g in garbage:
+        print(f"{'deleting' if args.yes else 'unreached'}: {g.dpath}  {g.n_bytes} bytes ({g.n_bytes / 2**20:.1f} MiB)")
+    if not args.yes:
+        print(f"gc: {len(garbage)} artifact(s), {total} bytes ({total / 2**20:.1f} MiB) would be deleted; "
+              "run again with --gc --yes to delete them")  # fmt: skip
+        return 0
+    try:
+        store.gc(garbage)
+    except (artifacts.ArtifactBusyError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"gc: deleted {len(garbage)} artifact(s), {total} bytes ({total / 2**20:.1f} MiB)")
+    return 0
+
+
 def _crash_log(text: str) -> pathlib.Path | str:
     """Save a traceback under logs/crashes/ (or the temp dir); returns where it went."""
     name = f"launch-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
@@ -209,8 +252,10 @@ def _main(args: Args) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         return 0
+    if args.gc:
+        return _gc(args, pipeline, plan)
     if args.verify:
-        lines, n_arts, n_bytes = pl.verify_store(pipeline, plan)
+        lines, n_arts, n_bytes = store.verify_store(plan)
         for line in lines:
             print(line)
         print(f"verified {n_arts} artifact(s), {n_bytes / 2**20:.1f} MiB hashed: "
@@ -218,23 +263,23 @@ def _main(args: Args) -> int:
         return 1 if lines else 0
     if not (args.dry_run or args.status):
         try:
-            for line in pl.repair_store(pipeline, plan, stages):
+            for line in store.repair_store(pl.REGISTRY, plan, stages):
                 print(f"warning: {line}", file=sys.stderr, flush=True)
         except OSError as err:
             print(f"error: cannot check the artifacts under {pipeline.root}: {err}", file=sys.stderr)
             return 1
-    jobs = pl.piece_jobs(plan) if executor == "slurm" else {}
+    jobs = executors.piece_jobs(plan) if executor == "slurm" else {}
     print(describe_plan(pipeline, plan, stages, verbose=args.status, jobs=jobs), flush=True)
     if args.dry_run or args.status:
         try:  # what a real run would refuse from the config alone (not the artifacts' state)
-            pl.check_configs(pipeline, plan, stages)
+            store.check_configs(pl.REGISTRY, pipeline, plan, stages)
         except (configs.ConfigError, ValueError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         return 0
 
     try:
-        pl.check_inputs(pipeline, plan, stages)
+        store.check_inputs(pl.REGISTRY, pipeline, plan, stages)
     except artifacts.IncompleteArtifactError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -242,10 +287,9 @@ def _main(args: Args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        if executor == "slurm":
-            pl.submit_slurm(pipeline, plan, stages, jobs, say=_say)  # the summary below only when all was done
-        else:
-            pl.run_local(pipeline, plan, stages, say=_say)
+        # On Slurm the launcher returns once submitted: the summary below only when all was done.
+        runner = executors.Slurm(pl.REGISTRY, pl.run_pieces, jobs) if executor == "slurm" else executors.Local(pl.REGISTRY)
+        runner.run(pipeline, plan, stages, say=_say)
     except RUN_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -203,6 +203,8 @@ class SlurmConfig:
     """Resources for each training job."""
     mask: Resources = Resources(gpus=0, cpus=1, mem_gb=8, hours=0.5)
     """Resources for the keep-mask job."""
+    kept: Resources = Resources(gpus=0, cpus=2, mem_gb=16, hours=2.0)
+    """Resources for gathering the kept patches' activations (one job per layer scored; reads the shards, no GPU)."""
     score: Resources = Resources(gpus=1, cpus=4, mem_gb=32, hours=1.0)
     """Resources for each scoring task (one per SAE and K-block)."""
     reduce: Resources = Resources(gpus=0, cpus=1, mem_gb=8, hours=0.5)

@@ -20,14 +20,19 @@ import dataclasses
 import json
 import logging
 import pathlib
+import typing
 
 import numpy as np
 
-from saev import artifacts, checksums, configs, helpers
+from saev import artifacts, checksums, configs, helpers, slurm
 from saev import vit as vits
 from saev.data import datasets, labels, saevfmt, shards
+from saev.engine.plan import Piece, StagePlan
 
-from .graph import DumpInfo, Piece, Plan, StagePlan
+from .graph import DumpInfo
+
+if typing.TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 NAME = "dump"
 VERSION = 2  # 2: synthetic images rendered in batches (new pixels)
@@ -35,6 +40,10 @@ DATASET_FILES = "dataset.json"
 """Folder datasets: the listing the dump was made from (path -> [size, mtime_ns]) and its digest (in the key)."""
 
 logger = logging.getLogger("stages.dump")
+
+
+class Inputs(typing.NamedTuple):
+    """The dump reads no other stage."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +141,7 @@ def shard_done(art: artifacts.Artifact, shard: int) -> bool:
     return all(checksums.is_intact(f) for f in shard_files(art, shard))
 
 
-def read_adopted(pipeline) -> saevfmt.Source:
+def read_adopted(pipeline: "Pipeline") -> saevfmt.Source:
     """The `[dump.adopt]` source directory, read and checked (sizes and shapes), with the class names of the config."""
     cfg: Adopt = pipeline.dump.adopt
     class_names = cfg.class_names
@@ -159,7 +168,7 @@ def check_adopt_outside_store(shards_dpath: pathlib.Path, root: pathlib.Path) ->
         )
 
 
-def plan_adopted(pipeline) -> StagePlan[DumpInfo]:
+def plan_adopted(pipeline: "Pipeline") -> StagePlan[DumpInfo]:
     """One piece that links the source's files into the artifact; keyed by the source's metadata and shard list."""
     source = read_adopted(pipeline)
     md = source.metadata
@@ -228,7 +237,7 @@ def relink_if_moved(art: artifacts.Artifact, source: saevfmt.Source, params: dic
     logger.info("%s: relinked from %s to %s (same files)", art.ref, old_dpath, source.dpath)
 
 
-def plan(pipeline, upstream: Plan) -> StagePlan[DumpInfo]:
+def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[DumpInfo]:
     cfg: Config = pipeline.dump
     if cfg.adopt is not None:
         return plan_adopted(pipeline)
@@ -265,7 +274,7 @@ def plan(pipeline, upstream: Plan) -> StagePlan[DumpInfo]:
     return StagePlan(NAME, (art,), pieces, {art.key: params}, {art.key: {}}, {art.key: info})
 
 
-def check(pipeline, plan: Plan) -> None:
+def check(pipeline: "Pipeline", own: StagePlan[DumpInfo], inputs: Inputs) -> None:
     """Checks that can run before any job is submitted: the dataset opens and the model config exists; an adopted
     dump's labels are within its class names (or the ignore value)."""
     if pipeline.dump.adopt is not None:
@@ -282,7 +291,7 @@ def check(pipeline, plan: Plan) -> None:
     vits.get_d_vit(pipeline.dump.vit.model)
 
 
-def run_adopted(pipeline, plan: Plan, piece: Piece) -> None:
+def run_adopted(pipeline: "Pipeline", own: StagePlan[DumpInfo], piece: Piece) -> None:
     """Link the source's files into the artifact, hash them once, write the translated metadata and the manifest.
 
     An artifact unsealed by a repair (a linked file changed or vanished, e.g. the source directory moved) is adopted
@@ -303,7 +312,7 @@ def run_adopted(pipeline, plan: Plan, piece: Piece) -> None:
                     "what was made from it to adopt the files as they are"
                 )
     art.write_manifest(
-        params=plan[NAME].params[art.key], inputs={}, started=started,
+        params=own.params[art.key], inputs={}, started=started,
         extra={"adopted": str(source.dpath), "protocol": source.protocol},
     )  # fmt: skip
 
@@ -318,15 +327,15 @@ def _adopted_checksums(art: artifacts.Artifact) -> dict[str, str]:
         return {}
 
 
-def run(pipeline, plan: Plan, piece: Piece) -> None:
+def run(pipeline: "Pipeline", own: StagePlan[DumpInfo], inputs: Inputs, piece: Piece) -> None:
     cfg: Config = pipeline.dump
     if cfg.adopt is not None:
-        return run_adopted(pipeline, plan, piece)
+        return run_adopted(pipeline, own, piece)
     art = piece.artifact
     dataset = datasets.make_dataset(cfg.data)
     md = make_metadata(cfg, dataset)
     last = int(piece.fpath.stem.removeprefix("labels"))
-    first, stop = plan[NAME].info[art.key].chunks[last]
+    first, stop = own.info[art.key].chunks[last]
     # Resume: shards whose files are intact are finished; start at the first one that is not (missing or damaged).
     start = next(s for s in range(first, stop) if not shard_done(art, s))
     if start > first:
@@ -390,7 +399,7 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
     progress.finish()
 
 
-def finalize(pipeline, plan: Plan, art: artifacts.Artifact) -> None:
+def finalize(pipeline: "Pipeline", own: StagePlan[DumpInfo], art: artifacts.Artifact) -> None:
     """Once every chunk is written: join the label parts into labels.bin, then write shards.json and metadata.json."""
     md = make_metadata(pipeline.dump, datasets.make_dataset(pipeline.dump.data))
     parts = []
@@ -401,7 +410,7 @@ def finalize(pipeline, plan: Plan, art: artifacts.Artifact) -> None:
     writer = shards.ShardWriter(art.dpath, md, start_shard=md.n_shards)  # checks every shard file's size
     writer.write_labels(np.concatenate(parts))
     writer.close()
-    fingerprint = plan[NAME].info[art.key].fingerprint
+    fingerprint = own.info[art.key].fingerprint
     if fingerprint.files:  # what the dump was made from, so that a later run can say which files changed
         artifacts.atomic_write_json(art.dpath / DATASET_FILES, {"digest": fingerprint.digest, "files": fingerprint.files})
 
@@ -415,5 +424,25 @@ def changed_files(old: artifacts.Artifact, fingerprint: datasets.Fingerprint) ->
         return None
 
 
-def manifest_extra(pipeline, art: artifacts.Artifact) -> dict[str, object]:
+def explain_key(
+    pipeline: "Pipeline", own: StagePlan[DumpInfo], new: artifacts.Artifact, earlier: artifacts.Artifact, diffs: list[str]
+) -> str | None:
+    """For `--status`: which dataset files changed since the closest earlier dump, when its listing differs."""
+    if "dataset_files" not in diffs:
+        return None
+    files = changed_files(earlier, own.info[new.key].fingerprint)
+    if not files:
+        return None
+    return f"dataset files changed: {', '.join(files[:5])}" + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+
+
+def manifest_extra(pipeline: "Pipeline", art: artifacts.Artifact) -> dict[str, object]:
     return {"device": str(helpers.get_device(pipeline.dump.device)), "inference_dtype": pipeline.dump.vit.dtype}
+
+
+def slurm_resources(pipeline: "Pipeline", configured: slurm.Resources) -> slurm.Resources:
+    """Adopting a dump (`[dump.adopt]`) only links and hashes files: that job asks for no GPU (`[slurm.dump]`'s gpus
+    and gres are dropped; its partition, CPUs, memory and hours are kept)."""
+    if pipeline.dump.adopt is not None:
+        return dataclasses.replace(configured, gpus=0, gres="")
+    return configured

@@ -18,8 +18,10 @@ import typing
 from saev import artifacts, sae_files
 from saev.data import saevfmt
 from saev.data.shards import Shards
+from saev.engine.plan import Plan
 
-from .graph import Plan
+if typing.TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 SAES_SUBDIR = ("saev", "saes")
 """Under OUT_DIR: one directory per SAE, named by its train key, holding sae.pt."""
@@ -40,7 +42,7 @@ class SaeExport(typing.NamedTuple):
     """An earlier export left exactly this file there: nothing to write."""
 
 
-def export(pipeline, plan: Plan, out_dpath: pathlib.Path) -> list[str]:
+def export(pipeline: "Pipeline", plan: Plan, out_dpath: pathlib.Path) -> list[str]:
     """Export the dump, then the SAEs; returns one line per thing written or reused (for the launcher to print).
 
     Everything is checked before anything is written (not even OUT_DIR is made): the dump and every SAE against

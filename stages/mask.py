@@ -12,8 +12,12 @@ import numpy as np
 
 from saev import artifacts, keepmask
 from saev.data.shards import ShardError, Shards
+from saev.engine.plan import Piece, StagePlan
 
-from .graph import MaskInfo, Piece, Plan, StagePlan
+from .graph import DumpInfo, MaskInfo
+
+if typing.TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 NAME = "mask"
 VERSION = 1
@@ -22,6 +26,14 @@ finalize = None
 """A single piece: `run` writes the manifest."""
 manifest_extra = None
 """`run` writes the manifest."""
+slurm_resources = explain_key = None
+
+
+class Inputs(typing.NamedTuple):
+    """What the masks are drawn from: the dump's labels."""
+
+    dump: StagePlan[DumpInfo]
+    """The dump (its one artifact)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,22 +54,21 @@ class Config:
             raise ValueError(f"mask.n_heldout must be >= 0, got {self.n_heldout}")
 
 
-def plan(pipeline, upstream: Plan) -> StagePlan[MaskInfo]:
-    dump_art = upstream["dump"].artifacts[0]
+def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[MaskInfo]:
     params = artifacts.hashed_params(pipeline.mask)
-    inputs = {"dump": dump_art.ref}
-    art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, inputs))
+    refs = {"dump": inputs.dump.artifact.ref}
+    art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, refs))
     piece = Piece(NAME, art, label=f"keep {pipeline.mask.n_keep}, hold out {pipeline.mask.n_heldout} (seed {pipeline.mask.seed})")
-    n_patches = upstream["dump"].info[dump_art.key].n_patches
+    n_patches = inputs.dump.record.n_patches
     # "all" keeps every labelled patch: at most every patch of the dump.
     info = MaskInfo(max_kept=n_patches if pipeline.mask.n_keep == "all" else pipeline.mask.n_keep)
-    return StagePlan(NAME, (art,), (piece,), {art.key: params}, {art.key: inputs}, {art.key: info})
+    return StagePlan(NAME, (art,), (piece,), {art.key: params}, {art.key: refs}, {art.key: info})
 
 
-def run(pipeline, plan: Plan, piece: Piece) -> None:
+def run(pipeline: "Pipeline", own: StagePlan[MaskInfo], inputs: Inputs, piece: Piece) -> None:
     started = artifacts.now()
     cfg: Config = pipeline.mask
-    shards = Shards(plan["dump"].artifacts[0].dpath)
+    shards = Shards(inputs.dump.artifact.dpath)
     md = shards.metadata
     labelled_N = np.asarray(shards.labels).reshape(-1) != md.labels_ignore
     n_keep = None if cfg.n_keep == "all" else cfg.n_keep
@@ -65,8 +76,8 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
     artifacts.atomic_save_npy(piece.artifact.dpath / "keep.npy", masks.keep)
     artifacts.atomic_save_npy(piece.artifact.dpath / "heldout.npy", masks.heldout)
     piece.artifact.write_manifest(
-        params=plan[NAME].params[piece.artifact.key],
-        inputs=plan[NAME].inputs[piece.artifact.key],
+        params=own.params[piece.artifact.key],
+        inputs=own.inputs[piece.artifact.key],
         started=started,
         extra={
             "n_patches": int(labelled_N.size),
@@ -77,11 +88,10 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
     )
 
 
-def check(pipeline, plan: Plan) -> None:
+def check(pipeline: "Pipeline", own: StagePlan[MaskInfo], inputs: Inputs) -> None:
     """Before anything runs: the dump has labels, and the masks cannot ask for more patches than it will have."""
     cfg: Config = pipeline.mask
-    dump_plan = plan["dump"]
-    info = dump_plan.info[dump_plan.artifacts[0].key]
+    info = inputs.dump.record
     if not info.has_labels:
         raise ShardError(
             f"{info.adopted / 'labels.bin'} is missing: the adopted dump has no per-patch labels, which the mask, "

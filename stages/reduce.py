@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import typing
 
 import numpy as np
 import torch
@@ -21,17 +22,34 @@ from PIL import Image
 from saev import ap, artifacts, helpers, keepmask, nn, report, scoring, vit
 from saev.data import datasets
 from saev.data.shards import Shards
+from saev.engine.plan import Piece, StagePlan
 
 from . import train as train_stage
-from .graph import Piece, Plan, StagePlan
+from .graph import DumpInfo, MaskInfo, ScoreInfo, TrainInfo
+
+if typing.TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 NAME = "reduce"
-VERSION = 3  # 3: SAE health (training metrics) in best.json, best.csv and the report
+VERSION = 4  # 3: SAE health (training metrics) in best.json, best.csv and the report; 4: the SAEs are inputs too
 
 logger = logging.getLogger("stages.reduce")
 
 # No checks before submission beyond the plan's; a single piece whose `run` writes the manifest.
-check = finalize = manifest_extra = None
+check = finalize = manifest_extra = slurm_resources = explain_key = None
+
+
+class Inputs(typing.NamedTuple):
+    """What the reduce reads (every artifact of these is an input of the reduce artifact)."""
+
+    dump: StagePlan[DumpInfo]
+    """The dump: class names, labels, and the held-out patches' activations."""
+    train: StagePlan[TrainInfo]
+    """The SAEs: their training metrics and the chosen latents' weights."""
+    mask: StagePlan[MaskInfo]
+    """The kept and held-out patches."""
+    score: StagePlan[ScoreInfo]
+    """The partials of every SAE."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,28 +91,30 @@ def sae_health(metrics: dict) -> list[str]:
     return out
 
 
-def read_metrics(pipeline, sae_key: str) -> dict:
+def read_metrics(train_art: artifacts.Artifact) -> dict:
     """The SAE's training metrics (`metrics.json` of its train artifact): mse, nmse, l0, dead_frac, dense_frac."""
-    with open(artifacts.Artifact(pipeline.root, "train", sae_key).dpath / "metrics.json") as fd:
+    with open(train_art.dpath / "metrics.json") as fd:
         return json.load(fd)
 
 
-def plan(pipeline, upstream: Plan) -> StagePlan[None]:
+def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[None]:
     params = artifacts.hashed_params(pipeline.reduce)
-    inputs = {"dump": upstream["dump"].artifacts[0].ref, "mask": upstream["mask"].artifacts[0].ref}
-    for i, art in enumerate(upstream["score"].artifacts):
-        inputs[f"score{i:03d}"] = art.ref
-    art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, inputs))
-    n_saes = len(upstream["score"].artifacts)
+    refs = {"dump": inputs.dump.artifact.ref, "mask": inputs.mask.artifact.ref}
+    for i, art in enumerate(inputs.score.artifacts):
+        refs[f"score{i:03d}"] = art.ref
+    for i, art in enumerate(inputs.train.artifacts):
+        refs[f"sae{i:03d}"] = art.ref
+    art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, refs))
+    n_saes = len(inputs.score.artifacts)
     piece = Piece(NAME, art, label=f"best latent per class over {n_saes} SAE(s)")
-    return StagePlan(NAME, (art,), (piece,), {art.key: params}, {art.key: inputs})
+    return StagePlan(NAME, (art,), (piece,), {art.key: params}, {art.key: refs})
 
 
-def run(pipeline, plan: Plan, piece: Piece) -> None:
+def run(pipeline: "Pipeline", own: StagePlan[None], inputs: Inputs, piece: Piece) -> None:
     started = artifacts.now()
     cfg: Config = pipeline.reduce
     art = piece.artifact
-    dump_art, mask_art = plan["dump"].artifacts[0], plan["mask"].artifacts[0]
+    dump_art, mask_art = inputs.dump.artifact, inputs.mask.artifact
     shards = Shards(dump_art.dpath)
     class_names = list(shards.metadata.class_names)
     n_classes = len(class_names)
@@ -106,7 +126,7 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
     heldout_counts_C = np.bincount(labels_H, minlength=n_classes)
 
     # Select on the kept patches: the best latent of every SAE, then the best over the sweep.
-    score_plan = plan["score"]
+    score_plan = inputs.score
     per_sae, chosen, ap_by_sae = {}, [None] * n_classes, {}
     for score_art in score_plan.artifacts:
         info = score_plan.info[score_art.key]
@@ -120,13 +140,13 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
             entries.append({"name": name, "ap": _json_float(value), "prototype": k})
             if k >= 0 and (chosen[c] is None or value > chosen[c]["ap"]):
                 chosen[c] = {"ap": value, "prototype": k, "sae": info.train_key, "dead": bool(dead_K[k])}
-        metrics = read_metrics(pipeline, info.train_key)
+        metrics = read_metrics(inputs.train.by_key(info.train_key))
         per_sae[info.train_key] = {
             "score": score_art.key,
             "d_sae": info.d_sae,
             "dead_frac": float(dead_K.mean()),
             "classes": entries,
-            "config": train_stage.describe(plan["train"].info[info.train_key].config),
+            "config": train_stage.describe(inputs.train.info[info.train_key].config),
             "metrics": metrics,
             "health": sae_health(metrics),
         }
@@ -137,7 +157,7 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
             per_sae[pick["sae"]]["n_wins"] += 1
 
     # Report on the held-out patches, which took no part in the choice.
-    heldout_scores = chosen_scores(pipeline, plan, chosen, heldout)
+    heldout_scores = chosen_scores(pipeline, inputs, chosen, heldout)
     heldout_ap_C = [math.nan] * n_classes
     if heldout_scores:
         classes_J = sorted(heldout_scores)
@@ -168,17 +188,17 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
     artifacts.atomic_write_json(art.dpath / "best.json", result)
     artifacts.atomic_write_bytes(art.dpath / "best.csv", to_csv(classes).encode("utf-8"))
     if cfg.report:
-        data = make_report_data(pipeline, plan, result, chosen, ap_by_sae, keep, heldout, heldout_scores)
+        data = make_report_data(pipeline, inputs, result, chosen, ap_by_sae, keep, heldout, heldout_scores)
         index_fpath = report.write_report(art.dpath, data)
         logger.info("report: %s", index_fpath)
-    art.write_manifest(params=plan[NAME].params[art.key], inputs=plan[NAME].inputs[art.key], started=started)
+    art.write_manifest(params=own.params[art.key], inputs=own.inputs[art.key], started=started)
 
 
-def chosen_scores(pipeline, plan, chosen, idx: np.ndarray) -> dict[int, np.ndarray]:
+def chosen_scores(pipeline: "Pipeline", inputs: Inputs, chosen, idx: np.ndarray) -> dict[int, np.ndarray]:
     """Class -> float32 scores of its chosen latent on the patches `idx` (classes without a choice left out)."""
     if not len(idx):
         return {}
-    shards = Shards(plan["dump"].artifacts[0].dpath)
+    shards = Shards(inputs.dump.artifact.dpath)
     by_sae: dict[str, list[int]] = {}
     for c, pick in enumerate(chosen):
         if pick is not None:
@@ -187,8 +207,8 @@ def chosen_scores(pipeline, plan, chosen, idx: np.ndarray) -> dict[int, np.ndarr
     torch.set_float32_matmul_precision(pipeline.score.matmul_precision)
     out = {}
     for sae_key, classes in by_sae.items():
-        layer = plan["train"].info[sae_key].layer
-        sae = nn.load(artifacts.Artifact(pipeline.root, "train", sae_key).dpath, device=device)
+        layer = inputs.train.info[sae_key].layer
+        sae = nn.load(inputs.train.by_key(sae_key).dpath, device=device)
         latents = torch.tensor([chosen[c]["prototype"] for c in classes], device=device)
         parts = []
         for start in range(0, len(idx), _BATCH):
@@ -204,17 +224,19 @@ def chosen_scores(pipeline, plan, chosen, idx: np.ndarray) -> dict[int, np.ndarr
 _BATCH = 4096
 
 
-def make_report_data(pipeline, plan, result, chosen, ap_by_sae, keep, heldout, heldout_scores) -> report.ReportData:
+def make_report_data(
+    pipeline: "Pipeline", inputs: Inputs, result, chosen, ap_by_sae, keep, heldout, heldout_scores
+) -> report.ReportData:
     """Everything the HTML report shows: AP distributions, PR curves and the top-activating images per class."""
     cfg: Config = pipeline.reduce
-    shards = Shards(plan["dump"].artifacts[0].dpath)
+    shards = Shards(inputs.dump.artifact.dpath)
     md = shards.metadata
     flat_labels = np.asarray(shards.labels).reshape(-1)
     # An adopted dump has no dataset or model config here: its report has no top-activating images.
     adopted = pipeline.dump.adopt is not None
     dataset = None if adopted else datasets.make_dataset(pipeline.dump.data)
     img_size, n_side = (0, 0) if adopted else vit.get_patch_grid(pipeline.dump.vit.model)
-    kept_scores = chosen_scores(pipeline, plan, chosen, keep)
+    kept_scores = chosen_scores(pipeline, inputs, chosen, keep)
     items = []
     for c, row in enumerate(result["classes"]):
         pick = chosen[c]
@@ -228,7 +250,7 @@ def make_report_data(pipeline, plan, result, chosen, ap_by_sae, keep, heldout, h
             else:
                 pr_scores, pr_labels = kept_scores[c], flat_labels[keep] == c
             top = [] if dataset is None else top_images(
-                pipeline, plan, shards, dataset, pick, keep, kept_scores[c], c, img_size, n_side, cfg.n_top_images
+                inputs, shards, dataset, pick, keep, kept_scores[c], c, img_size, n_side, cfg.n_top_images
             )
         items.append(
             report.ClassResult(
@@ -251,7 +273,7 @@ def make_report_data(pipeline, plan, result, chosen, ap_by_sae, keep, heldout, h
         )
     notes = [
         f"config: {pipeline.config_fpath or pipeline.config_dpath}",
-        f"dump: {plan['dump'].artifacts[0].ref} ({md.vit_ckpt}, {md.n_imgs} images, layers {list(md.layers)})",
+        f"dump: {inputs.dump.artifact.ref} ({md.vit_ckpt}, {md.n_imgs} images, layers {list(md.layers)})",
         f"selection patches: {result['n_patches']}; held-out patches: {result['n_heldout']}",
         f"SAEs: {', '.join(result['per_sae'])}",
     ]
@@ -273,7 +295,7 @@ def make_report_data(pipeline, plan, result, chosen, ap_by_sae, keep, heldout, h
     )
 
 
-def top_images(pipeline, plan, shards, dataset, pick, keep, scores_N, c, img_size, n_side, n_top) -> list[report.TopImage]:
+def top_images(inputs: Inputs, shards, dataset, pick, keep, scores_N, c, img_size, n_side, n_top) -> list[report.TopImage]:
     """The images holding the kept patches where the chosen latent fires hardest, with every patch's score."""
     md = shards.metadata
     order = np.argsort(-scores_N, kind="stable")
@@ -284,8 +306,8 @@ def top_images(pipeline, plan, shards, dataset, pick, keep, scores_N, c, img_siz
             imgs.append(img)
         if len(imgs) == n_top:
             break
-    layer = plan["train"].info[pick["sae"]].layer
-    sae = nn.load(artifacts.Artifact(pipeline.root, "train", pick["sae"]).dpath)
+    layer = inputs.train.info[pick["sae"]].layer
+    sae = nn.load(inputs.train.by_key(pick["sae"]).dpath)
     out = []
     for img in imgs:
         acts_PD = shards.patches(layer, img, img + 1)[0]

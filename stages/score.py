@@ -9,18 +9,17 @@ Block size: a fixed number of latents, or "auto": as many latents as fit the mem
 kept patches (the block's float32 scores [N, block] dominate; the AP engine bounds its own working memory).
 
 What a block costs is its own columns, for every activation rule:
-- Kept activations are gathered from the dump's shards once per (dump, mask, layer), into a kept artifact
-  `<root>/kept/<key>/acts.npy` (float32 [n_keep, d_vit], `saev.scoring.write_kept`), by the first score task that
-  needs them (under that artifact's lock); every other task memory-maps the contiguous file (one sequential read,
-  shared through the page cache by the tasks of a node) and reads no shard. Its key hashes the layer and the keys
-  of the dump and mask; its manifest records a checksum of those two manifests' file lists, so kept activations of
-  a dump or mask that was recomputed since are gathered again, as are damaged ones.
+- The kept patches' activations of the SAE's layer are an input: the kept artifact (`stages.kept`,
+  `<root>/kept/<key>/acts.npy`), checked like every input before a task starts, then memory-mapped; a task reads no
+  shard.
 - ReLU and JumpReLU (BatchTopK, Matryoshka) latents are per-latent rules: a block computes its columns only.
 - A TopK SAE's selected latents (each kept row's k largest pre-activations, as indices) are found once per SAE
   by the first block task that needs them (under the artifact's lock `.lock-topk`: one pass over all blocks'
   matmuls, about one block's matmul per block) into `topk_latents.safetensors` of the score artifact
   (`saev.scoring.topk_latents`); every block then computes its own columns and keeps the selected ones
-  (`saev.nn.TopK.select`): TopK's rule, with a selection that does not depend on where a block runs.
+  (`saev.nn.TopK.select`): TopK's rule, with a selection that does not depend on where a block runs. The file is
+  part of the score artifact (listed in its manifest when sealed, so `--verify` checks it), and its checksum is
+  checked before a block uses it.
 """
 
 import dataclasses
@@ -28,7 +27,6 @@ import functools
 import logging
 import math
 import pathlib
-import time
 import typing
 
 import numpy as np
@@ -36,11 +34,15 @@ import torch
 
 from saev import ap, artifacts, checksums, helpers, keepmask, nn, scoring
 from saev.data.shards import Shards
+from saev.engine.plan import Piece, StagePlan
 
-from .graph import Piece, Plan, ScoreInfo, StagePlan
+from .graph import DumpInfo, KeptInfo, MaskInfo, ScoreInfo, TrainInfo
+
+if typing.TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 NAME = "score"
-VERSION = 2
+VERSION = 3  # 3: the kept activations are an input of their own (kept); keys hash it
 
 logger = logging.getLogger("stages.score")
 
@@ -48,6 +50,20 @@ check = None
 """No checks before submission beyond the plan's."""
 finalize = None
 """Nothing to join: the partials are the artifact."""
+slurm_resources = explain_key = None
+
+
+class Inputs(typing.NamedTuple):
+    """What scoring reads."""
+
+    dump: StagePlan[DumpInfo]
+    """The dump: class names and per-patch labels."""
+    train: StagePlan[TrainInfo]
+    """The SAEs, one score artifact each."""
+    mask: StagePlan[MaskInfo]
+    """The keep-mask: which patches are scored (their labels)."""
+    kept: StagePlan[KeptInfo]
+    """The kept patches' activations, one artifact per layer."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,98 +106,62 @@ def get_block_size(cfg: Config, n_rows: int, d_sae: int) -> int:
     return max(1, min(block, d_sae))
 
 
-def plan(pipeline, upstream: Plan) -> StagePlan[ScoreInfo]:
+def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[ScoreInfo]:
     cfg: Config = pipeline.score
-    dump_ref = upstream["dump"].artifacts[0].ref
-    mask_art = upstream["mask"].artifacts[0]
-    n_rows = upstream["mask"].info[mask_art.key].max_kept
+    dump_ref = inputs.dump.artifact.ref
+    mask_ref = inputs.mask.artifact.ref
+    n_rows = inputs.mask.record.max_kept
+    kept_by_layer = {kept.layer: key for key, kept in inputs.kept.info.items()}
     arts, pieces, all_params, all_inputs = [], [], {}, {}
     info: dict[str, ScoreInfo] = {}
-    train_plan = upstream["train"]
-    for train_art in train_plan.artifacts:
-        train_info = train_plan.info[train_art.key]
-        inputs = {"dump": dump_ref, "mask": mask_art.ref, "sae": train_art.ref}
+    for train_art in inputs.train.artifacts:
+        train_info = inputs.train.info[train_art.key]
+        kept_art = inputs.kept.by_key(kept_by_layer[train_info.layer])
+        refs = {"dump": dump_ref, "mask": mask_ref, "kept": kept_art.ref, "sae": train_art.ref}
         block_size = get_block_size(cfg, n_rows, train_info.d_sae)
         params = {**artifacts.hashed_params(cfg), "block_size": block_size}
-        art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, inputs))
+        art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, refs))
         n_blocks = math.ceil(train_info.d_sae / block_size)
         arts.append(art)
         all_params[art.key] = params
-        all_inputs[art.key] = inputs
+        all_inputs[art.key] = refs
         info[art.key] = ScoreInfo(
-            train_key=train_art.key, d_sae=train_info.d_sae, layer=train_info.layer, block_size=block_size
-        )
+            train_key=train_art.key, kept_key=kept_art.key, d_sae=train_info.d_sae, layer=train_info.layer,
+            block_size=block_size,
+        )  # fmt: skip
         for block in range(n_blocks):
             label = f"sae {train_art.key} block {block + 1}/{n_blocks}"
             pieces.append(Piece(NAME, art, scoring.partial_fpath(art, block), label))
     return StagePlan(NAME, tuple(arts), tuple(pieces), all_params, all_inputs, info)
 
 
-KEPT = "kept"
-"""Stage name (directory under the root) of the kept-activations artifacts; no stage of its own: the score stage
-writes them (see the module docstring)."""
-KEPT_VERSION = 1
-"""Format version of the kept-activations artifacts, part of their keys."""
+def load_kept(
+    dump_art: artifacts.Artifact, mask_art: artifacts.Artifact, kept_art: artifacts.Artifact
+) -> tuple[np.ndarray, np.ndarray]:
+    """Activations [n_keep, D] (memory-mapped, read-only, from the kept artifact) and labels [n_keep] of the kept
+    patches (cached while their files are unchanged: every block of a job reuses them).
 
-
-def kept_artifact(root: pathlib.Path, dump_ref: str, mask_ref: str, layer: int) -> artifacts.Artifact:
-    """The kept artifact of a dump, a mask and a layer: `<root>/kept/<key>/`, its key hashing all three."""
-    params = {"layer": layer}
-    return artifacts.Artifact(root, KEPT, artifacts.get_key(KEPT, KEPT_VERSION, params, _kept_inputs(dump_ref, mask_ref)))
-
-
-def _kept_inputs(dump_ref: str, mask_ref: str) -> dict[str, str]:
-    return {"dump": dump_ref, "mask": mask_ref}
-
-
-def _sources(dump_art: artifacts.Artifact, mask_art: artifacts.Artifact) -> str:
-    """Checksum of the file lists (sizes and checksums) of the dump's and the mask's manifests: what the kept
-    activations were gathered from."""
-    files = {art.stage: art.read_manifest()["files"] for art in (dump_art, mask_art)}
-    return checksums.bytes_checksum(artifacts.canonical_json(files).encode("utf-8"))
+    The kept artifact was checked against its manifest as an input of the task (`saev.engine.job.verify_inputs`);
+    the keep-mask and labels are checked where they are read and the kept file by its shape
+    (`keepmask.MaskFileError`, `scoring.KeptError` name the bad file), so no bad value reaches the AP engine.
+    """
+    sigs = []
+    for fpath in (kept_art.dpath / scoring.KEPT_FNAME, mask_art.dpath / "keep.npy", dump_art.dpath / "labels.bin"):
+        try:
+            sigs.append(tuple(checksums.stat_sig(fpath.stat())))
+        except OSError:
+            sigs.append(())
+    return _load_kept(dump_art, mask_art, kept_art, tuple(sigs))
 
 
 @functools.lru_cache(maxsize=2)
-def load_kept(
-    dump_art: artifacts.Artifact, mask_art: artifacts.Artifact, layer: int
+def _load_kept(
+    dump_art: artifacts.Artifact, mask_art: artifacts.Artifact, kept_art: artifacts.Artifact, sigs: tuple
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Activations [n_keep, D] (memory-mapped, read-only) and labels [n_keep] of the kept patches (cached: every
-    block of a job reuses them).
-
-    The activations come from the kept artifact of (dump, mask, layer), gathered from the shards first if it is
-    missing, damaged or gathered from another dump or mask (under its lock, so a task never reads a half-written
-    one). The keep-mask and labels are checked where they are read, the shards' rows when gathered, the kept file by
-    its checksum (`Artifact.verify`) and shape (`keepmask.MaskFileError`, `ShardValueError`, `scoring.KeptError`
-    name the bad file), so no bad value reaches the AP engine.
-    """
     shards = Shards(dump_art.dpath)
     keep = keepmask.load_keep(mask_art.dpath, shards)  # checked: in range, labelled, sorted, disjoint from held-out
     labels = np.asarray(shards.labels).reshape(-1)[keep].astype(np.int64)
-    d_vit = shards.metadata.d_vit
-    kept = kept_artifact(dump_art.root, dump_art.ref, mask_art.ref, layer)
-    fpath = kept.dpath / scoring.KEPT_FNAME
-    sources = _sources(dump_art, mask_art)
-    with kept.lock(wait=True, on_wait=lambda: logger.info("%s: another task is gathering it; waiting", kept.ref)):
-        if kept.check().state != "missing":
-            try:
-                manifest = kept.verify(params={"layer": layer})
-                if manifest.get("sources") == sources:
-                    return scoring.read_kept(fpath, len(keep), d_vit), labels
-                logger.warning("%s: gathered from another dump or mask (recomputed since); gathering again", kept.ref)
-            except (artifacts.IncompleteArtifactError, scoring.KeptError) as err:
-                logger.warning("%s; gathering again", err)
-            kept.manifest_fpath.unlink(missing_ok=True)
-        started, t0 = artifacts.now(), time.perf_counter()
-        artifacts.remove_temp_files(kept.dpath)  # we hold its lock: leftovers of a killed job
-        scoring.write_kept(fpath, lambda a, b: shards.patches_flat(layer, keep[a:b]), len(keep), d_vit)
-        kept.write_manifest(
-            params={"layer": layer},
-            inputs=_kept_inputs(dump_art.ref, mask_art.ref),
-            started=started,
-            extra={"sources": sources, "n_rows": len(keep), "d_vit": d_vit},
-        )
-        logger.info("%s: gathered %d kept rows of layer %d in %.1f s", kept.ref, len(keep), layer, time.perf_counter() - t0)
-        return scoring.read_kept(fpath, len(keep), d_vit), labels
+    return scoring.read_kept(kept_art.dpath / scoring.KEPT_FNAME, len(keep), shards.metadata.d_vit), labels
 
 
 def get_topk(
@@ -220,17 +200,16 @@ def get_topk(
         return top_Nk.numpy()
 
 
-def run(pipeline, plan: Plan, piece: Piece) -> None:
+def run(pipeline: "Pipeline", own: StagePlan[ScoreInfo], inputs: Inputs, piece: Piece) -> None:
     cfg: Config = pipeline.score
-    info: ScoreInfo = plan[NAME].info[piece.artifact.key]
+    info = own.info[piece.artifact.key]
     block = int(piece.fpath.stem.removeprefix("block"))
     k_start = block * info.block_size
     k_stop = min(info.d_sae, k_start + info.block_size)
 
-    dump_art = plan["dump"].artifacts[0]
-    mask_art = plan["mask"].artifacts[0]
-    train_art = artifacts.Artifact(pipeline.root, "train", info.train_key)
-    acts_ND, labels_N = load_kept(dump_art, mask_art, info.layer)
+    dump_art = inputs.dump.artifact
+    train_art = inputs.train.by_key(info.train_key)
+    acts_ND, labels_N = load_kept(dump_art, inputs.mask.artifact, inputs.kept.by_key(info.kept_key))
     n_classes = len(Shards(dump_art.dpath).metadata.class_names)
 
     device = helpers.get_device(cfg.device)
@@ -277,5 +256,5 @@ def score_block(
     )
 
 
-def manifest_extra(pipeline, art: artifacts.Artifact) -> dict[str, object]:
+def manifest_extra(pipeline: "Pipeline", art: artifacts.Artifact) -> dict[str, object]:
     return {"matmul_precision": pipeline.score.matmul_precision}

@@ -15,7 +15,7 @@ converted SAE and `metrics.json` measured on the last `IMPORT_EVAL_ROWS` patches
 `sweep = ""` trains nothing.
 
 Training saves a checkpoint every `checkpoint_every` steps and when asked to (Slurm's pre-timeout signal, see
-`stages.pipeline.run_pieces`); a rerun or a requeued job resumes from it and ends with the same weights.
+`saev.engine.job.run_pieces`); a rerun or a requeued job resumes from it and ends with the same weights.
 """
 
 import dataclasses
@@ -29,8 +29,12 @@ import numpy as np
 from saev import artifacts, checksums, helpers, nn, sae_files, sweep, training, vit
 from saev.data import loader
 from saev.data.shards import Shards
+from saev.engine.plan import Piece, StagePlan
 
-from .graph import DumpInfo, ImportInfo, Piece, Plan, StagePlan, TrainInfo
+from .graph import DumpInfo, ImportInfo, TrainInfo
+
+if typing.TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 NAME = "train"
 VERSION = 3  # 2: batches from saev.data.loader (chunked windows); 3: one config class per objective (params nest)
@@ -38,7 +42,14 @@ VERSION = 3  # 2: batches from saev.data.loader (chunked windows); 3: one config
 logger = logging.getLogger("stages.train")
 
 # No checks before submission beyond the plan's (the sweep and layer are read while planning); `run` seals each SAE.
-check = finalize = manifest_extra = None
+check = finalize = manifest_extra = slurm_resources = explain_key = None
+
+
+class Inputs(typing.NamedTuple):
+    """What training reads: the dump's activations."""
+
+    dump: StagePlan[DumpInfo]
+    """The dump (its one artifact)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +88,7 @@ class Config:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
 
 
-def get_layer(pipeline, dump: DumpInfo, layer: int | None = None, what: str = "train.layer") -> int:
+def get_layer(pipeline: "Pipeline", dump: DumpInfo, layer: int | None = None, what: str = "train.layer") -> int:
     """The train layer (or `layer`, named `what` in messages) as a non-negative block index, checked against the
     dumped layers (an adopted dump: one of the layers its metadata.json lists, as listed; there is no model to count
     negative indices from)."""
@@ -102,7 +113,7 @@ NO_SWEEP = pathlib.Path("")
 """`sweep = ""`: train nothing."""
 
 
-def get_sweep(pipeline, d_vit: int) -> list[training.TrainConfig]:
+def get_sweep(pipeline: "Pipeline", d_vit: int) -> list[training.TrainConfig]:
     """The expanded sweep with the SAE input width `d_vit` (the dump's), each distinct SAE once, in sweep order."""
     if pipeline.train.sweep == NO_SWEEP:
         return []
@@ -200,7 +211,7 @@ def plan_import(path: pathlib.Path) -> PlannedImport:
     return _plan_import(path, tuple(signature))
 
 
-def get_imports(pipeline, dump: DumpInfo) -> list[tuple[pathlib.Path, int]]:
+def get_imports(pipeline: "Pipeline", dump: DumpInfo) -> list[tuple[pathlib.Path, int]]:
     """Each `[train] imports` entry as (absolute path, dumped layer), checked: the path exists and the layer was
     dumped."""
     out = []
@@ -214,9 +225,9 @@ def get_imports(pipeline, dump: DumpInfo) -> list[tuple[pathlib.Path, int]]:
     return out
 
 
-def plan(pipeline, upstream: Plan) -> StagePlan[TrainInfo]:
-    dump_ref = upstream["dump"].artifacts[0].ref
-    dump_info: DumpInfo = upstream["dump"].info[upstream["dump"].artifacts[0].key]
+def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[TrainInfo]:
+    dump_ref = inputs.dump.artifact.ref
+    dump_info = inputs.dump.record
     layer = get_layer(pipeline, dump_info)
     arts, all_params, all_inputs = [], {}, {}
     info: dict[str, TrainInfo] = {}
@@ -239,25 +250,25 @@ def plan(pipeline, upstream: Plan) -> StagePlan[TrainInfo]:
         if planned.top_k is not None:
             source["top_k"] = planned.top_k
         params = {"import": source, "layer": import_layer}
-        inputs = {"dump": dump_ref}
-        art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, inputs))
+        refs = {"dump": dump_ref}
+        art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, refs))
         if art.key in info:
             continue  # the same file twice
         arts.append(art)
-        all_params[art.key], all_inputs[art.key] = params, inputs
+        all_params[art.key], all_inputs[art.key] = params, refs
         info[art.key] = TrainInfo(config=import_info, d_sae=import_info.d_sae, layer=import_layer)
         pieces.append(Piece(NAME, art, label=f"import {path}"))
     by_cfg: dict[training.TrainConfig, artifacts.Artifact] = {}
     for train_cfg in get_sweep(pipeline, dump_info.d_vit):
         params = {"sae": artifacts.hashed_params(train_cfg), "layer": layer}
-        inputs = {"dump": dump_ref}
-        art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, inputs))
+        refs = {"dump": dump_ref}
+        art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, refs))
         if art.key in info:
             continue  # the same SAE twice in a sweep is trained once
         arts.append(art)
         by_cfg[train_cfg] = art
         all_params[art.key] = params
-        all_inputs[art.key] = inputs
+        all_inputs[art.key] = refs
         info[art.key] = TrainInfo(config=train_cfg, d_sae=train_cfg.sae.d_sae, layer=layer)
     if not info:
         raise ValueError('[train] has no SAEs: sweep = "" and no imports')
@@ -271,14 +282,14 @@ def plan(pipeline, upstream: Plan) -> StagePlan[TrainInfo]:
     return StagePlan(NAME, tuple(arts), tuple(pieces), all_params, all_inputs, info)
 
 
-def run(pipeline, plan: Plan, piece: Piece) -> None:
-    if isinstance(plan[NAME].info[piece.artifact.key].config, ImportInfo):
-        return run_import(pipeline, plan, piece)
+def run(pipeline: "Pipeline", own: StagePlan[TrainInfo], inputs: Inputs, piece: Piece) -> None:
+    if isinstance(own.info[piece.artifact.key].config, ImportInfo):
+        return run_import(pipeline, own, inputs, piece)
     started = artifacts.now()
     todo = [art for art in (piece.artifact, *piece.also) if not art.is_done()]
-    infos = [plan[NAME].info[art.key] for art in todo]
+    infos = [own.info[art.key] for art in todo]
     # Rows stream from the shards on disk (the layer is never loaded whole; see saev.data.loader).
-    rows = loader.ShardRows(Shards(plan["dump"].artifacts[0].dpath), infos[0].layer)
+    rows = loader.ShardRows(Shards(inputs.dump.artifact.dpath), infos[0].layer)
     device = helpers.get_device(pipeline.train.device)
     # The checkpoint lives beside the group's first SAE as a dot-file: never part of an artifact.
     checkpoint_fpath = todo[0].dpath / ".checkpoint.safetensors"
@@ -294,8 +305,8 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
         metrics = dataclasses.asdict(result.metrics)
         artifacts.atomic_write_json(art.dpath / "metrics.json", metrics)
         art.write_manifest(
-            params=plan[NAME].params[art.key],
-            inputs=plan[NAME].inputs[art.key],
+            params=own.params[art.key],
+            inputs=own.inputs[art.key],
             started=started,
             extra={"metrics": metrics, "device": str(device), "group": [a.key for a in todo]},
         )
@@ -303,18 +314,18 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
     checkpoint_fpath.unlink(missing_ok=True)
 
 
-def run_import(pipeline, plan: Plan, piece: Piece) -> None:
+def run_import(pipeline: "Pipeline", own: StagePlan[TrainInfo], inputs: Inputs, piece: Piece) -> None:
     """The job body of an imported SAE: convert it again (refusing a file changed since the plan), save it as ours
     (`sae.json`, `sae.safetensors`), measure `metrics.json` on the dump's last `IMPORT_EVAL_ROWS` patches, record where
     it came from (`source.json`: path, format, checksum, header) and seal the artifact."""
     started = artifacts.now()
     art = piece.artifact
-    info: TrainInfo = plan[NAME].info[art.key]
+    info = own.info[art.key]
     source: ImportInfo = info.config
     imported = sae_files.read_sae(source.path)
     if imported.checksum != source.checksum:
         raise sae_files.SaeFileError(f"{source.path} changed since the plan was made; run the launcher again")
-    rows = loader.ShardRows(Shards(plan["dump"].artifacts[0].dpath), info.layer)
+    rows = loader.ShardRows(Shards(inputs.dump.artifact.dpath), info.layer)
     n_eval = min(IMPORT_EVAL_ROWS, rows.n_rows)
     eval_ND = np.empty((n_eval, rows.d), dtype=np.float32)
     rows.read(rows.n_rows - n_eval, rows.n_rows, eval_ND)
@@ -326,8 +337,8 @@ def run_import(pipeline, plan: Plan, piece: Piece) -> None:
         {"path": str(source.path), "format": imported.fmt, "checksum": imported.checksum, "header": imported.header},
     )
     art.write_manifest(
-        params=plan[NAME].params[art.key],
-        inputs=plan[NAME].inputs[art.key],
+        params=own.params[art.key],
+        inputs=own.inputs[art.key],
         started=started,
         extra={"metrics": metrics},
     )

@@ -547,7 +547,7 @@ def test_a_checkpoint_changed_after_the_plan_is_refused_by_the_job(done_config, 
     plan = pl.make_plan(pipeline)
     sae_files.export_train_artifact(native_plan["train"].artifacts[1].dpath, fpath)
     with pytest.raises(sae_files.SaeFileError, match="changed since the plan"):
-        train_stage.run(pipeline, plan, plan["train"].pieces[0])
+        train_stage.run(pipeline, plan["train"], pl.REGISTRY.inputs("train", plan), plan["train"].pieces[0])
     assert not plan["train"].artifacts[0].dpath.exists()
 
 
@@ -629,9 +629,8 @@ def test_a_saev_topk_sae_is_scored_with_saevs_own_latents(copy_of_done, tmp_path
     plan = pl.make_plan(pl.load(cfg))
     (train_art,) = plan["train"].artifacts
     best = json.loads((plan["reduce"].artifacts[0].dpath / "best.json").read_text())
-    acts_ND, labels_N = score_stage.load_kept(
-        plan["dump"].artifacts[0], plan["mask"].artifacts[0], plan["train"].info[train_art.key].layer
-    )
+    (kept_art,) = plan["kept"].artifacts
+    acts_ND, labels_N = score_stage.load_kept(plan["dump"].artifact, plan["mask"].artifact, kept_art)
     f_NK, _ = saev_forward(state, torch.tensor(acts_ND), "topk", top_k=k)
     assert (f_NK < 0).any()
     scores_NK = f_NK.float().numpy()  # scored in float32, as the pipeline scores

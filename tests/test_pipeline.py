@@ -74,14 +74,61 @@ def test_second_run_does_nothing(copy_of_done, capsys):
 
 
 def test_every_stage_module_provides_the_stage_protocol():
-    """NAME, VERSION, Config, plan, run, and each optional hook declared (None when the stage has none)."""
-    from stages.graph import StageModule
+    """NAME, VERSION, Config, Inputs, plan, run, and each optional hook declared (None when the stage has none)."""
+    from saev.engine.plan import StageModule
 
-    for name, module in pl.MODULES.items():
+    for name in pl.STAGES:
+        module = pl.REGISTRY[name]
         assert isinstance(module, StageModule) and module.NAME == name
-        for hook in ("check", "finalize", "manifest_extra"):
+        for hook in ("check", "finalize", "manifest_extra", "slurm_resources", "explain_key"):
             assert getattr(module, hook) is None or callable(getattr(module, hook))
-    assert pl.MODULES["dump"].finalize is not None and pl.MODULES["reduce"].finalize is None
+    assert pl.REGISTRY["dump"].finalize is not None and pl.REGISTRY["reduce"].finalize is None
+
+
+def test_a_registry_refuses_a_module_missing_a_member_or_reading_a_later_stage():
+    import types
+
+    from saev.engine.plan import Registry
+    from stages import kept, mask
+
+    partial = types.ModuleType("stages.broken")
+    partial.NAME = "broken"
+    with pytest.raises(TypeError, match="broken does not provide what `StageModule` declares: .*'VERSION'"):
+        Registry([partial])
+    with pytest.raises(TypeError, match=r"stage 'mask' reads \['dump'\], which are not stages before it"):
+        Registry([mask, kept])
+
+
+def test_every_stage_reads_upstream_plans_it_declares_and_refs_only_their_artifacts(done_config):
+    """Each artifact's input refs name artifacts of the stages its module declares in `Inputs` (no hidden input)."""
+    plan = pl.make_plan(pl.load(done_config))
+    for name in pl.STAGES:
+        declared = set(pl.REGISTRY[name].Inputs._fields)
+        planned = {art.ref for upstream in declared for art in plan[upstream].artifacts}
+        for refs in plan[name].inputs.values():
+            assert set(refs.values()) <= planned, name
+
+
+def test_the_reduce_declares_every_artifact_it_reads(done_config):
+    plan = pl.make_plan(pl.load(done_config))
+    refs = set(plan["reduce"].inputs[plan["reduce"].artifact.key].values())
+    for name in ("dump", "mask", "train", "score"):
+        assert {art.ref for art in plan[name].artifacts} <= refs, name
+
+
+ENGINE_MODULES = ("saev.engine", "saev.engine.plan", "saev.engine.store", "saev.engine.job", "saev.engine.executors")
+
+
+def test_the_engine_imports_no_stage_and_no_launcher():
+    """The engine knows no stage: importing every engine module in a fresh interpreter loads no `stages` module."""
+    script = (
+        "import sys, importlib;"
+        f"[importlib.import_module(m) for m in {ENGINE_MODULES!r}];"
+        "print(sorted(m for m in sys.modules if m == 'launch' or m == 'stages' or m.startswith('stages.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
 def keys(config) -> dict[str, set[str]]:
@@ -349,3 +396,29 @@ def test_a_job_uses_as_many_torch_threads_as_cpus_it_was_given(tiny_config):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "threads 1" in out.stdout
     assert "torch threads: 1 (CPU affinity 1)" in out.stderr
+
+
+def test_slurm_submission_waits_on_the_stages_whose_artifacts_each_stage_reads(tiny_config, monkeypatch):
+    """afterok follows the declared inputs: the kept activations wait on the dump and the mask, not on training; the
+    job body submitted is the stages' `run_pieces` (pickled by reference), one job per missing piece."""
+    from saev import slurm
+    from saev.engine import executors
+
+    submitted: dict[str, tuple] = {}
+
+    def fake_submit(cfg, stage, fn, args_list, *, after=()):
+        submitted[stage] = (fn, len(args_list), list(after))
+        return [f"{len(submitted)}_{i}" for i in range(len(args_list))]
+
+    monkeypatch.setattr(slurm, "submit", fake_submit)
+    pipeline = dataclasses.replace(pl.load(tiny_config), slurm=slurm.SlurmConfig())
+    plan = pl.make_plan(pipeline)
+    lines = []
+    executors.Slurm(pl.REGISTRY, pl.run_pieces).run(pipeline, plan, pl.STAGES, say=lines.append)
+    assert list(submitted) == list(pl.STAGES)
+    job_of = {stage: str(i + 1) for i, stage in enumerate(submitted)}
+    reads = {"dump": [], "train": ["dump"], "mask": ["dump"], "kept": ["dump", "mask"],
+             "score": ["dump", "train", "mask", "kept"], "reduce": ["dump", "train", "mask", "score"]}  # fmt: skip
+    for stage, (fn, n_jobs, after) in submitted.items():
+        assert fn is pl.run_pieces and n_jobs == len(plan[stage].pieces)
+        assert after == [job_of[upstream] for upstream in reads[stage]], stage

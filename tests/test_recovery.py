@@ -116,6 +116,7 @@ CASES = [
     ("train-manifest-of-another-key", manifest_of_another_key, {"stage": "train"}),
     ("train-dir-linked-to-another-key", link_to_another_key, {"stage": "train"}),
     ("keep-mask-duplicated", keep_duplicated, {"stage": "mask"}),
+    ("kept-activations-corrupted-same-size", flip("kept/*/acts.npy"), {"stage": "kept"}),
     ("partial-missing", delete("score/*/partials/block00001.safetensors"), {"stage": "score"}),
     ("partial-corrupted-same-size", flip("score/*/partials/block00000.safetensors"), {"stage": "score"}),
     ("best-json-corrupted", flip("reduce/*/best.json", 5), {"stage": "reduce"}),

@@ -812,6 +812,7 @@ def test_adopting_a_dump_asks_slurm_for_no_gpu(exported, tmp_path):
     """The adopt job only links and hashes files: its sbatch options ask for no GPU, whatever [slurm.dump] says;
     the other stages keep theirs."""
     from saev import slurm
+    from saev.engine import executors
 
     out, hashdir = exported
     shutil.copy(hashdir / "classes.txt", tmp_path / "classes.txt")
@@ -819,6 +820,6 @@ def test_adopting_a_dump_asks_slurm_for_no_gpu(exported, tmp_path):
     cfg = adopt_config(tmp_path, hashdir, layer=layer)
     cfg.write_text(cfg.read_text() + '\n[slurm.dump]\ngpus = "a100:2"\ncpus = 3\n')
     pipeline = pl.load(cfg)
-    params = slurm.executor_parameters(pl.stage_slurm(pipeline, "dump"), "dump")
+    params = slurm.executor_parameters(executors.stage_slurm(pl.REGISTRY, pipeline, "dump"), "dump")
     assert "gpus_per_node" not in params and "gres" not in params and params["cpus_per_task"] == 3
-    assert slurm.executor_parameters(pl.stage_slurm(pipeline, "train"), "train")["gpus_per_node"] == 1
+    assert slurm.executor_parameters(executors.stage_slurm(pl.REGISTRY, pipeline, "train"), "train")["gpus_per_node"] == 1

@@ -17,7 +17,6 @@ import launch
 from saev import ap, artifacts, keepmask, nn, scoring
 from saev.data.shards import Shards
 from stages import pipeline as pl
-from stages import score as score_stage
 from tests.conftest import flip_byte, write_tiny_config
 
 TINY_OBJECTIVE = "l1_coeff = [1e-3, 4e-3]"
@@ -126,28 +125,28 @@ def test_a_topk_block_keeps_the_selected_latents_whatever_its_rounding():
 def test_gathered_kept_activations_equal_the_rows_the_shards_hold(topk_config):
     pipeline = pl.load(topk_config)
     plan = pl.make_plan(pipeline)
-    dump_art, mask_art = plan["dump"].artifacts[0], plan["mask"].artifacts[0]
+    dump_art, mask_art = plan["dump"].artifact, plan["mask"].artifact
     shards = Shards(dump_art.dpath)
     keep = keepmask.load_keep(mask_art.dpath, shards)
     layer = plan["score"].info[plan["score"].artifacts[0].key].layer
-    kept = score_stage.kept_artifact(pipeline.root, dump_art.ref, mask_art.ref, layer)
+    (kept,) = plan["kept"].artifacts  # one kept artifact for the three SAEs of the layer
+    assert plan["kept"].info[kept.key].layer == layer
+    assert {plan["score"].info[art.key].kept_key for art in plan["score"].artifacts} == {kept.key}
     kept.verify(params={"layer": layer})
     acts_ND = np.load(kept.dpath / scoring.KEPT_FNAME)
     assert acts_ND.dtype == np.float32
     np.testing.assert_array_equal(acts_ND, shards.patches_flat(layer, keep))
-    # One kept artifact for the three SAEs of the layer.
-    assert [p.name for p in (pipeline.root / score_stage.KEPT).iterdir()] == [kept.key]
+    assert [p.name for p in (pipeline.root / "kept").iterdir()] == [kept.key]
 
 
-def rescore(cfg: pathlib.Path) -> tuple[dict, dict]:
-    """Delete every partial (and TopK thresholds) of the run, score again; (partials before, partials after)."""
+def rescore(cfg: pathlib.Path, stage: str = "score") -> tuple[dict, dict]:
+    """Delete every partial (and TopK latents) of the run, run `stage` again; (partials before, partials after)."""
     plan = pl.make_plan(pl.load(cfg))
     before = {art.key: partial_tensors(art) for art in plan["score"].artifacts}
     for art in plan["score"].artifacts:
         shutil.rmtree(art.dpath / "partials")
         (art.dpath / scoring.TOPK_FNAME).unlink(missing_ok=True)
-    score_stage.load_kept.cache_clear()
-    run_score(cfg)
+    run_score(cfg, stage)
     after = {art.key: partial_tensors(art) for art in plan["score"].artifacts}
     return before, after
 
@@ -171,33 +170,55 @@ def test_a_score_task_reads_no_shard_when_the_kept_activations_are_gathered(copy
     assert_same_partials(before, after)
 
 
-def test_damaged_kept_activations_are_gathered_again(copy_of_topk, caplog):
-    (kept_dpath,) = (copy_of_topk.parent / "runs" / score_stage.KEPT).iterdir()
-    flip_byte(kept_dpath / scoring.KEPT_FNAME)
-    before, after = rescore(copy_of_topk)
+def zero_half_the_rows(fpath: pathlib.Path) -> None:
+    """Change the kept activations in place, at the same size and still a valid .npy: half the rows become zeros."""
+    acts_ND = np.load(fpath, mmap_mode="r+")
+    acts_ND[: len(acts_ND) // 2] = 0
+    acts_ND.flush()
+    del acts_ND
+
+
+def test_kept_activations_changed_in_place_are_found_and_gathered_again(copy_of_topk, capsys):
+    """A declared artifact like any other: the run's store check finds the change, the kept stage gathers the rows
+    again, and the rescored partials and best.json equal the clean run's."""
+    root = copy_of_topk.parent / "runs"
+    (kept_dpath,) = (root / "kept").iterdir()
+    (best_fpath,) = root.glob("reduce/*/best.json")
+    clean_best = best_fpath.read_bytes()
+    zero_half_the_rows(kept_dpath / scoring.KEPT_FNAME)
+    shutil.rmtree(best_fpath.parent)  # so that the reduce runs again too
+    before, after = rescore(copy_of_topk, "all")
     assert_same_partials(before, after)
-    assert "gathering again" in caplog.text
-    assert artifacts.Artifact(copy_of_topk.parent / "runs", score_stage.KEPT, kept_dpath.name).check("all").state == "done"
+    assert best_fpath.read_bytes() == clean_best
+    err = capsys.readouterr().err
+    assert f"kept/{kept_dpath.name} is damaged: {kept_dpath / scoring.KEPT_FNAME} does not match its checksum" in err
+    assert artifacts.Artifact(root, "kept", kept_dpath.name).check("all").state == "done"
 
 
-def test_kept_activations_of_a_recomputed_mask_are_gathered_again(copy_of_topk, caplog):
-    """The kept artifact records what it was gathered from: a mask rewritten since makes it stale."""
+def test_a_score_task_refuses_kept_activations_changed_in_place(copy_of_topk):
+    """The job body checks its inputs itself (a task started without the launcher's store check, e.g. by Slurm)."""
+    pipeline = pl.load(copy_of_topk)
+    plan = pl.make_plan(pipeline)
+    (kept,) = plan["kept"].artifacts
+    zero_half_the_rows(kept.dpath / scoring.KEPT_FNAME)
+    piece = plan["score"].pieces[0]
+    piece.fpath.unlink()
+    with pytest.raises(artifacts.IncompleteArtifactError, match=rf"cannot start: input kept/{kept.key} is damaged: "
+                       r".*/acts.npy does not match its checksum.*`--stage kept`"):  # fmt: skip
+        pl.run_pieces(pipeline, "score", [piece.id])
+    assert not kept.is_done() and not piece.fpath.exists()  # unsealed: a rerun gathers the rows again
+
+
+def test_verify_checks_the_kept_activations_and_names_what_was_made_from_them(copy_of_topk, capsys):
     plan = pl.make_plan(pl.load(copy_of_topk))
-    mask_art = plan["mask"].artifacts[0]
-    manifest = mask_art.read_manifest()
-    artifacts.atomic_write_json(mask_art.manifest_fpath, {**manifest, "files": {**manifest["files"]}, "finished": "x"})
-    # Same files: not stale. A changed file list (a recomputed, different mask) is.
-    files = dict(manifest["files"])
-    files["heldout.npy"] = {**files["heldout.npy"], "xxh3_128": "0" * 32}
-    score_stage.load_kept.cache_clear()
-    dump_art = plan["dump"].artifacts[0]
-    layer = plan["score"].info[plan["score"].artifacts[0].key].layer
-    score_stage.load_kept(dump_art, mask_art, layer)
-    assert "gathering again" not in caplog.text
-    artifacts.atomic_write_json(mask_art.manifest_fpath, {**manifest, "files": files})
-    score_stage.load_kept.cache_clear()
-    score_stage.load_kept(dump_art, mask_art, layer)
-    assert "gathered from another dump or mask" in caplog.text
+    (kept,) = plan["kept"].artifacts
+    flip_byte(kept.dpath / scoring.KEPT_FNAME)
+    assert launch.main(launch.Args(config=copy_of_topk, verify=True)) == 1
+    out = capsys.readouterr().out
+    assert f"bad: {kept.dpath / scoring.KEPT_FNAME} does not match its checksum" in out
+    made_from = out.split(f"made from {kept.ref}: ")[1].splitlines()[0]
+    for art in (*plan["score"].artifacts, plan["reduce"].artifact):
+        assert art.ref in made_from
 
 
 def test_damaged_topk_latents_are_computed_again(copy_of_topk, caplog):
@@ -208,7 +229,6 @@ def test_damaged_topk_latents_are_computed_again(copy_of_topk, caplog):
     flip_byte(art.dpath / scoring.TOPK_FNAME)
     for fpath in (art.dpath / "partials").iterdir():
         fpath.unlink()
-    score_stage.load_kept.cache_clear()
     run_score(copy_of_topk)
     assert "does not match the checksum" in caplog.text and "computing it again" in caplog.text
     assert_same_partials({art.key: before}, {art.key: partial_tensors(art)})

@@ -98,7 +98,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 def stage_states(out: str) -> dict[str, str]:
     """Stage -> done/partial/missing from the launcher's plan table."""
-    stages = ("dump", "train", "mask", "score", "reduce")
+    stages = ("dump", "train", "mask", "kept", "score", "reduce")
     states = {}
     for line in out.splitlines():
         words = line.split()
@@ -121,7 +121,7 @@ def test_whole_graph_is_submitted_at_once_and_completes_after_the_launcher_exits
     assert done.returncode == 0, done.stdout + done.stderr
     assert time.monotonic() - start < 60  # it returned right after submitting
     out = done.stdout
-    for stage in ("dump", "train", "mask", "score", "reduce"):
+    for stage in ("dump", "train", "mask", "kept", "score", "reduce"):
         assert job_ids_of(out, stage), f"{stage} not submitted:\n{out}"
     assert "score: submitted 4 job(s)" in out  # 2 SAEs x 2 blocks, in arrays of at most 3
     assert len(job_ids_of(out, "score")) == 2  # split into two arrays (max_array_size = 3)
@@ -130,9 +130,9 @@ def test_whole_graph_is_submitted_at_once_and_completes_after_the_launcher_exits
     assert len(result["classes"]) == 6
     status = launch(cfg, "--status")
     assert status.returncode == 0
-    assert stage_states(status.stdout) == {s: "done" for s in ("dump", "train", "mask", "score", "reduce")}
+    assert stage_states(status.stdout) == {s: "done" for s in ("dump", "train", "mask", "kept", "score", "reduce")}
     again = launch(cfg)  # nothing left to submit
-    assert ": submitted" not in again.stdout and again.stdout.count("done, skipping") == 5
+    assert ": submitted" not in again.stdout and again.stdout.count("done, skipping") == 6
 
 
 def test_failed_block_cancels_reduce_and_is_resubmitted_alone(tmp_path):

@@ -343,7 +343,7 @@ CORRUPTIONS = [
     ("keep-heldout-overlap", _overlap, "reduce"),
     ("keep-header-garbled", _keep_header_garbled, "score"),
     ("label-out-of-range", _label_out_of_range, "mask"),
-    ("nan-activation-in-a-kept-patch", _nan_in_a_kept_patch, "score"),
+    ("nan-activation-in-a-kept-patch", _nan_in_a_kept_patch, "kept"),  # the kept stage gathers the rows
     ("partial-of-another-sae", _partial_of_the_other_sae, "reduce"),
     ("partial-header-garbled", _partial_header_garbled, "reduce"),
     ("partial-nan-ap", _partial_nan_ap, "reduce"),
