@@ -5,6 +5,7 @@ documented forward: h = x @ W_enc + b_enc, then its activation, then f @ W_dec +
 
 import json
 import pathlib
+import pickle
 import shutil
 
 import pytest
@@ -340,6 +341,69 @@ REFUSALS = {
         lambda p: p.write_bytes(write_schema5(p, "Relu", 8, 16, _state()).read_bytes()[: p.stat().st_size // 2]),
         "not a readable torch state dict",
     ),
+    "meta tensor": (
+        lambda p: write_schema5(p, "Relu", 8, 16, {**_state(), "W_enc": torch.empty(8, 16, device="meta")}),
+        "tensor 'W_enc' is on device meta (a meta tensor: shapes without values), not the CPU",
+    ),
+    "sparse tensor": (
+        lambda p: write_schema5(p, "Relu", 8, 16, {**_state(), "W_dec": _state()["W_dec"].to_sparse()}),
+        "tensor 'W_dec' has layout sparse_coo, not a dense (strided) tensor",
+    ),
+    "sparse csr tensor": (
+        lambda p: write_schema5(p, "Relu", 8, 16, {**_state(), "W_enc": _state()["W_enc"].to_sparse_csr()}),
+        "tensor 'W_enc' has layout sparse_csr",
+    ),
+    "quantized tensor": (
+        lambda p: write_schema5(p, "Relu", 8, 16, {**_state(), "b_dec": torch.quantize_per_tensor(
+            torch.zeros(8), 0.1, 0, torch.quint8)}),
+        "tensor 'b_dec' has layout quantized",
+    ),
+    "complex tensor": (
+        lambda p: write_schema5(p, "Relu", 8, 16, {**_state(), "b_dec": torch.zeros(8, dtype=torch.complex64)}),
+        "tensor 'b_dec' has dtype torch.complex64, not a floating-point type",
+    ),
+    "float64 beyond float32": (
+        lambda p: write_schema5(p, "Relu", 8, 16, {**_state(), "W_dec": _state()["W_dec"].double() * 1e300}),
+        "tensor 'W_dec' overflows float32 (it holds torch.float64 values up to",
+    ),
+    "converted bias beyond float32": (  # each fits float32; b_dec @ W_enc does not
+        lambda p: write_schema5(p, "Relu", 8, 16, {**_state(), "W_enc": torch.full((8, 16), 1e30),
+                                                   "b_dec": torch.full((8,), 1e30)}),
+        "tensor 'b_enc + b_dec @ W_enc' overflows float32",
+    ),
+    "threshold beyond float32": (
+        lambda p: write_schema5(p, "BatchTopK", 8, 16, {**_state(), "activation.threshold": torch.tensor(1e300, dtype=torch.float64)}),
+        "tensor 'activation.threshold' overflows float32",
+    ),
+    "infinite weight": (
+        lambda p: write_schema5(p, "Relu", 8, 16, {**_state(), "W_dec": torch.full((16, 8), float("inf"))}),
+        "tensor 'W_dec' holds NaN or infinite values",
+    ),
+    "NaN threshold": (
+        lambda p: write_schema5(p, "BatchTopK", 8, 16, {**_state(), "activation.threshold": torch.tensor(float("nan"))}),
+        "tensor 'activation.threshold' holds NaN or infinite values",
+    ),
+    "pickle after the header": (
+        lambda p: p.write_bytes(json.dumps(schema5_header("Relu", 8, 16)).encode() + b"\n" + pickle.dumps(_state())),
+        "the state dict holds pickled objects",
+    ),
+    "pickled object after the header": (
+        lambda p: p.write_bytes(json.dumps(schema5_header("Relu", 8, 16)).encode() + b"\n"
+                                + pickle.dumps({"W_enc": Payload(p.parent / "ran")})),
+        "the state dict holds pickled objects",
+    ),
+    "truncated in the header": (
+        lambda p: p.write_bytes(write_schema5(p, "Relu", 8, 16, _state()).read_bytes()[:40]),
+        "no JSON header line",
+    ),
+    "truncated just after the header": (
+        lambda p: p.write_bytes(json.dumps(schema5_header("Relu", 8, 16)).encode() + b"\n"),
+        "not a readable torch state dict",
+    ),
+    "truncated near the end": (
+        lambda p: p.write_bytes(write_schema5(p, "Relu", 8, 16, _state()).read_bytes()[:-30]),
+        "not a readable torch state dict",
+    ),
     "garbage after the header": (
         lambda p: p.write_bytes(json.dumps(schema5_header("Relu", 8, 16)).encode() + b"\n" + b"\x13" * 500),
         "not a readable torch state dict",
@@ -356,6 +420,8 @@ def test_bad_files_are_refused_with_one_line_naming_the_file(tmp_path, case):
         sae_files.read_sae(fpath)
     msg = str(info.value)
     assert "\n" not in msg and str(fpath) in msg and message in msg, msg
+    assert "weights_only=False" not in msg and "weights_only` set to `False" not in msg, msg  # never that advice
+    assert not (tmp_path / "ran").exists()
 
 
 def test_pickled_objects_are_refused_and_never_run(tmp_path):
@@ -560,11 +626,16 @@ def test_imports_with_a_layer_of_their_own_and_relative_paths(done_config, tiny_
     assert len(layers) == 2 and layers[0] == layers[1] + 1
 
 
-@pytest.mark.parametrize("case", ["wrong width", "missing", "layer not dumped", "bad file", "nothing to score"])
+@pytest.mark.parametrize("case", ["wrong width", "missing", "layer not dumped", "bad file", "nothing to score",
+                                  "float64 beyond float32", "meta tensor", "pickle"])  # fmt: skip
 def test_bad_imports_are_refused_before_anything_runs(tiny_config, tmp_path, capsys, case):
     fpath = tmp_path / "sae.pt"
     imports, message = json.dumps([str(fpath)]), str(fpath)
-    if case == "wrong width":
+    if case in ("float64 beyond float32", "meta tensor", "pickle"):  # caught by --dry-run too, naming the tensor
+        REFUSALS[case if case != "pickle" else "pickle after the header"][0](fpath)
+        message = f"{fpath}: " + {"pickle": "the state dict holds pickled objects", "meta tensor": "tensor 'W_enc' is "
+                                  "on device meta", "float64 beyond float32": "tensor 'W_dec' overflows float32"}[case]
+    elif case == "wrong width":
         write_schema5(fpath, "Relu", 5, 10, random_state(5, 10))
         message = f"{fpath}: the SAE reads width d_model=5"
     elif case == "layer not dumped":
