@@ -54,7 +54,7 @@ class Adopt:
         if self.class_names and self.classes is not None:
             raise ValueError("dump.adopt: give class_names or classes, not both")
         if fault := labels.class_names_fault(self.class_names):
-            raise ValueError(f"dump.adopt.class_names: {fault}")
+            raise ValueError(f"class_names {fault}")
 
 
 @dataclasses.dataclass(frozen=True)

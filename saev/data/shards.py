@@ -174,7 +174,7 @@ def check_label_fields(obj: dict[str, typing.Any], fpath: pathlib.Path | str) ->
     if not (isinstance(names, list) and all(type(n) is str for n in names)):
         raise ShardError(f"{fpath}: field 'class_names' must be a list of strings, got {names!r}")
     if fault := labels_.class_names_fault(names):
-        raise ShardError(f"{fpath}: field 'class_names': {fault}")
+        raise ShardError(f"{fpath}: field 'class_names' {fault}")
     ignore = obj.get("labels_ignore", 255)
     check_ignore(ignore, dtype, len(names), f"{fpath}: field 'labels_ignore'")
 
