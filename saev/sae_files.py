@@ -18,7 +18,12 @@ Formats read (`read_sae`):
 - ours: a directory with `sae.json` + `sae.safetensors` (`saev.nn.save`; a train artifact directory is one).
 
 Nothing is unpickled: the header is parsed as JSON and the state dict read with `torch.load(weights_only=True)`,
-which only rebuilds tensors; a file that needs more (pickled objects) is refused.
+which only rebuilds tensors; a file that needs more (pickled objects) is refused. Before anything is opened the path
+must be a regular file (a FIFO or a device is refused unread: `helpers.open_regular_file`); only the header line is
+read before the file's size is checked against the header's shapes (every tensor at 8 bytes a value, plus the
+archive's own few KiB). Each tensor must be dense (not sparse or quantized), on the CPU (not a meta tensor), of a
+floating-point dtype and finite, and stay finite once converted to float32 (a float64 value beyond float32's range
+would become inf).
 
 Conversion. saev's encoder is `h = x @ W_enc + b_enc` (no `b_dec` subtraction); ours is `(x - b_dec) @ W_enc + b_enc`,
 so an imported SAE gets `b_enc_ours = b_enc_theirs + b_dec @ W_enc` (computed in float64), and an export
@@ -63,6 +68,8 @@ RELU_AFTER_TOP_K = "relu-after-top-k"
 SUPPORTED_SCHEMAS = (None, 1, 2, 3, 4, 5)
 """saev header schemas `read_sae` reads (None: a header without "schema")."""
 
+_WHAT = "SAE checkpoint"
+"""How messages name the files read here."""
 _MAX_HEADER_BYTES = 1 << 20
 _ARCHIVE_SLACK_BYTES = 64 << 10
 """Bytes a torch archive adds to its tensors' data (zip records, the pickled index, alignment): a few KiB."""
@@ -103,9 +110,10 @@ def read_sae(path: pathlib.Path | str) -> ImportedSae:
     `sae.safetensors`.
 
     Raises:
-        SaeFileError: missing or unreadable path, truncated or corrupted file, bad header, unsupported schema or
-            activation, pickled objects, missing, extra, misshapen or non-finite tensors (one line naming the file
-            and the field).
+        SaeFileError: missing or unreadable path, not a regular file, larger than its header's shapes allow,
+            truncated or corrupted file, bad header, unsupported schema or activation, pickled objects, missing,
+            extra, misshapen, sparse, meta or non-finite tensors, or values that overflow float32 (one line naming
+            the file and the field).
     """
     path = pathlib.Path(path)
     if path.is_dir():
@@ -151,9 +159,6 @@ def read_saev_pt(fpath: pathlib.Path | str) -> ImportedSae:
         top_k=spec.top_k,
         header=header,
     )
-
-
-_WHAT = "SAE checkpoint"
 
 
 def _read(fobj: typing.BinaryIO, fpath: pathlib.Path, n: int) -> bytes:

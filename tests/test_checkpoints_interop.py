@@ -3,10 +3,12 @@ ours exported as saev 2.x files. The fixtures are written here from the document
 (shared/notes/saev-formats.md and the v1 source), and the expected outputs computed independently with saev's
 documented forward: h = x @ W_enc + b_enc, then its activation, then f @ W_dec + b_dec."""
 
+import io
 import json
 import pathlib
 import pickle
 import shutil
+import zipfile
 
 import pytest
 import torch
@@ -433,6 +435,25 @@ def test_pickled_objects_are_refused_and_never_run(tmp_path):
     with pytest.raises(sae_files.SaeFileError, match="pickled objects") as info:
         sae_files.read_sae(fpath)
     assert not marker.exists() and "\n" not in str(info.value) and str(fpath) in str(info.value)
+
+
+def test_tensors_saved_on_a_gpu_are_read_onto_the_cpu(tmp_path):
+    """A state dict saved from CUDA tensors (its archive names the device "cuda:0") is read onto the CPU, where the
+    checks run (a meta tensor, which has no values, is refused: REFUSALS)."""
+    fpath = write_schema5(tmp_path / "sae.pt", "Relu", 8, 16, _state())
+    header, _, payload = fpath.read_bytes().partition(b"\n")
+    src, out = zipfile.ZipFile(io.BytesIO(payload)), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert b"X\x03\x00\x00\x00cpu" in data
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")  # pickled str: length, bytes
+            dst.writestr(info, data)
+    fpath.write_bytes(header + b"\n" + out.getvalue())
+    imported = sae_files.read_sae(fpath)
+    assert all(t.device.type == "cpu" for t in imported.sae.state_dict().values())
+    assert torch.equal(imported.sae.W_enc.detach(), _state()["W_enc"])
 
 
 @pytest.mark.parametrize("field,value", [("d_vit", "8"), ("keep_negative", "yes")])
