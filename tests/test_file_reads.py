@@ -267,3 +267,34 @@ def test_a_shard_that_is_a_fifo_is_refused(tmp_path):
     with pytest.raises(ShardError, match="is a FIFO") as info:
         saevfmt.read_source(src, class_names=("background", "a", "b"))
     assert str(src / "acts000000.bin") in str(info.value)
+
+
+@pytest.mark.parametrize("name,damage,match", [
+    ("metadata.json", "truncate", "cannot read it: not JSON"),
+    ("metadata.json", "not utf-8", "cannot read it: not JSON"),
+    ("metadata.json", "a list", "is not a JSON object of metadata fields"),
+    ("shards.json", "truncate", "cannot read it: not JSON"),
+    ("shards.json", "an object", "is not a valid shard list"),
+    ("shards.json", "directory", "metadata path is a directory, not a file"),
+    ("labels.bin", "truncate", "bytes, expected"),
+    ("labels.bin", "directory", "labels path is a directory, not a file"),
+])  # fmt: skip
+def test_an_adopted_file_truncated_mistyped_or_not_a_file_is_one_line_naming_it(tmp_path, name, damage, match):
+    src = src_2x(tmp_path)
+    fpath = src / name
+    data = fpath.read_bytes()
+    if damage == "truncate":
+        fpath.write_bytes(data[: len(data) // 2])
+    elif damage == "not utf-8":
+        fpath.write_bytes(b"\xff" + data[1:])
+    elif damage == "a list":
+        fpath.write_text("[1, 2]")
+    elif damage == "an object":
+        fpath.write_text('{"name": "acts000000.bin"}')
+    elif damage == "directory":
+        fpath.unlink()
+        fpath.mkdir()
+    with pytest.raises(ShardError) as info:
+        saevfmt.read_source(src, class_names=("background", "a", "b"))
+    msg = str(info.value)
+    assert "\n" not in msg and str(fpath) in msg and match in msg, msg
