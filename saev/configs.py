@@ -13,6 +13,8 @@ import typing
 
 import beartype
 
+from saev import helpers
+
 
 class ConfigError(ValueError):
     """A config file or table is malformed: the message names the file, the key and what was expected."""
@@ -24,8 +26,8 @@ def load_toml(fpath: pathlib.Path | str, what: str = "config") -> dict[str, typi
     the kind of file in messages, e.g. "sweep").
 
     Raises:
-        ConfigError: the file is missing, a directory, unreadable (permissions or any other OSError), not UTF-8
-            text, or not valid TOML (the message has the line and column).
+        ConfigError: the file is missing, a directory, not a regular file, too large, unreadable (permissions or any
+            other OSError), not UTF-8 text, or not valid TOML (the message has the line and column).
     """
     fpath = pathlib.Path(fpath)
     try:
@@ -40,18 +42,10 @@ def read_text(fpath: pathlib.Path, what: str = "config") -> str:
     """The whole text of the TOML file `fpath`, or `ConfigError` naming it (`what` names the kind of file).
 
     Raises:
-        ConfigError: missing, a directory, unreadable, any other OSError (e.g. EIO on a flaky mount), or not UTF-8.
+        ConfigError: missing, a directory, not a regular file (a FIFO, a device), over `helpers.MAX_TEXT_BYTES`,
+            unreadable, any other OSError (e.g. EIO on a flaky mount), or not UTF-8.
     """
-    try:
-        data = fpath.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file not found: {fpath}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{what} path is a directory, not a TOML file: {fpath}") from None
-    except PermissionError:
-        raise ConfigError(f"{what} file is not readable (permission denied): {fpath}") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read {what} file {fpath}: {err.strerror or err}") from None
+    data = helpers.read_regular_file(fpath, what=what, error=ConfigError)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:

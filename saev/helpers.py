@@ -1,11 +1,16 @@
-"""Small shared utilities: log-friendly progress reporting, logging setup, device choice, malloc tuning."""
+"""Small shared utilities: log-friendly progress reporting, logging setup, device choice, malloc tuning, and the one
+bounded reader of files a user names."""
 
+import contextlib
 import ctypes
 import logging
 import math
 import os
+import pathlib
+import stat
 import sys
 import time
+import typing
 from collections.abc import Iterable, Iterator
 
 import beartype
@@ -113,6 +118,86 @@ class Progress:
                 f"| {rate:.1f} {self.unit}/s | ETA {eta_s}"
             )
         return f"{self.desc}: {self.done} {self.unit} | {rate:.1f} {self.unit}/s"
+
+
+MAX_TEXT_BYTES = 16 << 20
+"""Largest config, sweep, JSON metadata or class-names file read: far above any real one (a shards.json listing
+100,000 shards is 4 MiB), far below what would exhaust memory."""
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+
+
+@beartype.beartype
+def check_regular_file(
+    fpath: pathlib.Path, *, what: str, max_bytes: int | None, error: type[Exception] = ValueError
+) -> int:
+    """The size of `fpath` after checking, without opening it, that it is a regular file (a symbolic link is followed;
+    its target must be one) of at most `max_bytes` bytes (None: the caller compares the size itself); otherwise
+    `error` with one line naming the file, `what` names the kind of file ("config", "SAE checkpoint", ...).
+
+    Raises:
+        error: missing, a directory, a FIFO, device or socket (reading one could block forever or never end), larger
+            than `max_bytes`, or any other OSError of `stat`.
+    """
+    try:
+        st = fpath.stat()
+    except FileNotFoundError:
+        raise error(f"{what} file not found: {fpath}") from None
+    except OSError as err:
+        raise error(f"cannot read {what} file {fpath}: {err.strerror or err}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{what} path is a directory, not a file: {fpath}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        link = f" (a link to {os.path.realpath(fpath)})" if fpath.is_symlink() else ""
+        raise error(f"{what} file {fpath}{link} is {kind}, not a regular file")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise error(f"{what} file {fpath} has {st.st_size} bytes, more than a {what} file can hold ({max_bytes} at most)")
+    return st.st_size
+
+
+@contextlib.contextmanager
+def open_regular_file(
+    fpath: pathlib.Path, *, what: str, max_bytes: int | None, error: type[Exception] = ValueError
+) -> Iterator[tuple[typing.BinaryIO, int]]:
+    """Open `fpath` for reading after `check_regular_file`; yields the open file and its size. The file is opened
+    without blocking and checked again through the open descriptor, so one swapped for a FIFO or a larger file in
+    between is refused too. Read at most the size yielded.
+
+    Raises:
+        error: as `check_regular_file`; also a file that is not readable (permission denied or another OSError).
+    """
+    check_regular_file(fpath, what=what, max_bytes=max_bytes, error=error)
+    try:
+        fd = os.open(fpath, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except PermissionError:
+        raise error(f"{what} file is not readable (permission denied): {fpath}") from None
+    except OSError as err:
+        raise error(f"cannot read {what} file {fpath}: {err.strerror or err}") from None
+    with os.fdopen(fd, "rb") as fobj:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (max_bytes is not None and st.st_size > max_bytes):
+            raise error(f"{what} file {fpath} changed while it was opened (no longer a regular file, or larger)")
+        os.set_blocking(fd, True)
+        yield fobj, st.st_size
+
+
+@beartype.beartype
+def read_regular_file(
+    fpath: pathlib.Path, *, what: str, max_bytes: int = MAX_TEXT_BYTES, error: type[Exception] = ValueError
+) -> bytes:
+    """The bytes of `fpath`, read only after `check_regular_file` (see `open_regular_file`); the one reader of files a
+    user names (configs, sweeps, SAE files, adopted metadata, class names).
+
+    Raises:
+        error: as `open_regular_file`, or a read that fails (e.g. EIO on a flaky mount); one line naming the file.
+    """
+    with open_regular_file(fpath, what=what, max_bytes=max_bytes, error=error) as (fobj, size):
+        try:
+            return fobj.read(size)
+        except OSError as err:
+            raise error(f"cannot read {what} file {fpath}: {err.strerror or err}") from None
 
 
 def get_device(name: str) -> "torch.device":

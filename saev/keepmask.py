@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Int64, jaxtyped
 
+from saev import helpers
 from saev.data.shards import Shards
 
 
@@ -81,17 +82,26 @@ def make_masks(labelled_N: Bool[np.ndarray, " N"], n_keep: int | None, n_heldout
     return Masks(keep, heldout)
 
 
+_NPY_HEADER_BYTES = 1 << 16
+"""A .npy header's largest size (numpy writes 64 to a few hundred bytes)."""
+
+
 class MaskFileError(KeepMaskError):
     """A keep.npy or heldout.npy of the mask stage cannot be read or holds invalid indices; the message names it."""
 
 
 @beartype.beartype
-def load_mask_file(fpath: pathlib.Path) -> np.ndarray:
-    """Read one mask file (a plain .npy array; pickles are refused) without casting it.
+def load_mask_file(fpath: pathlib.Path, n_patches: int) -> np.ndarray:
+    """Read one mask file (a plain .npy array; pickles are refused) without casting it; a file larger than an index
+    array of `n_patches` 8-byte integers (plus its header) is refused unread.
 
     Raises:
-        MaskFileError: the file is missing, truncated, corrupt, not a .npy file, or a pickled object array.
+        MaskFileError: the file is missing, not a regular file, too large, truncated, corrupt, not a .npy file, or a
+            pickled object array.
     """
+    if not fpath.exists():
+        raise MaskFileError(f"{fpath} is missing; rerun the mask stage")
+    helpers.check_regular_file(fpath, what="mask", max_bytes=8 * n_patches + _NPY_HEADER_BYTES, error=MaskFileError)
     try:
         return np.load(fpath, allow_pickle=False)
     except FileNotFoundError:
@@ -180,7 +190,7 @@ def load_masks(dpath: pathlib.Path, *, n_patches: int, labelled_N: np.ndarray | 
         MaskFileError: a file is missing, unreadable or holds invalid indices; the message names it.
     """
     fpaths = (dpath / "keep.npy", dpath / "heldout.npy")
-    keep, heldout = (load_mask_file(fpath) for fpath in fpaths)
+    keep, heldout = (load_mask_file(fpath, n_patches) for fpath in fpaths)
     check_masks(keep, heldout, n_patches=n_patches, labelled_N=labelled_N, fpaths=fpaths)
     return Masks(keep.astype(np.int64, copy=False), heldout.astype(np.int64, copy=False))
 

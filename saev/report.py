@@ -389,7 +389,7 @@ def _write_tiles(dpath: pathlib.Path, stem: str, result: ClassResult) -> str:
     figures = []
     for i, top in enumerate(result.top):
         png = _write_png(dpath / f"{stem}-top{i:02d}.png", _make_tile(top, vmax, cmap))
-        n_active = int((top.patch_scores > 0).sum())
+        n_active = int((top.patch_scores != 0).sum())  # an SAE's own rule: saev's TopK keeps negative values
         stats = f"max {_fmt(float(top.patch_scores.max()))} · {n_active}/{top.patch_scores.size} active"
         if top.label_mask.all():
             stats += " · all patches labelled"

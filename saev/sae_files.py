@@ -18,7 +18,12 @@ Formats read (`read_sae`):
 - ours: a directory with `sae.json` + `sae.safetensors` (`saev.nn.save`; a train artifact directory is one).
 
 Nothing is unpickled: the header is parsed as JSON and the state dict read with `torch.load(weights_only=True)`,
-which only rebuilds tensors; a file that needs more (pickled objects) is refused.
+which only rebuilds tensors; a file that needs more (pickled objects) is refused. Before anything is opened the path
+must be a regular file (a FIFO or a device is refused unread: `helpers.open_regular_file`); only the header line is
+read before the file's size is checked against the header's shapes (every tensor at 8 bytes a value, plus the
+archive's own few KiB). Each tensor must be dense (not sparse or quantized), on the CPU (not a meta tensor), of a
+floating-point dtype and finite, and stay finite once converted to float32 (a float64 value beyond float32's range
+would become inf).
 
 Conversion. saev's encoder is `h = x @ W_enc + b_enc` (no `b_dec` subtraction); ours is `(x - b_dec) @ W_enc + b_enc`,
 so an imported SAE gets `b_enc_ours = b_enc_theirs + b_dec @ W_enc` (computed in float64), and an export
@@ -43,13 +48,14 @@ import importlib.metadata
 import io
 import json
 import pathlib
+import re
 import typing
 
 import beartype
 import torch
 from torch import Tensor
 
-from saev import artifacts, checksums, nn
+from saev import artifacts, checksums, helpers, nn
 
 CONVERSION_VERSION = 1
 """Version of the conversion rules above; part of the key of every imported SAE (bump it when they change)."""
@@ -62,7 +68,11 @@ RELU_AFTER_TOP_K = "relu-after-top-k"
 SUPPORTED_SCHEMAS = (None, 1, 2, 3, 4, 5)
 """saev header schemas `read_sae` reads (None: a header without "schema")."""
 
+_WHAT = "SAE checkpoint"
+"""How messages name the files read here."""
 _MAX_HEADER_BYTES = 1 << 20
+_ARCHIVE_SLACK_BYTES = 64 << 10
+"""Bytes a torch archive adds to its tensors' data (zip records, the pickled index, alignment): a few KiB."""
 _ACTIVATION_CLASSES = ("Relu", "TopK", "BatchTopK")
 _THRESHOLD = "activation.threshold"
 
@@ -100,15 +110,16 @@ def read_sae(path: pathlib.Path | str) -> ImportedSae:
     `sae.safetensors`.
 
     Raises:
-        SaeFileError: missing or unreadable path, truncated or corrupted file, bad header, unsupported schema or
-            activation, pickled objects, missing, extra, misshapen or non-finite tensors (one line naming the file
-            and the field).
+        SaeFileError: missing or unreadable path, not a regular file, larger than its header's shapes allow,
+            truncated or corrupted file, bad header, unsupported schema or activation, pickled objects, missing,
+            extra, misshapen, sparse, meta or non-finite tensors, or values that overflow float32 (one line naming
+            the file and the field).
     """
     path = pathlib.Path(path)
     if path.is_dir():
         if (path / nn.CONFIG_FNAME).exists() or (path / nn.WEIGHTS_FNAME).exists():
             return _read_ours(path)
-        if (path / "sae.pt").is_file():
+        if (path / "sae.pt").exists():
             return read_saev_pt(path / "sae.pt")
         raise SaeFileError(
             f"{path}: directory holds neither a saev sae.pt nor our {nn.CONFIG_FNAME} + {nn.WEIGHTS_FNAME}"
@@ -120,17 +131,26 @@ def read_sae(path: pathlib.Path | str) -> ImportedSae:
 def read_saev_pt(fpath: pathlib.Path | str) -> ImportedSae:
     """Read a saev `sae.pt` (header schema none, or 1 to 5) and convert it (see the module docstring)."""
     fpath = pathlib.Path(fpath)
-    data = _read_bytes(fpath)
-    newline = data.find(b"\n", 0, _MAX_HEADER_BYTES)
-    if newline < 0:
-        raise SaeFileError(f"{fpath}: no JSON header line (a saev sae.pt starts with one line of JSON)")
-    try:
-        header = json.loads(data[:newline].decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise SaeFileError(f"{fpath}: the header line is not JSON ({_one_line(err)})") from None
-    if not isinstance(header, dict):
-        raise SaeFileError(f"{fpath}: the header is JSON {type(header).__name__}, not an object")
-    spec = _parse_header(fpath, header)
+    # Its size is bounded by its header's shapes (`_max_file_bytes`): only the header line is read before.
+    with helpers.open_regular_file(fpath, what=_WHAT, max_bytes=None, error=SaeFileError) as (fobj, size):
+        line = _read(fobj, fpath, min(size, _MAX_HEADER_BYTES))
+        newline = line.find(b"\n")
+        if newline < 0:
+            raise SaeFileError(f"{fpath}: no JSON header line (a saev sae.pt starts with one line of JSON)")
+        try:
+            header = json.loads(line[:newline].decode("utf-8"), parse_constant=_refuse_constant)
+        except (UnicodeDecodeError, ValueError) as err:
+            raise SaeFileError(f"{fpath}: the header line is not JSON ({_one_line(err)})") from None
+        if not isinstance(header, dict):
+            raise SaeFileError(f"{fpath}: the header is JSON {type(header).__name__}, not an object")
+        spec = _parse_header(fpath, header)
+        max_bytes = _max_file_bytes(spec, newline + 1)
+        if size > max_bytes:
+            raise SaeFileError(
+                f"{fpath} has {size} bytes, more than its header's shapes allow (d_model={spec.d_model}, "
+                f"d_sae={spec.d_sae}: at most {max_bytes} bytes, float64 tensors included)"
+            )
+        data = line + _read(fobj, fpath, size - len(line))
     state = _load_state_dict(fpath, data[newline + 1 :])
     return ImportedSae(
         sae=_convert(fpath, spec, state),
@@ -139,6 +159,13 @@ def read_saev_pt(fpath: pathlib.Path | str) -> ImportedSae:
         top_k=spec.top_k,
         header=header,
     )
+
+
+def _read(fobj: typing.BinaryIO, fpath: pathlib.Path, n: int) -> bytes:
+    try:
+        return fobj.read(n)
+    except OSError as err:
+        raise SaeFileError(f"cannot read {_WHAT} file {fpath}: {err.strerror or err}") from None
 
 
 class _Spec(typing.NamedTuple):
@@ -192,6 +219,13 @@ def _parse_header(fpath: pathlib.Path, header: dict) -> _Spec:
     return _Spec(fmt, d_model, d_sae, cls, top_k, keep_negative)
 
 
+def _max_file_bytes(spec: _Spec, header_bytes: int) -> int:
+    """The largest sae.pt the header's shapes allow: the header, every tensor at 8 bytes a value (float64), and the
+    archive's own bytes."""
+    n_values = 2 * spec.d_model * spec.d_sae + spec.d_sae + spec.d_model + 1  # + 1: BatchTopK's threshold
+    return header_bytes + 8 * n_values + _ARCHIVE_SLACK_BYTES
+
+
 def _widths(fpath: pathlib.Path, obj: dict, prefix: str, v1: bool) -> tuple[int, int]:
     """(d_model, d_sae) from either spelling of each: the width `d_vit` (saev v1) or `d_model` (2.x), the latent count
     `d_sae` or `exp_factor` times the width. A missing one, or two spellings that disagree, is refused."""
@@ -236,14 +270,23 @@ def _load_state_dict(fpath: pathlib.Path, payload: bytes) -> dict[str, Tensor]:
     try:
         state = torch.load(buffer, weights_only=True, map_location="cpu")
     except Exception as err:  # torch reports a truncated or garbled archive with many exception types
-        if "Unsupported global" in str(err) or "Unsupported class" in str(err):  # a class or function to rebuild
+        text = str(err)
+        # A class or function to rebuild, or a plain pickle stream (PROTO 2 to 5: pickle.dumps, not torch's archive):
+        # pickled objects either way, refused by torch's weights-only unpickler before it runs anything.
+        is_pickle = payload[:1] == b"\x80" and payload[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+        if "Unsupported global" in text or "Unsupported class" in text or (
+            type(err).__name__ == "UnpicklingError" and is_pickle
+        ):
             raise SaeFileError(
                 f"{fpath}: the state dict holds pickled objects, which weights_only loading refuses (only tensors "
                 "are read; nothing was unpickled)"
             ) from None
+        # Never quote torch's advice to retry with weights_only=False: that would run whatever the file holds.
+        found = re.search(r"Unsupported operand \d+|PytorchStreamReader failed [^.]*", text)
+        reason = found.group(0) if found else _one_line(err) if "weights_only" not in text else type(err).__name__
         raise SaeFileError(
             f"{fpath}: the bytes after the header are not a readable torch state dict (truncated or corrupted?): "
-            f"{_one_line(err)}"
+            f"{reason}"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise SaeFileError(f"{fpath}: the state dict is not a mapping of names to tensors")
@@ -273,10 +316,7 @@ def _convert(fpath: pathlib.Path, spec: _Spec, state: dict[str, Tensor]) -> nn.S
                 f"{fpath}: tensor '{name}' has shape {list(tensor.shape)}, but header d_model={d_model}, "
                 f"d_sae={d_sae} need {list(shape)}"
             )
-        if not tensor.is_floating_point():
-            raise SaeFileError(f"{fpath}: tensor '{name}' has dtype {tensor.dtype}, not a floating-point type")
-        if not bool(torch.isfinite(tensor).all()):
-            raise SaeFileError(f"{fpath}: tensor '{name}' holds NaN or infinite values")
+        _check_tensor(fpath, name, tensor)
     W_enc, b_enc, b_dec = (state[n].double() for n in ("W_enc", "b_enc", "b_dec"))
     activation: nn.Activation
     if spec.activation == "Relu":
@@ -284,15 +324,45 @@ def _convert(fpath: pathlib.Path, spec: _Spec, state: dict[str, Tensor]) -> nn.S
     elif spec.activation == "TopK":
         activation = nn.TopK(min(typing.cast(int, spec.top_k), d_sae), keep_negative=spec.keep_negative)
     else:
-        activation = nn.JumpRelu(max(float(state[_THRESHOLD]), 0.0))
+        threshold = state[_THRESHOLD].reshape(())
+        _check_finite(fpath, _THRESHOLD, threshold.float(), threshold)  # saev keeps it in a float32 buffer
+        activation = nn.JumpRelu(max(float(threshold), 0.0))
     sae = nn.SparseAutoencoder(_sae_config(d_model, d_sae), activation)
-    sae.load_state_dict({
+    converted = {
         "W_enc": state["W_enc"].float(),
         "b_enc": (b_enc + b_dec @ W_enc).float(),  # their x @ W + b == our (x - b_dec) @ W + b + b_dec @ W
         "W_dec": state["W_dec"].float(),
         "b_dec": state["b_dec"].float(),
-    })
+    }
+    for name, tensor in converted.items():
+        _check_finite(fpath, name if name != "b_enc" else "b_enc + b_dec @ W_enc", tensor, state[name])
+    sae.load_state_dict(converted)
     return sae
+
+
+def _check_tensor(fpath: pathlib.Path, name: str, tensor: Tensor) -> None:
+    """Refuse a tensor we cannot read as plain values: not dense (sparse, quantized), not on the CPU (a meta tensor
+    holds no values), not floating-point, or holding NaN or infinite values."""
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        layout = "quantized" if tensor.is_quantized else str(tensor.layout).removeprefix("torch.")
+        raise SaeFileError(f"{fpath}: tensor '{name}' has layout {layout}, not a dense (strided) tensor")
+    if tensor.device.type != "cpu":
+        what = " (a meta tensor: shapes without values)" if tensor.is_meta else ""
+        raise SaeFileError(f"{fpath}: tensor '{name}' is on device {tensor.device}{what}, not the CPU")
+    if not tensor.is_floating_point():
+        raise SaeFileError(f"{fpath}: tensor '{name}' has dtype {tensor.dtype}, not a floating-point type")
+    if not bool(torch.isfinite(tensor).all()):
+        raise SaeFileError(f"{fpath}: tensor '{name}' holds NaN or infinite values")
+
+
+def _check_finite(fpath: pathlib.Path, name: str, converted: Tensor, original: Tensor) -> None:
+    """Refuse a tensor whose finite values overflow float32 (they would become inf)."""
+    if not bool(torch.isfinite(converted).all()):
+        top = float(original.double().abs().max())
+        raise SaeFileError(
+            f"{fpath}: tensor '{name}' overflows float32 (it holds {original.dtype} values up to {top:.3g} in "
+            f"magnitude; float32 holds {torch.finfo(torch.float32).max:.3g})"
+        )
 
 
 def _sae_config(d_model: int, d_sae: int) -> nn.SaeConfig:
@@ -302,29 +372,26 @@ def _sae_config(d_model: int, d_sae: int) -> nn.SaeConfig:
 
 
 def _read_ours(dpath: pathlib.Path) -> ImportedSae:
+    cfg_fpath, weights_fpath = dpath / nn.CONFIG_FNAME, dpath / nn.WEIGHTS_FNAME
+    config = helpers.read_regular_file(cfg_fpath, what=_WHAT, error=SaeFileError)
+    try:
+        header = json.loads(config)
+        d_vit, exp_factor = int(header["d_vit"]), int(header.get("exp_factor", 8))
+        d_sae = header.get("latents") or d_vit * exp_factor
+        max_bytes = _max_file_bytes(_Spec("ours", d_vit, int(d_sae), "", None, False), 0)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        max_bytes = _ARCHIVE_SLACK_BYTES  # a bad sae.json: nn.load below names its field
     hasher = checksums.new_hasher()
-    for fpath in (dpath / nn.CONFIG_FNAME, dpath / nn.WEIGHTS_FNAME):
-        hasher.update(_read_bytes(fpath))
+    hasher.update(config)
+    hasher.update(helpers.read_regular_file(weights_fpath, what=_WHAT, max_bytes=max_bytes, error=SaeFileError))
     try:
         sae = nn.load(dpath)
     except (OSError, ValueError) as err:
         raise SaeFileError(_one_line(err)) from None
     for name, tensor in sae.state_dict().items():
         if not bool(torch.isfinite(tensor).all()):
-            raise SaeFileError(f"{dpath / nn.WEIGHTS_FNAME}: tensor '{name}' holds NaN or infinite values")
-    header = json.loads((dpath / nn.CONFIG_FNAME).read_text())
+            raise SaeFileError(f"{weights_fpath}: tensor '{name}' holds NaN or infinite values")
     return ImportedSae(sae=sae, fmt="ours", checksum=hasher.hexdigest(), top_k=None, header=header)
-
-
-def _read_bytes(fpath: pathlib.Path) -> bytes:
-    try:
-        return fpath.read_bytes()
-    except FileNotFoundError:
-        raise SaeFileError(f"SAE checkpoint not found: {fpath}") from None
-    except IsADirectoryError:
-        raise SaeFileError(f"{fpath} is a directory, not an SAE checkpoint file") from None
-    except OSError as err:
-        raise SaeFileError(f"cannot read SAE checkpoint {fpath}: {err.strerror or err}") from None
 
 
 def _refuse_constant(name: str) -> typing.NoReturn:

@@ -127,11 +127,12 @@ class Metrics:
     nmse: float
     """Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over held-out rows."""
     l0: float
-    """Mean number of active (> 0) latents per held-out example."""
+    """Mean number of active latents per held-out example: non-zero, the SAE's own rule (an imported saev TopK SAE
+    keeps negative values, so "positive" would miss its active latents)."""
     dead_frac: float
-    """Fraction of latents never active on the held-out rows."""
+    """Fraction of latents never active (never non-zero) on the held-out rows."""
     dense_frac: float
-    """Fraction of latents active on more than 10% of the held-out rows."""
+    """Fraction of latents active (non-zero) on more than 10% of the held-out rows."""
     n_steps: int
     """Optimisation steps taken."""
 
@@ -551,7 +552,7 @@ def get_metrics(sae: nn.SparseAutoencoder, acts_ND: Float[np.ndarray, "N D"], *,
         x_BD = x_ND[start : start + _EVAL_CHUNK_ROWS]
         x_hat_BD, f_BS = sae64(x_BD)
         sq_err += (x_hat_BD - x_BD).pow(2).sum().item()
-        active_S += (f_BS > 0).sum(dim=0)
+        active_S += (f_BS != 0).sum(dim=0)  # non-zero, not positive: TopK(keep_negative) keeps negative values
     total_var = (x_ND - x_ND.mean(dim=0)).pow(2).sum().item()
     freq_S = active_S / n
     return Metrics(

@@ -62,6 +62,8 @@ class Adopt:
     def __post_init__(self):
         if self.class_names and self.classes is not None:
             raise ValueError("dump.adopt: give class_names or classes, not both")
+        if fault := labels.class_names_fault(self.class_names):
+            raise ValueError(f"class_names {fault}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,18 @@ from saev import artifacts, checkpoint, configs, nn, slurm, sweep, training
 NOT_UTF8 = b'# caf\xe9 (latin-1)\nroot = "runs"\n'
 """A TOML file saved in latin-1: byte 0xe9 is not valid UTF-8."""
 
+def failing_open(fpath: pathlib.Path, err: OSError):
+    """`os.open` that raises `err` for `fpath` (the one reader of user files opens them with it) and opens the rest."""
+    real_open = os.open
+
+    def fake_open(path, *args, **kwargs):
+        if pathlib.Path(path) == fpath:
+            raise err
+        return real_open(path, *args, **kwargs)
+
+    return fake_open
+
+
 CONTROLLER_DOWN = "slurm_load_partitions: Unable to contact slurm controller (connect failure)"
 
 
@@ -38,7 +50,7 @@ def test_config_not_utf8_names_the_file(tmp_path):
 
 
 def test_config_directory_names_it(tmp_path):
-    with pytest.raises(configs.ConfigError, match=rf"config path is a directory, not a TOML file: {tmp_path}"):
+    with pytest.raises(configs.ConfigError, match=rf"config path is a directory, not a file: {tmp_path}"):
         configs.load_toml(tmp_path)
 
 
@@ -53,10 +65,7 @@ def test_config_unreadable_names_it(tmp_path, monkeypatch, err, msg):
     fpath = tmp_path / "a.toml"
     fpath.write_text('root = "runs"\n')
 
-    def fail(self):
-        raise err
-
-    monkeypatch.setattr(pathlib.Path, "read_bytes", fail)
+    monkeypatch.setattr(os, "open", failing_open(fpath, err))
     with pytest.raises(configs.ConfigError, match=msg) as info:
         configs.load_toml(fpath)
     assert str(fpath) in str(info.value)
@@ -79,7 +88,7 @@ def test_sweep_not_utf8_names_the_file(tmp_path):
 
 
 def test_sweep_directory_names_it(tmp_path):
-    with pytest.raises(sweep.SweepError, match=rf"sweep path is a directory, not a TOML file: {tmp_path}"):
+    with pytest.raises(sweep.SweepError, match=rf"sweep path is a directory, not a file: {tmp_path}"):
         sweep.load_sweep(tmp_path, training.TrainConfig)
 
 
@@ -94,10 +103,7 @@ def test_sweep_unreadable_names_it(tmp_path, monkeypatch, err, msg):
     fpath = tmp_path / "sweep.toml"
     fpath.write_text("lr = [1e-3]\n")
 
-    def fail(self):
-        raise err
-
-    monkeypatch.setattr(pathlib.Path, "read_bytes", fail)
+    monkeypatch.setattr(os, "open", failing_open(fpath, err))
     with pytest.raises(sweep.SweepError, match=msg.format(f=fpath)):
         sweep.load_sweep(fpath, training.TrainConfig)
 

@@ -1,5 +1,8 @@
 """A job's own Slurm identity and requeue, without a cluster (environment variables as Slurm sets them)."""
 
+import pathlib
+import re
+
 import pytest
 
 from saev import preemption, slurm
@@ -36,3 +39,17 @@ def test_checkpoint_request_is_taken_once():
     preemption.request_checkpoint()
     assert preemption.take_checkpoint_request()
     assert not preemption.take_checkpoint_request()
+
+
+def test_run_tests_syncs_the_environment_before_entering_the_network_namespace():
+    """slurm/local/run-tests.sh runs pytest inside the cluster's network namespace, where only loopback is reachable:
+    a fresh clone (no .venv) must be synced before (`uv sync --locked`), and nothing inside may sync (`uv run
+    --no-sync`), or the first `uv run` fails to reach the package registry."""
+    script = pathlib.Path(__file__).resolve().parent.parent / "slurm" / "local" / "run-tests.sh"
+    lines = [line.strip() for line in script.read_text().splitlines()]
+    commands = [(i, line) for i, line in enumerate(lines) if line and not line.startswith("#")]
+    sync = [i for i, line in commands if re.match(r"uv sync --locked\b", line)]
+    in_namespace = [i for i, line in commands if "nsenter" in line or "up.sh" in line]
+    assert sync and in_namespace and sync[0] < in_namespace[0], (sync, in_namespace)
+    uv_runs = [line for _, line in commands if re.search(r"\buv run\b", line)]
+    assert uv_runs and all("uv run --no-sync" in line for line in uv_runs), uv_runs

@@ -272,6 +272,28 @@ def test_metrics_count_dense_latents():
     assert (metrics.l0, metrics.dense_frac, metrics.dead_frac) == (1.0, 1 / 8, 7 / 8)
 
 
+def test_metrics_count_negative_values_of_a_topk_that_keeps_them():
+    """An imported saev TopK SAE keeps its k largest pre-activations even when negative: those latents are active
+    (its own rule). Here nearly every pre-activation is negative: l0 is k, few latents are dead, and `sae_health`
+    does not call it a failed SAE (counting only positive values, l0 would be ~0 and every latent dead)."""
+    from stages import reduce
+
+    acts = np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32)
+    sae = nn.SparseAutoencoder(nn.SaeConfig(d_vit=8, exp_factor=8), nn.TopK(2, keep_negative=True))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(8, 64, generator=torch.Generator().manual_seed(0)))
+        sae.b_enc.fill_(-20.0)
+    with torch.no_grad():
+        f_NS = sae.encode(torch.from_numpy(acts))
+    assert (f_NS > 0).sum() < 10 and ((f_NS != 0).sum(dim=1) == 2).all()
+    metrics = training.get_metrics(sae, acts, n_steps=0)
+    freq_S = (f_NS != 0).double().mean(dim=0)
+    assert metrics.l0 == 2.0
+    assert metrics.dead_frac == float((freq_S == 0).double().mean()) < reduce.MAX_DEAD_FRAC
+    assert metrics.dense_frac == float((freq_S > 0.1).double().mean())
+    assert not [why for why in reduce.sae_health({**dataclasses.asdict(metrics), "nmse": 0.5}) if "dead" in why]
+
+
 def test_progress_is_logged_at_most_every_log_every_steps(tiny_acts, caplog):
     with caplog.at_level(logging.INFO, logger="saev.training"):
         training.train(TINY, tiny_acts, log_every=4)

@@ -36,6 +36,7 @@ from saev.data.images import (
     crop_box,
     pixel_limit,
     read_class_names,
+    read_class_names_bytes,
     read_image,
     read_mask,
     read_upright,
@@ -259,10 +260,7 @@ class FolderDataset:
 
     def fingerprint(self) -> Fingerprint:
         """Every image and mask, and the class-names file, with its contents' hash (see `Fingerprint`)."""
-        try:
-            classes_sha256 = hashlib.sha256(self.classes_fpath.read_bytes()).hexdigest()
-        except OSError as err:
-            raise DatasetError(f"cannot read class-names file {self.classes_fpath}: {err.strerror or err}") from err
+        classes_sha256 = hashlib.sha256(read_class_names_bytes(self.classes_fpath)).hexdigest()
         fpaths = [*self.img_fpaths, *self.mask_fpaths, self.classes_fpath]
         return _make_fingerprint("segfolder", self.class_names, pathlib.Path(self.cfg.root), fpaths, classes_sha256)
 

@@ -21,6 +21,7 @@ import numpy as np
 from jaxtyping import Integer, UInt8, jaxtyped
 from PIL import ExifTags, Image, ImageOps
 
+from saev import helpers
 from saev.data import labels
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -264,29 +265,29 @@ def read_class_names(fpath: pathlib.Path) -> tuple[str, ...]:
     """Class names from a text file, one per line (line i names class id i): UTF-8 (a leading byte-order mark is
     allowed), each name stripped of surrounding whitespace, blank lines allowed only at the end, no name twice.
     Every fault is a `DatasetError` naming the file (and the line)."""
-    if not fpath.is_file():
-        raise DatasetError(f"class-names file not found: {fpath}")
+    data = read_class_names_bytes(fpath)
     try:
-        text = fpath.read_bytes().decode("utf-8-sig")
-    except OSError as err:
-        raise DatasetError(f"cannot read class-names file {fpath}: {err.strerror or err}") from err
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = fpath.read_bytes()[: err.start].count(b"\n") + 1
+        line = data[: err.start].count(b"\n") + 1
         raise DatasetError(f"class-names file {fpath} is not UTF-8: byte {err.start} (line {line}) is invalid") from err
     names = [line.strip() for line in text.splitlines()]
     while names and not names[-1]:
         names.pop()
     if not names:
         raise DatasetError(f"class-names file is empty: {fpath}")
-    first_line: dict[str, int] = {}
     for i, name in enumerate(names):
         if not name:
             raise DatasetError(f"class-names file {fpath} has a blank line {i + 1} between class names")
-        if name in first_line:
-            lines = f"lines {first_line[name] + 1} and {i + 1}"
-            raise DatasetError(f"class-names file {fpath} names class {name!r} twice: {lines}")
-        first_line[name] = i
+    if fault := labels.class_names_fault(names, lines=True):
+        raise DatasetError(f"class-names file {fpath} {fault}")
     return tuple(names)
+
+
+def read_class_names_bytes(fpath: pathlib.Path) -> bytes:
+    """The bytes of a class-names file, read only once checked to be a regular file of a plausible size
+    (`helpers.read_regular_file`); a `DatasetError` naming it otherwise."""
+    return helpers.read_regular_file(fpath, what="class-names", error=DatasetError)
 
 
 

@@ -7,11 +7,30 @@ patch gets the majority class of its pixels. Masks are pooled one at a time or a
 """
 
 import functools
+from collections.abc import Sequence
 
 import beartype
 import numpy as np
 import torch
 from jaxtyping import Int, Integer, jaxtyped
+
+
+@beartype.beartype
+def class_names_fault(names: Sequence[str], *, lines: bool = False) -> str | None:
+    """What is wrong with a list of class names, or None: a blank name, one with a line break or surrounding
+    whitespace (it would not survive a classes.txt, one stripped name a line), or a name given twice (two classes
+    would share a row of every result). The text names the entries (1-based; `lines`: says "line") and the name."""
+    one, many = ("line", "lines") if lines else ("entry", "entries")
+    first: dict[str, int] = {}
+    for i, name in enumerate(names, start=1):
+        if not name.strip():
+            return f"{one} {i} is blank ({name!r}); every class needs a name"
+        if "\n" in name or "\r" in name or name != name.strip():
+            return f"{one} {i} ({name!r}) has a line break or surrounding whitespace"
+        if name in first:
+            return f"names class {name!r} twice: {many} {first[name]} and {i}"
+        first[name] = i
+    return None
 
 
 @jaxtyped(typechecker=beartype.beartype)

@@ -29,7 +29,7 @@ import typing
 import beartype
 import numpy as np
 
-from saev import artifacts, checksums
+from saev import artifacts, checksums, helpers
 from saev.data import shards as shards_
 from saev.data.shards import Metadata, ShardError, ShardValueError
 
@@ -90,13 +90,10 @@ def read_source(
     md_fpath, list_fpath = dpath / "metadata.json", dpath / "shards.json"
     if not dpath.is_dir():
         raise ShardError(f"{dpath} is not a directory of saev shards (metadata.json, shards.json, acts000000.bin...)")
-    try:
-        obj = json.loads(md_fpath.read_text())
-        listed = json.loads(list_fpath.read_text())
-    except FileNotFoundError as err:
-        raise ShardError(f"{err.filename} is missing: {dpath} is not a saev shard directory") from None
-    except (OSError, ValueError) as err:
-        raise ShardError(f"{md_fpath.parent}: cannot read its metadata.json or shards.json: {err}") from None
+    for fpath in (md_fpath, list_fpath):
+        if not fpath.exists():
+            raise ShardError(f"{fpath} is missing: {dpath} is not a saev shard directory")
+    obj, listed = _read_json(md_fpath), _read_json(list_fpath)
     if not isinstance(obj, dict):
         raise ShardError(f"{md_fpath} is not a JSON object of metadata fields")
     protocol = obj.get("protocol")
@@ -143,10 +140,7 @@ def read_source(
         for name, tp in shards_.V1_TYPES.items():
             shards_.check_field(obj2, name, tp, md_fpath)
         own_fpath = dpath / shards_.LABELS_JSON  # a dump of this pipeline: its label fields beside metadata.json
-        try:
-            own = json.loads(own_fpath.read_text()) if protocol == "1.0.0" and own_fpath.is_file() else None
-        except (OSError, ValueError) as err:
-            raise ShardError(f"{own_fpath}: cannot read it: {err}") from None
+        own = _read_json(own_fpath) if protocol == "1.0.0" and own_fpath.exists() else None
         if own is not None and not isinstance(own, dict):
             raise ShardError(f"{own_fpath} is not a JSON object of label fields")
         shards_.check_label_fields(own if own is not None else obj2, own_fpath if own is not None else md_fpath)
@@ -181,10 +175,19 @@ def read_source(
     labels_fpath = dpath / LABELS_BIN
     if labels_fpath.exists():
         expected = md.n_imgs * md.n_patches_per_img * np.dtype(labels_dtype).itemsize
-        size = labels_fpath.stat().st_size
+        size = helpers.check_regular_file(labels_fpath, what="labels", max_bytes=None, error=ShardError)
         if size != expected:
             raise ShardError(f"{labels_fpath} has {size} bytes, expected {expected} ({labels_dtype} [examples, patches])")
     return Source(dpath, protocol, md, obj, listed, n_listed, labels_fpath.exists())
+
+
+def _read_json(fpath: pathlib.Path) -> typing.Any:
+    """A JSON file of a source directory (bounded: `helpers.read_regular_file`), or `ShardError` naming it."""
+    data = helpers.read_regular_file(fpath, what="metadata", error=ShardError)
+    try:
+        return json.loads(data)
+    except ValueError as err:  # also UnicodeDecodeError
+        raise ShardError(f"{fpath}: cannot read it: not JSON ({err})") from None
 
 
 @beartype.beartype

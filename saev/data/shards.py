@@ -25,7 +25,8 @@ import typing
 import beartype
 import numpy as np
 
-from saev import artifacts, checksums
+from saev import artifacts, checksums, helpers
+from saev.data import labels as labels_
 
 PROTOCOL = "1.0.0"
 """The protocol string written: saev's v1 reader accepts only this one."""
@@ -172,6 +173,8 @@ def check_label_fields(obj: dict[str, typing.Any], fpath: pathlib.Path | str) ->
     names = obj.get("class_names", [])
     if not (isinstance(names, list) and all(type(n) is str for n in names)):
         raise ShardError(f"{fpath}: field 'class_names' must be a list of strings, got {names!r}")
+    if fault := labels_.class_names_fault(names):
+        raise ShardError(f"{fpath}: field 'class_names' {fault}")
     ignore = obj.get("labels_ignore", 255)
     check_ignore(ignore, dtype, len(names), f"{fpath}: field 'labels_ignore'")
 
@@ -345,10 +348,9 @@ def check_shard_file(
     message)."""
     fpath = dpath / shard_name(shard)
     expected = md.shard_bytes
-    try:
-        actual = fpath.stat().st_size
-    except FileNotFoundError:
-        raise ShardError(f"shard file missing: {fpath} (expected {expected} bytes){hint}") from None
+    if not fpath.exists():
+        raise ShardError(f"shard file missing: {fpath} (expected {expected} bytes){hint}")
+    actual = helpers.check_regular_file(fpath, what="shard", max_bytes=None, error=ShardError)
     truncated = md.shard_n_imgs(shard) * md.bytes_per_img
     if actual != expected and not (allow_truncated and shard == md.n_shards - 1 and actual == truncated):
         raise ShardError(f"shard file {fpath} has {actual} bytes, expected {expected}{hint}")

@@ -8,6 +8,11 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$HERE/../.."
 
+# Sync the environment here, before anything enters the cluster's network namespace: inside it only loopback is
+# reachable, so a first `uv run` there (a fresh clone, no .venv) cannot reach the package registry to build the
+# project. Inside, `uv run --no-sync` uses the environment as synced and never tries the network.
+uv sync --locked
+
 DIR=$(realpath -m "${SAEV_SLURM_DIR:-/tmp/saev-slurm}")
 NETNS=${SAEV_SLURM_NETNS:-saev-slurm}
 export SAEV_SLURM_DIR=$DIR SAEV_SLURM_NETNS=$NETNS
@@ -38,7 +43,7 @@ bash "$HERE/up.sh" 9>&-  # (fd 9, the lock, must not leak into the daemons)
 source "$DIR/env.sh"  # SLURM_CONF for the clients (sbatch, sacct, ...) that submitit and the pipeline call
 
 set +e
-nsenter "--net=/run/netns/$NETNS" uv run pytest -m slurm -p no:cacheprovider -rs --junitxml="$REPORT" "$@" 9>&-
+nsenter "--net=/run/netns/$NETNS" uv run --no-sync pytest -m slurm -p no:cacheprovider -rs --junitxml="$REPORT" "$@" 9>&-
 status=$?
 set -e
 
