@@ -200,7 +200,10 @@ def test_kept_activations_of_a_recomputed_mask_are_gathered_again(copy_of_topk, 
     assert "gathered from another dump or mask" in caplog.text
 
 
-def test_damaged_topk_latents_are_computed_again(copy_of_topk, caplog):
+@pytest.mark.parametrize("by", ["launcher", "job"])
+def test_damaged_topk_latents_are_computed_again(copy_of_topk, caplog, capsys, by):
+    """Found by the launcher's check of the unsealed artifact before the run (moved aside), or, when the job runs
+    without it (changed after that check), by the job's read of the file."""
     plan = pl.make_plan(pl.load(copy_of_topk))
     (art,) = [a for a in plan["score"].artifacts if (a.dpath / scoring.TOPK_FNAME).is_file()]
     before = partial_tensors(art)
@@ -209,8 +212,12 @@ def test_damaged_topk_latents_are_computed_again(copy_of_topk, caplog):
     for fpath in (art.dpath / "partials").iterdir():
         fpath.unlink()
     score_stage.load_kept.cache_clear()
-    run_score(copy_of_topk)
-    assert "does not match the checksum" in caplog.text and "computing it again" in caplog.text
+    if by == "launcher":
+        run_score(copy_of_topk)
+        assert f"{art.dpath / scoring.TOPK_FNAME} changed after its job wrote it" in capsys.readouterr().err
+    else:
+        pl.run_pieces(pl.load(copy_of_topk), "score", [p.id for p in plan["score"].pieces if p.artifact == art])
+        assert "does not match the checksum" in caplog.text and "computing it again" in caplog.text
     assert_same_partials({art.key: before}, {art.key: partial_tensors(art)})
 
 
