@@ -381,15 +381,8 @@ class Artifact:
             sig = checksums.stat_sig(st)
             if hashing == "changed" and verified.get(rel) == sig:
                 continue
-            try:
-                actual = checksums.file_checksum(fpath, on_bytes)
-            except OSError as err:
-                problems.append(Problem(rel, f"cannot be read: {err.strerror or err}", "unreadable"))
-                continue
-            if actual != digest:
-                problems.append(Problem(rel, "does not match its checksum (changed or corrupted since written)", "checksum"))
-            else:
-                newly_verified[rel] = sig
+            what = "does not match its checksum (changed or corrupted since written)"
+            self._hash_and_compare(rel, digest, sig, what, on_bytes, problems, newly_verified)
         if newly_verified:
             self._update_verified(newly_verified)
         return Health("damaged" if problems else "done", problems)
@@ -414,18 +407,32 @@ class Artifact:
             sig = checksums.stat_sig(st)
             if hashing == "changed" and sig in (record.sig, verified.get(rel)):
                 continue
-            try:
-                actual = checksums.file_checksum(fpath, on_bytes)
-            except OSError as err:
-                problems.append(Problem(rel, f"cannot be read: {err.strerror or err}", "unreadable"))
-                continue
-            if actual != record.digest:
-                problems.append(Problem(rel, _CHANGED, "checksum"))
-            else:
-                newly_verified[rel] = sig
+            self._hash_and_compare(rel, record.digest, sig, _CHANGED, on_bytes, problems, newly_verified)
         if newly_verified:
             self._update_verified(newly_verified)
         return Health("damaged" if problems else "missing", problems)
+
+    def _hash_and_compare(
+        self,
+        rel: str,
+        digest: str,
+        sig: list[int],
+        what: str,
+        on_bytes: Callable[[int], None] | None,
+        problems: list["Problem"],
+        newly_verified: dict[str, list[int]],
+    ) -> None:
+        """Hash the file `rel` and compare it with `digest`: a `Problem` saying `what` when it differs (or one saying
+        it cannot be read), else its stat signature `sig` (taken before hashing) goes to `newly_verified`."""
+        try:
+            actual = checksums.file_checksum(self.dpath / rel, on_bytes)
+        except OSError as err:
+            problems.append(Problem(rel, f"cannot be read: {err.strerror or err}", "unreadable"))
+            return
+        if actual != digest:
+            problems.append(Problem(rel, what, "checksum"))
+        else:
+            newly_verified[rel] = sig
 
     def verify(self, *, params: object = None) -> dict[str, typing.Any]:
         """Check the artifact before a stage reads it: manifest, key, sizes, and the checksum of any file changed
