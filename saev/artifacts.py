@@ -37,6 +37,9 @@ _TMP_MARK = checksums.TMP_MARK
 
 _VERIFIED = ".verified.json"
 _DAMAGE_NOTE = ".damaged"
+_CHANGED = "changed after its job wrote it (not the checksum recorded then)"
+
+
 class IncompleteArtifactError(RuntimeError):
     """An artifact that a stage needs is missing, has no manifest, or lost a file."""
 
@@ -133,8 +136,9 @@ def get_key(stage: str, version: int, params: object, inputs: Mapping[str, str])
 def atomic_path(fpath: pathlib.Path | str) -> Iterator[pathlib.Path]:
     """Yield a temporary path next to `fpath`; on success fsync it, record its checksum and rename it onto `fpath`.
 
-    The checksum goes to a hidden side file `.<name>.sum` (size and XXH3-128), written before the rename, so every
-    file of an artifact carries the checksum it had when written; `Artifact.write_manifest` collects them. Writers
+    The checksum goes to a hidden side file `.<name>.sum` (size and XXH3-128), written before the rename and again
+    after it with the file's stat signature in place, so every file of an artifact carries the checksum it had when
+    written; `Artifact.write_manifest` collects them (trusting one only while the file keeps that signature). Writers
     that stream large files hash while writing (`HashingFile`, `set_digest`); otherwise the temporary file is read
     back once (small files). On any exception the temporary file is removed and `fpath` is left untouched. A full
     disk or a permission problem surfaces as `WriteError` naming the file. Files follow the umask (0666 & ~umask).
@@ -149,9 +153,18 @@ def atomic_path(fpath: pathlib.Path | str) -> Iterator[pathlib.Path]:
         digest = _DIGESTS.pop(str(tmp_fpath), None)
         if digest is None:
             digest = checksums.file_checksum(tmp_fpath)
+        tmp_st = tmp_fpath.stat()
         if digest:  # "" = deliberately unhashed (benchmarks measuring the cost of hashing)
-            checksums.write_record(fpath, tmp_fpath.stat().st_size, digest)
+            # Recorded before the rename, with no stat signature: if the job dies before the signature is added
+            # below, the file is hashed before its checksum is trusted.
+            checksums.write_record(fpath, tmp_st.st_size, digest)
         os.replace(tmp_fpath, fpath)
+        if digest:
+            # The signature of the file in place (the rename changes its ctime): while the file keeps it, the
+            # checksum recorded here is what it holds. Not fsynced: losing it only means hashing the file again.
+            st = fpath.stat()
+            if (st.st_ino, st.st_size, st.st_mtime_ns) == (tmp_st.st_ino, tmp_st.st_size, tmp_st.st_mtime_ns):
+                checksums.write_record(fpath, st.st_size, digest, checksums.stat_sig(st), sync=False)
     except OSError as err:
         _DIGESTS.pop(str(tmp_fpath), None)
         with contextlib.suppress(OSError):
@@ -340,7 +353,7 @@ class Artifact:
         except DamagedArtifactError as err:
             return Health("damaged", [Problem(MANIFEST, str(err).removeprefix(f"{self.ref}: "), "manifest")])
         except IncompleteArtifactError:
-            return Health("missing", [])
+            return Health("missing", []) if hashing == "none" else self._check_unsealed(hashing, on_bytes)
         if (manifest.get("stage"), manifest.get("key")) != (self.stage, self.key):
             where = " (a link to another artifact?)" if self.dpath.is_symlink() else " (a copied directory?)"
             found = f"{manifest.get('stage')}/{manifest.get('key')}"
@@ -374,18 +387,58 @@ class Artifact:
             sig = checksums.stat_sig(st)
             if hashing == "changed" and verified.get(rel) == sig:
                 continue
-            try:
-                actual = checksums.file_checksum(fpath, on_bytes)
-            except OSError as err:
-                problems.append(Problem(rel, f"cannot be read: {err.strerror or err}", "unreadable"))
-                continue
-            if actual != digest:
-                problems.append(Problem(rel, "does not match its checksum (changed or corrupted since written)", "checksum"))
-            else:
-                newly_verified[rel] = sig
+            what = "does not match its checksum (changed or corrupted since written)"
+            self._hash_and_compare(rel, digest, sig, what, on_bytes, problems, newly_verified)
         if newly_verified:
             self._update_verified(newly_verified)
         return Health("damaged" if problems else "done", problems)
+
+    def _check_unsealed(
+        self, hashing: typing.Literal["changed", "all"], on_bytes: Callable[[int], None] | None
+    ) -> "Health":
+        """An artifact with no manifest (not done): each file written so far must still hold what its job wrote, the
+        checksum recorded beside it. A file whose stat signature is neither the recorded one nor the one at which it
+        was last verified is hashed ("all": every file). "damaged" when one differs (a piece edited after its job
+        wrote it): repairing moves it aside and the run recomputes it, instead of sealing it; else "missing"."""
+        problems, verified, newly_verified = [], self._read_verified() if hashing == "changed" else {}, {}
+        for rel in self.list_files():
+            fpath = self.dpath / rel
+            record = checksums.read_record(fpath)
+            try:
+                st = fpath.stat()
+            except OSError:
+                continue  # gone since listed: a missing piece, recomputed anyway
+            if record is None or record.size != st.st_size:
+                continue  # no record (an earlier version), or not the size written: not done, recomputed anyway
+            sig = checksums.stat_sig(st)
+            if hashing == "changed" and sig in (record.sig, verified.get(rel)):
+                continue
+            self._hash_and_compare(rel, record.digest, sig, _CHANGED, on_bytes, problems, newly_verified)
+        if newly_verified:
+            self._update_verified(newly_verified)
+        return Health("damaged" if problems else "missing", problems)
+
+    def _hash_and_compare(
+        self,
+        rel: str,
+        digest: str,
+        sig: list[int],
+        what: str,
+        on_bytes: Callable[[int], None] | None,
+        problems: list["Problem"],
+        newly_verified: dict[str, list[int]],
+    ) -> None:
+        """Hash the file `rel` and compare it with `digest`: a `Problem` saying `what` when it differs (or one saying
+        it cannot be read), else its stat signature `sig` (taken before hashing) goes to `newly_verified`."""
+        try:
+            actual = checksums.file_checksum(self.dpath / rel, on_bytes)
+        except OSError as err:
+            problems.append(Problem(rel, f"cannot be read: {err.strerror or err}", "unreadable"))
+            return
+        if actual != digest:
+            problems.append(Problem(rel, what, "checksum"))
+        else:
+            newly_verified[rel] = sig
 
     def verify(self, *, params: object = None) -> dict[str, typing.Any]:
         """Check the artifact before a stage reads it: manifest, key, sizes, and the checksum of any file changed
@@ -457,16 +510,40 @@ class Artifact:
         started: str,
         extra: Mapping[str, object] | None = None,
     ) -> dict[str, typing.Any]:
-        """Mark the artifact done: write `manifest.json` (atomically, last) listing every file with its size and the
-        checksum recorded when it was written (a file written without one is hashed now, and logged)."""
-        files = {}
-        for rel, size in self.list_files().items():
+        """Mark the artifact done: write `manifest.json` (atomically, last) listing every file with its size and
+        checksum, as the file is now. The checksum recorded when a file was written is taken as is only while the
+        file's stat signature is the recorded one (or the one at which it was last verified); otherwise the file is
+        hashed again (a file written without a record is hashed now, and logged).
+
+        Raises:
+            DamagedArtifactError: a file no longer holds what its job wrote (edited since, even at the same size): it
+                is moved aside (`repair`, logged), nothing is sealed, and a rerun recomputes it.
+        """
+        files, sigs, changed = {}, {}, []
+        verified = self._read_verified()
+        for rel in self.list_files():
             fpath = self.dpath / rel
-            record = checksums.recorded_checksum(fpath)
-            if record is None or record[0] != size:
+            st = fpath.stat()
+            sig, record = checksums.stat_sig(st), checksums.read_record(fpath)
+            if record is None:
                 logger.warning("%s: %s has no checksum recorded at write time; hashing it now", self.ref, rel)
-                record = (size, checksums.file_checksum(fpath))
-            files[rel] = {"size": size, checksums.CHECKSUM: record[1]}
+                digest = checksums.file_checksum(fpath)
+            elif record.size == st.st_size and sig in (record.sig, verified.get(rel)):
+                digest = record.digest
+            else:
+                digest = checksums.file_checksum(fpath)
+                if record.size != st.st_size or digest != record.digest:
+                    changed.append(Problem(rel, _CHANGED, "checksum" if record.size == st.st_size else "size"))
+                    continue
+            files[rel] = {"size": st.st_size, checksums.CHECKSUM: digest}
+            sigs[rel] = sig  # taken before hashing: a write during it shows as a change next time
+        if changed:
+            health = Health("damaged", changed)
+            actions = self.repair(health)
+            logger.warning("%s: %s; %s", self.ref, health.describe(self), ", ".join(actions))
+            raise DamagedArtifactError(
+                f"{health.describe(self)}: not sealed, {', '.join(actions) or 'left as is'}; rerun to recompute it"
+            )
         manifest = {
             "stage": self.stage,
             "key": self.key,
@@ -482,8 +559,7 @@ class Artifact:
             "versions": _versions(),
             **dict(extra or {}),
         }
-        # The files were hashed as they were written: their current state is the verified one.
-        self._update_verified({rel: checksums.stat_sig((self.dpath / rel).stat()) for rel in files}, replace=True)
+        self._update_verified(sigs, replace=True)  # each file's state at which it matched its checksum
         atomic_write_json(self.manifest_fpath, manifest)
         (self.dpath / _DAMAGE_NOTE).unlink(missing_ok=True)
         return manifest

@@ -1,14 +1,17 @@
 """Checksums of written files: XXH3-128 hashed while writing, recorded beside each file, checked cheaply by size and
 stat signature or fully by content.
 
-`saev.artifacts` writes every file through `atomic_path`, which records the file's size and checksum in a hidden side
-file (`.<name>.sum`); a file piece is intact when its size matches that record (`is_intact`), and a file whose stat
-signature (`stat_sig`) changed since it was last verified is hashed again (`file_checksum`).
+`saev.artifacts` writes every file through `atomic_path`, which records the file's size, checksum and stat signature
+(`stat_sig`, taken once the file is in place) in a hidden side file (`.<name>.sum`). A file piece counts as written
+when its size matches that record (`is_intact`, a cheap check for planning); the record's checksum is trusted only
+while the file's stat signature is the recorded one (`current_checksum`): any write since changes it, and such a file
+is hashed again before anything (a manifest, an export check) relies on it.
 """
 
 import json
 import os
 import pathlib
+import typing
 from collections.abc import Callable
 
 import beartype
@@ -25,6 +28,16 @@ _SUM_SUFFIX = ".sum"
 _READ_CHUNK = 16 << 20
 
 
+class Record(typing.NamedTuple):
+    """What was recorded beside a file when it was written (`write_record`)."""
+
+    size: int
+    """Its size in bytes."""
+    digest: str
+    """Its checksum (`CHECKSUM`)."""
+    sig: list[int] | None
+    """Its stat signature (`stat_sig`) once in place; None when unknown (recorded before the file was renamed into
+    place, or by an earlier version): then the checksum is trusted only after hashing the file again."""
 
 
 def new_hasher() -> "xxhash.xxh3_128":
@@ -70,30 +83,56 @@ def sum_fpath(fpath: pathlib.Path) -> pathlib.Path:
     return fpath.with_name(f".{fpath.name}{_SUM_SUFFIX}")
 
 
-def write_record(fpath: pathlib.Path, size: int, digest: str) -> None:
-    """Write the side file holding `fpath`'s size and checksum (atomically: temp file + rename)."""
+def write_record(
+    fpath: pathlib.Path, size: int, digest: str, sig: list[int] | None = None, *, sync: bool = True
+) -> None:
+    """Write the side file holding `fpath`'s size, checksum and stat signature `sig` (None: not known yet; see
+    `Record`), atomically (temp file + rename; fsynced unless `sync` is False)."""
     record_fpath = sum_fpath(fpath)
     tmp = record_fpath.with_name(f"{record_fpath.name}{TMP_MARK}{os.getpid()}")
     with open(tmp, "w") as fd:
-        json.dump({"size": size, CHECKSUM: digest}, fd)
-        fd.flush()
-        os.fsync(fd.fileno())
+        json.dump({"size": size, CHECKSUM: digest, **({"stat": sig} if sig is not None else {})}, fd)
+        if sync:
+            fd.flush()
+            os.fsync(fd.fileno())
     os.replace(tmp, record_fpath)
 
 
-def recorded_checksum(fpath: pathlib.Path) -> tuple[int, str] | None:
-    """(size, checksum) recorded when `fpath` was written by `atomic_path`, or None if there is no readable record."""
+def read_record(fpath: pathlib.Path) -> Record | None:
+    """What was recorded when `fpath` was written (`write_record`), or None if there is no readable record."""
     try:
         with open(sum_fpath(fpath)) as fd:
             obj = json.load(fd)
-        return int(obj["size"]), str(obj[CHECKSUM])
-    except (OSError, ValueError, KeyError, TypeError):
+        sig = obj.get("stat")
+        if not (isinstance(sig, list) and len(sig) == 4 and all(type(x) is int for x in sig)):
+            sig = None  # anything else: unknown, the file is hashed before its checksum is trusted
+        return Record(int(obj["size"]), str(obj[CHECKSUM]), sig)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def recorded_checksum(fpath: pathlib.Path) -> tuple[int, str] | None:
+    """(size, checksum) recorded when `fpath` was written by `atomic_path`, or None if there is no readable record.
+    Says what was written, not what the file holds now: see `current_checksum`."""
+    record = read_record(fpath)
+    return None if record is None else (record.size, record.digest)
+
+
+def current_checksum(fpath: pathlib.Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """The checksum of `fpath` as it is now: the recorded one while the file's stat signature is the one recorded
+    with it (it was not written since), else the file hashed now."""
+    sig = stat_sig(fpath.stat())
+    record = read_record(fpath)
+    if record is not None and record.sig == sig:
+        return record.digest
+    return file_checksum(fpath, on_bytes)
 
 
 @beartype.beartype
 def is_intact(fpath: pathlib.Path) -> bool:
-    """Cheap check of one written file (a piece of an artifact): present, with the size recorded when it was written."""
+    """Cheap check of one written file (a piece of an artifact): present, with the size recorded when it was written.
+    Enough to plan with; what the file holds is checked before it is sealed into a manifest (a piece edited since it
+    was written is hashed again there, and recomputed if it changed)."""
     try:
         size = fpath.stat().st_size
     except OSError:

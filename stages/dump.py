@@ -11,8 +11,8 @@ are joined into labels.bin and the index files and manifest are written.
 
 With `[dump.adopt]` an existing saev shard directory (v1 or 2.x layout) is the dump instead: one piece links its
 files into the artifact, hashes them once and writes our translated metadata (`saev.data.saevfmt`); nothing is
-computed, copied or written in the source directory. Its key hashes the source's metadata.json, shards.json and the
-label settings, not its path.
+computed, copied or written in the source directory. Its key hashes the source's metadata.json, shards.json, the label
+settings and the sizes and modification times of its files (`source_fingerprint`), not its path.
 """
 
 import concurrent.futures
@@ -36,8 +36,12 @@ if typing.TYPE_CHECKING:
 
 NAME = "dump"
 VERSION = 2  # 2: synthetic images rendered in batches (new pixels)
+ADOPT_VERSION = 3
+"""The format version in an adopted dump's key, instead of `VERSION` (so that dumps made here keep theirs). 3: the key
+covers the source's file listing (sizes and modification times), which `dataset.json` holds."""
 DATASET_FILES = "dataset.json"
-"""Folder datasets: the listing the dump was made from (path -> [size, mtime_ns]) and its digest (in the key)."""
+"""Folder datasets and adopted dumps: the listing the dump was made from (path -> [size, mtime_ns]) and its digest (in
+the key)."""
 
 logger = logging.getLogger("stages.dump")
 
@@ -170,20 +174,55 @@ def check_adopt_outside_store(shards_dpath: pathlib.Path, root: pathlib.Path) ->
         )
 
 
+def source_fingerprint(source: saevfmt.Source) -> datasets.Fingerprint:
+    """Every file of the adopted directory that adopting reads or links, by size and modification time (nothing is
+    read): in the key, so that a source edited since (even at the same size) is a new dump, and everything made from
+    it is computed again. A directory moved or copied with its modification times (`mv`, `cp -a`, `rsync -a`) keeps
+    its key; one copied without them (`cp -r`) gets a new one."""
+    return datasets._make_fingerprint("adopted", (), source.dpath, [source.dpath / n for n in source.read_names], None)
+
+
+def adopted_from(art: artifacts.Artifact) -> pathlib.Path | None:
+    """The directory an adopted dump artifact links to (its source.json), or None if it has none readable."""
+    try:
+        return pathlib.Path(json.loads((art.dpath / saevfmt.SOURCE_JSON).read_text())["dpath"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdoptPiece(Piece):
+    """The one piece of an adopted dump: done when its artifact is done and links to the configured directory (a done
+    artifact that links to the directory it was adopted from, moved or copied since, is relinked by the job)."""
+
+    source: pathlib.Path | None = None
+    """The configured source directory (resolved)."""
+
+    def is_done(self) -> bool:
+        return super().is_done() and adopted_from(self.artifact) in (None, self.source)
+
+
 def plan_adopted(pipeline: "Pipeline") -> StagePlan[DumpInfo]:
-    """One piece that links the source's files into the artifact; keyed by the source's metadata and shard list."""
+    """One piece that links the source's files into the artifact; keyed by the source's metadata and shard list, the
+    label settings and the source's file listing (`source_fingerprint`). Nothing is written (a relink is the job's)."""
     source = read_adopted(pipeline)
     md = source.metadata
+    fingerprint = source_fingerprint(source)
     params = {
         "adopt": {"metadata": source.raw_metadata, "shards": source.raw_shards, "labels": source.has_labels,
                   "class_names": list(md.class_names), "ignore": md.labels_ignore},
+        "dataset_files": fingerprint.digest,  # as a folder dataset's: `explain` names the files that changed
     }  # fmt: skip
-    art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, {}))
-    relink_if_moved(art, source, params)
-    piece = Piece(NAME, art, label=f"adopt {source.dpath} (saev protocol {source.protocol})")
+    art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, ADOPT_VERSION, params, {}))
+    old = adopted_from(art)
+    if art.is_done() and old not in (None, source.dpath):
+        label = f"relink {old} -> {source.dpath} (moved or copied)"
+    else:
+        label = f"adopt {source.dpath} (saev protocol {source.protocol})"
+    piece = AdoptPiece(NAME, art, label=label, source=source.dpath)
     info = DumpInfo(
         chunks={},
-        fingerprint=datasets.Fingerprint(digest="", files={}),
+        fingerprint=fingerprint,
         n_patches=md.n_imgs * md.n_patches_per_img,
         layers=md.layers,
         d_vit=md.d_vit,
@@ -193,44 +232,37 @@ def plan_adopted(pipeline: "Pipeline") -> StagePlan[DumpInfo]:
     return StagePlan(NAME, (art,), (piece,), {art.key: params}, {art.key: {}}, {art.key: info})
 
 
-def relink_if_moved(art: artifacts.Artifact, source: saevfmt.Source, params: dict) -> None:
-    """A done adopted dump whose config now names another directory than the one it links to, with the same
-    metadata.json and shards.json (its key leaves the path out, so that a moved directory keeps its key): relink it
-    to the configured directory if each file there has the size and checksum recorded when it was adopted (a file
-    whose stat signature is the one last verified is not read), else refuse. Called when planned, so that the
-    artifact never silently keeps reading the old directory.
+def relink(art: artifacts.Artifact, source: saevfmt.Source, params: dict) -> None:
+    """Relink a done adopted dump to the configured directory, a move or copy of the one it links to (the same key:
+    the same metadata.json, shards.json, sizes and modification times), if each file there has the checksum recorded
+    when it was adopted (a file whose stat signature is the one last verified is not read), else refuse. The job
+    runs it, under the artifact's lock: the artifact never silently keeps reading the old directory.
 
     Raises:
         ShardError: one line naming the first file of the configured directory that differs, and what to do.
     """
-    try:
-        old = json.loads((art.dpath / saevfmt.SOURCE_JSON).read_text())
-        old_dpath = pathlib.Path(old["dpath"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if old_dpath == source.dpath or not art.is_done():
-        return  # a source that vanished leaves dangling links: the repair before the run adopts it again
+    old_dpath = adopted_from(art)
     manifest = art.read_manifest()
     verified = art.verified_sigs()
-    linked = sorted(rel for rel in manifest["files"] if (art.dpath / rel).is_symlink())
-    for rel in linked:
+    records = {}
+    for rel in source.linked:
         entry, fpath = manifest["files"][rel], source.dpath / rel
-        try:
-            st = fpath.stat()
-        except OSError:
-            st = None
-        if st is not None and checksums.stat_sig(st) == verified.get(rel):
-            continue
-        why = ("is missing" if st is None else f"has {st.st_size} bytes, {entry['size']} recorded" if st.st_size != entry["size"]
-               else "has another checksum" if checksums.file_checksum(fpath) != entry[checksums.CHECKSUM] else None)  # fmt: skip
+        st = fpath.stat()
+        sig = checksums.stat_sig(st)
+        digest = entry[checksums.CHECKSUM] if sig == verified.get(rel) else checksums.file_checksum(fpath)
+        why = (f"has {st.st_size} bytes, {entry['size']} recorded" if st.st_size != entry["size"]
+               else "has another checksum" if digest != entry[checksums.CHECKSUM] else None)  # fmt: skip
         if why is not None:
             raise shards.ShardError(
-                f"{fpath} {why}: it differs from {old_dpath / rel}, adopted as {art.ref} with the same metadata.json "
-                f"and shards.json; set dump.adopt.shards back to {old_dpath}, or delete {art.dpath} and what was "
-                f"made from it to adopt {source.dpath}"
+                f"{fpath} {why}: it differs from {old_dpath / rel}, adopted as {art.ref} with the same size and "
+                f"modification time; set dump.adopt.shards back to {old_dpath}, or `touch {fpath}` to adopt "
+                f"{source.dpath} as a new dump (a new key: everything made from it is computed again)"
             )
-    for rel in linked:  # the checksum record beside each link stays: the contents are the same
+        records[rel] = (st.st_size, digest, sig)
+    for rel, (size, digest, sig) in records.items():  # what was verified above, so sealing need not hash again
         saevfmt.link_atomically(source.dpath / rel, art.dpath / rel)
+        checksums.write_record(art.dpath / rel, size, digest, sig)
+    old = json.loads((art.dpath / saevfmt.SOURCE_JSON).read_text())
     artifacts.atomic_write_json(art.dpath / saevfmt.SOURCE_JSON, {**old, "dpath": str(source.dpath)})
     art.write_manifest(
         params=params, inputs={}, started=manifest.get("started", artifacts.now()),
@@ -294,39 +326,48 @@ def check(pipeline: "Pipeline", own: StagePlan[DumpInfo], inputs: Inputs) -> Non
 
 
 def run_adopted(pipeline: "Pipeline", own: StagePlan[DumpInfo], piece: Piece) -> None:
-    """Link the source's files into the artifact, hash them once, write the translated metadata and the manifest.
+    """Link the source's files into the artifact, hash them once, write the translated metadata and the manifest; or
+    relink a done artifact to the directory it was moved or copied to (`relink`).
 
-    An artifact unsealed by a repair (a linked file changed or vanished, e.g. the source directory moved) is adopted
-    again only if every file still has the checksum it was adopted with: what was made from it used those contents.
+    The checksums taken are kept beside the artifact (`<root>/dump/.adopted/<key>.json`, which outlives the
+    artifact's directory): adopting under the same key again (the artifact was unsealed, or deleted) needs every file
+    to have the checksum it was first adopted with, since what was made from it used those contents. A source
+    edited since has a new key anyway, unless its sizes and modification times were put back.
     """
     started = artifacts.now()
     art = piece.artifact
-    repaired = art.damage_note() is not None
     source = read_adopted(pipeline)
+    if art.is_done():  # and linking to another directory, or the piece would be done
+        return relink(art, source, own.params[art.key])
     saevfmt.adopt(source, art.dpath)
-    if repaired:
-        for rel, digest in _adopted_checksums(art).items():
-            record = checksums.recorded_checksum(art.dpath / rel)
-            if record is None or record[1] != digest:
-                raise shards.ShardError(
-                    f"{source.dpath / rel} changed since it was adopted as {art.ref} (its checksum differs) and what "
-                    f"was made from it used the old contents; if the change is intended, delete {art.dpath} and "
-                    "what was made from it to adopt the files as they are"
-                )
+    planned = own.info[art.key].fingerprint
+    changed = source_fingerprint(source).changed(planned.files)
+    if changed:
+        raise shards.ShardError(f"{source.dpath / changed[0]} changed while it was being adopted; run again")
+    adopted = {rel: checksums.read_record(art.dpath / rel).digest for rel in source.linked}
+    ledger_fpath = art.root / NAME / ".adopted" / f"{art.key}.json"
+    try:
+        earlier = json.loads(ledger_fpath.read_text())
+    except FileNotFoundError:
+        earlier = None
+    except (OSError, ValueError) as err:
+        raise shards.ShardError(f"{ledger_fpath}: cannot read what was adopted as {art.ref}: {err}") from None
+    if earlier is None:
+        artifacts.atomic_write_json(ledger_fpath, adopted)
+    else:
+        differ = [rel for rel in sorted(adopted) if earlier.get(rel) != adopted[rel]]
+        if differ:
+            raise shards.ShardError(
+                f"{source.dpath / differ[0]} changed since it was adopted as {art.ref} (another checksum at the same "
+                f"size and modification time) and what was made from it used the old contents: put them back, or "
+                f"`touch {source.dpath / differ[0]}` to adopt {source.dpath} as a new dump (a new key: everything "
+                "made from it is computed again)"
+            )
+    artifacts.atomic_write_json(art.dpath / DATASET_FILES, {"digest": planned.digest, "files": planned.files})
     art.write_manifest(
         params=own.params[art.key], inputs={}, started=started,
         extra={"adopted": str(source.dpath), "protocol": source.protocol},
     )  # fmt: skip
-
-
-def _adopted_checksums(art: artifacts.Artifact) -> dict[str, str]:
-    """Linked file -> checksum, as the manifest that `repair` moved aside recorded them ({} if unreadable); call it
-    once the links are made again."""
-    try:
-        files = json.loads(art.replaced_manifest_fpath.read_text())["files"]
-        return {rel: e[checksums.CHECKSUM] for rel, e in files.items() if (art.dpath / rel).is_symlink()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
 
 
 def run(pipeline: "Pipeline", own: StagePlan[DumpInfo], inputs: Inputs, piece: Piece) -> None:

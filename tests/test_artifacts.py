@@ -261,14 +261,104 @@ def test_a_broken_checksum_record_makes_the_piece_not_intact_or_unknown(tmp_path
     assert not checksums.is_intact(fpath)
 
 
-def test_a_record_with_a_wrong_checksum_heals_through_verify(tmp_path):
-    """If a checksum record is wrong but the file is right, --verify's full hash disagrees: the file is set aside and
-    its piece recomputed (wasted work, never a wrong result)."""
+def test_a_record_with_a_wrong_checksum_is_never_sealed(tmp_path):
+    """A checksum record that disagrees with its file (and carries no stat signature, as an earlier version's) is not
+    trusted when sealing: the file is hashed, set aside and its piece recomputed (wasted work, never a wrong result)."""
     fpath = tmp_path / "dump" / "abc" / "acts000000.bin"
     art = artifacts.Artifact(tmp_path, "dump", "abc")
     artifacts.atomic_write_bytes(fpath, b"a" * 64)
     checksums.write_record(fpath, 64, "0" * 32)
+    with pytest.raises(artifacts.DamagedArtifactError, match="acts000000.bin changed after its job wrote it"):
+        art.write_manifest(params={}, inputs={}, started=artifacts.now())
+    assert not art.manifest_fpath.exists() and not fpath.exists()
+
+
+###########################################
+# Sealing trusts a record only while the  #
+# file keeps the stat it was recorded at  #
+###########################################
+
+
+def _unsealed(tmp_path, n=3) -> artifacts.Artifact:
+    """A score-like artifact whose pieces were written by their jobs, not sealed yet (an interrupted run)."""
+    art = artifacts.Artifact(tmp_path, "score", "abc")
+    for i in range(n):
+        artifacts.atomic_write_bytes(art.dpath / "partials" / f"block{i:05d}.safetensors", bytes([i]) * 100)
+    return art
+
+
+def _restore_mtime(fpath: pathlib.Path, edit) -> None:
+    st = fpath.stat()
+    edit(fpath)
+    os.utime(fpath, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda f: flip_byte(f, 3),  # same size, other contents
+    lambda f: _restore_mtime(f, lambda g: flip_byte(g, 3)),  # ... with the modification time put back
+    lambda f: f.write_bytes(f.read_bytes()[:50]),  # truncated
+    lambda f: f.write_bytes(f.read_bytes() + b"x"),  # grown
+    lambda f: f.write_bytes(bytes([7]) * 100),  # another piece's contents (another key's), same size
+], ids=["same-size", "mtime-restored", "truncated", "grown", "other-contents"])  # fmt: skip
+def test_a_piece_edited_before_sealing_is_moved_aside_not_sealed(tmp_path, caplog, edit):
+    art = _unsealed(tmp_path)
+    fpath = art.dpath / "partials" / "block00001.safetensors"
+    edit(fpath)
+    with pytest.raises(artifacts.DamagedArtifactError) as err:
+        art.write_manifest(params={}, inputs={}, started=artifacts.now())
+    assert str(err.value).startswith(f"{fpath} changed after its job wrote it") and "rerun to recompute it" in str(err.value)
+    assert not art.manifest_fpath.exists() and not fpath.exists() and checksums.recorded_checksum(fpath) is None
+    assert (fpath.parent / ".block00001.safetensors.corrupt").exists()
+    assert "block00001.safetensors changed after its job wrote it" in caplog.text  # the warning line of a job's log
+
+
+def test_an_untouched_piece_is_sealed_from_its_record_a_touched_one_hashed_once(tmp_path, monkeypatch):
+    art = _unsealed(tmp_path)
+    hashed = []
+    real = checksums.file_checksum
+    monkeypatch.setattr(checksums, "file_checksum", lambda f, *a: hashed.append(f.name) or real(f, *a))
+    os.utime(art.dpath / "partials" / "block00002.safetensors")  # touched, same contents
+    manifest = art.write_manifest(params={}, inputs={}, started=artifacts.now())
+    assert hashed == ["block00002.safetensors"]
+    for rel, entry in manifest["files"].items():
+        assert entry[checksums.CHECKSUM] == real(art.dpath / rel)
+    assert art.check("changed").state == "done" and hashed == ["block00002.safetensors"]
+
+
+def test_a_record_left_without_its_stat_by_a_killed_job_means_hashing_before_sealing(tmp_path, monkeypatch):
+    """A job killed between renaming a piece into place and recording its stat leaves the record of the
+    write without it: the file is hashed (and sealed when it matches)."""
+    art = _unsealed(tmp_path, n=1)
+    fpath = art.dpath / "partials" / "block00000.safetensors"
+    size, digest = checksums.recorded_checksum(fpath)
+    checksums.write_record(fpath, size, digest)
+    assert checksums.read_record(fpath).sig is None and checksums.is_intact(fpath)
+    hashed = []
+    real = checksums.file_checksum
+    monkeypatch.setattr(checksums, "file_checksum", lambda f, *a: hashed.append(f.name) or real(f, *a))
     art.write_manifest(params={}, inputs={}, started=artifacts.now())
-    assert art.check("changed").state == "done"  # the record was trusted when sealing
-    health = art.check("all")
-    assert health.state == "damaged" and health.problems[0].rel == "acts000000.bin"
+    assert hashed == ["block00000.safetensors"] and art.is_done()
+
+
+def test_the_check_before_a_run_finds_a_piece_edited_in_an_unsealed_artifact(tmp_path):
+    art = _unsealed(tmp_path)
+    fpath = art.dpath / "partials" / "block00000.safetensors"
+    assert art.check("changed").state == "missing"  # nothing edited: not done, nothing wrong
+    _restore_mtime(fpath, lambda f: flip_byte(f, 3))
+    assert art.check().state == "missing"  # the cheap check reads no file
+    health = art.check("changed")
+    assert health.state == "damaged" and [p.rel for p in health.problems] == ["partials/block00000.safetensors"]
+    assert "changed after its job wrote it" in health.describe(art)
+    assert art.repair(health) == ["moved partials/block00000.safetensors aside"]
+    assert not fpath.exists() and art.check("changed").state == "missing"
+    art.write_manifest(params={}, inputs={}, started=artifacts.now())  # the other pieces are sealed as written
+    assert sorted(art.read_manifest()["files"]) == ["partials/block00001.safetensors", "partials/block00002.safetensors"]
+
+
+def test_current_checksum_trusts_a_record_only_at_its_stat(tmp_path):
+    fpath = tmp_path / "acts000000.bin"
+    artifacts.atomic_write_bytes(fpath, b"a" * 64)
+    assert checksums.current_checksum(fpath) == checksums.file_checksum(fpath)
+    _restore_mtime(fpath, lambda f: flip_byte(f, 3))
+    assert checksums.recorded_checksum(fpath)[1] != checksums.file_checksum(fpath)
+    assert checksums.current_checksum(fpath) == checksums.file_checksum(fpath)

@@ -209,3 +209,31 @@ def test_a_file_written_wrong_is_named_and_deleting_its_artifact_recovers(copy_o
     shutil.rmtree(one(root, "mask/*"))
     assert run(copy_of_done) == 0
     assert one(root, "reduce/*/best.json").read_bytes() == clean_best
+
+
+@pytest.mark.parametrize("edit", [
+    lambda f: flip_byte(f),  # same size, other contents
+    lambda f: f.write_bytes(f.read_bytes()[:-8]),  # truncated
+    lambda f: shutil.copy(f.parent / "block00001.safetensors", f),  # another block's contents (another piece's record)
+], ids=["same-size", "truncated", "other-block"])  # fmt: skip
+def test_a_piece_edited_before_its_artifact_was_sealed_is_recomputed_not_sealed(copy_of_done, clean_best, capsys, edit):
+    """A run interrupted before a score artifact was sealed (its last block not written, reduce not run), one written
+    block then edited: the rerun warns, moves the block aside and recomputes it, and best.json is the clean one."""
+    root = copy_of_done.parent / "runs"
+    score = one(root, "score/*/manifest.json").parent
+    (score / "manifest.json").unlink()
+    block = score / "partials" / "block00000.safetensors"
+    size = block.stat().st_size
+    edit(block)  # edited after its job wrote it...
+    same_size = block.stat().st_size == size
+    (score / "partials" / "block00001.safetensors").unlink()  # ... while the next block was not written yet
+    for dpath in root.glob("reduce/*"):
+        shutil.rmtree(dpath)
+    assert run(copy_of_done) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    if same_size:  # else not the size written: simply not done, recomputed without a word
+        assert len(warnings) == 1 and f"{block} changed after its job wrote it" in warnings[0], err
+        assert "moved partials/block00000.safetensors aside: stage score recomputes it" in warnings[0]
+    assert one(root, "reduce/*/best.json").read_bytes() == clean_best
+    assert run(copy_of_done, verify=True) == 0

@@ -310,6 +310,16 @@ def test_integer_fields_must_be_real_integers(tmp_path, fname, entry, field, val
     one_line_error(lambda: saevfmt.read_source(src), re.escape(match))
 
 
+@pytest.mark.parametrize("protocol", ["2.1", "1.0.0"])
+def test_a_layer_listed_twice_is_refused(tmp_path, protocol):
+    """Each slot of a shard holds one layer: `layers = [3, 3]` would make `train.layer = 3` read only one of them."""
+    src = write_saev_shards(tmp_path / "src", make_acts(), layers=(3, 3), cls_token=True, budget=25,
+                            labels_NP=make_labels(), protocol=protocol)  # fmt: skip
+    one_line_error(lambda: saevfmt.read_source(src), re.escape(f"{src / 'metadata.json'}: field 'layers' lists layer 3 more than once ([3, 3])"))
+    edit_json(src / "metadata.json", layers=[5, 3])
+    assert saevfmt.read_source(src).metadata.layers == (5, 3)
+
+
 def test_a_labels_file_of_the_wrong_size_is_refused(tmp_path):
     src = src_2x(tmp_path)
     (src / "labels.bin").write_bytes(b"\0" * 3)
@@ -544,15 +554,28 @@ def test_a_repeat_export_reuses_identical_files_and_overwrites_none_that_differ(
     assert saes[1].read_bytes() == (out / saes[1].relative_to(mine)).read_bytes()
 
 
-def test_a_same_size_change_of_an_adopted_file_is_caught_and_never_adopted_silently(exported, tmp_path, capsys):
+def flip_keeping_mtime(fpath: pathlib.Path) -> None:
+    """Change one byte at the same size and put the modification time back (the ctime still moves)."""
+    st = fpath.stat()
+    flip_byte(fpath)
+    os.utime(fpath, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def adopt_copy(exported, tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
+    """A copy of the exported dump at tmp_path/src and a config adopting it; returns (config, source)."""
     out, hashdir = exported
     src = tmp_path / "src"
     shutil.copytree(hashdir, src)
     shutil.copy(hashdir / "classes.txt", tmp_path / "classes.txt")
     layer = json.loads((src / "metadata.json").read_text())["layers"][-1]
-    cfg = adopt_config(tmp_path, src, layer=layer)
+    return adopt_config(tmp_path, src, layer=layer), src
+
+
+def test_a_same_size_change_of_an_adopted_file_is_caught_and_never_adopted_silently(exported, tmp_path, capsys):
+    """Edited under its old modification time (the key stays): `--verify` and the rerun name the file."""
+    cfg, src = adopt_copy(exported, tmp_path)
     assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
-    flip_byte(src / "acts000001.bin")
+    flip_keeping_mtime(src / "acts000001.bin")
     assert launch.main(launch.Args(config=cfg, verify=True)) == 1
     out_text = capsys.readouterr().out
     assert "acts000001.bin does not match its checksum" in out_text
@@ -561,8 +584,76 @@ def test_a_same_size_change_of_an_adopted_file_is_caught_and_never_adopted_silen
     err = capsys.readouterr().err
     assert f"error: {src.resolve() / 'acts000001.bin'} changed since it was adopted as dump/" in err
     assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 1  # and again: never sealed silently
-    flip_byte(src / "acts000001.bin")  # changed back
+    flip_keeping_mtime(src / "acts000001.bin")  # changed back
     assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
+
+
+def swap_labels(fpath: pathlib.Path) -> None:
+    """Swap class ids 1 and 2 in labels.bin (uint8), at the same size."""
+    labels = np.fromfile(fpath, dtype=np.uint8)
+    assert (labels == 1).any() and (labels == 2).any()
+    labels = np.where(labels == 1, 2, np.where(labels == 2, 1, labels)).astype(np.uint8)
+    labels.tofile(fpath)
+
+
+def clean_best_of(cfg: pathlib.Path, root: pathlib.Path) -> bytes:
+    """best.json of a run from nothing under another root (same config, same source)."""
+    assert launch.main(launch.Args(config=cfg, root=root)) == 0
+    return next(root.glob("reduce/*/best.json")).read_bytes()
+
+
+@pytest.mark.parametrize("delete_dump", [False, True], ids=["kept", "dump-deleted"])
+def test_an_edited_source_is_a_new_dump_and_everything_made_from_it_is_recomputed(exported, tmp_path, capsys, delete_dump):
+    """Editing labels.bin (then, as an earlier error advised, deleting runs/dump/<key>) gives a new key for the dump
+    and every stage after it: nothing made from the old labels is reused, the plan says which file changed, and
+    best.json is a clean run's on the edited labels."""
+    cfg, src = adopt_copy(exported, tmp_path)
+    assert launch.main(launch.Args(config=cfg)) == 0
+    before = pl.make_plan(pl.load(cfg))
+    old_best = next((tmp_path / "runs").glob("reduce/*/best.json")).read_bytes()
+    swap_labels(src / "labels.bin")
+    if delete_dump:
+        shutil.rmtree(before["dump"].artifacts[0].dpath)
+    capsys.readouterr()
+    assert launch.main(launch.Args(config=cfg, dry_run=True)) == 0
+    out = capsys.readouterr().out
+    if not delete_dump:  # what changed, compared with the earlier dump
+        assert "differs in dataset_files; dataset files changed: labels.bin" in out
+    assert re.search(r"mask/\w+: new key; mask/\w+ differs in input dump", out), out  # what is recomputed
+    after = pl.make_plan(pl.load(cfg))
+    for stage in ("dump", "mask", "score", "reduce"):
+        assert not {a.key for a in after[stage].artifacts} & {a.key for a in before[stage].artifacts}, stage
+        assert after[stage].state() == "missing", stage
+    assert launch.main(launch.Args(config=cfg)) == 0
+    best = next(a for a in after["reduce"].artifacts).dpath / "best.json"
+    assert best.read_bytes() != old_best
+    assert best.read_bytes() == clean_best_of(cfg, tmp_path / "clean")
+
+
+def test_a_source_edited_under_its_old_modification_time_and_readopted_is_refused(exported, tmp_path, capsys):
+    """The hole a listing of sizes and modification times leaves (a file rewritten with its mtime put back, the
+    artifact deleted so that nothing checks it): the checksums first adopted under the key are kept beside the
+    artifact, and adopting other contents under it is refused; `touch` gives a new key, and a clean result."""
+    cfg, src = adopt_copy(exported, tmp_path)
+    assert launch.main(launch.Args(config=cfg)) == 0
+    dump = pl.make_plan(pl.load(cfg))["dump"].artifacts[0]
+    labels = src / "labels.bin"
+    st = labels.stat()
+    swap_labels(labels)
+    os.utime(labels, ns=(st.st_atime_ns, st.st_mtime_ns))
+    shutil.rmtree(dump.dpath)
+    capsys.readouterr()
+    assert launch.main(launch.Args(config=cfg)) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {labels.resolve()} changed since it was adopted as {dump.ref}"), errors
+    assert f"`touch {labels.resolve()}`" in errors[0]
+    assert not dump.is_done()
+    os.utime(labels)
+    assert launch.main(launch.Args(config=cfg)) == 0
+    after = pl.make_plan(pl.load(cfg))
+    assert after["dump"].artifacts[0].key != dump.key
+    best = after["reduce"].artifacts[0].dpath / "best.json"
+    assert best.read_bytes() == clean_best_of(cfg, tmp_path / "clean")
 
 
 def test_a_moved_source_directory_is_adopted_again_under_the_same_key(exported, tmp_path, capsys):
@@ -769,30 +860,41 @@ def test_export_of_int16_labels_is_refused_before_anything_is_written(tmp_path, 
 
 
 def test_an_identical_copy_elsewhere_is_relinked_and_a_different_one_refused(exported, tmp_path, capsys):
-    """The key leaves the path out (a moved directory keeps its key): pointing dump.adopt.shards at another directory
-    with the same metadata.json and shards.json relinks the done artifact when its files match the recorded
-    checksums, and refuses, naming the file, when they do not; the artifact never keeps reading the old one."""
+    """The key leaves the path out (a directory moved or copied with its modification times keeps its key): pointing
+    dump.adopt.shards at another such directory relinks the done artifact, in the job (planning writes nothing), when
+    its files match the recorded checksums, and refuses, naming the file, when they do not; the artifact never keeps
+    reading the old one."""
     out, hashdir = exported
     shutil.copy(hashdir / "classes.txt", tmp_path / "classes.txt")
     layer = json.loads((hashdir / "metadata.json").read_text())["layers"][-1]
     for name in ("one", "two", "three"):
-        shutil.copytree(hashdir, tmp_path / name)
+        shutil.copytree(hashdir, tmp_path / name)  # copy2: modification times kept
     cfg = adopt_config(tmp_path, tmp_path / "one", layer=layer)
     assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
     cfg = adopt_config(tmp_path, tmp_path / "two", layer=layer)
     dump = pl.make_plan(pl.load(cfg))["dump"].artifacts[0]
+    assert os.readlink(dump.dpath / "acts000000.bin") == str((tmp_path / "one" / "acts000000.bin").resolve())
+    capsys.readouterr()
+    assert launch.main(launch.Args(config=cfg, dry_run=True)) == 0
+    assert f"relink {(tmp_path / 'one').resolve()} -> {(tmp_path / 'two').resolve()}" not in capsys.readouterr().out  # not verbose
+    assert launch.main(launch.Args(config=cfg, status=True)) == 0
+    assert f"missing: relink {(tmp_path / 'one').resolve()} -> {(tmp_path / 'two').resolve()}" in capsys.readouterr().out
+    assert os.readlink(dump.dpath / "acts000000.bin") == str((tmp_path / "one" / "acts000000.bin").resolve())
+    assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
     assert dump.is_done() and dump.read_manifest()["adopted"] == str((tmp_path / "two").resolve())
     assert json.loads((dump.dpath / "source.json").read_text())["dpath"] == str((tmp_path / "two").resolve())
     assert os.readlink(dump.dpath / "acts000000.bin") == str((tmp_path / "two" / "acts000000.bin").resolve())
     assert launch.main(launch.Args(config=cfg, verify=True)) == 0
-    flip_byte(tmp_path / "three" / "acts000001.bin")
+    flip_keeping_mtime(tmp_path / "three" / "acts000001.bin")
     cfg = adopt_config(tmp_path, tmp_path / "three", layer=layer)
+    assert pl.make_plan(pl.load(cfg))["dump"].artifacts[0] == dump  # the same key
     capsys.readouterr()
-    assert launch.main(launch.Args(config=cfg, dry_run=True)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {(tmp_path / 'three').resolve() / 'acts000001.bin'} has another checksum: it differs "
-                          f"from {(tmp_path / 'two').resolve() / 'acts000001.bin'}, adopted as {dump.ref}")  # fmt: skip
-    assert err.count("\n") == 1
+    assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: {(tmp_path / 'three').resolve() / 'acts000001.bin'} has another checksum: it differs "
+        f"from {(tmp_path / 'two').resolve() / 'acts000001.bin'}, adopted as {dump.ref}"
+    ), errors
     assert os.readlink(dump.dpath / "acts000001.bin") == str((tmp_path / "two" / "acts000001.bin").resolve())
 
 

@@ -221,7 +221,10 @@ def test_verify_checks_the_kept_activations_and_names_what_was_made_from_them(co
         assert art.ref in made_from
 
 
-def test_damaged_topk_latents_are_computed_again(copy_of_topk, caplog):
+@pytest.mark.parametrize("by", ["launcher", "job"])
+def test_damaged_topk_latents_are_computed_again(copy_of_topk, caplog, capsys, by):
+    """Found by the launcher's check of the unsealed artifact before the run (moved aside), or, when the job runs
+    without it (changed after that check), by the job's read of the file."""
     plan = pl.make_plan(pl.load(copy_of_topk))
     (art,) = [a for a in plan["score"].artifacts if (a.dpath / scoring.TOPK_FNAME).is_file()]
     before = partial_tensors(art)
@@ -229,8 +232,12 @@ def test_damaged_topk_latents_are_computed_again(copy_of_topk, caplog):
     flip_byte(art.dpath / scoring.TOPK_FNAME)
     for fpath in (art.dpath / "partials").iterdir():
         fpath.unlink()
-    run_score(copy_of_topk)
-    assert "does not match the checksum" in caplog.text and "computing it again" in caplog.text
+    if by == "launcher":
+        run_score(copy_of_topk)
+        assert f"{art.dpath / scoring.TOPK_FNAME} changed after its job wrote it" in capsys.readouterr().err
+    else:
+        pl.run_pieces(pl.load(copy_of_topk), "score", [p.id for p in plan["score"].pieces if p.artifact == art])
+        assert "does not match the checksum" in caplog.text and "computing it again" in caplog.text
     assert_same_partials({art.key: before}, {art.key: partial_tensors(art)})
 
 

@@ -69,6 +69,17 @@ class Source:
     has_labels: bool
     """Whether it holds labels.bin (checked for size)."""
 
+    @property
+    def linked(self) -> list[str]:
+        """The files `adopt` links into the artifact: every listed shard, then labels.bin if present."""
+        return [shards_.shard_name(s) for s in range(self.n_listed)] + ([LABELS_BIN] if self.has_labels else [])
+
+    @property
+    def read_names(self) -> list[str]:
+        """Every file of the directory that adopting it reads or links (labels.json: a dump of this pipeline's)."""
+        own = [shards_.LABELS_JSON] if self.protocol == "1.0.0" and (self.dpath / shards_.LABELS_JSON).is_file() else []
+        return ["metadata.json", "shards.json", *own, *self.linked]
+
 
 @beartype.beartype
 def read_source(
@@ -151,6 +162,9 @@ def read_source(
                         ("d_model", md.d_vit), ("examples", md.n_imgs)):  # fmt: skip
         if value < 1:
             raise ShardError(f"{md_fpath}: {name} must be at least 1, got {value}")
+    twice = sorted({layer for layer in md.layers if md.layers.count(layer) > 1})
+    if twice:  # each slot of a shard holds one layer: `train.layer` would read only the first of the same name
+        raise ShardError(f"{md_fpath}: field 'layers' lists layer {twice[0]} more than once ({list(md.layers)})")
     if md.dtype != "float32":
         raise ShardError(f"{md_fpath}: field 'dtype' is {md.dtype!r}; only 'float32' is supported")
     # Our own dumps name their classes and ignore value; the config's class names and ignore value, when given, win.
@@ -209,11 +223,11 @@ def adopt(source: Source, dpath: pathlib.Path) -> None:
     files. The source is only read.
     """
     dpath.mkdir(parents=True, exist_ok=True)
-    names = [shards_.shard_name(s) for s in range(source.n_listed)] + ([LABELS_BIN] if source.has_labels else [])
-    for name in names:
+    for name in source.linked:
         link = dpath / name
         link_atomically(source.dpath / name, link)
-        checksums.write_record(link, link.stat().st_size, checksums.file_checksum(link))
+        st = link.stat()  # the target's, taken before hashing: a write during it shows as a change later
+        checksums.write_record(link, st.st_size, checksums.file_checksum(link), checksums.stat_sig(st))
     md = source.metadata
     listed = [{"name": shards_.shard_name(s), "n_imgs": md.shard_n_imgs(s) if s < md.n_shards else 0}
               for s in range(source.n_listed)]  # fmt: skip
@@ -402,11 +416,11 @@ def check_export(shards: shards_.Shards, final: pathlib.Path, texts: dict[str, s
 
 
 def _padded_checksum(fpath: pathlib.Path, size: int) -> str:
-    """Checksum of `fpath` zero-padded to `size` bytes: the one recorded beside it when it has that size already (a
-    dump's files are hashed as written, adopted ones when linked), else read and hashed."""
-    record = checksums.recorded_checksum(fpath)
-    if record is not None and record[0] == size == fpath.stat().st_size:
-        return record[1]
+    """Checksum of `fpath` zero-padded to `size` bytes: when it has that size already, its current checksum (the one
+    recorded beside it while the file is unchanged since: a dump's files are hashed as written, adopted ones when
+    linked), else read and hashed."""
+    if fpath.stat().st_size == size:
+        return checksums.current_checksum(fpath)
     hasher, n = checksums.new_hasher(), 0
     with open(fpath, "rb") as fd:
         while chunk := fd.read(16 << 20):
