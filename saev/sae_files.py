@@ -57,8 +57,9 @@ from torch import Tensor
 
 from saev import artifacts, checksums, helpers, nn
 
-CONVERSION_VERSION = 1
-"""Version of the conversion rules above; part of the key of every imported SAE (bump it when they change)."""
+CONVERSION_VERSION = 2
+"""Version of the conversion rules above; part of the key of every imported SAE (bump it when they change). 2: its
+metrics count non-zero latents (an imported TopK SAE keeps negative values), so earlier imports are measured again."""
 
 LIB_NAME = "saev-pipeline"
 """How our exports name their writer in the header's "lib" field."""
