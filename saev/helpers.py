@@ -1,5 +1,6 @@
 """Small shared utilities: log-friendly progress reporting, logging setup, device choice, malloc tuning."""
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -167,3 +168,24 @@ def use_allocated_cpus(logger: logging.Logger | None = None) -> int:
         pass
     (logger or logging.getLogger("saev.helpers")).info("torch threads: %d (%s)", torch.get_num_threads(), why)
     return n
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run torch's CPU work of the calling thread on `n` threads (None: unchanged), restored after.
+
+    For a helper thread beside a forward pass that already uses every allocated CPU: its own OpenMP team would
+    oversubscribe the cores, and the forward's team waits at each barrier for a thread that lost its core. The count
+    is the calling thread's (OpenMP's per-thread setting); other threads keep theirs.
+    """
+    import torch
+
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
