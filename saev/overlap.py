@@ -2,8 +2,9 @@
 
 `run_overlapped` prepares item i + 1 on one thread and writes item i - 1 on another while item i is computed on the
 calling thread (which keeps the model, its device and torch's threads), with bounded queues between them, so memory
-stays at `ahead + behind + 3` items (one in each step's hands). Items are prepared, computed and written in order, each step on one thread, so
-the results are the ones the steps give run one after the other (`overlap=False`, the serial reference).
+stays at `ahead + behind + 3` items (one in each step's hands). Items are prepared, computed and written in order,
+each step on one thread, so the results are the ones the steps give run one after the other (`overlap=False`, the
+serial reference).
 
 An exception raised by any step is re-raised in the caller, the same exception object, once no thread is working:
 the items before the failing one are written first and none after it, so what is on disk is what the serial run
