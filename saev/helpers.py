@@ -1,6 +1,5 @@
 """Small shared utilities: log-friendly progress reporting, logging setup, device choice, malloc tuning."""
 
-import contextlib
 import ctypes
 import logging
 import math
@@ -170,22 +169,18 @@ def use_allocated_cpus(logger: logging.Logger | None = None) -> int:
     return n
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Run torch's CPU work of the calling thread on `n` threads (None: unchanged), restored after.
+def set_torch_threads(n: int | None, *, force: bool = False) -> int:
+    """Set the calling thread's torch CPU threads to `n` (None, or its count already and not `force`: nothing is
+    done, so that a repeated call costs nothing: each change rebuilds torch's thread pools); returns the count it had.
 
-    For a helper thread beside a forward pass that already uses every allocated CPU: its own OpenMP team would
-    oversubscribe the cores, and the forward's team waits at each barrier for a thread that lost its core. The count
-    is the calling thread's (OpenMP's per-thread setting); other threads keep theirs.
+    OpenMP's count is per thread, so a helper thread beside a forward pass that already uses every allocated CPU can
+    run its own torch work on one (its own team would oversubscribe the cores, and the forward's team waits at each
+    barrier for a thread that lost its core) while the other threads keep theirs. torch also keeps the last count set
+    as the count of threads that start later: set it back when done (`force`: the calling thread may still have it).
     """
     import torch
 
-    if n is None:
-        yield
-        return
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    if n is not None and (n != before or force):
+        torch.set_num_threads(n)
+    return before

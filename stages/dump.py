@@ -327,17 +327,18 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
 
     def prepare(batch: range) -> tuple[np.ndarray, np.ndarray]:
         """The batch's images at the model's input size (uint8, channels first), with their patch labels."""
-        with helpers.torch_threads(1 if cfg.overlap and device.type == "cpu" else None):
-            items = datasets.load_batch(dataset, batch, model.img_size, pool)
-            labels_BP = labels.pool_patch_labels(
-                items.masks,
-                n_side=model.n_side,
-                img_size=model.img_size,
-                n_classes=len(md.class_names),
-                ignore=md.labels_ignore,
-                prefer_fg=cfg.prefer_fg,
-                background=dataset.background,
-            )
+        # On CPU the forward already uses every allocated CPU: this thread's own torch work runs on one.
+        helpers.set_torch_threads(1 if cfg.overlap and device.type == "cpu" else None)
+        items = datasets.load_batch(dataset, batch, model.img_size, pool)
+        labels_BP = labels.pool_patch_labels(
+            items.masks,
+            n_side=model.n_side,
+            img_size=model.img_size,
+            n_classes=len(md.class_names),
+            ignore=md.labels_ignore,
+            prefer_fg=cfg.prefer_fg,
+            background=dataset.background,
+        )
         return items.images, labels_BP
 
     def forward(batch: range, prepared: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -364,7 +365,11 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
         concurrent.futures.ThreadPoolExecutor(cfg.n_workers) as pool,
         shards.ShardWriter(art.dpath, md, start_shard=start, check_earlier=False) as writer,
     ):
-        overlap_steps.run_overlapped(batches, prepare, forward, write, ahead=ahead, behind=2, overlap=cfg.overlap)
+        n_threads = helpers.set_torch_threads(None)
+        try:
+            overlap_steps.run_overlapped(batches, prepare, forward, write, ahead=ahead, behind=2, overlap=cfg.overlap)
+        finally:
+            helpers.set_torch_threads(n_threads, force=True)  # threads started later take the last count set
     progress.finish()
 
 
