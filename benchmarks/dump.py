@@ -8,15 +8,21 @@
     separately, is subtracted;
 (b) the bare forward on the same images, already preprocessed into one tensor, in the same batches;
 (c) the dump again with its shards written without checksums (they are hashed while written, XXH3-128), to measure
-    what hashing costs.
+    what hashing costs;
+(d) the dump with `overlap = false` (each batch prepared, computed and written in turn, on one thread), to measure
+    what overlapping the preparation and the writes with the forward gains.
 
-After a warm-up round that is not counted, --rounds rounds run (a), (b) and (c), in an order that rotates and
-reverses from round to round; each ratio is taken within a round (the machine's speed drifts between rounds) and
-the medians are reported with their range. Both sides use the same torch threads (set from the CPUs this process
-may use, as the dump job sets them). The dump writes to a temp dir (its page cache; the fsync at the end of a shard
-waits for the disk); the conditions printed first include that disk's write + fsync and cold read speeds, the
-CPUs, threads and load average.
-Last line: RESULT dump_vs_forward=<a/b> hashed_vs_unhashed=<a/c> images_per_s=<a>.
+After a warm-up round that is not counted, --rounds rounds run (a) to (d), in an order that rotates and reverses
+from round to round; each ratio is taken within a round (the machine's speed drifts between rounds) and the medians
+are reported with their range. 11 rounds by default: on a quiet machine one side of a round takes about 2.5 s, so
+the run takes about 2 minutes, and the median of 11 ratios lies between the 3rd and the 9th smallest with about 93%
+confidence whatever their distribution, so one disturbed round barely moves it (7 rounds gave ranges of 0.03 on a
+quiet 2-CPU machine, but a single slow round is then a seventh of them). All sides use the same torch threads (set
+from the CPUs this process may use, as the dump job sets them). The dump writes to a temp dir (its page cache; the
+fsync at the end of a shard waits for the disk); the conditions printed first include that disk's write + fsync and
+cold read speeds, the CPUs, threads and load average.
+Last line: RESULT dump_vs_forward=<a/b> hashed_vs_unhashed=<a/c> overlap_vs_serial=<a/d> images_per_s=<a> (ratios
+of images per second).
 """
 
 import argparse
@@ -74,7 +80,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--n-workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=7, help="rounds of a dump, a forward pass and an unhashed dump")
+    parser.add_argument("--rounds", type=int, default=11,
+                        help="rounds of a dump, a forward pass, an unhashed dump and a serial dump")
     args = parser.parse_args()
 
     img_size, _ = vit.get_patch_grid(args.model)
@@ -96,13 +103,14 @@ def main() -> None:
     configs_dpath = pathlib.Path(__file__).resolve().parent.parent / "configs"  # the demo sweep, to plan
     real_init = shards.ShardWriter.__init__
 
-    def dump_once(checksum: bool) -> tuple[float, float, object]:
+    def dump_once(checksum: bool, overlap: bool = True) -> tuple[float, float, object]:
         """One whole dump into a fresh directory: (seconds without the model build, build seconds, model)."""
         shards.ShardWriter.__init__ = functools.partialmethod(real_init, checksum=checksum)
         try:
             with tempfile.TemporaryDirectory() as tmp:
+                cfg = dataclasses.replace(dump_cfg, overlap=overlap)
                 pipeline = dataclasses.replace(
-                    pl.Pipeline(), root=pathlib.Path(tmp), dump=dump_cfg, config_dpath=configs_dpath
+                    pl.Pipeline(), root=pathlib.Path(tmp), dump=cfg, config_dpath=configs_dpath
                 )
                 plan = pl.make_plan(pipeline)
                 start = time.perf_counter()
@@ -131,30 +139,35 @@ def main() -> None:
 
     print("warm-up round (not counted): a dump and a forward pass (first allocations, first-call paths)", flush=True)
     dump_once(True), forward_once()
-    hashed, unhashed, forward = [], [], []
+    sides = ("hashed", "forward", "unhashed", "serial")
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    hashed, unhashed, forward, serial = times["hashed"], times["unhashed"], times["forward"], times["serial"]
     for r in range(args.rounds):  # the order rotates, so that no side always runs first or after the same one
-        order = ("hashed", "forward", "unhashed")[r % 3 :] + ("hashed", "forward", "unhashed")[: r % 3]
+        order = sides[r % len(sides) :] + sides[: r % len(sides)]
         for side in order if r % 2 == 0 else order[::-1]:
             if side == "forward":
                 seconds, note = forward_once(), "inputs preprocessed beforehand"
-                forward.append(seconds)
             else:
-                seconds, build_s, _ = dump_once(side == "hashed")
+                seconds, build_s, _ = dump_once(side != "unhashed", overlap=side != "serial")
                 note = f"model build {build_s:.2f} s subtracted"
-                (hashed if side == "hashed" else unhashed).append(seconds)
+            times[side].append(seconds)
             per_s = args.n_imgs / seconds
             print(f"round {r + 1} {side:<8}: {per_s:9.1f} images/s ({seconds:.2f} s, {note})", flush=True)
     vs_forward = [f / d for f, d in zip(forward, hashed)]
     hash_ratio = [u / h for u, h in zip(unhashed, hashed)]
+    overlap_ratio = [s / h for s, h in zip(serial, hashed)]
     rate = [args.n_imgs / s for s in hashed]
     print(f"dump {conditions.spread(rate, '{:.1f}')} images/s; without checksums "
-          f"{conditions.spread([args.n_imgs / s for s in unhashed], '{:.1f}')}; forward "
+          f"{conditions.spread([args.n_imgs / s for s in unhashed], '{:.1f}')}; serial "
+          f"{conditions.spread([args.n_imgs / s for s in serial], '{:.1f}')}; forward "
           f"{conditions.spread([args.n_imgs / s for s in forward], '{:.1f}')}", flush=True)
     print(f"dump_vs_forward {conditions.spread(vs_forward, '{:.3f}')}; hashed_vs_unhashed "
-          f"{conditions.spread(hash_ratio, '{:.3f}')} (each the ratio within a round)", flush=True)
+          f"{conditions.spread(hash_ratio, '{:.3f}')}; overlap_vs_serial {conditions.spread(overlap_ratio, '{:.3f}')} "
+          "(each the ratio within a round)", flush=True)
     print(conditions.describe("end"), flush=True)
     print(f"RESULT dump_vs_forward={statistics.median(vs_forward):.3f} "
-          f"hashed_vs_unhashed={statistics.median(hash_ratio):.3f} images_per_s={statistics.median(rate):.1f}")
+          f"hashed_vs_unhashed={statistics.median(hash_ratio):.3f} overlap_vs_serial={statistics.median(overlap_ratio):.3f} "
+          f"images_per_s={statistics.median(rate):.1f}")
 
 
 if __name__ == "__main__":

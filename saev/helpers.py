@@ -252,3 +252,20 @@ def use_allocated_cpus(logger: logging.Logger | None = None) -> int:
         pass
     (logger or logging.getLogger("saev.helpers")).info("torch threads: %d (%s)", torch.get_num_threads(), why)
     return n
+
+
+def set_torch_threads(n: int | None, *, force: bool = False) -> int:
+    """Set the calling thread's torch CPU threads to `n` (None, or its count already and not `force`: nothing is
+    done, so that a repeated call costs nothing: each change rebuilds torch's thread pools); returns the count it had.
+
+    OpenMP's count is per thread, so a helper thread beside a forward pass that already uses every allocated CPU can
+    run its own torch work on one (its own team would oversubscribe the cores, and the forward's team waits at each
+    barrier for a thread that lost its core) while the other threads keep theirs. torch also keeps the last count set
+    as the count of threads that start later: set it back when done (`force`: the calling thread may still have it).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None and (n != before or force):
+        torch.set_num_threads(n)
+    return before

@@ -25,6 +25,7 @@ import typing
 import numpy as np
 
 from saev import artifacts, checksums, configs, helpers, slurm
+from saev import overlap as overlap_steps
 from saev import vit as vits
 from saev.data import datasets, labels, saevfmt, shards
 from saev.engine.plan import Piece, StagePlan
@@ -90,6 +91,8 @@ class Config:
     """Threads that load and resize images of the folder datasets (decoding releases the GIL)."""
     prepare_mib: int = artifacts.unhashed(64)
     """Images prepared ahead of the forward passes (uint8, at the model's input size), in MiB; whole batches, at least one."""
+    overlap: bool = artifacts.unhashed(True)
+    """Prepare the next batches (read, decode, resize, label) and write the previous one on threads while the model runs; false: one step after the other (the same files, slower)."""
     device: str = artifacts.unhashed("auto")
     """'auto' (CUDA when available), 'cpu' or 'cuda'."""
     adopt: Adopt | None = artifacts.unhashed(None)
@@ -392,53 +395,51 @@ def run(pipeline: "Pipeline", own: StagePlan[DumpInfo], inputs: Inputs, piece: P
     labels_NP = np.empty((img_stop - img_start, md.n_patches_per_img), dtype=md.labels_dtype)
     progress = helpers.Progress(desc=f"dump shards {start}-{stop - 1}", total=img_stop - img_start, unit="images", logger=logger)
 
-    def prepare(batches: list[range]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Each batch's images at the model's input size (uint8, channels first), with their patch labels."""
-        out = []
-        for batch in batches:
-            items = datasets.load_batch(dataset, batch, model.img_size, pool)
-            labels_BP = labels.pool_patch_labels(
-                items.masks,
-                n_side=model.n_side,
-                img_size=model.img_size,
-                n_classes=len(md.class_names),
-                ignore=md.labels_ignore,
-                prefer_fg=cfg.prefer_fg,
-                background=dataset.background,
-            )
-            out.append((items.images, labels_BP))
-        return out
+    def prepare(batch: range) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's images at the model's input size (uint8, channels first), with their patch labels."""
+        # On CPU the forward already uses every allocated CPU: this thread's own torch work runs on one.
+        helpers.set_torch_threads(1 if cfg.overlap and device.type == "cpu" else None)
+        items = datasets.load_batch(dataset, batch, model.img_size, pool)
+        labels_BP = labels.pool_patch_labels(
+            items.masks,
+            n_side=model.n_side,
+            img_size=model.img_size,
+            n_classes=len(md.class_names),
+            ignore=md.labels_ignore,
+            prefer_fg=cfg.prefer_fg,
+            background=dataset.background,
+        )
+        return items.images, labels_BP
+
+    def forward(batch: range, prepared: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        images_B3SS, labels_BP = prepared
+        return model(model.normalize(images_B3SS)).cpu().numpy(), labels_BP
+
+    def write(batch: range, computed: tuple[np.ndarray, np.ndarray]) -> None:
+        acts_BLTD, labels_BP = computed
+        writer.write(acts_BLTD)
+        labels_NP[batch.start - img_start : batch.stop - img_start] = labels_BP
+        # Labels of each shard finished by this batch, written after the shard itself: they mark it done.
+        for shard in range(start, writer.shard):
+            fpath = labels_part_fpath(art, shard)
+            if not fpath.exists():
+                lo, hi = shard * per - img_start, min(md.n_imgs, (shard + 1) * per) - img_start
+                artifacts.atomic_save_npy(fpath, labels_NP[lo:hi])
+        progress.update(len(batch))
 
     batches = [range(b, min(img_stop, b + cfg.batch_size)) for b in range(img_start, img_stop, cfg.batch_size)]
-    # Images are prepared a group of batches at a time. On an accelerator the next group is prepared on a thread while
-    # the model runs. On CPU the forward pass already uses every core, so a group is prepared between forward passes,
-    # and running each phase many batches in a row keeps its caches warm.
-    per_group = max(1, (cfg.prepare_mib << 20) // (cfg.batch_size * 3 * model.img_size**2))
-    groups = [batches[g : g + per_group] for g in range(0, len(batches), per_group)]
-    ahead = device.type != "cpu"
+    # The next batches are prepared (read, decoded, resized, labelled) on a thread and the previous ones written on
+    # another while the model runs on this one; `prepare_mib` bounds the images prepared ahead.
+    ahead = max(1, (cfg.prepare_mib << 20) // (cfg.batch_size * 3 * model.img_size**2))
     with (
         concurrent.futures.ThreadPoolExecutor(cfg.n_workers) as pool,
-        concurrent.futures.ThreadPoolExecutor(1) as thread,
         shards.ShardWriter(art.dpath, md, start_shard=start, check_earlier=False) as writer,
     ):
-        pending = thread.submit(prepare, groups[0]) if ahead and groups else None
-        for g, group in enumerate(groups):
-            if ahead:
-                prepared = pending.result()
-                if g + 1 < len(groups):
-                    pending = thread.submit(prepare, groups[g + 1])
-            else:
-                prepared = prepare(group)
-            for batch, (images_B3SS, labels_BP) in zip(group, prepared):
-                writer.write(model(model.normalize(images_B3SS)).cpu().numpy())
-                labels_NP[batch.start - img_start : batch.stop - img_start] = labels_BP
-                # Labels of each shard finished by this batch, written after the shard itself: they mark it done.
-                for shard in range(start, writer.shard):
-                    fpath = labels_part_fpath(art, shard)
-                    if not fpath.exists():
-                        lo, hi = shard * per - img_start, min(md.n_imgs, (shard + 1) * per) - img_start
-                        artifacts.atomic_save_npy(fpath, labels_NP[lo:hi])
-                progress.update(len(batch))
+        n_threads = helpers.set_torch_threads(None)
+        try:
+            overlap_steps.run_overlapped(batches, prepare, forward, write, ahead=ahead, behind=2, overlap=cfg.overlap)
+        finally:
+            helpers.set_torch_threads(n_threads, force=True)  # threads started later take the last count set
     progress.finish()
 
 

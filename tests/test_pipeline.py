@@ -422,3 +422,61 @@ def test_slurm_submission_waits_on_the_stages_whose_artifacts_each_stage_reads(t
     for stage, (fn, n_jobs, after) in submitted.items():
         assert fn is pl.run_pieces and n_jobs == len(plan[stage].pieces)
         assert after == [job_of[upstream] for upstream in reads[stage]], stage
+
+
+def dump_state(root: pathlib.Path, data, *, overlap: bool) -> tuple[dict[str, bytes], BaseException | None]:
+    """Dump `data` in pieces of two shards of 5 images each, batches of 4 straddling them: every file the dump
+    leaves but the manifest and the stat signatures of verified files (which hold times), by path, and the error it
+    raised (None if it finished)."""
+    cfg = dump_stage.Config(
+        data=data, vit=vit.VitConfig(layers=(0, -1)), max_patches_per_shard=650, shards_per_job=2, batch_size=4,
+        prepare_mib=1, overlap=overlap, device="cpu",
+    )  # fmt: skip
+    pipeline = dataclasses.replace(pl.Pipeline(), root=root, dump=cfg, config_dpath=pathlib.Path(REPO) / "configs")
+    plan = pl.make_plan(pipeline)
+    error = None
+    try:
+        pl.run_pieces(pipeline, "dump", [piece.id for piece in plan["dump"].pieces])
+    except datasets.DatasetError as err:
+        error = err
+    dpath = plan["dump"].artifacts[0].dpath
+    files = {str(p.relative_to(dpath)): p.read_bytes() for p in sorted(dpath.rglob("*"))
+             if p.is_file() and p.name not in ("manifest.json", ".manifest.json.sum", ".verified.json")}  # fmt: skip
+    for name in [n for n in files if n.endswith(".sum")]:  # a checksum record's stat (times, inode) is the file's own
+        files[name] = json.loads(files[name]).get("xxh3_128")
+    return files, error
+
+
+def test_overlapped_dump_of_the_synthetic_data_writes_the_serial_dumps_files(tmp_path):
+    data = datasets.Synthetic(n_imgs=23, seed=5)
+    overlapped, _ = dump_state(tmp_path / "a", data, overlap=True)
+    serial, _ = dump_state(tmp_path / "b", data, overlap=False)
+    assert sum(name.startswith("acts") for name in serial) == 5 and "labels.bin" in serial
+    assert overlapped == serial
+
+
+def test_overlapped_dump_of_a_folder_dataset_writes_the_serial_dumps_files(tmp_path):
+    from tests.test_bad_inputs import make_folder_dataset
+
+    data = datasets.SegFolder(root=str(make_folder_dataset(tmp_path / "data", n_imgs=23)))
+    overlapped, _ = dump_state(tmp_path / "a", data, overlap=True)
+    serial, _ = dump_state(tmp_path / "b", data, overlap=False)
+    assert sum(name.startswith("acts") for name in serial) == 5 and "labels.bin" in serial
+    assert overlapped == serial
+
+
+def test_an_unreadable_image_stops_the_overlapped_dump_with_its_error_and_the_serial_dumps_files(tmp_path):
+    """Image 19 (the last batch of the second piece, images 10-19) cannot be decoded: the error names it, the shards
+    before it are finished (shard 2 by the batch before), and nothing else differs from what the serial dump leaves."""
+    from tests.test_bad_inputs import make_folder_dataset
+
+    data_dpath = make_folder_dataset(tmp_path / "data", n_imgs=23)
+    bad = sorted((data_dpath / "images").iterdir())[19]
+    bad.write_bytes(b"not a png")
+    data = datasets.SegFolder(root=str(data_dpath))
+    overlapped, overlapped_err = dump_state(tmp_path / "a", data, overlap=True)
+    serial, serial_err = dump_state(tmp_path / "b", data, overlap=False)
+    assert f"cannot read image {bad}" in str(overlapped_err) and str(overlapped_err) == str(serial_err)
+    assert overlapped == serial
+    assert {"acts000001.bin", "parts/labels000001.npy", "acts000002.bin", "parts/labels000002.npy"} <= set(serial)
+    assert "acts000003.bin" not in serial and "labels.bin" not in serial
