@@ -199,12 +199,10 @@ def _ap_class_ids(
     # many classes or columns with very many ranked entries, and 32-bit keys sort about twice as fast.
     start_bits = max(1, int(count_J.max()).bit_length())
     seg_shift = start_bits + class_bits
-    key_E = start_E.add_(key_E.bitwise_and_((1 << class_bits) - 1), alpha=1 << start_bits).add_(
-        col_E, alpha=1 << seg_shift
-    )
-    del col_E
     dtype = torch.int32 if j.bit_length() + seg_shift <= 31 else torch.int64
-    key_E = torch.sort(key_E.to(dtype), stable=True).values
+    key_E = start_E.to(dtype).add_(key_E.bitwise_and_((1 << class_bits) - 1), alpha=1 << start_bits)
+    key_E = torch.sort(key_E.add_(col_E, alpha=1 << seg_shift), stable=True).values
+    del start_E, col_E
     run_R, size_R = torch.unique_consecutive(key_E, return_counts=True)
     # Where each (column, class) segment ends: the first key of the next class (the next column, after the last).
     bound_S = (torch.arange(j, device=device)[:, None] << seg_shift) + (
