@@ -10,9 +10,11 @@ not all near prevalence. For C=10 and C=151 classes:
   sensitive to the machine's load than either time alone.
 - scikit-learn looped over (column, class) on the first few columns only (it needs ~1.6 s per column at C=151),
   compared with the engine per prototype column, once.
-`--rounds` defaults to 15: one round takes well under a second, and on a quiet machine the per-round ratio varies
-by a few percent, so 15 rounds put the median within about 1% of a longer run's while the whole benchmark stays
-under a minute beside scikit-learn's columns. Conditions (CPUs, torch threads, load) are printed before and after.
+`--rounds` defaults to 15: a round costs about a quarter of a second on a quiet 2-CPU machine, so all rounds of
+both C take seconds beside scikit-learn's ~20 s; the median of 15 ignores up to 7 disturbed rounds, and the printed
+range (min-max of the per-round ratio) says whether the run was quiet enough: on a busy machine it is wide (0.21-0.61
+at a load average of 8.7 on 2 CPUs), so rerun there with more rounds or not at all. Conditions (CPUs, torch
+threads, load) are printed before and after.
 The last line is machine-readable:
 
     RESULT ap_vs_sort=<min over C of the median ratio> ap_vs_sort_c10=<x> ap_vs_sort_c151=<y>
@@ -116,7 +118,7 @@ def floor_keys(scores_NK: torch.Tensor, labels_N: torch.Tensor, n_classes: int) 
     the minimum in a row that is not ignored: what an exact sort-based AP of the whole block sorts at least once."""
     ranked_NK = (scores_NK > scores_NK.min()) & (labels_N >= 0)[:, None]
     row_E, col_E = ranked_NK.nonzero(as_tuple=True)
-    bits_E = (scores_NK[row_E, col_E] + 0.0).view(torch.int32)  # scores > min >= 0 here; order key as in the engine
+    bits_E = (scores_NK[row_E, col_E] + 0.0).view(torch.int32)  # the engine's order key for any sign
     bits_E = (bits_E ^ ((bits_E >> 31) & 0x7FFFFFFF)).to(torch.int64) + 2**31
     class_bits = max(1, (n_classes - 1).bit_length())
     return (((col_E << 32) | bits_E) << class_bits) | labels_N[row_E]

@@ -179,7 +179,7 @@ def _ap_class_ids(
     j, n_c, device = block_NJ.shape[1], n_positives_C.numel(), block_NJ.device
     row_E, col_E, key32_E = _entries_above(block_NJ, low, ignored_I)
     class_bits = max(1, (n_c - 1).bit_length())
-    col_shift = 32 + class_bits  # keys hold the column above 32 bits of score (or group) and the class bits
+    col_shift = 32 + class_bits  # sort-1 keys hold the column above 32 bits of score and the class bits
 
     # Sort 1, by [column | score | class]: a tie group is a run of equal (column, score).
     key_E = torch.add(labels_N.index_select(0, row_E), key32_E, alpha=1 << class_bits).add_(col_E, alpha=1 << col_shift)
