@@ -1,12 +1,26 @@
-"""Benchmark saev.ap.average_precision against scikit-learn's average_precision_score, in the same run.
+"""Benchmark saev.ap.average_precision against one sort of the same entries, and against scikit-learn, in one run.
 
 Scores are ReLU-like (about 90% exact zeros) float32 [N, K]; each column k leans towards one class so APs are
-not all near prevalence. scikit-learn is looped over (column, class) on the first few columns only (it needs
-~1.6 s per column at C=151), and both are compared per prototype column. The last line is machine-readable:
+not all near prevalence. For C=10 and C=151 classes:
+- the floor: one `torch.sort` (stable, PyTorch's radix sort on CPU) of the block's ranked entries' int64 keys, one
+  key per entry above the minimum (ignored rows left out) packing (column, the score's 32-bit order key, class),
+  all K columns in one sort. Any exact sort-based AP sorts these entries at least once.
+- the engine on all K columns. `ap_vs_sort` = floor time / engine time, taken within each round and reported as
+  the median over rounds: a round times both back to back (alternating which goes first), so a ratio is far less
+  sensitive to the machine's load than either time alone.
+- scikit-learn looped over (column, class) on the first few columns only (it needs ~1.6 s per column at C=151),
+  compared with the engine per prototype column, once.
+`--rounds` defaults to 15: a round costs about a quarter of a second on a quiet 2-CPU machine, so all rounds of
+both C take seconds beside scikit-learn's ~20 s; the median of 15 ignores up to 7 disturbed rounds, and the printed
+range (min-max of the per-round ratio) says whether the run was quiet enough: on a busy machine it is wide (0.21-0.61
+at a load average of 8.7 on 2 CPUs), so rerun there with more rounds or not at all. Conditions (CPUs, torch
+threads, load) are printed before and after.
+The last line is machine-readable:
 
-    RESULT ratio_c10=<x> ratio_c151=<y> max_abs_diff=<z>
+    RESULT ap_vs_sort=<min over C of the median ratio> ap_vs_sort_c10=<x> ap_vs_sort_c151=<y>
+           ratio_c10=<sklearn / engine> ratio_c151=<...> max_abs_diff=<z>
 
-Run: uv run python benchmarks/ap.py [--device cuda] [--n 100000] [--k 256]
+Run: uv run python benchmarks/ap.py [--device cuda] [--n 100000] [--k 256] [--rounds 15]
 """
 
 import argparse
@@ -14,6 +28,7 @@ import ctypes
 import os
 import pathlib
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +40,7 @@ from sklearn.metrics import average_precision_score
 
 # A script run as a file gets benchmarks/ on sys.path, not the repository root that holds saev/.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import conditions  # noqa: E402
 from saev.ap import average_precision  # noqa: E402
 
 
@@ -35,6 +51,7 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=256, help="prototypes (columns)")
     parser.add_argument("--sk-cols-c10", type=int, default=8, help="columns scikit-learn scores at C=10")
     parser.add_argument("--sk-cols-c151", type=int, default=2, help="columns scikit-learn scores at C=151")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds of engine and floor sort")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -96,21 +113,44 @@ print(peak)
         return (self.peak - self.start) / 2**20
 
 
-def time_engine(
-    scores_NK: torch.Tensor, labels_N: torch.Tensor, n_classes: int, repeats: int = 3
-) -> tuple[np.ndarray, float]:
-    """Median over `repeats` calls of the engine's seconds per column over all K columns, and its AP [C, K]."""
-    average_precision(scores_NK[:, :4], labels_N, n_classes)  # warm up (lazy init, first-call checks)
-    times = []
-    for _ in range(repeats):
-        if scores_NK.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        ap_CK = average_precision(scores_NK, labels_N, n_classes)
-        if scores_NK.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return ap_CK.cpu().numpy(), float(np.median(times)) / scores_NK.shape[1]
+def floor_keys(scores_NK: torch.Tensor, labels_N: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """The block's ranked entries as int64 keys (column, 32-bit order key of the score, class), one per entry above
+    the minimum in a row that is not ignored: what an exact sort-based AP of the whole block sorts at least once."""
+    ranked_NK = (scores_NK > scores_NK.min()) & (labels_N >= 0)[:, None]
+    row_E, col_E = ranked_NK.nonzero(as_tuple=True)
+    bits_E = (scores_NK[row_E, col_E] + 0.0).view(torch.int32)  # the engine's order key for any sign
+    bits_E = (bits_E ^ ((bits_E >> 31) & 0x7FFFFFFF)).to(torch.int64) + 2**31
+    class_bits = max(1, (n_classes - 1).bit_length())
+    return (((col_E << 32) | bits_E) << class_bits) | labels_N[row_E]
+
+
+def timed(fn, cuda: bool) -> float:
+    """Seconds one call of `fn` takes (synchronised on CUDA)."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_engine_and_floor(
+    scores_NK: torch.Tensor, labels_N: torch.Tensor, n_classes: int, rounds: int
+) -> tuple[np.ndarray, int, list[float], list[float]]:
+    """The engine's AP [C, K], the floor's number of keys, and per round the engine's and the floor sort's seconds."""
+    keys_E = floor_keys(scores_NK, labels_N, n_classes)
+    calls = {
+        "engine": lambda: average_precision(scores_NK, labels_N, n_classes),
+        "floor": lambda: torch.sort(keys_E, stable=True),
+    }
+    ap_CK = calls["engine"]()  # warm up (lazy init, first-call checks)
+    calls["floor"]()
+    times = {"engine": [], "floor": []}
+    for r in range(rounds):
+        for name in ("engine", "floor") if r % 2 == 0 else ("floor", "engine"):
+            times[name].append(timed(calls[name], scores_NK.is_cuda))
+    return ap_CK.cpu().numpy(), keys_E.numel(), times["engine"], times["floor"]
 
 
 def time_sklearn(scores_NK: np.ndarray, labels_N: np.ndarray, n_classes: int, n_cols: int) -> tuple[np.ndarray, float]:
@@ -140,12 +180,19 @@ def main() -> None:
     zero_frac = (scores_NK == 0).double().mean().item()
     print(f"data: N={args.n} K={args.k} float32, {zero_frac:.1%} exact zeros, {(labels151_N < 0).sum()} ignored")
 
-    scores_np, ratios, max_diff = scores_NK.numpy(), {}, 0.0
+    scores_np, ratios, ap_vs_sort, max_diff = scores_NK.numpy(), {}, {}, 0.0
     scores_dev = scores_NK.to(args.device)
+    print(conditions.describe("before"), flush=True)
     for n_classes, labels_N, sk_cols in [(10, labels10_N, args.sk_cols_c10), (151, labels151_N, args.sk_cols_c151)]:
-        print(f"C={n_classes}: engine on all {args.k} columns ...", flush=True)
-        ap_CK, engine_s = time_engine(scores_dev, labels_N.to(args.device), n_classes)
-        print(f"C={n_classes}: engine {engine_s:.5f} s/column (median of 3 calls)", flush=True)
+        print(f"C={n_classes}: engine on all {args.k} columns and the floor sort, {args.rounds} rounds ...", flush=True)
+        labels_dev = labels_N.to(args.device)
+        ap_CK, n_keys, engine, floor = time_engine_and_floor(scores_dev, labels_dev, n_classes, args.rounds)
+        ratio_R = [f / e for e, f in zip(engine, floor)]
+        ap_vs_sort[n_classes] = statistics.median(ratio_R)
+        print(f"C={n_classes}: engine {conditions.spread([1e3 * t for t in engine], '{:.1f}')} ms; floor sort of "
+              f"{n_keys:,} int64 keys {conditions.spread([1e3 * t for t in floor], '{:.1f}')} ms")
+        print(f"C={n_classes}: ap_vs_sort (floor / engine, per round) {conditions.spread(ratio_R, '{:.3f}')}")
+        engine_s = statistics.median(engine) / args.k
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with RssPeak() as rss:
@@ -165,9 +212,14 @@ def main() -> None:
         print(f"C={n_classes}: sklearn {sk_s:.4f} s/column; ratio {sk_s / engine_s:.1f}x; max |dAP| {diff:.3g}")
         print(f"C={n_classes}: AP range over all columns {np.nanmin(ap_CK):.4f} .. {np.nanmax(ap_CK):.4f}")
 
+    print(conditions.describe("after"))
     maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"process peak RSS (resource.getrusage ru_maxrss, whole run incl. data): {maxrss_mb:.0f} MB")
-    print(f"RESULT ratio_c10={ratios[10]:.1f} ratio_c151={ratios[151]:.1f} max_abs_diff={max_diff:.3g}")
+    print(
+        f"RESULT ap_vs_sort={min(ap_vs_sort.values()):.3f} ap_vs_sort_c10={ap_vs_sort[10]:.3f} "
+        f"ap_vs_sort_c151={ap_vs_sort[151]:.3f} ratio_c10={ratios[10]:.1f} ratio_c151={ratios[151]:.1f} "
+        f"max_abs_diff={max_diff:.3g}"
+    )
 
 
 if __name__ == "__main__":

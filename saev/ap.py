@@ -8,20 +8,25 @@ with equal scores form one threshold, so with P_c positives of class c
 See shared/notes/average-precision.md for why (ReLU latents are mostly exact zeros, one huge tie group).
 
 How it is computed, per block of J columns at once (one implementation for CPU and CUDA):
-1. The block's minimum, where a column has it, is that column's bottom tie group: each positive there has
-   precision P_c / N, so only entries above it (the nonzeros of a ReLU latent) are ranked. Rows labelled -1 are
-   set to the minimum in the block's copy, so they are never ranked either.
-2. Sort 1, of one int64 key per entry packing (column, score, class), gives #(score >= s_i) for each entry: the
-   entries of its column from where its tie group (a run of equal column and score) starts to the column's end.
-3. Sort 2, by (column, class, score), puts each class's entries of a column together in score order, so
-   TP_c(score >= s_i) is the segment's end minus where the entry's tie group starts in the segment.
+1. The minimum of all scores, where a column has it, is that column's bottom tie group: each positive there has
+   precision P_c / N, so only entries above it (the nonzeros of a ReLU latent) are ranked; rows labelled -1 are
+   never ranked either. A row-major copy of the block, a mask and one nonzero find them.
+2. Sort 1, of one int64 key per entry packing (column, score, class), puts each column in score order; a tie group
+   is a run of equal (column, score), and #(score >= s_i) is the column's count minus where i's group starts.
+3. Sort 2, by (column, class, where the group starts), puts each class's entries of a column together in score
+   order, ties still together; it is usually a 32-bit key, about twice as fast to sort. A run of equal keys is one
+   class's entries in one tie group, sharing TP_c(score >= s_i): the segment's end minus where the run starts. Each
+   run adds size * TP_c(score >= s_i) / #(score >= s_i) to its segment's sum.
    Neither sort grows with C, and there is no [N, C] one-hot.
 Scores enter the keys as 32-bit order-preserving integers: float32 bits (float16/bfloat16 widened exactly), or
 for float64 the dense rank among the block's entries. Integer keys let PyTorch radix-sort on CPU. Counts are int64;
 ratios and sums are float64. Multi-hot labels share step 1 and sort 1, then take one pass per class.
+Blocks are sized for memory (about 256 MB at worst) and in practice for cache: a block's sorts of a few hundred
+thousand entries run several times faster per entry than one sort of millions (benchmarks/ap.py).
 
 Shape suffixes: N examples (rows), K prototypes (columns), C classes, J columns of the current block,
-E ranked entries of the block (above the block's minimum), S (column, class) segments of the block.
+E ranked entries of the block (above the minimum), S (column, class) segments of the block, R runs of equal sort-2
+keys, I ignored rows.
 """
 
 import math
@@ -32,11 +37,12 @@ import torch
 from jaxtyping import Bool, Float, Float64, Int, Int64, jaxtyped
 from torch import Tensor
 
-# Temporary memory one block may use, and what one score of a block costs at worst (every score ranked): the
-# block's copy plus about a dozen int64 tensors over the ranked entries. Measured: a dense float32 block of
-# N=100,000 peaked ~290 MB above the start of the call; ReLU-like (90% zeros) blocks ~40 MB.
+# Temporary memory one block may use, and what one score of a block costs at worst (every score ranked, all
+# distinct): the block's copy and mask, then about seven 8-byte values per ranked entry at the peak. Measured with
+# N=100,000 and 32 columns a block: dense float32 scores peaked 209-268 MB above the start of the call (55 bytes a
+# score of live tensors, the rest the allocator's), ReLU-like (90% zeros) ones 31-40 MB.
 _BLOCK_BYTES = 256 * 2**20
-_BYTES_PER_SCORE = 192
+_BYTES_PER_SCORE = 80
 
 Scores = Float[Tensor, "N K"] | Float[np.ndarray, "N K"]
 Labels = Int[Tensor, " N"] | Bool[Tensor, "N C"] | Int[np.ndarray, " N"] | Bool[np.ndarray, "N C"]
@@ -57,8 +63,8 @@ def average_precision(
             over all rows.
         n_classes: C. For int labels it defaults to max label + 1; for multi-hot labels it must equal the number
             of label columns if given.
-        chunk: how many prototype columns are ranked together. Default: as many as fit about 256 MB of temporary
-            memory in the worst case (every score distinct). Results do not depend on it, bit for bit.
+        chunk: how many prototype columns are ranked together. Default: the largest power of two that fits about 256 MB
+            of temporary memory in the worst case (every score distinct). Results do not depend on it, bit for bit.
 
     Returns:
         AP [C, K] as float64 on the scores' device. NaN for a class with no positives (scikit-learn would return
@@ -103,37 +109,34 @@ def average_precision(
 
     n_c = n_positives_C.numel()
     if chunk is None:
-        chunk = max(1, _BLOCK_BYTES // (_BYTES_PER_SCORE * max(n, 1)))
+        # A power of two: whole cache lines of each row per block, and rows and columns from shifts.
+        chunk = 1 << (max(1, _BLOCK_BYTES // (_BYTES_PER_SCORE * max(n, 1))).bit_length() - 1)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1; got {chunk}.")
     # Sort keys pack (column, 32-bit score key, class) and (column, class, rank) into 63 bits.
     chunk = min(chunk, 2 ** (31 - class_bits), max(1, (2**31 - 1) // max(n, 1)))
 
     ap_CK = torch.full((n_c, k), torch.nan, dtype=torch.float64, device=device)
-    bad_cols: list[Tensor] = []
-    for start in range(0, k if n else 0, chunk):
+    if n == 0 or k == 0:
+        return ap_CK
+    # NaN propagates through min and max, so one pass over all scores checks them; columns are named only on failure.
+    # The overall minimum is every column's bottom tie group where the column has it (see `_entries_above`); one
+    # value for all blocks also makes the ranked entries, and so the AP's bits, independent of `chunk`.
+    low, high = (float(x) for x in torch.aminmax(scores_NK))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        finite_K = torch.cat([torch.isfinite(scores_NK[:, s : s + chunk]).all(dim=0) for s in range(0, k, chunk)])
+        cols = (~finite_K).nonzero().squeeze(1).tolist()
+        raise ValueError(f"scores contain NaN or +-inf in {len(cols)} prototype column(s); first: {cols[:10]}.")
+    if n_kept == 0 or n_c == 0:
+        return ap_CK
+
+    for start in range(0, k, chunk):
         end = min(start + chunk, k)
-        # One row-major copy of the block: the passes below are several times faster on it than on a strided view.
-        block_NJ = scores_NK[:, start:end]
-        block_NJ = block_NJ.contiguous() if ignored_I is None else block_NJ.clone(memory_format=torch.contiguous_format)
-        # NaN propagates through min and max, so one scalar pass checks the block; columns are named only on failure.
-        low, high = (float(x) for x in torch.aminmax(block_NJ))
-        if not (math.isfinite(low) and math.isfinite(high)):
-            bad_cols.append((~torch.isfinite(block_NJ).all(dim=0)).nonzero().squeeze(1) + start)
-        if bad_cols or n_kept == 0 or n_c == 0:
-            continue  # after the first bad column, only check the rest so the error can list them all
+        block_NJ = scores_NK[:, start:end]  # a view: the callees copy it and free what they make as they go
         if labels.dtype == torch.bool:
             ap_CK[:, start:end] = _ap_multi_hot(block_NJ, low, labels_CN, n_positives_C)
         else:
-            if ignored_I is not None:
-                # At the block's minimum, ignored rows are never ranked; that costs far less than gathering the rest.
-                block_NJ.index_fill_(0, ignored_I, low)
-            ap_CK[:, start:end] = _ap_class_ids(block_NJ, low, labels_N, n_positives_C, n_kept)
-
-    if bad_cols:
-        cols = torch.cat(bad_cols).tolist()
-        msg = f"scores contain NaN or +-inf in {len(cols)} prototype column(s); first: {cols[:10]}."
-        raise ValueError(msg)
+            ap_CK[:, start:end] = _ap_class_ids(block_NJ, low, ignored_I, labels_N, n_positives_C, n_kept)
     return ap_CK
 
 
@@ -167,39 +170,57 @@ def best_per_class(ap_CK: Float[Tensor, "C K"]) -> tuple[Float64[Tensor, " C"], 
 def _ap_class_ids(
     block_NJ: Float[Tensor, "N J"],
     low: float,
+    ignored_I: Int64[Tensor, " I"] | None,
     labels_N: Int64[Tensor, " N"],
     n_positives_C: Int64[Tensor, " C"],
     n_kept: int,
 ) -> Float64[Tensor, "C J"]:
-    """AP of one block for int labels. Rows to ignore must already hold `low` (they are then never ranked)."""
-    j, n_c = block_NJ.shape[1], n_positives_C.numel()
-    row_E, col_E, key32_E = _entries_above(block_NJ, low)
-    n_e = row_E.numel()
+    """AP of one block for int labels; rows in `ignored_I` are left out."""
+    j, n_c, device = block_NJ.shape[1], n_positives_C.numel(), block_NJ.device
+    row_E, col_E, key32_E = _entries_above(block_NJ, low, ignored_I)
     class_bits = max(1, (n_c - 1).bit_length())
-    class_mask = (1 << class_bits) - 1
+    col_shift = 32 + class_bits  # sort-1 keys hold the column above 32 bits of score and the class bits
 
-    # Sort 1, by (column, score, class): the class rides along in the low bits, so no gather by sort order is
-    # needed, and it does not split a tie group, which is a run of equal (column, score).
-    key_E = (((col_E << 32) | key32_E) << class_bits) | labels_N.index_select(0, row_E)
+    # Sort 1, by [column | score | class]: a tie group is a run of equal (column, score).
+    key_E = torch.add(labels_N.index_select(0, row_E), key32_E, alpha=1 << class_bits).add_(col_E, alpha=1 << col_shift)
+    del row_E, col_E, key32_E
     key_E = torch.sort(key_E, stable=True).values  # stable: PyTorch radix-sorts 1-D integers on CPU only then
-    col_score_E = key_E >> class_bits
-    group_E = _run_starts(_changes(col_score_E))
-    col_E = col_score_E >> 32
-    count_J = torch.bincount(col_E, minlength=j)
-    at_or_above_E = _repeat(torch.cumsum(count_J, dim=0), count_J, n_e) - group_E
+    group_E, size_G = torch.unique_consecutive(key_E >> class_bits, return_inverse=True, return_counts=True)[1:]
+    col_end_J = torch.searchsorted(key_E, torch.arange(1, j + 1, device=device) << col_shift)
+    count_J = torch.diff(col_end_J, prepend=col_end_J.new_zeros(1))
+    # Where each entry's tie group starts within its column: #(score >= s_i) is the column's count minus that.
+    start_E = torch.cumsum(size_G, dim=0).sub_(size_G).index_select(0, group_E)
+    del group_E, size_G
+    col_E = key_E >> col_shift
+    start_E.sub_((col_end_J - count_J).index_select(0, col_E))
 
-    # Sort 2, by (column, class, score): within a column, n_e - #(score >= s) grows with the score and is one
-    # value per tie group, so it orders each (column, class) segment by score and carries #(score >= s) along.
-    seg_E = col_E * n_c + (key_E & class_mask)
-    count_S = torch.bincount(seg_E, minlength=j * n_c)
-    rank_bits = n_e.bit_length()
-    key_E = torch.sort((seg_E << rank_bits) | (n_e - at_or_above_E), stable=True).values
-    at_or_above_E = n_e - (key_E & ((1 << rank_bits) - 1))
-    # TP_c(score >= s_i): the class-c entries of the column from the start of i's tie group to the segment's end.
-    tp_E = _repeat(torch.cumsum(count_S, dim=0), count_S, n_e) - _run_starts(_changes(key_E))
-    precision_E = tp_E.double() / at_or_above_E.double()
+    # Sort 2, by [column | class | group start]: each (column, class) segment in score order, ties still together,
+    # so a run of equal keys is one class's entries in one tie group. The three fit 31 bits unless a block holds
+    # many classes or columns with very many ranked entries, and 32-bit keys sort about twice as fast.
+    start_bits = max(1, int(count_J.max()).bit_length())
+    seg_shift = start_bits + class_bits
+    dtype = torch.int32 if j.bit_length() + seg_shift <= 31 else torch.int64
+    key_E = start_E.to(dtype).add_(key_E.bitwise_and_((1 << class_bits) - 1), alpha=1 << start_bits)
+    key_E = torch.sort(key_E.add_(col_E, alpha=1 << seg_shift), stable=True).values
+    del start_E, col_E
+    run_R, size_R = torch.unique_consecutive(key_E, return_counts=True)
+    # Where each (column, class) segment ends: the first key of the next class (the next column, after the last).
+    bound_S = (torch.arange(j, device=device)[:, None] << seg_shift) + (
+        torch.arange(1, n_c + 1, device=device) << start_bits
+    )
+    bound_S = bound_S.view(-1).to(dtype)
+    end_S = torch.searchsorted(key_E, bound_S)
+    del key_E
+    n_runs_S = torch.diff(torch.searchsorted(run_R, bound_S), prepend=end_S.new_zeros(1))
+    # TP_c(score >= s_i): the segment's entries from the start of i's run to the segment's end.
+    tp_R = torch.repeat_interleave(end_S, n_runs_S, output_size=run_R.numel())
+    tp_R.sub_(torch.cumsum(size_R, dim=0)).add_(size_R)
+    above_R = count_J.index_select(0, run_R >> seg_shift).sub_(run_R.bitwise_and_((1 << start_bits) - 1))
+    del run_R
+    precision_R = size_R.mul_(tp_R).double().div_(above_R)  # the sum of the precisions of the run's entries
     # segment_reduce sums each segment in order on CPU and CUDA, so equal columns give bit-identical AP.
-    sum_S = torch.segment_reduce(precision_E, "sum", lengths=count_S)
+    sum_S = torch.segment_reduce(precision_R, "sum", lengths=n_runs_S)
+    count_S = torch.diff(end_S, prepend=end_S.new_zeros(1))
     return _finish(sum_S.view(j, n_c).T, count_S.view(j, n_c).T, n_positives_C, n_kept)
 
 
@@ -209,9 +230,9 @@ def _ap_multi_hot(
 ) -> Float64[Tensor, "C J"]:
     """AP of one block for multi-hot labels; all rows count."""
     n, j = block_NJ.shape
-    row_E, col_E, key32_E = _entries_above(block_NJ, low)
+    row_E, col_E, key32_E = _entries_above(block_NJ, low, None)
     n_e = row_E.numel()
-    key_E, order_E = torch.sort((col_E << 32) | key32_E, stable=True)
+    key_E, order_E = torch.sort(torch.add(key32_E, col_E, alpha=1 << 32), stable=True)
     row_E = row_E.index_select(0, order_E)
     col_E = key_E >> 32
     group_E = _run_starts(_changes(key_E))  # unique per (column, score)
@@ -233,26 +254,42 @@ def _ap_multi_hot(
 
 @jaxtyped(typechecker=beartype.beartype)
 def _entries_above(
-    block_NJ: Float[Tensor, "N J"], low: float
-) -> tuple[Int64[Tensor, " E"], Int64[Tensor, " E"], Int64[Tensor, " E"]]:
-    """Row, column and order-preserving 32-bit key of the score, for every entry of the block above `low`.
+    block_NJ: Float[Tensor, "N J"], low: float, ignored_I: Int64[Tensor, " I"] | None
+) -> tuple[Int64[Tensor, " E"], Int64[Tensor, " E"], Int[Tensor, " E"]]:
+    """Row, column and order key (`_order_key`) of every entry of the block above `low`, rows in `ignored_I` left out.
 
-    `low` is the block's minimum. Entries equal to it are each column's bottom tie group where they occur, so they
-    need no ranking; a column whose own minimum is higher simply has all its entries ranked. Exact either way, and
-    one scalar minimum per block is much cheaper than a per-column one over a row-major block.
+    `low` is the minimum of all scores. Entries equal to it are each column's bottom tie group where they occur, so
+    they need no ranking; a column whose own minimum is higher simply has all its entries ranked. Exact either way,
+    and one scalar minimum is much cheaper than a per-column one over a row-major block.
     """
+    # One row-major copy of the block: the passes below are several times faster on it than on a strided view.
+    block_NJ = block_NJ.contiguous()
+    above_NJ = block_NJ > low
+    if ignored_I is not None:
+        above_NJ.index_fill_(0, ignored_I, False)
     j = block_NJ.shape[1]
-    flat_E = (block_NJ > low).view(-1).nonzero().squeeze(1)
-    row_E = flat_E // j
-    score_E = block_NJ.view(-1).index_select(0, flat_E)
-    return row_E, flat_E - row_E * j, _order_key(score_E)
+    flat_E = above_NJ.view(-1).nonzero().squeeze(1)  # faster than a 2-D nonzero
+    del above_NJ
+    shift = j.bit_length() - 1
+    if j == 1 << shift:  # the default chunk is a power of two: shifts instead of (slow) int64 division
+        row_E, col_E = flat_E >> shift, flat_E & (j - 1)
+    else:
+        row_E = torch.div(flat_E, j, rounding_mode="floor")
+        col_E = flat_E - row_E * j
+    return row_E, col_E, _order_key(block_NJ.view(-1).index_select(0, flat_E), low)
 
 
 @jaxtyped(typechecker=beartype.beartype)
-def _order_key(score_E: Float[Tensor, " E"]) -> Int64[Tensor, " E"]:
-    """Integers in [0, 2^32) ordered as the scores are, equal exactly where the scores are (-0.0 == +0.0)."""
+def _order_key(score_E: Float[Tensor, " E"], low: float) -> Int[Tensor, " E"]:
+    """Integers in [0, 2^32) ordered as the scores (all above `low`) are, equal exactly where they are (-0.0 == +0.0).
+
+    int32 when every score is positive (ReLU-like latents: their bits already order them), else int64.
+    """
     if score_E.dtype != torch.float64:
-        bits_E = (score_E.float() + 0.0).view(torch.int32)  # float16/bfloat16 -> float32 is exact; + 0.0 maps -0.0
+        score_E = score_E.float()  # float16/bfloat16 -> float32 is exact
+        if low >= 0:
+            return score_E.view(torch.int32)  # positive floats order as their bits; -0.0 is not above low
+        bits_E = (score_E + 0.0).view(torch.int32)  # + 0.0 maps -0.0 to +0.0
         # Negative floats order backwards in their bits: flip all but the sign bit, then offset to unsigned.
         bits_E = bits_E ^ ((bits_E >> 31) & 0x7FFFFFFF)
         return bits_E.to(torch.int64) + 2**31

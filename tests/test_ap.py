@@ -226,3 +226,61 @@ def _quiet_sklearn():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         yield
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_equals_sklearn_on_tied_nonnegative_scores_with_ignored_rows(data):
+    # All scores >= 0 (ReLU-like): the engine orders them by their float bits alone, and the zeros are the bottom group.
+    scores_NK = np.abs(data.draw(tied_scores(max_n=80, max_k=9)))
+    n_classes = data.draw(st.integers(1, 6))
+    labels_N = data.draw(hnp.arrays(np.int64, scores_NK.shape[0], elements=st.integers(-1, n_classes - 1)))
+    chunk = data.draw(st.one_of(st.none(), st.integers(1, 9)))  # powers of two and not
+    ap_CK = average_precision(torch.from_numpy(scores_NK), torch.from_numpy(labels_N), n_classes, chunk=chunk)
+    assert_same_ap(ap_CK, sklearn_ap_class_ids(scores_NK, labels_N, n_classes))
+
+
+def test_many_classes_give_the_same_ap_as_few():
+    # 40,000 classes leave too few bits for a 32-bit second sort key, so the engine sorts 64-bit keys instead.
+    rng = np.random.default_rng(7)
+    scores_NK = np.round(np.maximum(rng.normal(size=(20_000, 3)), 0), 2).astype(np.float32)  # ties among nonzeros
+    labels_N = rng.integers(-1, 5, 20_000)
+    few_CK = average_precision(scores_NK, labels_N, 5)
+    many_CK = average_precision(scores_NK, np.where(labels_N >= 0, labels_N * 7919, -1), 40_000)
+    assert torch.equal(many_CK[torch.arange(5) * 7919], few_CK)
+    assert torch.isnan(many_CK[1]).all()
+    assert_same_ap(few_CK, sklearn_ap_class_ids(scores_NK, labels_N, 5))
+
+
+def test_chunking_gives_identical_results_when_blocks_have_different_minima():
+    rng = np.random.default_rng(8)
+    scores_NK = np.round(np.maximum(rng.normal(size=(300, 7)), 0), 1)
+    scores_NK[:, 0] -= 1.0  # only column 0 has negatives: blocks without it have minimum 0
+    scores_NK = torch.from_numpy(scores_NK.astype(np.float32))
+    labels_N = torch.from_numpy(rng.integers(-1, 4, 300))
+    whole_CK = average_precision(scores_NK, labels_N)
+    for chunk in (1, 2, 3):
+        assert torch.equal(average_precision(scores_NK, labels_N, chunk=chunk), whole_CK)
+    assert_same_ap(whole_CK, sklearn_ap_class_ids(scores_NK.numpy(), labels_N.numpy(), 4))
+
+
+def test_strided_scores_equal_contiguous_scores():
+    rng = np.random.default_rng(9)
+    scores_KN = np.maximum(rng.normal(size=(6, 500)), 0).astype(np.float32)
+    labels_N = torch.from_numpy(rng.integers(-1, 3, 500))
+    strided_NK = torch.from_numpy(scores_KN).T  # column-major: every row is strided
+    expected_CK = average_precision(strided_NK.contiguous(), labels_N)
+    assert torch.equal(average_precision(strided_NK, labels_N, chunk=4), expected_CK)
+    assert torch.equal(average_precision(strided_NK[:, 1:5], labels_N), expected_CK[:, 1:5])
+
+
+def test_class_with_only_positives_has_ap_one():
+    # Every kept row is class 0 (one class), or a multi-hot column is all True: any ranking gives precision 1.
+    rng = np.random.default_rng(10)
+    scores_NK = torch.from_numpy(np.round(np.maximum(rng.normal(size=(200, 4)), 0), 1).astype(np.float32))
+    labels_N = torch.from_numpy(np.where(rng.random(200) < 0.1, -1, 0))
+    assert average_precision(scores_NK, labels_N).tolist() == [[1.0] * 4]
+    positive_NC = torch.from_numpy(np.stack([np.ones(200, bool), np.zeros(200, bool), rng.random(200) < 0.3], 1))
+    ap_CK = average_precision(scores_NK, positive_NC)
+    assert ap_CK[0].tolist() == [1.0] * 4 and torch.isnan(ap_CK[1]).all()
+    assert_same_ap(ap_CK, sklearn_ap(scores_NK.numpy(), positive_NC.numpy()))
