@@ -34,7 +34,7 @@ import typing
 import numpy as np
 import torch
 
-from saev import ap, artifacts, checksums, helpers, keepmask, nn, scoring
+from saev import artifacts, checksums, helpers, keepmask, nn, scoring
 from saev.data.shards import Shards
 
 from .graph import Piece, Plan, ScoreInfo, StagePlan
@@ -261,19 +261,14 @@ def score_block(
     train_key: str,
     matmul_precision: str,
 ) -> None:
-    """A block's work once its inputs are at hand (what benchmarks/score.py times): encode latents [k_start, k_stop)
-    of every kept row (`scoring.encode_block`; `top_Nk` for a TopK SAE), their AP for every class, and the partial
-    file `fpath`."""
-    scores_NK = scoring.encode_block(sae, acts_ND, k_start, k_stop, batch_size=batch_size, device=device, top_Nk=top_Nk)
-    ap_CK = ap.average_precision(scores_NK, torch.from_numpy(labels_N).to(device), n_classes=n_classes)
+    """A block's work once its inputs are at hand (what benchmarks/score.py times): `scoring.score_block` (encode
+    latents [k_start, k_stop) of every kept row, `top_Nk` for a TopK SAE; their min, max and AP for every class),
+    then the partial file `fpath`."""
+    block_scores = scoring.score_block(
+        sae, acts_ND, labels_N, n_classes, k_start, k_stop, batch_size=batch_size, device=device, top_Nk=top_Nk
+    )
     scoring.write_partial(
-        fpath,
-        ap_CK=ap_CK.cpu().numpy(),
-        scores_NK=scores_NK,
-        k_start=k_start,
-        k_stop=k_stop,
-        train_key=train_key,
-        matmul_precision=matmul_precision,
+        fpath, block_scores, k_start=k_start, k_stop=k_stop, train_key=train_key, matmul_precision=matmul_precision
     )
 
 
