@@ -63,8 +63,8 @@ AVX-512 sums a product fewer than 12 columns or 8 rows wide in another order), w
 a score; at this size and above each entry is summed the same way whatever the shape (see the module docstring)."""
 
 _CHUNK_BYTES = 4 * 2**20
-"""Scores post-processed together (bias, activation rule, min and max): small enough to stay in the CPU's cache
-between those passes, large enough that each pass is one efficient kernel."""
+"""Scores post-processed together on a CPU (bias, activation rule, min and max): small enough to stay in the CPU's
+cache between those passes, large enough that each pass is one efficient kernel."""
 
 
 def _window(start: int, stop: int, total: int) -> tuple[int, int]:
@@ -135,7 +135,8 @@ def _encode_into(
     W_enc_DW = sae.W_enc.detach()[:, a:b]
     b_dec_D = sae.b_dec.detach()
     full = top_Nk is None and not sae.activation.per_latent  # TopK without its selection: a full encode, sliced
-    chunk = max(1, _CHUNK_BYTES // (4 * max(1, width)))
+    # A GPU has no cache to keep a chunk in: there, a batch's rows are done at once.
+    chunk = max(1, _CHUNK_BYTES // (4 * max(1, width))) if device.type == "cpu" else x_BD.shape[0]
     for start, stop in _batches(n, x_BD.shape[0]):
         x_bD = x_BD[: stop - start]
         out_bK = out_NK[start:stop]

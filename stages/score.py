@@ -239,37 +239,13 @@ def run(pipeline, plan: Plan, piece: Piece) -> None:
     top_Nk = None
     if isinstance(sae.activation, nn.TopK):
         top_Nk = torch.from_numpy(get_topk(cfg, piece.artifact, info, sae, acts_ND, device))
-    score_block(
-        piece.fpath, sae, acts_ND, labels_N, n_classes, k_start, k_stop,
-        batch_size=cfg.batch_size, device=device, top_Nk=top_Nk, train_key=info.train_key,
-        matmul_precision=cfg.matmul_precision,
-    )  # fmt: skip
-
-
-def score_block(
-    fpath: pathlib.Path,
-    sae: nn.SparseAutoencoder,
-    acts_ND: np.ndarray,
-    labels_N: np.ndarray,
-    n_classes: int,
-    k_start: int,
-    k_stop: int,
-    *,
-    batch_size: int,
-    device: torch.device,
-    top_Nk: torch.Tensor | None,
-    train_key: str,
-    matmul_precision: str,
-) -> None:
-    """A block's work once its inputs are at hand (what benchmarks/score.py times): `scoring.score_block` (encode
-    latents [k_start, k_stop) of every kept row, `top_Nk` for a TopK SAE; their min, max and AP for every class),
-    then the partial file `fpath`."""
     block_scores = scoring.score_block(
-        sae, acts_ND, labels_N, n_classes, k_start, k_stop, batch_size=batch_size, device=device, top_Nk=top_Nk
+        sae, acts_ND, labels_N, n_classes, k_start, k_stop, batch_size=cfg.batch_size, device=device, top_Nk=top_Nk
     )
     scoring.write_partial(
-        fpath, block_scores, k_start=k_start, k_stop=k_stop, train_key=train_key, matmul_precision=matmul_precision
-    )
+        piece.fpath, block_scores, k_start=k_start, k_stop=k_stop, train_key=info.train_key,
+        matmul_precision=cfg.matmul_precision,
+    )  # fmt: skip
 
 
 def manifest_extra(pipeline, art: artifacts.Artifact) -> dict[str, object]:
