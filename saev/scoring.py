@@ -62,9 +62,10 @@ computed inside a window this large and cut out. BLAS libraries take other code 
 AVX-512 sums a product fewer than 12 columns or 8 rows wide in another order), which would change the last bit of
 a score; at this size and above each entry is summed the same way whatever the shape (see the module docstring)."""
 
-_CHUNK_BYTES = 4 * 2**20
-"""Scores post-processed together on a CPU (bias, activation rule, min and max): small enough to stay in the CPU's
-cache between those passes, large enough that each pass is one efficient kernel."""
+_CHUNK_BYTES = 16 * 2**20
+"""Scores post-processed together on a CPU (bias, activation rule, min and max): small enough to stay in a server
+CPU's last-level cache between those passes, large enough that the chunks' few hundred small parallel operations
+cost little even on a busy machine (where each waits for a descheduled thread)."""
 
 
 def _window(start: int, stop: int, total: int) -> tuple[int, int]:
