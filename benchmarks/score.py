@@ -4,13 +4,17 @@
     uv run python benchmarks/score.py --device cuda --k 32768
 
 For a ReLU SAE and a TopK SAE (same weights, d_sae = `--blocks` x K latents), one block of K latents:
-(a) the stage's block work, `stages.score.score_block` (encode the block's columns of every row in the stage's row
-    batches, exact AP for every class, min/max, and the partial file); for TopK given each row's selected latents, which
-    the stage computes once per SAE (`saev.scoring.topk_latents`, timed once and shown as a per-block share);
-(b) its parts alone: the bare encoder matmul for those columns (the same row batches into one preallocated output)
-    and the AP engine `saev.ap.average_precision` on the resulting scores.
-Each is measured `--rounds` times, alternating; medians and spreads (min to max) are printed with the conditions
-(torch threads, CPU affinity, load average before and after, CPU model).
+(a) the stage's block work once its inputs are at hand (`saev.scoring.score_block`: the block's columns of every
+    row encoded in the stage's row batches into buffers reused from block to block, as the blocks of one task reuse
+    them, min/max, exact AP for every class; then the partial file); for TopK given each row's selected latents,
+    which the stage computes once per SAE (`saev.scoring.topk_latents`, timed once and shown as a per-block share);
+(b) its parts alone: the bare encoder matmul for those columns (rows minus b_dec computed beforehand, the same row
+    batches into one preallocated output, bias added by the matmul) and the AP engine `saev.ap.average_precision`
+    on the resulting scores.
+One untimed warm-up of each, then `--rounds` rounds (default 7), alternating (a) and (b) within each round so that
+a change of the machine's load falls on both; medians and spreads (min to max) are printed with the conditions
+(torch threads, CPU affinity, load average before and after, CPU model). Seven rounds: the median of 7 ignores up
+to 3 disturbed rounds, and a round takes about 20 s at the defaults on 2 quiet CPUs (3 minutes in all).
 Last line: RESULT score_vs_parts=<(matmul + AP) / ReLU block> topk_vs_relu=<ReLU block / TopK block>
 latents_per_s=<K / the slower block>.
 """
@@ -43,7 +47,7 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=151)
     parser.add_argument("--batch-size", type=int, default=score_stage.Config.batch_size, help="rows per matmul")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (medians of these)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -120,19 +124,22 @@ def main() -> None:
         def stage_block(activation: nn.Activation) -> Callable[[], None]:
             def go() -> None:
                 sae.activation = activation
-                with torch.inference_mode():
-                    score_stage.score_block(
-                        fpath, sae, acts_ND, labels_N, args.classes, k_start, k_stop, batch_size=args.batch_size,
-                        device=device, top_Nk=top_Nk if activation is topk else None, train_key="bench",
-                        matmul_precision="highest",
+                with torch.inference_mode():  # what stages.score.run does once its inputs are at hand
+                    block_scores = scoring.score_block(
+                        sae, acts_ND, labels_N, args.classes, k_start, k_stop, batch_size=args.batch_size,
+                        device=device, top_Nk=top_Nk if activation is topk else None,
                     )  # fmt: skip
+                    scoring.write_partial(
+                        fpath, block_scores, k_start=k_start, k_stop=k_stop, train_key="bench", matmul_precision="highest"
+                    )
             return go
 
         with torch.inference_mode():
-            relu_scores_NK = torch.relu(x_ND[: args.batch_size] @ W_DK + b_K)  # warm-up of both paths
+            stage_block(topk)()  # warm-up of every timed path (and the blocks' buffers allocated)
             stage_block(relu)()
-            sae.activation = relu
+            matmul()
             relu_scores_NK = scoring.encode_block(sae, acts_ND, k_start, k_stop, batch_size=args.batch_size, device=device)
+            ap.average_precision(relu_scores_NK, labels_dev, args.classes)
         nonzero = float((relu_scores_NK > 0).float().mean())
         print(f"ReLU block: {nonzero:.1%} non-zero scores", flush=True)
         times: dict[str, list[float]] = {"relu block": [], "topk block": [], "matmul": [], "ap": []}

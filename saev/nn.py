@@ -166,14 +166,13 @@ class TopK:
 
     def select_(self, pre_BK: Tensor, top_Bk: Tensor, offset: int = 0) -> Tensor:
         """`select` computed in place in pre_BK (same values, bit for bit); returns pre_BK."""
-        n_cols = pre_BK.shape[-1]
         pos_Bk = top_Bk.to(device=pre_BK.device, dtype=torch.int64) - offset
-        pos_Bk = torch.where((pos_Bk >= 0) & (pos_Bk < n_cols), pos_Bk, n_cols)  # outside: a spare last column
-        mask_BK = torch.zeros(pre_BK.shape[:-1] + (n_cols + 1,), dtype=torch.bool, device=pre_BK.device)
-        mask_BK = mask_BK.scatter_(-1, pos_Bk, True)[..., :n_cols]
-        if not self.keep_negative:
-            pre_BK.relu_()
-        return pre_BK.masked_fill_(~mask_BK, 0.0)
+        # Gather the k selected values, zero the block, put them back: k values per example are read and written,
+        # not a mask of the block's size.
+        where = ((pos_Bk >= 0) & (pos_Bk < pre_BK.shape[-1])).nonzero(as_tuple=True)
+        index = (*where[:-1], pos_Bk[where])
+        kept_E = pre_BK[index] if self.keep_negative else pre_BK[index].relu_()
+        return pre_BK.zero_().index_put_(index, kept_E)
 
 
 @beartype.beartype
@@ -346,13 +345,23 @@ class SparseAutoencoder(torch.nn.Module):
             out_BK.copy_(self.encode(x_BD, latents))
             return
         torch.matmul(x_BD - self.b_dec, self.W_enc[:, latents], out=out_BK)
-        out_BK.add_(self.b_enc[latents])
+        self.activate_(out_BK, latents, top_Bk)
+
+    @torch.no_grad()
+    def activate_(self, pre_BK: Tensor, latents: slice, top_Bk: Tensor | None = None) -> None:
+        """Turn `(x - b_dec) @ W_enc[:, latents]` (the encoder matmul of a block of latents, before the bias) into
+        `encode(x, latents, top_Bk)` in place, bit for bit: add the bias, apply the activation rule (a per-latent
+        rule, or TopK given `top_Bk`). Rows are independent, so any run of rows may be done alone."""
+        activation = self.activation
+        if top_Bk is None and not activation.per_latent:
+            raise ValueError(f"{activation!r} needs each example's selected latents (top_Bk) to encode a block")
+        pre_BK.add_(self.b_enc[latents])
         if top_Bk is not None:
             if not isinstance(activation, TopK):
                 raise ValueError(f"top_Bk only applies to a TopK SAE, not to {activation!r}")
-            activation.select_(out_BK, top_Bk, range(self.cfg.d_sae)[latents].start)
+            activation.select_(pre_BK, top_Bk, range(self.cfg.d_sae)[latents].start)
         else:
-            activation.apply_(out_BK)
+            activation.apply_(pre_BK)
 
     @jaxtyped(typechecker=beartype.beartype)
     def decode(self, f_BS: Float[Tensor, "B S"]) -> Float[Tensor, "B D"]:

@@ -15,6 +15,16 @@ reads and writes. This module owns three formats:
   `topk_latents.safetensors` of a score artifact holds `latents_Nk` (int32 [N, k], distinct indices in [0, d_sae)
   per row) and metadata `"sae"`, `"k"`, `"d_sae"`, `"matmul_precision"` (what it is for) and `"block_size"`,
   `"batch_size"` (how it was computed); `write_topk` and `read_topk` own it.
+- Blocks. `score_block` encodes a block's latents for every kept row into buffers allocated once per process and
+  reused by the next block (`get_block_buffers`), applies the bias and activation rule and folds each latent's
+  min and max in while a few rows' scores are in the cache, then runs the AP engine on the scores in place.
+  A block's scores equal the same columns of a full encode of all rows (`SparseAutoencoder.encode`), bit for bit,
+  whatever the block's width and the number of rows: every encoder matmul is at least `MIN_MATMUL` (64) rows by 64
+  columns (a narrower block, a shorter last batch or fewer latents are computed in a larger window and cut out),
+  so no block takes a BLAS small-matrix path that sums in another order. This rests on the BLAS summing each entry
+  of a matmul of that size or more the same way whatever its shape, as torch's CPU BLAS (MKL) does on the CPUs
+  tested (AMD EPYC, AVX-512); other BLAS libraries, CUDA (cuBLAS chooses kernels by shape) and TF32 or bf16
+  matmul precisions may change the last bit of a score between block widths or batch sizes.
 - Kept activations. `acts.npy` of a kept artifact: float32 [N, d_vit], C-order, the activations of the kept patches
   (in keep.npy order) at one layer, gathered once from the dump's shards so that every score task reads one
   contiguous file instead of gathering rows from every shard (`write_kept`, `read_kept`).
@@ -33,7 +43,7 @@ import torch
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from saev import artifacts, checksums, nn
+from saev import ap, artifacts, checksums, nn
 
 
 def partial_fpath(art: artifacts.Artifact, block: int) -> pathlib.Path:
@@ -44,6 +54,115 @@ def partial_fpath(art: artifacts.Artifact, block: int) -> pathlib.Path:
 def _rows(acts_ND: np.ndarray, start: int, batch_size: int, device: torch.device) -> Tensor:
     """Rows [start, start + batch_size) as a float32 tensor on `device` (copied: `acts_ND` may be a read-only map)."""
     return torch.from_numpy(np.array(acts_ND[start : start + batch_size], dtype=np.float32)).to(device)
+
+
+MIN_MATMUL = 64
+"""Fewest rows and columns of an encoder matmul: a narrower block of latents, or a shorter last batch of rows, is
+computed inside a window this large and cut out. BLAS libraries take other code paths for small matrices (MKL on
+AVX-512 sums a product fewer than 12 columns or 8 rows wide in another order), which would change the last bit of
+a score; at this size and above each entry is summed the same way whatever the shape (see the module docstring)."""
+
+_CHUNK_BYTES = 16 * 2**20
+"""Scores post-processed together on a CPU (bias, activation rule, min and max): small enough to stay in a server
+CPU's last-level cache between those passes, large enough that the chunks' few hundred small parallel operations
+cost little even on a busy machine (where each waits for a descheduled thread)."""
+
+
+def _window(start: int, stop: int, total: int) -> tuple[int, int]:
+    """[a, b) within [0, total), containing [start, stop), at least `MIN_MATMUL` long where total allows."""
+    a = max(0, min(start, total - MIN_MATMUL))
+    return a, max(stop, min(total, a + MIN_MATMUL))
+
+
+def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """Row batches [start, stop) covering [0, n); a last batch shorter than `MIN_MATMUL` rows starts earlier (its
+    first rows are computed twice, to the same values)."""
+    return [_window(start, min(n, start + batch_size), n) for start in range(0, n, batch_size)]
+
+
+class BlockBuffers:
+    """Working memory of score blocks, allocated and touched once, then reused by every block with the same rows,
+    width, batch size and device (`get_block_buffers`): a block then spends no time on page faults of fresh
+    gigabyte-sized allocations or on copies between the matmul's output and the AP engine's input."""
+
+    def __init__(self, n_rows: int, d_vit: int, width: int, batch_size: int, device: torch.device):
+        rows = min(n_rows, max(batch_size, MIN_MATMUL))
+        self.n_rows, self.d_vit, self.width, self.batch_size, self.device = n_rows, d_vit, width, batch_size, device
+        # zeros, not empty: every page is touched here, once, rather than by a block's matmul.
+        self.scores = torch.zeros(n_rows * width, dtype=torch.float32, device=device)
+        """Flat storage of a block's scores: `scores_NK` views its first N * K values (contiguous for any K)."""
+        self.x_BD = torch.zeros((rows, d_vit), dtype=torch.float32, device=device)
+        """One batch of rows minus the SAE's b_dec: the matmul's input."""
+        self.pre = torch.zeros(rows * MIN_MATMUL, dtype=torch.float32, device=device)
+        """A narrow block's widened matmul (`MIN_MATMUL` columns); unused by blocks at least that wide."""
+
+    def fits(self, n_rows: int, d_vit: int, width: int, batch_size: int, device: torch.device) -> bool:
+        return (n_rows, d_vit, batch_size, device) == (
+            self.n_rows, self.d_vit, self.batch_size, self.device
+        ) and width <= self.width  # fmt: skip
+
+
+_buffers: BlockBuffers | None = None
+"""The buffers of the last block scored in this process (one set at a time)."""
+
+
+def get_block_buffers(n_rows: int, d_vit: int, width: int, batch_size: int, device: torch.device) -> BlockBuffers:
+    """Buffers for blocks of `width` latents over `n_rows` rows: those of the previous block when they fit, else new
+    ones (the old ones are released first). They stay allocated for the next block until the process ends."""
+    global _buffers
+    if _buffers is None or not _buffers.fits(n_rows, d_vit, width, batch_size, device):
+        _buffers = None  # release the old ones before allocating
+        _buffers = BlockBuffers(n_rows, d_vit, width, batch_size, device)
+    return _buffers
+
+
+def _encode_into(
+    sae: nn.SparseAutoencoder,
+    acts_ND: np.ndarray,
+    k_start: int,
+    k_stop: int,
+    out_NK: Tensor,
+    x_BD: Tensor,
+    pre: Tensor,
+    top_Nk: Tensor | None,
+    min_max_K: tuple[Tensor, Tensor] | None = None,
+) -> None:
+    """`out_NK[:] = encode_block(...)`, with the batch buffer `x_BD` ([batch rows, d_vit]), the flat buffer `pre`
+    (at least batch rows x `MIN_MATMUL` values, for blocks narrower than that) and, if given, each column's lowest
+    and highest value folded into `min_max_K` (initialised to +inf and -inf)."""
+    n, width, device = len(acts_ND), k_stop - k_start, out_NK.device
+    latents = slice(k_start, k_stop)
+    a, b = _window(k_start, k_stop, sae.cfg.d_sae)
+    W_enc_DW = sae.W_enc.detach()[:, a:b]
+    b_dec_D = sae.b_dec.detach()
+    full = top_Nk is None and not sae.activation.per_latent  # TopK without its selection: a full encode, sliced
+    # A GPU has no cache to keep a chunk in: there, a batch's rows are done at once.
+    chunk = max(1, _CHUNK_BYTES // (4 * max(1, width))) if device.type == "cpu" else x_BD.shape[0]
+    for start, stop in _batches(n, x_BD.shape[0]):
+        x_bD = x_BD[: stop - start]
+        out_bK = out_NK[start:stop]
+        if full:
+            x_bD.copy_(_rows(acts_ND, start, stop - start, device))
+            sae.encode_into(x_bD, out_bK, latents)
+        else:
+            if device.type == "cpu":  # straight from the (memory-mapped) rows into the buffer, in one pass
+                np.subtract(acts_ND[start:stop], b_dec_D.numpy(), out=x_bD.numpy(), dtype=np.float32)
+            else:
+                torch.sub(_rows(acts_ND, start, stop - start, device), b_dec_D, out=x_bD)
+            if (a, b) == (k_start, k_stop):
+                torch.matmul(x_bD, W_enc_DW, out=out_bK)
+            else:
+                pre_bW = pre[: (stop - start) * (b - a)].view(stop - start, b - a)
+                torch.matmul(x_bD, W_enc_DW, out=pre_bW)
+                out_bK.copy_(pre_bW[:, k_start - a : k_stop - a])
+        for c in range(start, stop, chunk):
+            out_cK = out_NK[c : min(stop, c + chunk)]
+            if not full:
+                top_ck = None if top_Nk is None else top_Nk[c : c + len(out_cK)].to(device)
+                sae.activate_(out_cK, latents, top_ck)
+            if min_max_K is not None:
+                torch.minimum(min_max_K[0], out_cK.amin(dim=0), out=min_max_K[0])
+                torch.maximum(min_max_K[1], out_cK.amax(dim=0), out=min_max_K[1])
 
 
 @torch.inference_mode()
@@ -57,19 +176,62 @@ def encode_block(
     device: torch.device,
     top_Nk: Tensor | None = None,
 ) -> torch.Tensor:
-    """Latents [k_start, k_stop) of the SAE for every row of acts_ND, as float32 [N, k_stop - k_start].
+    """Latents [k_start, k_stop) of the SAE for every row of acts_ND, as a new float32 [N, k_stop - k_start] tensor:
+    the same values, bit for bit, as the same columns of a full encode of all rows (see the module docstring for
+    where that holds).
 
     Rows are encoded `batch_size` at a time. For a TopK SAE, `top_Nk` (each row's selected latents,
     `topk_latents`) lets a block compute only its own columns; without it every batch computes all latents (a full
     encode per block).
     """
-    n = len(acts_ND)
-    out = torch.empty((n, k_stop - k_start), dtype=torch.float32, device=device)
-    for start in range(0, n, batch_size):
-        x_BD = _rows(acts_ND, start, batch_size, device)
-        top_Bk = None if top_Nk is None else top_Nk[start : start + len(x_BD)].to(device)
-        sae.encode_into(x_BD, out[start : start + len(x_BD)], slice(k_start, k_stop), top_Bk)
+    n, width = len(acts_ND), k_stop - k_start
+    rows = min(n, max(batch_size, MIN_MATMUL))
+    out = torch.empty((n, width), dtype=torch.float32, device=device)
+    x_BD = torch.empty((rows, sae.cfg.d_vit), dtype=torch.float32, device=device)
+    pre = torch.empty(rows * MIN_MATMUL if width < MIN_MATMUL else 0, dtype=torch.float32, device=device)
+    _encode_into(sae, acts_ND, k_start, k_stop, out, x_BD, pre, top_Nk)
     return out
+
+
+class BlockScores(typing.NamedTuple):
+    """What a score block computes (`score_block`): the contents of its partial."""
+
+    ap_CK: Tensor
+    """float64 [C, K] AP of each of the block's latents for every class."""
+    min_K: Tensor
+    """float32 [K] each latent's lowest score (NaN if a score is NaN)."""
+    max_K: Tensor
+    """float32 [K] each latent's highest score."""
+
+
+@torch.inference_mode()
+def score_block(
+    sae: nn.SparseAutoencoder,
+    acts_ND: np.ndarray,
+    labels_N: np.ndarray,
+    n_classes: int,
+    k_start: int,
+    k_stop: int,
+    *,
+    batch_size: int,
+    device: torch.device,
+    top_Nk: Tensor | None = None,
+) -> BlockScores:
+    """Encode latents [k_start, k_stop) of every row (as `encode_block`, into this process's reused
+    `get_block_buffers`), fold each latent's min and max in while its scores are in the cache, and compute the AP
+    of every latent for every class (`ap.average_precision`, labels int [N]). What a score block (or a probe on its
+    scores) costs beyond its matmul and AP is a pass over the rows and little else.
+    """
+    n, width = len(acts_ND), k_stop - k_start
+    if n == 0:
+        raise ValueError("a score block needs at least one row (min and max of no scores are undefined)")
+    buffers = get_block_buffers(n, sae.cfg.d_vit, width, batch_size, device)
+    scores_NK = buffers.scores[: n * width].view(n, width)
+    min_K = torch.full((width,), torch.inf, dtype=torch.float32, device=device)
+    max_K = torch.full((width,), -torch.inf, dtype=torch.float32, device=device)
+    _encode_into(sae, acts_ND, k_start, k_stop, scores_NK, buffers.x_BD, buffers.pre, top_Nk, (min_K, max_K))
+    ap_CK = ap.average_precision(scores_NK, torch.from_numpy(labels_N).to(device), n_classes=n_classes)
+    return BlockScores(ap_CK, min_K, max_K)
 
 
 @torch.inference_mode()
@@ -86,9 +248,10 @@ def topk_latents(
     SAE, int32 [N, k] on the CPU.
 
     One pass: rows `batch_size` at a time, each through the blocks [0, block_size), [block_size, 2 block_size), ...
-    of latents, keeping a running top k of every row (a row's top k is the top k of the union of its blocks' top k).
-    These are the matmuls `encode_block` computes for each block, so the selection equals that of a full encode of
-    the same pre-activations. `on_rows(n)` is called after each batch of n rows (progress).
+    of latents (at least `MIN_MATMUL` wide), keeping a running top k of every row (a row's top k is the top k of the
+    union of its blocks' top k). Each pre-activation equals, bit for bit, the one `encode_block` computes for its
+    block and a full encode (see the module docstring for where that holds), so the selection is that of a full
+    encode. `on_rows(n)` is called after each batch with the n rows it added (progress).
     """
     activation = sae.activation
     if not isinstance(activation, nn.TopK):
@@ -97,20 +260,23 @@ def topk_latents(
     if k > d_sae:
         raise ValueError(f"TopK keeps k={k} latents but there are only {d_sae}")
     out = torch.empty((n, k), dtype=torch.int32)
-    for start in range(0, n, batch_size):
-        x_BD = _rows(acts_ND, start, batch_size, device)
+    step, done = max(block_size, MIN_MATMUL), 0
+    for start, stop in _batches(n, batch_size):
+        x_BD = _rows(acts_ND, start, stop - start, device)
         vals_BJ = torch.empty((len(x_BD), 0), dtype=torch.float32, device=device)
         idx_BJ = torch.empty((len(x_BD), 0), dtype=torch.int64, device=device)
-        for k_start in range(0, d_sae, block_size):
-            pre_BK = sae.pre_acts(x_BD, slice(k_start, min(d_sae, k_start + block_size)))
+        for k_start in range(0, d_sae, step):
+            a, b = _window(k_start, min(d_sae, k_start + step), d_sae)
+            pre_BK = sae.pre_acts(x_BD, slice(a, b))[:, k_start - a :]
             top = pre_BK.topk(min(k, pre_BK.shape[1]), dim=1, sorted=False)
             vals_BJ = torch.cat([vals_BJ, top.values], dim=1)
             idx_BJ = torch.cat([idx_BJ, top.indices + k_start], dim=1)
             keep = vals_BJ.topk(min(k, vals_BJ.shape[1]), dim=1, sorted=False).indices
             vals_BJ, idx_BJ = vals_BJ.gather(1, keep), idx_BJ.gather(1, keep)
-        out[start : start + len(x_BD)] = idx_BJ.to(device="cpu", dtype=torch.int32)
+        out[start:stop] = idx_BJ.to(device="cpu", dtype=torch.int32)
         if on_rows is not None:
-            on_rows(len(x_BD))
+            on_rows(stop - done)
+        done = stop
     return out
 
 
@@ -247,37 +413,21 @@ def read_kept(fpath: pathlib.Path, n_rows: int, d_vit: int) -> Float[np.ndarray,
     return acts_ND
 
 
-def column_min_max(scores_NK: Tensor, rows: int = 8192) -> tuple[Tensor, Tensor]:
-    """Each column's lowest and highest value (NaN if it holds one), as `amin(dim=0)`, `amax(dim=0)` give them, but
-    reduced over chunks of `rows` rows: torch's reduction over the leading axis of a tall [N, K] tensor runs about 15x
-    slower on the CPU (2.6 s against 0.16 s for [100,000, 4,096] here), longer than the block's AP."""
-    if len(scores_NK) == 0:
-        return scores_NK.amin(dim=0), scores_NK.amax(dim=0)  # raises, as torch does for an empty reduction
-    min_K, max_K = scores_NK[:rows].amin(dim=0), scores_NK[:rows].amax(dim=0)
-    for start in range(rows, len(scores_NK), rows):
-        chunk = scores_NK[start : start + rows]
-        torch.minimum(min_K, chunk.amin(dim=0), out=min_K)
-        torch.maximum(max_K, chunk.amax(dim=0), out=max_K)
-    return min_K, max_K
-
-
 def write_partial(
     fpath: pathlib.Path,
+    block: BlockScores,
     *,
-    ap_CK: np.ndarray,
-    scores_NK: torch.Tensor,
     k_start: int,
     k_stop: int,
     train_key: str,
     matmul_precision: str,
 ) -> None:
-    """Write one partial: the block's APs, each latent's lowest and highest score in `scores_NK` (the latents
+    """Write one partial: a block's APs and each latent's lowest and highest score (`score_block`: the latents
     [k_start, k_stop) over the kept patches), its range, and the key of the train artifact whose SAE was scored."""
-    min_K, max_K = column_min_max(scores_NK)
     tensors = {
-        "ap_CK": ap_CK,
-        "min_K": min_K.cpu().numpy(),
-        "max_K": max_K.cpu().numpy(),
+        "ap_CK": block.ap_CK.cpu().numpy(),
+        "min_K": block.min_K.cpu().numpy(),
+        "max_K": block.max_K.cpu().numpy(),
         "k_range": np.array([k_start, k_stop], dtype=np.int64),
     }
     metadata = {"sae": train_key, "matmul_precision": matmul_precision}

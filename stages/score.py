@@ -32,7 +32,7 @@ import typing
 import numpy as np
 import torch
 
-from saev import ap, artifacts, checksums, helpers, keepmask, nn, scoring
+from saev import artifacts, checksums, helpers, keepmask, nn, scoring
 from saev.data.shards import Shards
 from saev.engine.plan import Piece, StagePlan
 
@@ -218,42 +218,13 @@ def run(pipeline: "Pipeline", own: StagePlan[ScoreInfo], inputs: Inputs, piece: 
     top_Nk = None
     if isinstance(sae.activation, nn.TopK):
         top_Nk = torch.from_numpy(get_topk(cfg, piece.artifact, info, sae, acts_ND, device))
-    score_block(
-        piece.fpath, sae, acts_ND, labels_N, n_classes, k_start, k_stop,
-        batch_size=cfg.batch_size, device=device, top_Nk=top_Nk, train_key=info.train_key,
+    block_scores = scoring.score_block(
+        sae, acts_ND, labels_N, n_classes, k_start, k_stop, batch_size=cfg.batch_size, device=device, top_Nk=top_Nk
+    )
+    scoring.write_partial(
+        piece.fpath, block_scores, k_start=k_start, k_stop=k_stop, train_key=info.train_key,
         matmul_precision=cfg.matmul_precision,
     )  # fmt: skip
-
-
-def score_block(
-    fpath: pathlib.Path,
-    sae: nn.SparseAutoencoder,
-    acts_ND: np.ndarray,
-    labels_N: np.ndarray,
-    n_classes: int,
-    k_start: int,
-    k_stop: int,
-    *,
-    batch_size: int,
-    device: torch.device,
-    top_Nk: torch.Tensor | None,
-    train_key: str,
-    matmul_precision: str,
-) -> None:
-    """A block's work once its inputs are at hand (what benchmarks/score.py times): encode latents [k_start, k_stop)
-    of every kept row (`scoring.encode_block`; `top_Nk` for a TopK SAE), their AP for every class, and the partial
-    file `fpath`."""
-    scores_NK = scoring.encode_block(sae, acts_ND, k_start, k_stop, batch_size=batch_size, device=device, top_Nk=top_Nk)
-    ap_CK = ap.average_precision(scores_NK, torch.from_numpy(labels_N).to(device), n_classes=n_classes)
-    scoring.write_partial(
-        fpath,
-        ap_CK=ap_CK.cpu().numpy(),
-        scores_NK=scores_NK,
-        k_start=k_start,
-        k_stop=k_stop,
-        train_key=train_key,
-        matmul_precision=matmul_precision,
-    )
 
 
 def manifest_extra(pipeline: "Pipeline", art: artifacts.Artifact) -> dict[str, object]:
