@@ -13,8 +13,10 @@ import typing
 
 import beartype
 
+from saev import errors
 
-class ConfigError(ValueError):
+
+class ConfigError(errors.UserConfigError, ValueError):
     """A config file or table is malformed: the message names the file, the key and what was expected."""
 
 

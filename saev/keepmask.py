@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Int64, jaxtyped
 
+from saev import errors
 from saev.data.shards import Shards
 
 
-class KeepMaskError(ValueError):
+class KeepMaskError(errors.UserConfigError, ValueError):
     """The requested masks cannot be drawn (e.g. more patches than are labelled)."""
 
 
@@ -83,6 +84,8 @@ def make_masks(labelled_N: Bool[np.ndarray, " N"], n_keep: int | None, n_heldout
 
 class MaskFileError(KeepMaskError):
     """A keep.npy or heldout.npy of the mask stage cannot be read or holds invalid indices; the message names it."""
+
+    kind: typing.ClassVar[errors.Kind] = "input"
 
 
 @beartype.beartype

@@ -49,7 +49,7 @@ import beartype
 import torch
 from torch import Tensor
 
-from saev import artifacts, checksums, nn
+from saev import artifacts, checksums, errors, nn
 
 CONVERSION_VERSION = 1
 """Version of the conversion rules above; part of the key of every imported SAE (bump it when they change)."""
@@ -67,7 +67,7 @@ _ACTIVATION_CLASSES = ("Relu", "TopK", "BatchTopK")
 _THRESHOLD = "activation.threshold"
 
 
-class SaeFileError(ValueError):
+class SaeFileError(errors.UserInputError, ValueError):
     """An SAE checkpoint cannot be imported; the message (one line) names the file and the field at fault."""
 
 

@@ -7,6 +7,7 @@ get run: in this process (`run_local`) or submitted to Slurm with `afterok` chai
 ledger that keeps a piece from being submitted twice (`Ledger`, `piece_jobs`).
 """
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -17,7 +18,8 @@ import time
 import typing
 from collections.abc import Callable
 
-from saev import artifacts, configs, helpers, preemption, slurm
+from saev import artifacts, configs, errors, helpers, preemption, slurm
+from saev.data import datasets, shards
 from saev.slurm import SlurmConfig
 
 from . import dump as dump_stage
@@ -85,8 +87,19 @@ def make_plan(pipeline: Pipeline) -> Plan:
     """Compute every stage's keys and pieces, from configs only (nothing is read from the artifacts)."""
     plan: Plan = {}
     for name in STAGES:
-        plan[name] = MODULES[name].plan(pipeline, plan)
+        with _refused_with_the_config():
+            plan[name] = MODULES[name].plan(pipeline, plan)
     return plan
+
+
+@contextlib.contextmanager
+def _refused_with_the_config():
+    """While planning or checking, bad data is the data the config names (its dataset, an adopted dump, a shard
+    budget below one image): report it as a `ConfigError`, refused with the config before anything runs (exit 2)."""
+    try:
+        yield
+    except (datasets.DatasetError, shards.ShardError) as err:
+        raise configs.ConfigError(str(err)) from err
 
 
 def verify_inputs(pipeline: Pipeline, plan: Plan, stage: str, key: str) -> None:
@@ -260,7 +273,9 @@ def run_pieces(pipeline: Pipeline, stage: str, piece_ids: typing.Sequence[str]) 
     by_id = {piece.id: piece for piece in stage_plan.pieces}
     unknown = [pid for pid in piece_ids if pid not in by_id]
     if unknown:
-        raise ValueError(f"stage '{stage}' has no piece(s) {unknown}; did the config change since submission?")
+        raise errors.UserConfigError(
+            f"stage '{stage}' has no piece(s) {unknown}; did the config change since submission?"
+        )
     module = MODULES[stage]
     touched: dict[str, artifacts.Artifact] = {}
     if slurm.job_id() is not None:
@@ -271,6 +286,11 @@ def run_pieces(pipeline: Pipeline, stage: str, piece_ids: typing.Sequence[str]) 
         _run(pipeline, plan, stage, module, [by_id[pid] for pid in piece_ids], touched)
     except preemption.Preempted as err:
         slurm.requeue(err)  # outside Slurm: re-raised
+    except OSError as err:  # a full disk or a refused permission is the user's to fix; any other OSError is ours
+        user_error = errors.environment_error(err, f"stage '{stage}'")
+        if user_error is None:
+            raise
+        raise user_error from err
     for art in touched.values():
         seal(pipeline, stage_plan, art)
 
@@ -355,7 +375,8 @@ def check_configs(pipeline: Pipeline, plan: Plan, stages: typing.Sequence[str]) 
     for name in stages:
         module = MODULES[name]
         if module.check is not None and plan[name].state() != "done":
-            module.check(pipeline, plan)
+            with _refused_with_the_config():
+                module.check(pipeline, plan)
 
 
 def check_inputs(pipeline: Pipeline, plan: Plan, stages: typing.Sequence[str]) -> None:

@@ -26,7 +26,7 @@ import typing
 
 import numpy as np
 
-from saev import artifacts, checksums, helpers, nn, sae_files, sweep, training, vit
+from saev import artifacts, checksums, configs, helpers, nn, sae_files, sweep, training, vit
 from saev.data import loader
 from saev.data.shards import Shards
 
@@ -84,14 +84,14 @@ def get_layer(pipeline, dump: DumpInfo, layer: int | None = None, what: str = "t
     given = pipeline.train.layer if layer is None else layer
     if dump.adopted is not None:
         if given not in dump.layers:
-            raise ValueError(
+            raise configs.ConfigError(
                 f"{what}={given} is not among the layers of the adopted dump "
                 f"{dump.adopted / 'metadata.json'}: layers={list(dump.layers)}"
             )
         return given
     (block,) = vit.resolve_layers(pipeline.dump.vit.model, (given,))
     if block not in dump.layers:
-        raise ValueError(
+        raise configs.ConfigError(
             f"{what}={given} (block {block}) is not among the dumped layers "
             f"dump.vit.layers={list(pipeline.dump.vit.layers)}"
         )
