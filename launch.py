@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 import sys
@@ -27,7 +26,7 @@ import tyro
 
 # Keep jaxtyped library code out of this module: submitit pickles the job function from stages.pipeline, not here.
 # The stages (torch, open_clip) are imported when a command needs them, so that `--help` answers at once.
-from saev import errors, helpers, preemption, slurm
+from saev import best, errors, helpers, preemption, slurm
 
 if typing.TYPE_CHECKING:
     from stages import pipeline as pl
@@ -225,9 +224,8 @@ def _main(args: Args) -> int:
 
     reduce_art = plan["reduce"].artifacts[0]
     if reduce_art.is_done():
-        with open(reduce_art.dpath / "best.json") as fd:
-            result = json.load(fd)
-        print(f"\nbest latent per class ({result['n_patches']} kept patches): {reduce_art.dpath / 'best.json'}")
+        result = best.read(reduce_art.dpath / "best.json")
+        print(f"\nbest latent per class ({result.n_patches} kept patches): {reduce_art.dpath / 'best.json'}")
         print(reduce_stage.format_table(result, pipeline.reduce.print_top))
         for line in reduce_stage.format_health(result):
             print(line)
