@@ -194,8 +194,9 @@ def _main(args: Args) -> int:
     if args.export is not None:
         from stages import export
 
-        for line in export.export(pipeline, plan, args.export):
-            print(line)
+        with errors.machine_refusals(f"--export {args.export}"):
+            for line in export.export(pipeline, plan, args.export):
+                print(line)
         return 0
     if args.verify:
         lines, n_arts, n_bytes = pl.verify_store(pipeline, plan)

@@ -10,6 +10,7 @@ dataclass's own ValueError into one), a bad file raises `UserInputError` naming 
 permission raises `UserEnvironmentError` naming the path.
 """
 
+import contextlib
 import errno
 import typing
 
@@ -49,9 +50,13 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.
 not a bug of ours."""
 
 
-def environment_error(err: OSError, what: str) -> "UserEnvironmentError | None":
-    """`err` as a `UserEnvironmentError` naming `what` (e.g. the stage) and the file when the machine refused
-    (`ENVIRONMENT_ERRNOS`); None for any other OSError (a bug of ours) or one that is a `UserError` already."""
-    if isinstance(err, UserError) or err.errno not in ENVIRONMENT_ERRNOS:
-        return None
-    return UserEnvironmentError(f"{what}: {err}")
+@contextlib.contextmanager
+def machine_refusals(what: str) -> typing.Iterator[None]:
+    """Within it, an OSError whose errno is in `ENVIRONMENT_ERRNOS` (the machine refused) becomes a
+    `UserEnvironmentError` naming `what` (e.g. the stage) and the file; any other OSError passes as it is (a bug)."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, UserError) or err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        raise UserEnvironmentError(f"{what}: {err}") from err

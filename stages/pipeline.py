@@ -283,14 +283,10 @@ def run_pieces(pipeline: Pipeline, stage: str, piece_ids: typing.Sequence[str]) 
         # save a checkpoint, requeue. Replaces submitit's handler, which would requeue without saving.
         signal.signal(signal.SIGUSR2, preemption.request_checkpoint)
     try:
-        _run(pipeline, plan, stage, module, [by_id[pid] for pid in piece_ids], touched)
+        with errors.machine_refusals(f"stage '{stage}'"):  # a full disk or a refused permission: the user's to fix
+            _run(pipeline, plan, stage, module, [by_id[pid] for pid in piece_ids], touched)
     except preemption.Preempted as err:
         slurm.requeue(err)  # outside Slurm: re-raised
-    except OSError as err:  # a full disk or a refused permission is the user's to fix; any other OSError is ours
-        user_error = errors.environment_error(err, f"stage '{stage}'")
-        if user_error is None:
-            raise
-        raise user_error from err
     for art in touched.values():
         seal(pipeline, stage_plan, art)
 

@@ -328,6 +328,33 @@ def test_a_bug_inside_a_stage_is_a_traceback_and_a_crash_log_not_one_error_line(
 
 
 @pytest.mark.parametrize(
+    "err_no,user",
+    [(errno.ENOSPC, True), (errno.EACCES, True), (errno.EROFS, True), (errno.ENOENT, False), (errno.EBADF, False)],
+    ids=errno.errorcode.get,
+)
+def test_a_stage_refused_by_the_machine_is_one_error_line_any_other_os_error_a_crash(
+    tiny_config, capsys, monkeypatch, err_no, user
+):
+    from stages import dump as dump_stage
+
+    fpath = tiny_config.parent / "runs" / "acts000000.bin"
+
+    def refused_run(pipeline, plan, piece):
+        raise OSError(err_no, os.strerror(err_no), str(fpath))
+
+    monkeypatch.setattr(dump_stage, "run", refused_run)
+    monkeypatch.chdir(tiny_config.parent)
+    assert launch.main(launch.Args(config=tiny_config)) == 1
+    err = capsys.readouterr().err
+    crashes = tiny_config.parent / "logs" / "crashes"
+    if user:
+        assert err.splitlines()[-1] == f"error: stage 'dump': [Errno {err_no}] {os.strerror(err_no)}: '{fpath}'"
+        assert "Traceback" not in err and not crashes.exists()
+    else:
+        assert "Traceback (most recent call last):" in err and len(list(crashes.glob("launch-*.log"))) == 1
+
+
+@pytest.mark.parametrize(
     "error,code",
     [
         (configs.ConfigError("my.toml: key 'mask.n_kep' is unknown"), 2),
