@@ -18,7 +18,7 @@ import time
 import typing
 from collections.abc import Callable
 
-from saev import artifacts, configs, errors, helpers, preemption, slurm
+from saev import artifacts, configs, errors, helpers, preemption, sae_files, slurm
 from saev.data import datasets, shards
 from saev.slurm import SlurmConfig
 
@@ -94,11 +94,12 @@ def make_plan(pipeline: Pipeline) -> Plan:
 
 @contextlib.contextmanager
 def _refused_with_the_config():
-    """While planning or checking, bad data is the data the config names (its dataset, an adopted dump, a shard
-    budget below one image): report it as a `ConfigError`, refused with the config before anything runs (exit 2)."""
+    """While planning or checking, bad data is the data the config names (its dataset, an adopted dump, an imported
+    SAE, a shard budget below one image): report it as a `ConfigError`, refused with the config before anything runs
+    (exit 2)."""
     try:
         yield
-    except (datasets.DatasetError, shards.ShardError) as err:
+    except (datasets.DatasetError, shards.ShardError, sae_files.SaeFileError) as err:
         raise configs.ConfigError(str(err)) from err
 
 

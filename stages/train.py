@@ -260,7 +260,7 @@ def plan(pipeline, upstream: Plan) -> StagePlan[TrainInfo]:
         all_inputs[art.key] = inputs
         info[art.key] = TrainInfo(config=train_cfg, d_sae=train_cfg.sae.d_sae, layer=layer)
     if not info:
-        raise ValueError('[train] has no SAEs: sweep = "" and no imports')
+        raise configs.ConfigError('[train] has no SAEs: sweep = "" and no imports')
     n_rows = dump_info.n_patches
     for msg in warn_small_data([cfg for cfg in by_cfg], n_rows):
         logger.warning("the data is small for the sweep: %s", msg)
