@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 import sys
@@ -27,7 +26,7 @@ import tyro
 
 # Keep jaxtyped library code out of this module: submitit pickles the job function from stages.pipeline, not here.
 # The stages (torch, open_clip) are imported when a command needs them, so that `--help` answers at once.
-from saev import artifacts, configs, helpers, preemption, slurm
+from saev import artifacts, best, errors, helpers, preemption, slurm
 from saev.engine import executors, store
 
 if typing.TYPE_CHECKING:
@@ -138,26 +137,27 @@ _say = functools.partial(print, flush=True)
 """How the pipeline's progress lines reach the user: stdout, flushed at once so that they keep their place among
 the log lines on stderr."""
 
-RUN_ERRORS = (
-    artifacts.IncompleteArtifactError,
-    artifacts.ArtifactBusyError,
-    configs.ConfigError,
-    slurm.SlurmError,
-    ValueError,
-    OSError,
-)
-"""What a run can end with that is the user's data, a config or the environment, not our bug: one `error:` line."""
+EXIT_CODES: dict[errors.Kind, int] = {"config": 2, "input": 1, "environment": 1}
+"""The exit code of each kind of `errors.UserError` (the one place they are mapped): 2 for a config to fix, 1 for
+the data, a damaged or missing input, or the machine. A bug of ours also exits 1, after its traceback."""
 
 
 def main(args: Args) -> int:
-    """Run the launcher; every error a user can cause or fix is one `error:` line (exit 1, or 2 for a bad config);
-    anything else is our bug: its traceback is printed and kept in a log file whose path is printed last."""
+    """Run the launcher; every error a user can cause or fix (an `errors.UserError`) is one `error:` line and the
+    exit code of its kind (`EXIT_CODES`); anything else is our bug: its traceback is printed and kept in a log file
+    whose path is printed last."""
     helpers.setup_logging()
     try:
         return _main(args)
     except KeyboardInterrupt:
         print("error: interrupted; run the same command again to resume (finished pieces are kept)", file=sys.stderr)
         return 130
+    except errors.UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CODES[err.kind]
+    except preemption.Preempted as err:
+        print(f"error: {err}; run the same command again to resume", file=sys.stderr)
+        return 1
     except Exception as err:  # noqa: BLE001 -- a bug of ours: keep the whole story
         text = traceback.format_exc()
         fpath = _crash_log(text)
@@ -178,9 +178,8 @@ def _gc(args: Args, pipeline: pl.Pipeline, plan: pl.Plan) -> int:
         try:
             other = dataclasses.replace(pl.load(fpath), root=pipeline.root)
             plans.append(pl.make_plan(other))
-        except (configs.ConfigError, ValueError, OSError) as err:
-            print(f"error: --keep-configs {fpath}: {err}", file=sys.stderr)
-            return 2
+        except errors.UserConfigError as err:
+            raise errors.UserConfigError(f"--keep-configs {fpath}: {err}") from err
     held = store.held_locks(pipeline.root)
     if held:
         print(f"error: {held[0]} is held by a running process ({len(held)} lock(s) under {pipeline.root}): "
@@ -197,11 +196,8 @@ def _gc(args: Args, pipeline: pl.Pipeline, plan: pl.Plan) -> int:
         print(f"gc: {len(garbage)} artifact(s), {total} bytes ({total / 2**20:.1f} MiB) would be deleted; "
               "run again with --gc --yes to delete them")  # fmt: skip
         return 0
-    try:
+    with errors.machine_refusals("--gc"):
         store.gc(garbage)
-    except (artifacts.ArtifactBusyError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     print(f"gc: deleted {len(garbage)} artifact(s), {total} bytes ({total / 2**20:.1f} MiB)")
     return 0
 
@@ -221,11 +217,7 @@ def _crash_log(text: str) -> pathlib.Path | str:
 
 def _main(args: Args) -> int:
     pl, reduce_stage = _stages()
-    try:
-        pipeline = pl.load(args.config)
-    except configs.ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    pipeline = pl.load(args.config)
     if args.root is not None:
         pipeline = dataclasses.replace(pipeline, root=args.root)
     executor = args.executor
@@ -235,22 +227,15 @@ def _main(args: Args) -> int:
         print(f"error: --executor slurm needs a [slurm] section in {args.config}", file=sys.stderr)
         return 2
 
-    try:
-        plan = pl.make_plan(pipeline)
-    except (configs.ConfigError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    plan = pl.make_plan(pipeline)
     stages = selected_stages(args.stage, args.only)
     print(f"config: {args.config}  root: {pipeline.root}  executor: {executor}")
     if args.export is not None:
         from stages import export
 
-        try:
+        with errors.machine_refusals(f"--export {args.export}"):
             for line in export.export(pipeline, plan, args.export):
                 print(line)
-        except (artifacts.IncompleteArtifactError, ValueError, OSError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
         return 0
     if args.gc:
         return _gc(args, pipeline, plan)
@@ -265,43 +250,23 @@ def _main(args: Args) -> int:
         try:
             for line in store.repair_store(pl.REGISTRY, plan, stages):
                 print(f"warning: {line}", file=sys.stderr, flush=True)
-        except OSError as err:
-            print(f"error: cannot check the artifacts under {pipeline.root}: {err}", file=sys.stderr)
-            return 1
+        except OSError as err:  # listing or unsealing the store: the root is unreadable or not writable
+            raise errors.UserEnvironmentError(f"cannot check the artifacts under {pipeline.root}: {err}") from err
     jobs = executors.piece_jobs(plan) if executor == "slurm" else {}
     print(describe_plan(pipeline, plan, stages, verbose=args.status, jobs=jobs), flush=True)
     if args.dry_run or args.status:
-        try:  # what a real run would refuse from the config alone (not the artifacts' state)
-            store.check_configs(pl.REGISTRY, pipeline, plan, stages)
-        except (configs.ConfigError, ValueError, OSError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        pl.check_configs(pipeline, plan, stages)  # what a real run would refuse from the config alone
         return 0
 
-    try:
-        store.check_inputs(pl.REGISTRY, pipeline, plan, stages)
-    except artifacts.IncompleteArtifactError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except (configs.ConfigError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        # On Slurm the launcher returns once submitted: the summary below only when all was done.
-        runner = executors.Slurm(pl.REGISTRY, pl.run_pieces, jobs) if executor == "slurm" else executors.Local(pl.REGISTRY)
-        runner.run(pipeline, plan, stages, say=_say)
-    except RUN_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except preemption.Preempted as err:
-        print(f"error: {err}; run the same command again to resume", file=sys.stderr)
-        return 1
+    pl.check_inputs(pipeline, plan, stages)
+    # On Slurm the launcher returns once submitted: the summary below only when all was done.
+    runner = executors.Slurm(pl.REGISTRY, pl.run_pieces, jobs) if executor == "slurm" else executors.Local(pl.REGISTRY)
+    runner.run(pipeline, plan, stages, say=_say)
 
     reduce_art = plan["reduce"].artifacts[0]
     if reduce_art.is_done():
-        with open(reduce_art.dpath / "best.json") as fd:
-            result = json.load(fd)
-        print(f"\nbest latent per class ({result['n_patches']} kept patches): {reduce_art.dpath / 'best.json'}")
+        result = best.read(reduce_art.dpath / "best.json")
+        print(f"\nbest latent per class ({result.n_patches} kept patches): {reduce_art.dpath / 'best.json'}")
         print(reduce_stage.format_table(result, pipeline.reduce.print_top))
         for line in reduce_stage.format_health(result):
             print(line)

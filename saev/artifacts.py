@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import beartype
 
-from saev import checksums, slurm
+from saev import checksums, errors, slurm
 
 logger = logging.getLogger("saev.artifacts")
 
@@ -40,11 +40,11 @@ _DAMAGE_NOTE = ".damaged"
 _CHANGED = "changed after its job wrote it (not the checksum recorded then)"
 
 
-class IncompleteArtifactError(RuntimeError):
+class IncompleteArtifactError(errors.UserInputError, RuntimeError):
     """An artifact that a stage needs is missing, has no manifest, or lost a file."""
 
 
-class ArtifactBusyError(RuntimeError):
+class ArtifactBusyError(errors.UserEnvironmentError, RuntimeError):
     """Another process holds the lock of this artifact (it is being written now)."""
 
 
@@ -52,7 +52,7 @@ class DamagedArtifactError(IncompleteArtifactError):
     """An artifact's files disagree with its manifest (missing, wrong size, wrong checksum, another key's manifest)."""
 
 
-class WriteError(OSError):
+class WriteError(errors.UserEnvironmentError, OSError):
     """Writing a piece of an artifact failed (disk full, permissions); nothing was marked done."""
 
     def __str__(self) -> str:

@@ -14,7 +14,7 @@ import safetensors
 import safetensors.torch
 from torch import Tensor
 
-from saev import artifacts
+from saev import artifacts, errors
 
 _META_KEY = "saev"
 
@@ -37,6 +37,11 @@ def save(
     artifacts.atomic_write_bytes(fpath, safetensors.torch.save(cpu, metadata={_META_KEY: header}))
 
 
+class CheckpointError(errors.UserInputError, ValueError):
+    """A training checkpoint cannot be resumed from (damaged, not a saev checkpoint, made for another run); the
+    message names the file and says to delete it to start over."""
+
+
 @beartype.beartype
 def load(fpath: pathlib.Path, *, kind: str, version: int) -> tuple[dict[str, Tensor], dict[str, object]]:
     """Read a checkpoint written by `save`: (tensors on cpu, meta).
@@ -44,8 +49,8 @@ def load(fpath: pathlib.Path, *, kind: str, version: int) -> tuple[dict[str, Ten
     Raises:
         FileNotFoundError: no file at `fpath`.
         PermissionError: the file is not readable by this user (the error names it).
-        ValueError: not a readable safetensors file, not the checksum it was written with, not a saev checkpoint, or of
-            another kind or version.
+        CheckpointError: not a readable safetensors file, not the checksum it was written with, not a saev checkpoint,
+            or of another kind or version (a ValueError too).
     """
     if not fpath.is_file():
         raise FileNotFoundError(f"checkpoint {fpath} is missing")
@@ -55,21 +60,21 @@ def load(fpath: pathlib.Path, *, kind: str, version: int) -> tuple[dict[str, Ten
     try:  # same-size corruption would otherwise resume from wrong weights
         artifacts.verify_file(fpath)
     except artifacts.DamagedArtifactError as err:
-        raise ValueError(f"checkpoint {err}; delete it to start over") from None
+        raise CheckpointError(f"checkpoint {err}; delete it to start over") from None
     try:
         with safetensors.safe_open(str(fpath), framework="pt", device="cpu") as fd:
             header = (fd.metadata() or {}).get(_META_KEY)
             tensors = {name: fd.get_tensor(name) for name in fd.keys()}
     except (safetensors.SafetensorError, OSError) as err:
-        raise ValueError(f"checkpoint {fpath} is not a readable safetensors file: {err}") from err
+        raise CheckpointError(f"checkpoint {fpath} is not a readable safetensors file: {err}") from err
     try:
         info = json.loads(header) if header is not None else None
     except json.JSONDecodeError as err:
-        raise ValueError(f"checkpoint {fpath} has an unreadable header: {err}") from err
+        raise CheckpointError(f"checkpoint {fpath} has an unreadable header: {err}") from err
     if not isinstance(info, dict) or not isinstance(info.get("meta"), dict):
-        raise ValueError(f"{fpath} is not a saev checkpoint (no '{_META_KEY}' metadata)")
+        raise CheckpointError(f"{fpath} is not a saev checkpoint (no '{_META_KEY}' metadata)")
     if (info.get("kind"), info.get("version")) != (kind, version):
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {fpath} is a {info.get('kind')!r} checkpoint of version {info.get('version')!r}; "
             f"expected {kind!r} version {version}"
         )

@@ -13,10 +13,11 @@ import typing
 
 import beartype
 
-from saev import helpers
+from saev import errors, helpers
 
 
-class ConfigError(ValueError):
+
+class ConfigError(errors.UserConfigError, ValueError):
     """A config file or table is malformed: the message names the file, the key and what was expected."""
 
 

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Int64, jaxtyped
 
-from saev import helpers
+from saev import errors, helpers
 from saev.data.shards import Shards
 
 
-class KeepMaskError(ValueError):
+class KeepMaskError(errors.UserConfigError, ValueError):
     """The requested masks cannot be drawn (e.g. more patches than are labelled)."""
 
 
@@ -88,6 +88,8 @@ _NPY_HEADER_BYTES = 1 << 16
 
 class MaskFileError(KeepMaskError):
     """A keep.npy or heldout.npy of the mask stage cannot be read or holds invalid indices; the message names it."""
+
+    kind: typing.ClassVar[errors.Kind] = "input"
 
 
 @beartype.beartype

@@ -32,7 +32,7 @@ import numpy as np
 import PIL.Image
 from jaxtyping import Bool, Float, Float32, Float64, jaxtyped
 
-from saev import artifacts
+from saev import artifacts, best
 from saev.ap import average_precision
 from saev.helpers import Progress
 
@@ -72,29 +72,10 @@ class TopImage:
 
 @jaxtyped(typechecker=beartype.beartype)
 @dataclasses.dataclass(frozen=True, eq=False)
-class ClassResult:
-    """What the reduce stage found for one class."""
+class ClassResult(best.ClassBest):
+    """What the reduce stage found for one class: its record in best.json (`saev.best.ClassBest`: name, AP,
+    prototype, SAE, held-out figures...) and what only the report shows."""
 
-    name: str
-    """Class name (plain text; escaped when written)."""
-    n_patches: int
-    """Patches labelled with this class in the selection set (the kept patches that choose the latent)."""
-    prevalence: float
-    """Fraction of selection patches labelled with this class: the AP of a detector that guesses."""
-    ap: float | None
-    """AP of the chosen latent on the selection patches; None when the class has no selection positives."""
-    heldout_ap: float | None
-    """AP of the chosen latent on the held-out patches; None without a held-out set or held-out positives."""
-    heldout_prevalence: float | None
-    """Fraction of held-out patches labelled with this class; None without a held-out set."""
-    prototype: int
-    """Index of the chosen latent in its SAE; -1 when none was chosen."""
-    sae: str | None
-    """Which SAE of the sweep the chosen latent belongs to (e.g. its key); None when none was chosen."""
-    dead: bool
-    """The chosen latent never fires (constant over the selection patches): its AP is only the prevalence."""
-    sae_unhealthy: list[str]
-    """Why the chosen latent's SAE is unhealthy (e.g. "normalized MSE 1.31 >= 1"); empty when it looks healthy."""
     ap_all: Float64[np.ndarray, " K"]
     """AP of every latent of the chosen SAE for this class over the selection patches; NaN where undefined."""
     pr_scores: Float32[np.ndarray, " M"]

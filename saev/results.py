@@ -11,7 +11,6 @@ here under one import for notebooks (the library never imports the stages).
 """
 
 import dataclasses
-import json
 import os
 import pathlib
 import typing
@@ -24,6 +23,7 @@ from jaxtyping import Float, jaxtyped
 from PIL import Image
 
 from saev import artifacts, configs, keepmask, nn, scoring
+from saev import best as best_
 from saev import vit as vits
 from saev.data import datasets
 from saev.data.shards import Shards
@@ -45,33 +45,12 @@ class ResultsError(artifacts.IncompleteArtifactError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassResult:
-    """One class of `best.json`: its best latent over the sweep and that latent's AP."""
+class ClassResult(best_.ClassBest):
+    """One class of `best.json` (`saev.best.ClassBest`: its best latent over the sweep and that latent's AP) and its
+    class id."""
 
-    name: str
-    """Class name (line `index` of the dataset's classes)."""
     index: int
     """Class id (its position in `Results.classes`)."""
-    n_patches: int
-    """Kept patches of this class (the selection set)."""
-    prevalence: float
-    """Share of the kept patches that are this class: the AP of a random or constant score."""
-    ap: float | None
-    """AP of the chosen latent on the kept patches (which chose it); None for a class without kept patches."""
-    prototype: int
-    """Index of the chosen latent in its SAE; -1 when the class has no kept patches."""
-    sae: str | None
-    """Key of the chosen SAE's train artifact (`<root>/train/<sae>/`); None when nothing was chosen."""
-    dead: bool
-    """The chosen latent is constant on the kept patches (its AP is the prevalence)."""
-    heldout_n_patches: int
-    """Held-out patches of this class."""
-    heldout_prevalence: float | None
-    """Share of the held-out patches that are this class; None without a held-out set."""
-    heldout_ap: float | None
-    """AP of the chosen latent on the held-out patches (took no part in the choice: the figure to report)."""
-    sae_unhealthy: tuple[str, ...] = ()
-    """Why the chosen SAE failed the health checks (normalized MSE, dead or dense latents); empty when healthy."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,19 +184,14 @@ def load_reduce(dpath: str | os.PathLike) -> Results:
 
     best_fpath = reduce_art.dpath / "best.json"
     try:
-        best = json.loads(best_fpath.read_text())
-        fields = [f.name for f in dataclasses.fields(ClassResult) if f.name != "index"]
-        classes = tuple(
-            ClassResult(
-                index=c,
-                **{name: row[name] for name in fields if name != "sae_unhealthy"},
-                sae_unhealthy=tuple(row.get("sae_unhealthy", ())),
-            )
-            for c, row in enumerate(best["classes"])
-        )
-        n_patches, n_heldout = int(best["n_patches"]), int(best["n_heldout"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        best = best_.read(best_fpath)
+    except OSError as err:
         raise ResultsError(f"{best_fpath} is not a best.json of this version ({type(err).__name__}: {err})") from None
+    except ValueError as err:  # names the file
+        raise ResultsError(str(err)) from None
+    fields = best_.fields(best_.ClassBest)
+    classes = tuple(ClassResult(index=c, **{k: getattr(row, k) for k in fields}) for c, row in enumerate(best.classes))
+    n_patches, n_heldout = best.n_patches, best.n_heldout
     return Results(
         classes=classes,
         n_patches=n_patches,

@@ -55,7 +55,7 @@ import beartype
 import torch
 from torch import Tensor
 
-from saev import artifacts, checksums, helpers, nn
+from saev import artifacts, checksums, errors, helpers, nn
 
 CONVERSION_VERSION = 2
 """Version of the conversion rules above; part of the key of every imported SAE (bump it when they change). 2: its
@@ -78,7 +78,7 @@ _ACTIVATION_CLASSES = ("Relu", "TopK", "BatchTopK")
 _THRESHOLD = "activation.threshold"
 
 
-class SaeFileError(ValueError):
+class SaeFileError(errors.UserInputError, ValueError):
     """An SAE checkpoint cannot be imported; the message (one line) names the file and the field at fault."""
 
 

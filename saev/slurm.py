@@ -18,13 +18,15 @@ from collections.abc import Callable, Sequence
 
 import beartype
 
+from saev import errors
+
 logger = logging.getLogger("saev.slurm")
 
 QUERY_TIMEOUT_S = 30.0
 """How long `job_states` waits for sacct or squeue before giving up on it."""
 
 
-class SlurmError(RuntimeError):
+class SlurmError(errors.UserEnvironmentError, RuntimeError):
     """Slurm refused or could not take a submission (controller unreachable, bad partition or account, no sbatch).
 
     The message is one line: what failed, the first line of sbatch's error, and what to check. `submitted` holds

@@ -32,12 +32,12 @@ from collections.abc import Mapping
 
 import beartype
 
-from saev import configs
+from saev import configs, errors
 
 T = typing.TypeVar("T")
 
 
-class SweepError(ValueError):
+class SweepError(errors.UserConfigError, ValueError):
     """A sweep table or file is invalid; the message names the offending key (and file)."""
 
 

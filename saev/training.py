@@ -493,17 +493,17 @@ def _resume(trainer: GroupTrainer, fpath: pathlib.Path, meta: dict[str, object])
     tensors, saved = checkpoint.load(fpath, kind=_CHECKPOINT_KIND, version=_CHECKPOINT_VERSION)
     for name, value in meta.items():
         if saved.get(name) != value:
-            raise ValueError(
+            raise checkpoint.CheckpointError(
                 f"checkpoint {fpath} was made for other {name} ({saved.get(name)!r}, now {value!r}); "
                 "delete it to start over"
             )
     step = saved.get("step")
     if not (isinstance(step, int) and 0 <= step <= trainer.cfgs[0].n_steps):
-        raise ValueError(f"checkpoint {fpath} has an invalid step {step!r}")
+        raise checkpoint.CheckpointError(f"checkpoint {fpath} has an invalid step {step!r}")
     try:
         trainer.load_state_dict(tensors, step)
     except ValueError as err:
-        raise ValueError(f"checkpoint {fpath}: {err}") from err
+        raise checkpoint.CheckpointError(f"checkpoint {fpath}: {err}") from err
 
 
 def _log_progress(

@@ -24,6 +24,7 @@ from jaxtyping import Float, UInt8, jaxtyped
 from PIL import Image
 from torch import Tensor
 
+from saev import configs
 from saev.data import datasets
 
 logger = logging.getLogger("saev.vit")
@@ -98,7 +99,7 @@ def _shape_info(model: str) -> tuple[int, int, int, int]:
         cfg = open_clip.get_model_config(model)
     if cfg is None:
         known = [m for m in _open_clip().list_models() if m.lower().startswith(model.lower()[:5])][:8]
-        raise ValueError(f"unknown open_clip model {model!r}; similar names: {', '.join(known) or 'none'}")
+        raise configs.ConfigError(f"unknown open_clip model {model!r}; similar names: {', '.join(known) or 'none'}")
     vision = cfg["vision_cfg"]
     if "timm_model_name" not in vision:
         size = vision["image_size"]
@@ -134,10 +135,10 @@ def resolve_layers(model: str, layers: tuple[int, ...]) -> tuple[int, ...]:
     out = []
     for layer in layers:
         if not -n <= layer < n:
-            raise ValueError(f"layer {layer} is out of range for {model} ({n} blocks)")
+            raise configs.ConfigError(f"layer {layer} is out of range for {model} ({n} blocks)")
         out.append(layer % n)
     if len(set(out)) != len(out):
-        raise ValueError(f"layers {list(layers)} name the same block twice")
+        raise configs.ConfigError(f"layers {list(layers)} name the same block twice")
     return tuple(out)
 
 

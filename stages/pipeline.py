@@ -5,12 +5,14 @@ them knowing no stage. `make_plan` and `run_pieces` are the engine's with this r
 the job body that Slurm jobs run (submitit pickles it by reference, from this module).
 """
 
+import contextlib
 import dataclasses
 import pathlib
 import typing
 
-from saev import artifacts, configs
-from saev.engine import job
+from saev import artifacts, configs, sae_files
+from saev.data import datasets, shards
+from saev.engine import job, store
 from saev.engine.plan import Plan, Registry
 from saev.slurm import SlurmConfig
 
@@ -65,7 +67,31 @@ def load(fpath: pathlib.Path | str) -> Pipeline:
 
 def make_plan(pipeline: Pipeline) -> Plan:
     """Compute every stage's keys and pieces, from configs only (nothing is read from the artifacts)."""
-    return REGISTRY.plan(pipeline)
+    with _refused_with_the_config():
+        return REGISTRY.plan(pipeline)
+
+
+def check_configs(pipeline: Pipeline, plan: Plan, stages: typing.Sequence[str]) -> None:
+    """What a real run would refuse from the config alone (`saev.engine.store.check_configs`), for `--dry-run`."""
+    with _refused_with_the_config():
+        store.check_configs(REGISTRY, pipeline, plan, stages)
+
+
+def check_inputs(pipeline: Pipeline, plan: Plan, stages: typing.Sequence[str]) -> None:
+    """The config's checks and the inputs neither done nor part of this launch (`saev.engine.store.check_inputs`)."""
+    with _refused_with_the_config():
+        store.check_inputs(REGISTRY, pipeline, plan, stages)
+
+
+@contextlib.contextmanager
+def _refused_with_the_config() -> typing.Iterator[None]:
+    """While planning or checking, bad data is the data the config names (its dataset, an adopted dump, an imported
+    SAE, a shard budget below one image): report it as a `ConfigError`, refused with the config before anything runs
+    (exit 2)."""
+    try:
+        yield
+    except (datasets.DatasetError, shards.ShardError, sae_files.SaeFileError) as err:
+        raise configs.ConfigError(str(err)) from err
 
 
 def run_pieces(pipeline: Pipeline, stage: str, piece_ids: typing.Sequence[str]) -> None:

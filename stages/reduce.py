@@ -1,15 +1,13 @@
 """reduce: every score partial -> the best AP and best latent per class, per SAE and across the sweep.
 
-Output `<root>/reduce/<key>/best.json` and `best.csv`. `best.json` holds
-`{"classes": [{"name", "prevalence", "ap", "prototype", "sae", "sae_unhealthy", ...}, ...], "per_sae": {sae_key:
-{..., "metrics", "health", "n_wins"}}}`; the class entries are the best over the whole sweep (equal APs: the earlier
+Output `<root>/reduce/<key>/best.json` and `best.csv`, written from the typed records of `saev.best` (`Best`: a
+`ClassBest` per class, a `SaeBest` per SAE with its `metrics`, `health` and `n_wins`); the class entries are the best over the whole sweep (equal APs: the earlier
 SAE in sweep order, then the lowest latent). An SAE whose training metrics say it failed (`sae_health`) is still
 used, but every class whose latent it gives is marked, in best.json, best.csv, the launcher's table and the report.
 """
 
-import csv
+import collections
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -19,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from saev import ap, artifacts, helpers, keepmask, nn, report, scoring, vit
+from saev import ap, artifacts, best, helpers, keepmask, nn, report, scoring, vit
 from saev.data import datasets
 from saev.data.shards import Shards
 from saev.engine.plan import Piece, StagePlan
@@ -137,7 +135,7 @@ def run(pipeline: "Pipeline", own: StagePlan[None], inputs: Inputs, piece: Piece
         entries = []
         for c, name in enumerate(class_names):
             value, k = float(best_ap_C[c]), int(best_k_C[c])
-            entries.append({"name": name, "ap": _json_float(value), "prototype": k})
+            entries.append(best.SaeClassBest(name=name, ap=_json_float(value), prototype=k))
             if k >= 0 and (chosen[c] is None or value > chosen[c]["ap"]):
                 chosen[c] = {"ap": value, "prototype": k, "sae": info.train_key, "dead": bool(dead_K[k])}
         metrics = read_metrics(inputs.train.by_key(info.train_key))
@@ -145,16 +143,13 @@ def run(pipeline: "Pipeline", own: StagePlan[None], inputs: Inputs, piece: Piece
             "score": score_art.key,
             "d_sae": info.d_sae,
             "dead_frac": float(dead_K.mean()),
-            "classes": entries,
+            "classes": tuple(entries),
             "config": train_stage.describe(inputs.train.info[info.train_key].config),
             "metrics": metrics,
-            "health": sae_health(metrics),
+            "health": tuple(sae_health(metrics)),
         }
-    for entry in per_sae.values():
-        entry["n_wins"] = 0
-    for pick in chosen:
-        if pick is not None:
-            per_sae[pick["sae"]]["n_wins"] += 1
+    n_wins = collections.Counter(pick["sae"] for pick in chosen if pick is not None)
+    per_sae = {key: best.SaeBest(**entry, n_wins=n_wins[key]) for key, entry in per_sae.items()}
 
     # Report on the held-out patches, which took no part in the choice.
     heldout_scores = chosen_scores(pipeline, inputs, chosen, heldout)
@@ -170,23 +165,24 @@ def run(pipeline: "Pipeline", own: StagePlan[None], inputs: Inputs, piece: Piece
     for c, name in enumerate(class_names):
         pick = chosen[c] or {"ap": math.nan, "prototype": -1, "sae": None, "dead": False}
         classes.append(
-            {
-                "name": name,
-                "n_patches": int(counts_C[c]),
-                "prevalence": float(counts_C[c] / max(1, len(labels_N))),
-                "ap": _json_float(pick["ap"]),
-                "prototype": pick["prototype"],
-                "sae": pick["sae"],
-                "dead": pick["dead"],
-                "sae_unhealthy": per_sae[pick["sae"]]["health"] if pick["sae"] else [],
-                "heldout_n_patches": int(heldout_counts_C[c]),
-                "heldout_prevalence": float(heldout_counts_C[c] / len(heldout)) if len(heldout) else None,
-                "heldout_ap": _json_float(heldout_ap_C[c]),
-            }
+            best.ClassBest(
+                name=name,
+                n_patches=int(counts_C[c]),
+                prevalence=float(counts_C[c] / max(1, len(labels_N))),
+                ap=_json_float(pick["ap"]),
+                prototype=pick["prototype"],
+                sae=pick["sae"],
+                dead=pick["dead"],
+                sae_unhealthy=per_sae[pick["sae"]].health if pick["sae"] else (),
+                heldout_n_patches=int(heldout_counts_C[c]),
+                heldout_prevalence=float(heldout_counts_C[c] / len(heldout)) if len(heldout) else None,
+                heldout_ap=_json_float(heldout_ap_C[c]),
+            )
         )
-    result = {"n_patches": int(len(labels_N)), "n_heldout": int(len(heldout)), "classes": classes, "per_sae": per_sae}
-    artifacts.atomic_write_json(art.dpath / "best.json", result)
-    artifacts.atomic_write_bytes(art.dpath / "best.csv", to_csv(classes).encode("utf-8"))
+    result = best.Best(
+        n_patches=int(len(labels_N)), n_heldout=int(len(heldout)), classes=tuple(classes), per_sae=per_sae
+    )
+    best.write(art.dpath, result)
     if cfg.report:
         data = make_report_data(pipeline, inputs, result, chosen, ap_by_sae, keep, heldout, heldout_scores)
         index_fpath = report.write_report(art.dpath, data)
@@ -225,7 +221,7 @@ _BATCH = 4096
 
 
 def make_report_data(
-    pipeline: "Pipeline", inputs: Inputs, result, chosen, ap_by_sae, keep, heldout, heldout_scores
+    pipeline: "Pipeline", inputs: Inputs, result: best.Best, chosen, ap_by_sae, keep, heldout, heldout_scores
 ) -> report.ReportData:
     """Everything the HTML report shows: AP distributions, PR curves and the top-activating images per class."""
     cfg: Config = pipeline.reduce
@@ -238,7 +234,7 @@ def make_report_data(
     img_size, n_side = (0, 0) if adopted else vit.get_patch_grid(pipeline.dump.vit.model)
     kept_scores = chosen_scores(pipeline, inputs, chosen, keep)
     items = []
-    for c, row in enumerate(result["classes"]):
+    for c, row in enumerate(result.classes):
         pick = chosen[c]
         if pick is None:
             ap_all = np.zeros(0)
@@ -254,16 +250,7 @@ def make_report_data(
             )
         items.append(
             report.ClassResult(
-                name=row["name"],
-                n_patches=row["n_patches"],
-                prevalence=row["prevalence"],
-                ap=row["ap"],
-                heldout_ap=row["heldout_ap"],
-                heldout_prevalence=row["heldout_prevalence"],
-                prototype=row["prototype"],
-                sae=row["sae"],
-                dead=row["dead"],
-                sae_unhealthy=list(row["sae_unhealthy"]),
+                **{name: getattr(row, name) for name in best.fields(best.ClassBest)},
                 ap_all=np.asarray(ap_all, dtype=np.float64),
                 pr_scores=np.asarray(pr_scores, dtype=np.float32),
                 pr_labels=np.asarray(pr_labels, dtype=bool),
@@ -274,21 +261,21 @@ def make_report_data(
     notes = [
         f"config: {pipeline.config_fpath or pipeline.config_dpath}",
         f"dump: {inputs.dump.artifact.ref} ({md.vit_ckpt}, {md.n_imgs} images, layers {list(md.layers)})",
-        f"selection patches: {result['n_patches']}; held-out patches: {result['n_heldout']}",
-        f"SAEs: {', '.join(result['per_sae'])}",
+        f"selection patches: {result.n_patches}; held-out patches: {result.n_heldout}",
+        f"SAEs: {', '.join(result.per_sae)}",
     ]
     saes = [
         report.SaeResult(
             key=key,
-            description=entry["config"],
-            nmse=float(entry["metrics"]["nmse"]),
-            l0=float(entry["metrics"]["l0"]),
-            dead_frac=float(entry["metrics"]["dead_frac"]),
-            dense_frac=float(entry["metrics"]["dense_frac"]),
-            n_wins=entry["n_wins"],
-            health=list(entry["health"]),
+            description=entry.config,
+            nmse=float(entry.metrics["nmse"]),
+            l0=float(entry.metrics["l0"]),
+            dead_frac=float(entry.metrics["dead_frac"]),
+            dense_frac=float(entry.metrics["dense_frac"]),
+            n_wins=entry.n_wins,
+            health=list(entry.health),
         )
-        for key, entry in result["per_sae"].items()
+        for key, entry in result.per_sae.items()
     ]
     return report.ReportData(
         title="Best SAE latent per class", classes=items, notes=notes, saes=saes, files=["best.json", "best.csv"]
@@ -335,20 +322,7 @@ def _json_float(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def to_csv(classes: list[dict]) -> str:
-    buf = io.StringIO()
-    fields = ["name", "n_patches", "prevalence", "ap", "prototype", "sae", "dead"]
-    fields += ["heldout_n_patches", "heldout_prevalence", "heldout_ap", "sae_unhealthy"]
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    for row in classes:
-        out = {k: ("" if row[k] is None else row[k]) for k in writer.fieldnames}
-        out["sae_unhealthy"] = "; ".join(row["sae_unhealthy"])  # empty: healthy
-        writer.writerow(out)
-    return buf.getvalue()
-
-
-def format_table(result: dict, top: int = 50) -> str:
+def format_table(result: best.Best, top: int = 50) -> str:
     """The per-class results as a plain-text table (what the launcher prints at the end).
 
     `select AP` is the AP on the kept patches that chose the latent; `held-out AP` is that latent's AP on patches
@@ -361,40 +335,40 @@ def format_table(result: dict, top: int = 50) -> str:
     lines = [
         f"{'class':<18} {'patches':>7} {'prev':>6} {'select AP':>9} {'held-out AP':>11} {'x prev':>7} {'latent':>7}  sae"
     ]
-    for row in result["classes"][:top]:
-        reported = row["heldout_ap"] if row.get("heldout_ap") is not None else row["ap"]
-        prev = row["heldout_prevalence"] if row.get("heldout_ap") is not None else row["prevalence"]
+    for row in result.classes[:top]:
+        reported = row.heldout_ap if row.heldout_ap is not None else row.ap
+        prev = row.heldout_prevalence if row.heldout_ap is not None else row.prevalence
         ratio = "-" if reported is None or not prev else f"{reported / prev:.1f}x"
-        flag = "  (dead latent)" if row.get("dead") else ""
-        flag += "  (SAE unhealthy)" if row.get("sae_unhealthy") else ""
+        flag = "  (dead latent)" if row.dead else ""
+        flag += "  (SAE unhealthy)" if row.sae_unhealthy else ""
         lines.append(
-            f"{row['name'][:18]:<18} {row['n_patches']:>7d} {row['prevalence']:>6.3f} {fmt(row['ap']):>9} "
-            f"{fmt(row.get('heldout_ap')):>11} {ratio:>7} {row['prototype']:>7d}  {row['sae'] or '-'}{flag}"
+            f"{row.name[:18]:<18} {row.n_patches:>7d} {row.prevalence:>6.3f} {fmt(row.ap):>9} "
+            f"{fmt(row.heldout_ap):>11} {ratio:>7} {row.prototype:>7d}  {row.sae or '-'}{flag}"
         )
-    if len(result["classes"]) > top:
-        lines.append(f"... {len(result['classes']) - top} more classes in best.json")
+    if len(result.classes) > top:
+        lines.append(f"... {len(result.classes) - top} more classes in best.json")
     return "\n".join(lines)
 
 
-def format_health(result: dict) -> list[str]:
+def format_health(result: best.Best) -> list[str]:
     """The launcher's lines after the table: every SAE of the sweep with its training metrics, then a `warning:`
     line per unhealthy SAE (`sae_health`), naming the classes whose latent it gives."""
-    per_sae = result.get("per_sae", {})
-    if not per_sae or not all("metrics" in e for e in per_sae.values()):
-        return []  # a best.json of an earlier version
+    per_sae = result.per_sae
+    if not per_sae:
+        return []
     lines = [f"\n{'sae':<18} {'nmse':>6} {'L0':>7} {'dead':>6} {'dense':>6} {'wins':>5}  health"]
     for key, entry in per_sae.items():
-        m = entry["metrics"]
+        m = entry.metrics
         lines.append(
             f"{key:<18} {m['nmse']:>6.3f} {m['l0']:>7.1f} {m['dead_frac']:>6.1%} {m['dense_frac']:>6.1%} "
-            f"{entry['n_wins']:>5d}  {'UNHEALTHY' if entry['health'] else 'ok'}"
+            f"{entry.n_wins:>5d}  {'UNHEALTHY' if entry.health else 'ok'}"
         )
     for key, entry in per_sae.items():
-        if entry["health"]:
-            won = [row["name"] for row in result["classes"] if row["sae"] == key]
+        if entry.health:
+            won = [row.name for row in result.classes if row.sae == key]
             shown = ", ".join(won[:8]) + (f" and {len(won) - 8} more" if len(won) > 8 else "")
             lines.append(
-                f"warning: SAE {key} is unhealthy ({'; '.join(entry['health'])}); "
+                f"warning: SAE {key} is unhealthy ({'; '.join(entry.health)}); "
                 + (f"{len(won)} class(es) use its latents: {shown}; check them before trusting them" if won else "no class uses it")
                 + " (see 'SAE health' in the README)"
             )

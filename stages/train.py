@@ -26,7 +26,7 @@ import typing
 
 import numpy as np
 
-from saev import artifacts, checksums, helpers, nn, sae_files, sweep, training, vit
+from saev import artifacts, checksums, configs, helpers, nn, sae_files, sweep, training, vit
 from saev.data import loader
 from saev.data.shards import Shards
 from saev.engine.plan import Piece, StagePlan
@@ -95,14 +95,14 @@ def get_layer(pipeline: "Pipeline", dump: DumpInfo, layer: int | None = None, wh
     given = pipeline.train.layer if layer is None else layer
     if dump.adopted is not None:
         if given not in dump.layers:
-            raise ValueError(
+            raise configs.ConfigError(
                 f"{what}={given} is not among the layers of the adopted dump "
                 f"{dump.adopted / 'metadata.json'}: layers={list(dump.layers)}"
             )
         return given
     (block,) = vit.resolve_layers(pipeline.dump.vit.model, (given,))
     if block not in dump.layers:
-        raise ValueError(
+        raise configs.ConfigError(
             f"{what}={given} (block {block}) is not among the dumped layers "
             f"dump.vit.layers={list(pipeline.dump.vit.layers)}"
         )
@@ -271,7 +271,7 @@ def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[TrainInfo]:
         all_inputs[art.key] = refs
         info[art.key] = TrainInfo(config=train_cfg, d_sae=train_cfg.sae.d_sae, layer=layer)
     if not info:
-        raise ValueError('[train] has no SAEs: sweep = "" and no imports')
+        raise configs.ConfigError('[train] has no SAEs: sweep = "" and no imports')
     n_rows = dump_info.n_patches
     for msg in warn_small_data([cfg for cfg in by_cfg], n_rows):
         logger.warning("the data is small for the sweep: %s", msg)

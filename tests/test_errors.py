@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import launch
-from saev import artifacts, checkpoint, configs, nn, slurm, sweep, training
+from saev import artifacts, checkpoint, configs, errors, nn, slurm, sweep, training
 
 NOT_UTF8 = b'# caf\xe9 (latin-1)\nroot = "runs"\n'
 """A TOML file saved in latin-1: byte 0xe9 is not valid UTF-8."""
@@ -329,3 +329,106 @@ def test_unreadable_weights_are_permission_error_not_missing(tmp_path, monkeypat
     monkeypatch.setattr(module, "open", deny, raising=False)
     with pytest.raises(PermissionError, match=rf"Permission denied: '{fpath}'"):
         load()
+
+
+##########################
+# User errors, our bugs  #
+##########################
+
+
+def test_a_bug_inside_a_stage_is_a_traceback_and_a_crash_log_not_one_error_line(tiny_config, capsys, monkeypatch):
+    from stages import dump as dump_stage
+
+    def broken_run(pipeline, plan, piece):
+        raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
+
+    monkeypatch.setattr(dump_stage, "run", broken_run)
+    monkeypatch.chdir(tiny_config.parent)
+    assert launch.main(launch.Args(config=tiny_config)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last):" in err and "in broken_run" in err
+    last = err.rstrip("\n").splitlines()[-1]
+    assert last.startswith("error: unexpected ValueError: operands could not be broadcast")
+    (log,) = (tiny_config.parent / "logs" / "crashes").glob("launch-*.log")
+    assert last.endswith(f"traceback saved to {log.resolve()}")
+    assert "in broken_run" in log.read_text()
+
+
+@pytest.mark.parametrize(
+    "err_no,user",
+    [(errno.ENOSPC, True), (errno.EACCES, True), (errno.EROFS, True), (errno.ENOENT, False), (errno.EBADF, False)],
+    ids=errno.errorcode.get,
+)
+def test_a_stage_refused_by_the_machine_is_one_error_line_any_other_os_error_a_crash(
+    tiny_config, capsys, monkeypatch, err_no, user
+):
+    from stages import dump as dump_stage
+
+    fpath = tiny_config.parent / "runs" / "acts000000.bin"
+
+    def refused_run(pipeline, plan, piece):
+        raise OSError(err_no, os.strerror(err_no), str(fpath))
+
+    monkeypatch.setattr(dump_stage, "run", refused_run)
+    monkeypatch.chdir(tiny_config.parent)
+    assert launch.main(launch.Args(config=tiny_config)) == 1
+    err = capsys.readouterr().err
+    crashes = tiny_config.parent / "logs" / "crashes"
+    if user:
+        assert err.splitlines()[-1] == f"error: stage 'dump': [Errno {err_no}] {os.strerror(err_no)}: '{fpath}'"
+        assert "Traceback" not in err and not crashes.exists()
+    else:
+        assert "Traceback (most recent call last):" in err and len(list(crashes.glob("launch-*.log"))) == 1
+
+
+@pytest.mark.parametrize(
+    "error,code",
+    [
+        (configs.ConfigError("my.toml: key 'mask.n_kep' is unknown"), 2),
+        (errors.UserConfigError("dump.vit.layers = [99] is out of range"), 2),
+        (errors.UserInputError("runs/mask/abc/keep.npy: index 5 appears twice"), 1),
+        (artifacts.IncompleteArtifactError("stage 'score' needs mask/abc, which is not done"), 1),
+        (errors.UserEnvironmentError("could not write runs/dump/abc/acts000002.bin (disk full?)"), 1),
+        (slurm.SlurmError("sbatch failed for stage 'train': Unable to contact slurm controller"), 1),
+        (artifacts.WriteError(errno.ENOSPC, "could not write runs/x.bin (disk full?)"), 1),
+    ],
+    ids=lambda x: type(x).__name__ if isinstance(x, Exception) else str(x),
+)
+def test_each_kind_of_user_error_is_one_line_and_its_exit_code(tiny_config, capsys, monkeypatch, error, code):
+    from stages import pipeline as pl
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pl, "check_inputs", refuse)
+    monkeypatch.chdir(tiny_config.parent)
+    assert launch.main(launch.Args(config=tiny_config)) == code == launch.EXIT_CODES[error.kind]
+    err = capsys.readouterr().err
+    assert err == f"error: {error}\n"
+    assert not (tiny_config.parent / "logs" / "crashes").exists()
+
+
+def test_every_user_error_class_has_a_kind_with_an_exit_code():
+    import saev.results  # noqa: F401 -- with the stages, every module that defines a user error
+    import saev.training  # noqa: F401
+    import stages.pipeline  # noqa: F401
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    found = {cls.__name__: cls.kind for cls in subclasses(errors.UserError)}
+    assert set(found.values()) == set(launch.EXIT_CODES)
+    # The errors a user can fix, by kind (the exit codes are launch.EXIT_CODES's).
+    assert {name for name, kind in found.items() if kind == "config"} >= {
+        "ConfigError", "SweepError", "KeepMaskError"
+    }  # fmt: skip
+    assert {name for name, kind in found.items() if kind == "input"} >= {
+        "IncompleteArtifactError", "DamagedArtifactError", "ResultsError", "TopkError", "KeptError", "PartialError",
+        "MaskFileError", "ShardError", "ShardValueError", "SaeFileError", "DatasetError",
+        "CheckpointError",
+    }  # fmt: skip
+    assert {name for name, kind in found.items() if kind == "environment"} >= {
+        "ArtifactBusyError", "WriteError", "SlurmError"
+    }  # fmt: skip

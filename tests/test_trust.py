@@ -9,6 +9,7 @@ import re
 import pytest
 
 import launch
+from saev import best
 from stages import reduce as reduce_stage
 from stages import train as train_stage
 
@@ -60,9 +61,13 @@ def test_sae_health_thresholds(metrics, reasons):
         assert want in line
 
 
-def test_health_lines_are_empty_for_a_best_json_of_an_earlier_version():
-    result = {"classes": [], "per_sae": {"abc": {"dead_frac": 0.0, "classes": []}}}
-    assert reduce_stage.format_health(result) == []
+def test_a_best_json_of_an_earlier_version_is_refused_naming_the_file(tmp_path):
+    # Reduce v2 wrote no metrics, health or wins per SAE: the launcher and notebooks cannot read it as a record.
+    fpath = tmp_path / "best.json"
+    fpath.write_text(json.dumps({"n_patches": 0, "n_heldout": 0, "classes": [],
+                                 "per_sae": {"abc": {"dead_frac": 0.0, "classes": []}}}))  # fmt: skip
+    with pytest.raises(ValueError, match=f"{re.escape(str(fpath))} is not a best.json of this version"):
+        best.read(fpath)
 
 
 ###############################

@@ -21,7 +21,7 @@ import numpy as np
 from jaxtyping import Integer, UInt8, jaxtyped
 from PIL import ExifTags, Image, ImageOps
 
-from saev import helpers
+from saev import errors, helpers
 from saev.data import labels
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -32,8 +32,9 @@ distorting any other aspect ratio; "crop" takes the centred square of side min(w
 shapes keep their proportions but the ends of the long side are not seen (see `crop_box`)."""
 
 
-class DatasetError(ValueError):
-    """The dataset is malformed: the message names the file or value at fault."""
+class DatasetError(errors.UserInputError, ValueError):
+    """The dataset is malformed: the message names the file or value at fault. (One found while planning, before
+    anything runs, is reported as a `ConfigError`: see `stages.pipeline.make_plan`.)"""
 
 
 

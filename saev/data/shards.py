@@ -26,7 +26,7 @@ import typing
 import beartype
 import numpy as np
 
-from saev import artifacts, checksums, helpers
+from saev import artifacts, checksums, errors, helpers
 from saev.data import labels as labels_
 
 PROTOCOL = "1.0.0"
@@ -46,7 +46,7 @@ LABELS_DTYPES = {"uint8": (0, 255), "int16": (-32768, 32767)}
 """labels.bin dtypes -> the range of values they hold."""
 
 
-class ShardError(ValueError):
+class ShardError(errors.UserInputError, ValueError):
     """A dump directory is missing a file or a file has the wrong size; the message names it."""
 
 

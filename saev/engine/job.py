@@ -9,7 +9,7 @@ import logging
 import signal
 import typing
 
-from saev import artifacts, helpers, preemption, slurm
+from saev import artifacts, errors, helpers, preemption, slurm
 
 from .plan import Piece, Plan, Registry, RootConfig, StagePlan
 
@@ -48,14 +48,17 @@ def run_pieces(registry: Registry, pipeline: RootConfig, stage: str, piece_ids: 
     by_id = {piece.id: piece for piece in stage_plan.pieces}
     unknown = [pid for pid in piece_ids if pid not in by_id]
     if unknown:
-        raise ValueError(f"stage '{stage}' has no piece(s) {unknown}; did the config change since submission?")
+        raise errors.UserConfigError(
+            f"stage '{stage}' has no piece(s) {unknown}; did the config change since submission?"
+        )
     touched: dict[str, artifacts.Artifact] = {}
     if slurm.job_id() is not None:
         # Slurm's pre-timeout signal (submitit asks for USR2 before the limit): finish the current training step,
         # save a checkpoint, requeue. Replaces submitit's handler, which would requeue without saving.
         signal.signal(signal.SIGUSR2, preemption.request_checkpoint)
     try:
-        _run(registry, pipeline, plan, stage, [by_id[pid] for pid in piece_ids], touched)
+        with errors.machine_refusals(f"stage '{stage}'"):  # a full disk or a refused permission: the user's to fix
+            _run(registry, pipeline, plan, stage, [by_id[pid] for pid in piece_ids], touched)
     except preemption.Preempted as err:
         slurm.requeue(err)  # outside Slurm: re-raised
     for art in touched.values():
