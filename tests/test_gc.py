@@ -88,3 +88,15 @@ def test_gc_is_refused_while_a_lock_is_held(copy_of_done, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1
     assert f"{plan['dump'].artifact.dpath / '.lock'} is held by a running process" in err
     assert artifact_dirs(root) == before
+
+
+def test_gc_keeps_a_stages_own_bookkeeping(copy_of_done, capsys):
+    """Dot-names under a stage's directory (e.g. `dump/.adopted/`, the checksums first taken of adopted sources, which
+    must outlive the artifacts) are not artifacts: never listed, never deleted."""
+    root = copy_of_done.parent / "runs"
+    ledger = root / "dump" / ".adopted" / "0123abcd.json"
+    ledger.parent.mkdir()
+    ledger.write_text("{}")
+    assert run(reseed_mask(copy_of_done), gc=True, yes=True) == 0
+    assert ".adopted" not in capsys.readouterr().out
+    assert ledger.read_text() == "{}"

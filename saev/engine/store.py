@@ -185,7 +185,8 @@ class Garbage(typing.NamedTuple):
 
 def unreached(registry: Registry, root: pathlib.Path, plans: typing.Sequence[Plan]) -> list[Garbage]:
     """Every `<root>/<stage>/<key>` of a registered stage that is no artifact of any of `plans` (each planned with
-    this root), with its size; other directories under the root are not looked at."""
+    this root), with its size; other directories under the root are not looked at, nor a stage's own bookkeeping
+    (dot-names, e.g. `dump/.adopted/`, the checksums taken of adopted sources, kept for every key)."""
     reached = {art.ref for plan in plans for stage_plan in plan.values() for art in stage_plan.artifacts}
     out = []
     for name in registry.names:
@@ -193,7 +194,9 @@ def unreached(registry: Registry, root: pathlib.Path, plans: typing.Sequence[Pla
         if not stage_dpath.is_dir():
             continue
         for dpath in sorted(stage_dpath.iterdir()):
-            if f"{name}/{dpath.name}" in reached or not (dpath.is_dir() or dpath.is_symlink()):
+            if dpath.name.startswith(".") or f"{name}/{dpath.name}" in reached:
+                continue
+            if not (dpath.is_dir() or dpath.is_symlink()):
                 continue
             out.append(Garbage(dpath, _n_bytes(dpath)))
     return out
