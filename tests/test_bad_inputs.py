@@ -5,7 +5,6 @@ launcher; errors in the config are caught before anything runs. BAD_ARTIFACTS co
 stage, which must refuse or fail without marking anything done.
 """
 
-import dataclasses
 import json
 import math
 import pathlib
@@ -16,17 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import launch
-
-REPO = pathlib.Path(launch.__file__).parent
-
-
-def run(config: pathlib.Path, **kwargs) -> int:
-    return launch.main(dataclasses.replace(launch.Args(config=config), **kwargs))
-
-
-def manifests(root: pathlib.Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.glob("*/*/manifest.json")} if root.exists() else set()
+from tests.helpers import manifests, run
 
 
 def make_folder_dataset(dpath: pathlib.Path, n_imgs: int = 24, classes=("background", "fish", "fin")) -> pathlib.Path:

@@ -15,10 +15,8 @@ import torch
 
 from saev import artifacts, nn, sae_files
 from stages import pipeline as pl
-
-from conftest import assert_within, flip_byte, sae_forward_bounds
 from test_pipeline import run
-
+from tests.helpers import assert_within, flip_byte, sae_forward_bounds
 
 ###########################################
 # Our own writers of saev's file layouts  #

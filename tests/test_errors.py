@@ -18,6 +18,7 @@ import torch
 
 import launch
 from saev import artifacts, checkpoint, configs, nn, slurm, sweep, training
+from tests.helpers import REPO
 
 NOT_UTF8 = b'# caf\xe9 (latin-1)\nroot = "runs"\n'
 """A TOML file saved in latin-1: byte 0xe9 is not valid UTF-8."""
@@ -282,7 +283,7 @@ def test_kept_activations_on_a_full_disk_are_a_write_error_not_sigbus(tmp_path):
             except artifacts.WriteError as err:
                 print(err)
         """)
-        repo = pathlib.Path(__file__).resolve().parent.parent
+        repo = REPO
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
         assert done.returncode == 0, (done.returncode, done.stderr)
         assert done.stdout.startswith(f"could not write {dpath / 'kept' / 'acts.npy'} (disk full?)"), done.stdout

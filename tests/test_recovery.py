@@ -5,7 +5,6 @@ Each case: corrupt a private copy of the finished tiny run, run the README's com
 byte-identical to the clean run's and `--verify` finds every file matching its checksum.
 """
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -14,12 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-import launch
-from tests.conftest import flip_byte
-
-
-def run(config: pathlib.Path, **kwargs) -> int:
-    return launch.main(dataclasses.replace(launch.Args(config=config), **kwargs))
+from tests.helpers import flip_byte, run
 
 
 def one(root: pathlib.Path, pattern: str, index: int = 0) -> pathlib.Path:

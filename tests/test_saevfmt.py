@@ -24,8 +24,7 @@ from saev import artifacts
 from saev.data import saevfmt
 from saev.data.shards import Metadata, ShardError, Shards, ShardWriter
 from stages import pipeline as pl
-
-from tests.conftest import assert_within, flip_byte, sae_forward_bounds, write_tiny_config
+from tests.helpers import assert_within, flip_byte, sae_forward_bounds, write_tiny_config
 
 CLASSES = ("background", "a", "b")
 

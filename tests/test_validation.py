@@ -6,7 +6,6 @@ the readers' own checks must catch it) and a stage is rerun through the launcher
 non-zero exit, nothing newly marked done.
 """
 
-import dataclasses
 import json
 import pathlib
 import re
@@ -16,8 +15,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-import launch
 from saev import artifacts, checksums, scoring
+from tests.helpers import manifests, run
 
 SAE = "a" * 16
 N_CLASSES, D_SAE, BLOCK = 3, 10, 4  # blocks [0, 4), [4, 8), [8, 10)
@@ -210,14 +209,6 @@ def test_a_directory_in_place_of_a_partial_is_named(art):
 #################################################
 # Through the launcher, on a corrupted tiny run #
 #################################################
-
-
-def run(config: pathlib.Path, **kwargs) -> int:
-    return launch.main(dataclasses.replace(launch.Args(config=config), **kwargs))
-
-
-def manifests(root: pathlib.Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.glob("*/*/manifest.json")}
 
 
 def _resave_npy(root, name, change):
