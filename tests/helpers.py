@@ -1,13 +1,21 @@
 """Plain helpers shared by the tests (fixtures live in tests/conftest.py): the tiny config, launching the pipeline
 in this process or in a subprocess, and small ways to damage or inspect a run."""
 
+import contextlib
 import dataclasses
+import json
+import os
 import pathlib
 import shutil
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
+
+from saev import checksums
 
 TESTS_DPATH = pathlib.Path(__file__).resolve().parent
 REPO = TESTS_DPATH.parent
@@ -89,3 +97,72 @@ def assert_within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, wh
         f"{what}: |diff| {float(diff.flatten()[worst]):.3g} > bound {float(bound.flatten()[worst]):.3g} at flat index "
         f"{worst} (value {float(want.flatten()[worst]):.4g})"
     )
+
+
+def make_folder_dataset(dpath: pathlib.Path, n_imgs: int = 24, classes=("background", "fish", "fin")) -> pathlib.Path:
+    """A real folder dataset: PNG images, same-stem PNG masks of class ids, classes.txt."""
+    rng = np.random.default_rng(0)
+    (dpath / "images").mkdir(parents=True)
+    (dpath / "masks").mkdir()
+    (dpath / "classes.txt").write_text("\n".join(classes) + "\n")
+    for i in range(n_imgs):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(dpath / "images" / f"img{i}.png")
+        mask = np.zeros((40, 48), dtype=np.uint8)
+        mask[10:30, 8:40] = 1
+        mask[15:20, 20:30] = 2 if len(classes) > 2 and i % 2 else 1
+        Image.fromarray(mask).save(dpath / "masks" / f"img{i}.png")
+    return dpath
+
+
+def use_folder(cfg: pathlib.Path, data_dpath: pathlib.Path) -> None:
+    """Point the config's [dump.data] at a folder dataset, with a keep-mask and held-out set that fit its patches."""
+    text = cfg.read_text()
+    start = text.index("[dump.data]")
+    end = text.index("[dump.vit]")
+    text = text[:start] + f'[dump.data]\nkind = "segfolder"\nroot = "{data_dpath}"\n\n' + text[end:]
+    text = text.replace("n_keep = 2000", "n_keep = 100").replace("n_heldout = 500", "n_heldout = 50")
+    cfg.write_text(text)
+
+
+def folder(tweak=None, classes=("background", "fish", "fin")):
+    """A config mutation: write a folder dataset beside the config, change it with `tweak(data_dpath)`, use it."""
+
+    def mutate(cfg: pathlib.Path) -> None:
+        data = make_folder_dataset(cfg.parent / "data", classes=classes)
+        if tweak:
+            tweak(data)
+        use_folder(cfg, data)
+
+    return mutate
+
+
+def reseal(root: pathlib.Path) -> None:
+    """Make every artifact's checksums agree with its files again, as if the bad contents had been written by the
+    pipeline itself: the checksums cannot catch them, so only the readers' validation stands between them and a
+    result."""
+    for manifest_fpath in root.glob("*/*/manifest.json"):
+        manifest = json.loads(manifest_fpath.read_text())
+        for rel in manifest["files"]:
+            fpath = manifest_fpath.parent / rel
+            digest = checksums.file_checksum(fpath)
+            manifest["files"][rel] = {"size": fpath.stat().st_size, checksums.CHECKSUM: digest}
+            checksums.write_record(fpath, fpath.stat().st_size, digest)
+        manifest_fpath.write_text(json.dumps(manifest))
+        (manifest_fpath.parent / ".verified.json").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def small_tmpfs(dpath: pathlib.Path, size: str = "200k"):
+    """Mount a tmpfs of `size` on `dpath` (skip the test if that is not possible); unmount afterwards."""
+    dpath.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount")
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(dpath)], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {out.stderr.strip()}")
+    try:
+        yield dpath
+    finally:
+        subprocess.run(["umount", "-l", str(dpath)], check=False)

@@ -15,31 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import manifests, run
-
-
-def make_folder_dataset(dpath: pathlib.Path, n_imgs: int = 24, classes=("background", "fish", "fin")) -> pathlib.Path:
-    """A real folder dataset: PNG images, same-stem PNG masks of class ids, classes.txt."""
-    rng = np.random.default_rng(0)
-    (dpath / "images").mkdir(parents=True)
-    (dpath / "masks").mkdir()
-    (dpath / "classes.txt").write_text("\n".join(classes) + "\n")
-    for i in range(n_imgs):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(dpath / "images" / f"img{i}.png")
-        mask = np.zeros((40, 48), dtype=np.uint8)
-        mask[10:30, 8:40] = 1
-        mask[15:20, 20:30] = 2 if len(classes) > 2 and i % 2 else 1
-        Image.fromarray(mask).save(dpath / "masks" / f"img{i}.png")
-    return dpath
-
-
-def use_folder(cfg: pathlib.Path, data_dpath: pathlib.Path) -> None:
-    text = cfg.read_text()
-    start = text.index("[dump.data]")
-    end = text.index("[dump.vit]")
-    text = text[:start] + f'[dump.data]\nkind = "segfolder"\nroot = "{data_dpath}"\n\n' + text[end:]
-    text = text.replace("n_keep = 2000", "n_keep = 100").replace("n_heldout = 500", "n_heldout = 50")
-    cfg.write_text(text)
+from tests.helpers import folder, manifests, run
 
 
 def edit(old: str, new: str, fname: str = "tiny.toml"):
@@ -55,16 +31,6 @@ def edit(old: str, new: str, fname: str = "tiny.toml"):
 def append(extra: str):
     def mutate(cfg: pathlib.Path) -> None:
         cfg.write_text(cfg.read_text() + "\n" + extra + "\n")
-
-    return mutate
-
-
-def folder(tweak=None, classes=("background", "fish", "fin")):
-    def mutate(cfg: pathlib.Path) -> None:
-        data = make_folder_dataset(cfg.parent / "data", classes=classes)
-        if tweak:
-            tweak(data)
-        use_folder(cfg, data)
 
     return mutate
 

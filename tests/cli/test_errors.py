@@ -2,12 +2,10 @@
 config and sweep files that are not UTF-8, directories or unreadable; an unreachable Slurm controller; a full disk
 while writing SAE weights or training checkpoints."""
 
-import contextlib
 import errno
 import logging
 import os
 import pathlib
-import shutil
 import stat
 import subprocess
 import sys
@@ -18,7 +16,7 @@ import torch
 
 import launch
 from saev import artifacts, checkpoint, configs, nn, slurm, sweep, training
-from tests.helpers import REPO
+from tests.helpers import REPO, small_tmpfs
 
 NOT_UTF8 = b'# caf\xe9 (latin-1)\nroot = "runs"\n'
 """A TOML file saved in latin-1: byte 0xe9 is not valid UTF-8."""
@@ -228,21 +226,6 @@ def test_job_states_without_slurm_commands_is_unknown(tmp_path, monkeypatch, cap
 #############
 # Full disk #
 #############
-
-
-@contextlib.contextmanager
-def small_tmpfs(dpath: pathlib.Path, size: str = "200k"):
-    """Mount a tmpfs of `size` on `dpath` (skip the test if that is not possible); unmount afterwards."""
-    dpath.mkdir(parents=True, exist_ok=True)
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root and mount")
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(dpath)], capture_output=True, text=True)
-    if out.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {out.stderr.strip()}")
-    try:
-        yield dpath
-    finally:
-        subprocess.run(["umount", "-l", str(dpath)], check=False)
 
 
 def _assert_disk_full(err: BaseException, fpath: pathlib.Path) -> None:

@@ -20,10 +20,9 @@ import torch
 from saev import configs, helpers, keepmask, sae_files
 from saev.data import saevfmt
 from saev.data.shards import ShardError
-from tests.helpers import launch, run, write_tiny_config
-from tests.test_bad_inputs import make_folder_dataset, use_folder
-from tests.test_checkpoints_interop import import_config, random_state, write_schema5
-from tests.test_saevfmt import adopt_config, src_2x
+from tests.helpers import launch, make_folder_dataset, run, use_folder, write_tiny_config
+from tests.lib.data.test_saevfmt import adopt_config, src_2x
+from tests.lib.test_sae_files import import_config, random_state, write_schema5
 
 
 def dry_run(cfg: pathlib.Path) -> subprocess.CompletedProcess:

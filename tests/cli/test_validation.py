@@ -16,7 +16,7 @@ import pytest
 import safetensors.numpy
 
 from saev import artifacts, checksums, scoring
-from tests.helpers import manifests, run
+from tests.helpers import manifests, reseal, run
 
 SAE = "a" * 16
 N_CLASSES, D_SAE, BLOCK = 3, 10, 4  # blocks [0, 4), [4, 8), [8, 10)
@@ -342,21 +342,6 @@ CORRUPTIONS = [
 ]
 
 
-def _reseal(root: pathlib.Path) -> None:
-    """Make every artifact's checksums agree with its files again, as if the bad contents had been written by the
-    pipeline itself: the checksums cannot catch them, so only the readers' validation stands between them and a
-    result."""
-    for manifest_fpath in root.glob("*/*/manifest.json"):
-        manifest = json.loads(manifest_fpath.read_text())
-        for rel in manifest["files"]:
-            fpath = manifest_fpath.parent / rel
-            digest = checksums.file_checksum(fpath)
-            manifest["files"][rel] = {"size": fpath.stat().st_size, checksums.CHECKSUM: digest}
-            checksums.write_record(fpath, fpath.stat().st_size, digest)
-        manifest_fpath.write_text(json.dumps(manifest))
-        (manifest_fpath.parent / ".verified.json").unlink(missing_ok=True)
-
-
 @pytest.mark.parametrize("corrupt,rerun", [r[1:] for r in CORRUPTIONS], ids=[r[0] for r in CORRUPTIONS])
 def test_corrupt_files_at_the_same_size_are_caught_by_their_checksums(copy_of_done, capsys, corrupt, rerun):
     root = copy_of_done.parent / "runs"
@@ -383,7 +368,7 @@ def test_corrupt_files_at_the_same_size_are_caught_by_their_checksums(copy_of_do
 def test_corrupt_files_at_the_same_size_are_named_by_the_stage_that_reads_them(copy_of_done, capsys, corrupt, rerun):
     root = copy_of_done.parent / "runs"
     message = corrupt(root)
-    _reseal(root)
+    reseal(root)
     for dpath in root.glob(f"{rerun}/*"):  # so that the stage runs again, reading the corrupt input
         shutil.rmtree(dpath)
     before = manifests(root)
