@@ -68,6 +68,7 @@ BAD_CONFIGS = [
     ("bad-data-kind", edit('kind = "synthetic"', 'kind = "synthetik"'), 2, r"did you mean 'synthetic'"),
     ("unknown-model", edit('model = "saev-tiny-vit"', 'model = "ViT-Q-99"'), 2, r"unknown open_clip model 'ViT-Q-99'"),
     ("layer-out-of-range", edit("layers = [-2, -1]", "layers = [-2, 9]"), 2, r"layer 9 is out of range for saev-tiny-vit"),
+    ("shard-budget-below-one-image", edit("max_patches_per_shard = 1024", "max_patches_per_shard = 10"), 2, r"max_patches_per_shard=10 is smaller than one image"),
     ("train-layer-not-dumped", edit("layer = -1", "layer = 1"), 2, r"train.layer=1 .* not among the dumped layers"),
     ("sweep-missing", edit('sweep = "tiny-sweep.toml"', 'sweep = "/nonexistent/sweep.toml"'), 2, r"sweep file not found: /nonexistent/sweep.toml"),
     ("sweep-unknown-key", edit("lr = 3e-3", "learning_rate = 3e-3", "tiny-sweep.toml"), 2, r"tiny-sweep.toml: .*unknown key 'learning_rate'"),
@@ -85,8 +86,10 @@ BAD_CONFIGS = [
 def test_bad_config_is_refused_with_a_clear_message(tiny_config, capsys, mutate, code, message):
     mutate(tiny_config)
     assert run(tiny_config) == code
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.search(message, errors[0]), errors
+    assert "Traceback" not in err
     assert manifests(tiny_config.parent / "runs") == set()
     if code == 2:  # config errors are found before anything runs
         assert not (tiny_config.parent / "runs").exists()

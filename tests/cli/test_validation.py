@@ -381,13 +381,3 @@ def test_corrupt_files_at_the_same_size_are_named_by_the_stage_that_reads_them(c
     assert code == 1 and len(errors) == 1 and re.search(message, errors[0]), err
     assert "Traceback" not in err
     assert manifests(root) <= before
-
-
-def test_a_shard_budget_below_one_image_in_the_config_is_a_clean_error(tiny_config, capsys):
-    text = tiny_config.read_text()
-    tiny_config.write_text(text.replace("max_patches_per_shard = 1024", "max_patches_per_shard = 10"))
-    assert run(tiny_config) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "max_patches_per_shard=10 is smaller than one image" in errors[0], err
-    assert "Traceback" not in err and not (tiny_config.parent / "runs").exists()

@@ -4,7 +4,6 @@ once, fill the disk; the rerun's best.json equals a clean run's, and no artifact
 These run the real launcher in subprocesses (`python launch.py`), so they are marked slow; CI runs them explicitly.
 """
 
-import contextlib
 import json
 import os
 import pathlib
@@ -15,7 +14,7 @@ import time
 import pytest
 
 from saev import artifacts, checksums
-from tests.helpers import start_launch, write_tiny_config
+from tests.helpers import small_tmpfs, start_launch, write_tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -119,22 +118,9 @@ def test_two_launches_at_once_run_each_piece_once(tmp_path, reference):
     assert best_of(root) == reference
 
 
-@contextlib.contextmanager
-def small_disk(dpath: pathlib.Path, size: str):
-    """A real tmpfs of `size` mounted at dpath (needs root); skips where mounting is not permitted."""
-    dpath.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(dpath)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield dpath
-    finally:
-        subprocess.run(["umount", "-l", str(dpath)], check=False)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_full_disk_is_a_clear_error_and_leaves_no_manifest(tmp_path):
-    with small_disk(tmp_path / "disk", "600k") as disk:
+    with small_tmpfs(tmp_path / "disk", "600k") as disk:
         cfg = write_tiny_config(tmp_path, disk / "runs")
         proc = start_launch(cfg, "--stage", "dump")
         out, _ = proc.communicate(timeout=300)
@@ -149,7 +135,7 @@ def test_a_full_disk_while_gathering_the_kept_rows_is_an_error_and_a_rerun_recov
     """The kept activations were written through a memory map: with a little space left (264 KiB, less than the file)
     the score task died by SIGBUS (exit 135) and left its temp file. Now: one `error:` line naming the file, exit 1,
     no temp file, the same again on a rerun, and once space is freed a rerun gives the clean run's best.json."""
-    with small_disk(tmp_path / "disk", "16m") as disk:
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
         root = disk / "runs"
         cfg = write_tiny_config(tmp_path, root)
         for stage in ("dump", "train", "mask"):  # everything before the kept rows, with room to spare

@@ -219,12 +219,6 @@ def test_stage_without_done_input_is_refused_before_running(tiny_config, capsys)
     assert not (tiny_config.parent / "runs").exists()
 
 
-def test_bad_config_exits_2_with_message(tiny_config, capsys):
-    tiny_config.write_text(tiny_config.read_text().replace("n_keep = 2000", "n_kep = 2000"))
-    assert run(tiny_config) == 2
-    assert "unknown key 'mask.n_kep'; did you mean 'mask.n_keep'?" in capsys.readouterr().err
-
-
 def test_help_documents_every_option():
     out = subprocess.run(
         [sys.executable, "launch.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True
