@@ -189,7 +189,7 @@ class Objective:
     batched matmuls. Unlike autograd it reuses its [S, B, d_sae] buffers from step to step (on CPU, fresh
     allocations of that size are page-faulted anew every step, which cost as much as the matmuls) and skips the
     matmul that autograd would spend on the gradient of b_dec through the encoder (a matrix-vector product
-    suffices). tests/test_objectives.py checks these gradients against autograd.
+    suffices). tests/lib/test_objectives.py checks these gradients against autograd.
     """
 
     def __init__(

@@ -22,8 +22,7 @@ import tyro
 import launch
 from saev import configs, sweep, training
 from stages import pipeline
-
-REPO_DPATH = pathlib.Path(__file__).resolve().parent.parent
+from tests.helpers import REPO as REPO_DPATH
 
 
 def doc_fpaths(repo: pathlib.Path = REPO_DPATH) -> list[pathlib.Path]:

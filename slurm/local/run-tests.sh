@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start the local Slurm (up.sh), run the slurm-marked tests inside its network namespace, stop it (down.sh, always).
 # Fails if any slurm test fails, is skipped, or none ran. Extra arguments go to pytest, e.g.
-#   bash slurm/local/run-tests.sh tests/test_slurm_cluster.py
+#   bash slurm/local/run-tests.sh tests/stages/test_slurm_cluster.py
 #   bash slurm/local/run-tests.sh -k afterok -x
 # Settings: SAEV_SLURM_DIR, SAEV_SLURM_NETNS (see up.sh); SAEV_SLURM_KEEP=1 leaves the cluster up afterwards.
 set -euo pipefail

@@ -25,7 +25,7 @@
 #   Gres=gpu:fake:2) so `--gpus-per-node=1`, `--gpus-per-node=fake:1` and `--gres=gpu:fake:1` jobs schedule and see
 #   CUDA_VISIBLE_DEVICES. One partition `debug`, MaxTime=INFINITE.
 # - MaxArraySize=20 on purpose: array indices must be < 20, so the pipeline's splitting of large job arrays into
-#   several arrays is exercised (tests/test_slurm_cluster.py checks this limit).
+#   several arrays is exercised (tests/stages/test_slurm_cluster.py checks this limit).
 # - Accounting (slurmdbd + MariaDB) is on: without it sacct is disabled and a cancelled job stays UNKNOWN to
 #   submitit forever. Cluster `saevlocal`, account `saev`, user root are registered. Associations and QOS are
 #   enforced (AccountingStorageEnforce=associations,qos); QOS `saevtest` exists and root's associations may use it

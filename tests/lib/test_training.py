@@ -336,7 +336,7 @@ def test_training_from_shards_on_disk_equals_training_from_the_array(tiny_acts, 
     """The train stage streams a dump's layer from disk (loader.ShardRows); same rows, same SAE."""
     from saev.data import loader
     from saev.data.shards import Shards
-    from tests.test_shards import make_md, write_dump
+    from tests.lib.data.test_shards import make_md, write_dump
 
     md = make_md(n_imgs=150, n_patches=4, cls_token=True, layers=(2, 5), d_vit=8, budget=4 * 5 * 2 * 16)
     acts_NLTD = np.zeros((md.n_imgs, 2, 5, 8), dtype=np.float32)

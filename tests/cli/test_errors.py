@@ -2,12 +2,10 @@
 config and sweep files that are not UTF-8, directories or unreadable; an unreachable Slurm controller; a full disk
 while writing SAE weights or training checkpoints."""
 
-import contextlib
 import errno
 import logging
 import os
 import pathlib
-import shutil
 import stat
 import subprocess
 import sys
@@ -18,6 +16,7 @@ import torch
 
 import launch
 from saev import artifacts, checkpoint, configs, errors, nn, slurm, sweep, training
+from tests.helpers import REPO, small_tmpfs
 
 NOT_UTF8 = b'# caf\xe9 (latin-1)\nroot = "runs"\n'
 """A TOML file saved in latin-1: byte 0xe9 is not valid UTF-8."""
@@ -229,21 +228,6 @@ def test_job_states_without_slurm_commands_is_unknown(tmp_path, monkeypatch, cap
 #############
 
 
-@contextlib.contextmanager
-def small_tmpfs(dpath: pathlib.Path, size: str = "200k"):
-    """Mount a tmpfs of `size` on `dpath` (skip the test if that is not possible); unmount afterwards."""
-    dpath.mkdir(parents=True, exist_ok=True)
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root and mount")
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(dpath)], capture_output=True, text=True)
-    if out.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {out.stderr.strip()}")
-    try:
-        yield dpath
-    finally:
-        subprocess.run(["umount", "-l", str(dpath)], check=False)
-
-
 def _assert_disk_full(err: BaseException, fpath: pathlib.Path) -> None:
     assert isinstance(err, artifacts.WriteError)
     assert str(err).startswith(f"could not write {fpath} (disk full?)"), str(err)
@@ -282,7 +266,7 @@ def test_kept_activations_on_a_full_disk_are_a_write_error_not_sigbus(tmp_path):
             except artifacts.WriteError as err:
                 print(err)
         """)
-        repo = pathlib.Path(__file__).resolve().parent.parent
+        repo = REPO
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
         assert done.returncode == 0, (done.returncode, done.stderr)
         assert done.stdout.startswith(f"could not write {dpath / 'kept' / 'acts.npy'} (disk full?)"), done.stdout

@@ -3,15 +3,13 @@
 naming the key."""
 
 import os
-import pathlib
 import stat
 import tomllib
 
 import pytest
 
 from saev import configs, slurm
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
 
 CLUSTER = """
 account = "PAS1234"

@@ -1,15 +1,10 @@
 """`launch.py --gc`: list, then with --yes delete, every artifact under the root that the given configs no longer reach."""
 
-import dataclasses
 import pathlib
 import re
 
-import launch
 from stages import pipeline as pl
-
-
-def run(config: pathlib.Path, **kwargs) -> int:
-    return launch.main(dataclasses.replace(launch.Args(config=config), **kwargs))
+from tests.helpers import run
 
 
 def artifact_dirs(root: pathlib.Path) -> set[str]:

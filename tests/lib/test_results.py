@@ -17,10 +17,9 @@ import pytest
 import torch
 
 from saev import keepmask, nn, scoring
-from stages import results
-from stages import pipeline
+from stages import pipeline, results
+from tests.helpers import REPO as REPO_DPATH
 
-REPO_DPATH = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE_MARKER = "<!-- notebook example:"
 
 

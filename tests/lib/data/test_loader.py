@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from saev.data import loader
 from saev.data.shards import Shards
-from tests.test_shards import logical_tensor, make_md, write_dump
+from tests.lib.data.test_shards import logical_tensor, make_md, write_dump
 
 
 def index_rows(n: int, d: int = 3) -> loader.ArrayRows:

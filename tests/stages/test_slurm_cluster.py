@@ -2,7 +2,7 @@
 a job runs and returns, an array is throttled, MaxArraySize is the small known limit, an afterok chain is cancelled
 when upstream fails, a GPU job gets CUDA_VISIBLE_DEVICES, and sacct (slurmdbd accounting) reports the states.
 
-Run with `bash slurm/local/run-tests.sh tests/test_slurm_cluster.py` (it starts the cluster in a network namespace
+Run with `bash slurm/local/run-tests.sh tests/stages/test_slurm_cluster.py` (it starts the cluster in a network namespace
 and runs `pytest -m slurm` inside it). Outside such a cluster every test here is skipped, and run-tests.sh fails
 on a skip.
 """

@@ -12,31 +12,22 @@ import pathlib
 import signal
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-import launch
 from saev import configs, helpers, keepmask, sae_files
 from saev.data import saevfmt
 from saev.data.shards import ShardError
-
-from tests.conftest import write_tiny_config
-from tests.test_bad_inputs import make_folder_dataset, use_folder
-from tests.test_checkpoints_interop import import_config, random_state, write_schema5
-from tests.test_saevfmt import adopt_config, src_2x
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from tests.helpers import launch, make_folder_dataset, run, use_folder, write_tiny_config
+from tests.lib.data.test_saevfmt import adopt_config, src_2x
+from tests.lib.test_sae_files import import_config, random_state, write_schema5
 
 
 def dry_run(cfg: pathlib.Path) -> subprocess.CompletedProcess:
     # 300 s: far more than a dry run takes on a loaded machine; only a read that blocks gets near it.
-    return subprocess.run(
-        [sys.executable, str(REPO / "launch.py"), "--config", str(cfg), "--dry-run"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    return launch(cfg, "--dry-run", timeout=300)
 
 
 def assert_one_error(stderr: str, *parts: str) -> str:
@@ -178,7 +169,7 @@ def hang_fails(seconds: int = 300):
 def test_dry_run_refuses_a_fifo_or_device_in_one_line_and_never_hangs(tmp_path, capsys, case):
     cfg, fpath = LAUNCH_CASES[case](tmp_path)
     with hang_fails():
-        assert launch.main(launch.Args(config=cfg, dry_run=True)) == 2
+        assert run(cfg, dry_run=True) == 2
     assert_one_error(capsys.readouterr().err, str(fpath), "not a regular file")
     assert not (tmp_path / "runs").exists()
 

@@ -17,7 +17,7 @@ import launch
 from saev import ap, artifacts, keepmask, nn, scoring
 from saev.data.shards import Shards
 from stages import pipeline as pl
-from tests.conftest import flip_byte, write_tiny_config
+from tests.helpers import flip_byte, run, write_tiny_config
 
 TINY_OBJECTIVE = "l1_coeff = [1e-3, 4e-3]"
 """The objective line of tests/tiny-sweep.toml, replaced by one SAE per top-k family objective."""
@@ -34,7 +34,7 @@ def write_topk_config(dpath: pathlib.Path) -> pathlib.Path:
 
 
 def run_score(cfg: pathlib.Path, stage: str = "score") -> None:
-    assert launch.main(launch.Args(config=cfg, stage=stage)) == 0
+    assert run(cfg, stage=stage) == 0
 
 
 @pytest.fixture(scope="module")

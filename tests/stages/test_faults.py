@@ -4,33 +4,19 @@ once, fill the disk; the rerun's best.json equals a clean run's, and no artifact
 These run the real launcher in subprocesses (`python launch.py`), so they are marked slow; CI runs them explicitly.
 """
 
-import contextlib
 import json
 import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from saev import artifacts, checksums
-from tests.conftest import write_tiny_config
+from tests.helpers import small_tmpfs, start_launch, write_tiny_config
 
 pytestmark = pytest.mark.slow
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-def launch(cfg: pathlib.Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "launch.py"), "--config", str(cfg), *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def best_of(root: pathlib.Path) -> dict:
@@ -50,7 +36,7 @@ def clean_root(tmp_path_factory) -> pathlib.Path:
     """The artifact root of an uninterrupted run."""
     tmp = tmp_path_factory.mktemp("clean")
     cfg = write_tiny_config(tmp, tmp / "runs")
-    proc = launch(cfg)
+    proc = start_launch(cfg)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     return tmp / "runs"
@@ -88,11 +74,11 @@ def test_sigkill_then_rerun_gives_clean_result(tmp_path, reference, pattern):
     cfg = write_tiny_config(tmp_path, root)
     if "checkpoint" in pattern:  # checkpoint often enough that the kill lands between checkpoints
         cfg.write_text(cfg.read_text().replace("[train]\n", "[train]\ncheckpoint_every = 3\n"))
-    kill_when(launch(cfg), root, pattern)
+    kill_when(start_launch(cfg), root, pattern)
     assert_done_means_complete(root)
     assert not list(root.glob("reduce/*/manifest.json")) or pattern.startswith("reduce")
 
-    rerun = launch(cfg)
+    rerun = start_launch(cfg)
     out, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, out
     assert_done_means_complete(root)
@@ -102,11 +88,11 @@ def test_sigkill_then_rerun_gives_clean_result(tmp_path, reference, pattern):
 def test_killed_dump_resumes_without_rewriting_finished_shards(tmp_path, clean_root):
     root = tmp_path / "runs"
     cfg = write_tiny_config(tmp_path, root)
-    kill_when(launch(cfg, "--stage", "dump", "--only"), root, "dump/*/parts/labels000001.npy")
+    kill_when(start_launch(cfg, "--stage", "dump", "--only"), root, "dump/*/parts/labels000001.npy")
     (dump_dpath,) = root.glob("dump/*")
     finished = {p.name: p.stat().st_mtime_ns for p in dump_dpath.glob("acts*.bin")}
     assert "acts000000.bin" in finished
-    rerun = launch(cfg, "--stage", "dump", "--only")
+    rerun = start_launch(cfg, "--stage", "dump", "--only")
     out, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, out
     assert "resuming at shard" in out
@@ -122,7 +108,7 @@ def test_killed_dump_resumes_without_rewriting_finished_shards(tmp_path, clean_r
 def test_two_launches_at_once_run_each_piece_once(tmp_path, reference):
     root = tmp_path / "runs"
     cfg = write_tiny_config(tmp_path, root)
-    procs = [launch(cfg) for _ in range(2)]
+    procs = [start_launch(cfg) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     log = "\n".join(outs)
@@ -132,24 +118,11 @@ def test_two_launches_at_once_run_each_piece_once(tmp_path, reference):
     assert best_of(root) == reference
 
 
-@contextlib.contextmanager
-def small_disk(dpath: pathlib.Path, size: str):
-    """A real tmpfs of `size` mounted at dpath (needs root); skips where mounting is not permitted."""
-    dpath.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(dpath)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield dpath
-    finally:
-        subprocess.run(["umount", "-l", str(dpath)], check=False)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_full_disk_is_a_clear_error_and_leaves_no_manifest(tmp_path):
-    with small_disk(tmp_path / "disk", "600k") as disk:
+    with small_tmpfs(tmp_path / "disk", "600k") as disk:
         cfg = write_tiny_config(tmp_path, disk / "runs")
-        proc = launch(cfg, "--stage", "dump")
+        proc = start_launch(cfg, "--stage", "dump")
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 1, out
         assert "error: could not write" in out and "(disk full?)" in out, out
@@ -162,11 +135,11 @@ def test_a_full_disk_while_gathering_the_kept_rows_is_an_error_and_a_rerun_recov
     """The kept activations were written through a memory map: with a little space left (264 KiB, less than the file)
     the score task died by SIGBUS (exit 135) and left its temp file. Now: one `error:` line naming the file, exit 1,
     no temp file, the same again on a rerun, and once space is freed a rerun gives the clean run's best.json."""
-    with small_disk(tmp_path / "disk", "16m") as disk:
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
         root = disk / "runs"
         cfg = write_tiny_config(tmp_path, root)
         for stage in ("dump", "train", "mask"):  # everything before the kept rows, with room to spare
-            proc = launch(cfg, "--stage", stage, "--only")
+            proc = start_launch(cfg, "--stage", stage, "--only")
             out, _ = proc.communicate(timeout=300)
             assert proc.returncode == 0, out
         free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
@@ -174,7 +147,7 @@ def test_a_full_disk_while_gathering_the_kept_rows_is_an_error_and_a_rerun_recov
             for _ in range((free - (264 << 10)) >> 12):
                 fd.write(bytes(4096))
         for _ in range(2):
-            proc = launch(cfg)
+            proc = start_launch(cfg)
             out, _ = proc.communicate(timeout=300)
             assert proc.returncode == 1, out
             errors = [line for line in out.splitlines() if line.startswith("error:")]
@@ -182,7 +155,7 @@ def test_a_full_disk_while_gathering_the_kept_rows_is_an_error_and_a_rerun_recov
             assert f"{root / 'kept'}/" in errors[0] and "acts.npy" in errors[0], errors
             assert not list(root.rglob(f"*{checksums.TMP_MARK}*")), list(root.rglob(f"*{checksums.TMP_MARK}*"))
         (disk / "filler").unlink()
-        proc = launch(cfg)
+        proc = start_launch(cfg)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
         assert_done_means_complete(root)

@@ -5,7 +5,6 @@ Each case: corrupt a private copy of the finished tiny run, run the README's com
 byte-identical to the clean run's and `--verify` finds every file matching its checksum.
 """
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -14,12 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-import launch
-from tests.conftest import flip_byte
-
-
-def run(config: pathlib.Path, **kwargs) -> int:
-    return launch.main(dataclasses.replace(launch.Args(config=config), **kwargs))
+from tests.helpers import flip_byte, run
 
 
 def one(root: pathlib.Path, pattern: str, index: int = 0) -> pathlib.Path:
@@ -163,7 +157,8 @@ def test_bit_rot_is_found_by_verify_then_recovered_by_a_rerun(copy_of_done, clea
 
 def test_a_fixed_mask_then_stage_dump_runs_to_the_end(tiny_config, capsys):
     """README: 'mask ... has class id 7, outside the 3 classes' -> fix or remove that image, then `--stage dump`."""
-    from tests.test_bad_inputs import _bad_class_id, folder
+    from tests.cli.test_bad_inputs import _bad_class_id
+    from tests.helpers import folder
 
     folder(_bad_class_id)(tiny_config)
     assert run(tiny_config) == 1
@@ -179,7 +174,7 @@ def test_a_fixed_mask_then_stage_dump_runs_to_the_end(tiny_config, capsys):
 def test_editing_the_dataset_gives_a_new_dump_and_says_why(tiny_config, capsys):
     from PIL import Image
 
-    from tests.test_bad_inputs import folder
+    from tests.helpers import folder
 
     folder()(tiny_config)
     assert run(tiny_config) == 0
@@ -197,11 +192,11 @@ def test_editing_the_dataset_gives_a_new_dump_and_says_why(tiny_config, capsys):
 def test_a_file_written_wrong_is_named_and_deleting_its_artifact_recovers(copy_of_done, clean_best, capsys):
     """README: a file holding values no run writes, with a matching checksum (written that way) -> the reading
     stage names it; deleting that artifact's directory and rerunning gives the clean result."""
-    from tests.test_validation import _reseal
+    from tests.helpers import reseal
 
     root = copy_of_done.parent / "runs"
     keep_duplicated(root)
-    _reseal(root)
+    reseal(root)
     shutil.rmtree(one(root, "score/*", 0))  # so that a stage reads the mask again
     assert run(copy_of_done) == 1
     err = capsys.readouterr().err

@@ -13,8 +13,8 @@ import pytest
 
 import launch
 from stages import pipeline as pl
-from tests.conftest import flip_byte
-from tests.test_saevfmt import adopt_config, adopt_copy, exported  # noqa: F401 -- `exported` is a fixture
+from tests.helpers import flip_byte
+from tests.lib.data.test_saevfmt import adopt_config, adopt_copy, exported  # noqa: F401 -- `exported` is a fixture
 
 
 def snapshot(*dpaths: pathlib.Path) -> dict[str, tuple | None]:

@@ -1,11 +1,11 @@
 """A job's own Slurm identity and requeue, without a cluster (environment variables as Slurm sets them)."""
 
-import pathlib
 import re
 
 import pytest
 
 from saev import preemption, slurm
+from tests.helpers import REPO
 
 
 def test_job_id_outside_slurm_is_none(monkeypatch):
@@ -45,7 +45,7 @@ def test_run_tests_syncs_the_environment_before_entering_the_network_namespace()
     """slurm/local/run-tests.sh runs pytest inside the cluster's network namespace, where only loopback is reachable:
     a fresh clone (no .venv) must be synced before (`uv sync --locked`), and nothing inside may sync (`uv run
     --no-sync`), or the first `uv run` fails to reach the package registry."""
-    script = pathlib.Path(__file__).resolve().parent.parent / "slurm" / "local" / "run-tests.sh"
+    script = REPO / "slurm" / "local" / "run-tests.sh"
     lines = [line.strip() for line in script.read_text().splitlines()]
     commands = [(i, line) for i, line in enumerate(lines) if line and not line.startswith("#")]
     sync = [i for i, line in commands if re.match(r"uv sync --locked\b", line)]

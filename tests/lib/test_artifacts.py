@@ -8,7 +8,7 @@ import pytest
 import xxhash
 
 from saev import artifacts, checksums
-from tests.conftest import flip_byte
+from tests.helpers import flip_byte
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,6 @@ launcher; errors in the config are caught before anything runs. BAD_ARTIFACTS co
 stage, which must refuse or fail without marking anything done.
 """
 
-import dataclasses
 import json
 import math
 import pathlib
@@ -16,41 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import launch
-
-REPO = pathlib.Path(launch.__file__).parent
-
-
-def run(config: pathlib.Path, **kwargs) -> int:
-    return launch.main(dataclasses.replace(launch.Args(config=config), **kwargs))
-
-
-def manifests(root: pathlib.Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.glob("*/*/manifest.json")} if root.exists() else set()
-
-
-def make_folder_dataset(dpath: pathlib.Path, n_imgs: int = 24, classes=("background", "fish", "fin")) -> pathlib.Path:
-    """A real folder dataset: PNG images, same-stem PNG masks of class ids, classes.txt."""
-    rng = np.random.default_rng(0)
-    (dpath / "images").mkdir(parents=True)
-    (dpath / "masks").mkdir()
-    (dpath / "classes.txt").write_text("\n".join(classes) + "\n")
-    for i in range(n_imgs):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(dpath / "images" / f"img{i}.png")
-        mask = np.zeros((40, 48), dtype=np.uint8)
-        mask[10:30, 8:40] = 1
-        mask[15:20, 20:30] = 2 if len(classes) > 2 and i % 2 else 1
-        Image.fromarray(mask).save(dpath / "masks" / f"img{i}.png")
-    return dpath
-
-
-def use_folder(cfg: pathlib.Path, data_dpath: pathlib.Path) -> None:
-    text = cfg.read_text()
-    start = text.index("[dump.data]")
-    end = text.index("[dump.vit]")
-    text = text[:start] + f'[dump.data]\nkind = "segfolder"\nroot = "{data_dpath}"\n\n' + text[end:]
-    text = text.replace("n_keep = 2000", "n_keep = 100").replace("n_heldout = 500", "n_heldout = 50")
-    cfg.write_text(text)
+from tests.helpers import folder, manifests, run
 
 
 def edit(old: str, new: str, fname: str = "tiny.toml"):
@@ -66,16 +31,6 @@ def edit(old: str, new: str, fname: str = "tiny.toml"):
 def append(extra: str):
     def mutate(cfg: pathlib.Path) -> None:
         cfg.write_text(cfg.read_text() + "\n" + extra + "\n")
-
-    return mutate
-
-
-def folder(tweak=None, classes=("background", "fish", "fin")):
-    def mutate(cfg: pathlib.Path) -> None:
-        data = make_folder_dataset(cfg.parent / "data", classes=classes)
-        if tweak:
-            tweak(data)
-        use_folder(cfg, data)
 
     return mutate
 
@@ -113,6 +68,7 @@ BAD_CONFIGS = [
     ("bad-data-kind", edit('kind = "synthetic"', 'kind = "synthetik"'), 2, r"did you mean 'synthetic'"),
     ("unknown-model", edit('model = "saev-tiny-vit"', 'model = "ViT-Q-99"'), 2, r"unknown open_clip model 'ViT-Q-99'"),
     ("layer-out-of-range", edit("layers = [-2, -1]", "layers = [-2, 9]"), 2, r"layer 9 is out of range for saev-tiny-vit"),
+    ("shard-budget-below-one-image", edit("max_patches_per_shard = 1024", "max_patches_per_shard = 10"), 2, r"max_patches_per_shard=10 is smaller than one image"),
     ("train-layer-not-dumped", edit("layer = -1", "layer = 1"), 2, r"train.layer=1 .* not among the dumped layers"),
     ("sweep-missing", edit('sweep = "tiny-sweep.toml"', 'sweep = "/nonexistent/sweep.toml"'), 2, r"sweep file not found: /nonexistent/sweep.toml"),
     ("sweep-unknown-key", edit("lr = 3e-3", "learning_rate = 3e-3", "tiny-sweep.toml"), 2, r"tiny-sweep.toml: .*unknown key 'learning_rate'"),
@@ -130,8 +86,10 @@ BAD_CONFIGS = [
 def test_bad_config_is_refused_with_a_clear_message(tiny_config, capsys, mutate, code, message):
     mutate(tiny_config)
     assert run(tiny_config) == code
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.search(message, errors[0]), errors
+    assert "Traceback" not in err
     assert manifests(tiny_config.parent / "runs") == set()
     if code == 2:  # config errors are found before anything runs
         assert not (tiny_config.parent / "runs").exists()

@@ -8,16 +8,15 @@ Run with `bash slurm/local/run-tests.sh` (it starts a single-node cluster in a n
 import json
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-pytestmark = pytest.mark.slurm
+from tests.helpers import REPO, launch, write_tiny_config
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slurm
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,22 +61,9 @@ hours = 0.2
 
 
 def slurm_config(tmp_path: pathlib.Path) -> pathlib.Path:
-    for name in ("tiny.toml", "tiny-sweep.toml"):
-        shutil.copy(REPO / "tests" / name, tmp_path / name)
-    cfg = tmp_path / "tiny.toml"
-    text = cfg.read_text().replace('root = "runs"', f'root = "{tmp_path / "runs"}"')
-    cfg.write_text(text + SLURM_SECTION.format(logs=tmp_path / "logs"))
+    cfg = write_tiny_config(tmp_path)
+    cfg.write_text(cfg.read_text() + SLURM_SECTION.format(logs=tmp_path / "logs"))
     return cfg
-
-
-def launch(cfg: pathlib.Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "launch.py"), "--config", str(cfg), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def sacct_states(job_ids: list[str]) -> dict[str, str]:

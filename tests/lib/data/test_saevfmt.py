@@ -24,8 +24,7 @@ from saev import artifacts
 from saev.data import saevfmt
 from saev.data.shards import Metadata, ShardError, Shards, ShardWriter
 from stages import pipeline as pl
-
-from tests.conftest import assert_within, flip_byte, sae_forward_bounds, write_tiny_config
+from tests.helpers import assert_within, flip_byte, sae_forward_bounds, write_tiny_config
 
 CLASSES = ("background", "a", "b")
 
@@ -401,7 +400,7 @@ def test_an_export_to_a_full_disk_is_one_error_naming_the_file_and_a_rerun_with_
     """Every shard's blocks are reserved before it is copied: a full disk is a WriteError naming the file (not a
     SIGBUS in a later reader that maps the shard at full size), the temporary directory is removed, and once there is
     room the export is written whole."""
-    from tests.test_errors import small_tmpfs
+    from tests.helpers import small_tmpfs
 
     md = Metadata(vit_family="clip", vit_ckpt="m", layers=(1, 3), n_patches_per_img=4, cls_token=True, d_vit=512,
                   n_imgs=7, max_patches_per_shard=25, data={"__class__": "Synthetic"}, class_names=CLASSES)  # fmt: skip

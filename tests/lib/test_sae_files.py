@@ -15,10 +15,7 @@ import torch
 
 from saev import artifacts, nn, sae_files
 from stages import pipeline as pl
-
-from conftest import assert_within, flip_byte, sae_forward_bounds
-from test_pipeline import run
-
+from tests.helpers import assert_within, flip_byte, run, sae_forward_bounds
 
 ###########################################
 # Our own writers of saev's file layouts  #
@@ -672,7 +669,7 @@ def test_bad_imports_are_refused_before_anything_runs(tiny_config, tmp_path, cap
     elif case == "nothing to score":
         imports, message = "[]", '[train] has no SAEs: sweep = "" and no imports'
     cfg = import_config(tiny_config, imports)
-    assert run(cfg, "dry_run") == 2
+    assert run(cfg, dry_run=True) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], errors
     assert not (tiny_config.parent / "runs").exists()

@@ -1,16 +1,14 @@
 """Nothing from disk can run code: no pickle, configs are data; artifacts are not world-writable."""
 
 import os
-import pathlib
 import re
 import stat
 import tomllib
 
 import torch
 
-import launch
+from tests.helpers import REPO
 
-REPO = pathlib.Path(launch.__file__).parent
 SOURCES = [p for d in ("saev", "stages") for p in (REPO / d).rglob("*.py")] + [REPO / "launch.py"]
 
 
@@ -40,13 +38,12 @@ def test_configs_are_parsed_never_executed():
 
 
 def test_artifacts_follow_the_umask_and_nothing_is_world_writable(tmp_path):
-    from tests.conftest import write_tiny_config
-    from tests.test_pipeline import run
+    from tests.helpers import run, write_tiny_config
 
     cfg = write_tiny_config(tmp_path)
     old = os.umask(0o027)
     try:
-        assert run(cfg, "stage=dump", "only") == 0
+        assert run(cfg, stage="dump", only=True) == 0
     finally:
         os.umask(old)
     paths = list((tmp_path / "runs").rglob("*"))

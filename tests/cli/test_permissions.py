@@ -18,9 +18,9 @@ import torch
 
 import launch
 from saev import artifacts, checkpoint, nn
-from tests.conftest import write_tiny_config
+from tests.helpers import REPO as REPO_DPATH
+from tests.helpers import write_tiny_config
 
-REPO_DPATH = pathlib.Path(__file__).resolve().parent.parent
 
 @contextlib.contextmanager
 def umask(mask: int):
