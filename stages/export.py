@@ -15,7 +15,7 @@ written).
 import pathlib
 import typing
 
-from saev import artifacts, sae_files
+from saev import artifacts, errors, sae_files
 from saev.data import saevfmt
 from saev.data.shards import Shards
 from saev.engine.plan import Plan
@@ -27,7 +27,7 @@ SAES_SUBDIR = ("saev", "saes")
 """Under OUT_DIR: one directory per SAE, named by its train key, holding sae.pt."""
 
 
-class ExportError(ValueError):
+class ExportError(errors.UserInputError, ValueError):
     """An export would overwrite a file that holds something else; the message names it and what to do."""
 
 

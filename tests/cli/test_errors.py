@@ -323,7 +323,7 @@ def test_unreadable_weights_are_permission_error_not_missing(tmp_path, monkeypat
 def test_a_bug_inside_a_stage_is_a_traceback_and_a_crash_log_not_one_error_line(tiny_config, capsys, monkeypatch):
     from stages import dump as dump_stage
 
-    def broken_run(pipeline, plan, piece):
+    def broken_run(pipeline, own, inputs, piece):
         raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
 
     monkeypatch.setattr(dump_stage, "run", broken_run)
@@ -350,7 +350,7 @@ def test_a_stage_refused_by_the_machine_is_one_error_line_any_other_os_error_a_c
 
     fpath = tiny_config.parent / "runs" / "acts000000.bin"
 
-    def refused_run(pipeline, plan, piece):
+    def refused_run(pipeline, own, inputs, piece):
         raise OSError(err_no, os.strerror(err_no), str(fpath))
 
     monkeypatch.setattr(dump_stage, "run", refused_run)
@@ -416,3 +416,30 @@ def test_every_user_error_class_has_a_kind_with_an_exit_code():
     assert {name for name, kind in found.items() if kind == "environment"} >= {
         "ArtifactBusyError", "WriteError", "SlurmError"
     }  # fmt: skip
+
+
+def test_every_exception_class_of_ours_is_a_user_error_or_a_known_internal_signal():
+    """A new error class on a builtin base alone would be reported as a bug (traceback and crash log) instead of one
+    `error:` line: every exception class defined in saev/ and stages/ derives from `errors.UserError`, except the
+    internal control-flow signals listed here."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import saev
+    import stages
+
+    internal = {"saev.preemption.Preempted", "saev.vit._Stop"}
+    found, wrong = set(), []
+    for package in (saev, stages):
+        for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}."):
+            module = importlib.import_module(info.name)
+            for name, cls in inspect.getmembers(module, inspect.isclass):
+                if cls.__module__ != module.__name__ or not issubclass(cls, BaseException):
+                    continue
+                ref = f"{module.__name__}.{name}"
+                found.add(ref)
+                if not issubclass(cls, errors.UserError) and ref not in internal:
+                    wrong.append(ref)
+    assert internal <= found and "stages.export.ExportError" in found
+    assert wrong == []
