@@ -15,7 +15,7 @@ import typing
 
 import beartype
 
-from saev import artifacts
+from saev import artifacts, atomic
 
 
 @beartype.beartype
@@ -146,8 +146,8 @@ def read(fpath: pathlib.Path) -> Best:
 
 def write(dpath: pathlib.Path, best: Best) -> None:
     """Write `best.json` and `best.csv` of `best` into `dpath`, atomically."""
-    artifacts.atomic_write_json(dpath / "best.json", to_json(best))
-    artifacts.atomic_write_bytes(dpath / "best.csv", to_csv(best.classes).encode("utf-8"))
+    atomic.atomic_write_json(dpath / "best.json", to_json(best))
+    atomic.atomic_write_bytes(dpath / "best.csv", to_csv(best.classes).encode("utf-8"))
 
 
 def csv_columns() -> list[str]:

@@ -14,7 +14,7 @@ import safetensors
 import safetensors.torch
 from torch import Tensor
 
-from saev import artifacts, errors
+from saev import artifacts, atomic, errors
 
 _META_KEY = "saev"
 
@@ -25,16 +25,16 @@ def save(
 ) -> None:
     """Write `tensors` (moved to cpu) and the JSON-serialisable `meta` to `fpath` atomically.
 
-    The file is serialised in memory and written by `artifacts.atomic_write_bytes`, so it follows the umask like
+    The file is serialised in memory and written by `atomic.atomic_write_bytes`, so it follows the umask like
     every other artifact file (safetensors' own `save_file` creates 0600 files) and a full disk is a `WriteError`
     (`save_file` raises its own `SafetensorError` instead of an OSError).
 
     Raises:
-        artifacts.WriteError: the file could not be written (e.g. disk full); the previous checkpoint is kept.
+        atomic.WriteError: the file could not be written (e.g. disk full); the previous checkpoint is kept.
     """
     header = json.dumps({"kind": kind, "version": version, "meta": dict(meta)}, allow_nan=False)
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    artifacts.atomic_write_bytes(fpath, safetensors.torch.save(cpu, metadata={_META_KEY: header}))
+    atomic.atomic_write_bytes(fpath, safetensors.torch.save(cpu, metadata={_META_KEY: header}))
 
 
 class CheckpointError(errors.UserInputError, ValueError):

@@ -18,7 +18,7 @@ import beartype
 import xxhash
 
 TMP_MARK = ".tmp-"
-"""Marks a temporary file of an atomic write (`saev.artifacts.atomic_path`); never part of an artifact."""
+"""Marks a temporary file of an atomic write (`saev.atomic.atomic_path`); never part of an artifact."""
 
 CHECKSUM = "xxh3_128"
 """The checksum recorded for every file of an artifact (xxHash's XXH3, 128 bits: about 20 GB/s on one core, so

@@ -48,7 +48,7 @@ import torch
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from saev import artifacts
+from saev import artifacts, atomic
 
 WEIGHTS_FNAME = "sae.safetensors"
 """File name of the weights inside a checkpoint directory."""
@@ -470,13 +470,13 @@ def save(sae: SparseAutoencoder, dpath: pathlib.Path | str) -> None:
     The directory is created if needed.
 
     Raises:
-        artifacts.WriteError: a file could not be written (disk full, permissions); the message names it.
+        atomic.WriteError: a file could not be written (disk full, permissions); the message names it.
     """
     dpath = pathlib.Path(dpath)
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in sae.state_dict().items()}
-    artifacts.atomic_write_bytes(dpath / WEIGHTS_FNAME, safetensors.torch.save(tensors))
+    atomic.atomic_write_bytes(dpath / WEIGHTS_FNAME, safetensors.torch.save(tensors))
     config = {**_fields_json(sae.cfg), "activation": activation_to_json(sae.activation)}
-    artifacts.atomic_write_json(dpath / CONFIG_FNAME, config)
+    atomic.atomic_write_json(dpath / CONFIG_FNAME, config)
 
 
 @beartype.beartype

@@ -32,7 +32,7 @@ import numpy as np
 import PIL.Image
 from jaxtyping import Bool, Float, Float32, Float64, jaxtyped
 
-from saev import artifacts, best
+from saev import artifacts, atomic, best
 from saev.ap import average_precision
 from saev.helpers import Progress
 
@@ -207,7 +207,7 @@ def write_report(dpath: pathlib.Path, report: ReportData) -> pathlib.Path:
         plt.close(fig)
     index_fpath = report_dpath / "index.html"
     page = _make_page(report, summary, sections)
-    artifacts.atomic_write_bytes(index_fpath, page.encode("utf-8"))
+    atomic.atomic_write_bytes(index_fpath, page.encode("utf-8"))
     return index_fpath
 
 
@@ -225,7 +225,7 @@ def _write_png(fpath: pathlib.Path, source: "plt.Figure | PIL.Image.Image") -> _
     else:
         source.savefig(buf, format="png", dpi=_DPI)
         width, height = PIL.Image.open(io.BytesIO(buf.getvalue())).size
-    artifacts.atomic_write_bytes(fpath, buf.getvalue())
+    atomic.atomic_write_bytes(fpath, buf.getvalue())
     return _Png(fpath.name, width, height)
 
 

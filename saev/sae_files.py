@@ -55,7 +55,7 @@ import beartype
 import torch
 from torch import Tensor
 
-from saev import artifacts, checksums, errors, helpers, nn
+from saev import artifacts, atomic, checksums, errors, helpers, nn
 
 CONVERSION_VERSION = 2
 """Version of the conversion rules above; part of the key of every imported SAE (bump it when they change). 2: its
@@ -414,9 +414,9 @@ def write_saev_pt(sae: nn.SparseAutoencoder, fpath: pathlib.Path | str, *, top_k
     """Write `sae` as a saev 2.x `sae.pt` (`saev_pt_bytes`), atomically.
 
     Raises:
-        artifacts.WriteError: the file could not be written.
+        atomic.WriteError: the file could not be written.
     """
-    artifacts.atomic_write_bytes(pathlib.Path(fpath), saev_pt_bytes(sae, top_k=top_k))
+    atomic.atomic_write_bytes(pathlib.Path(fpath), saev_pt_bytes(sae, top_k=top_k))
 
 
 @beartype.beartype
@@ -477,7 +477,7 @@ def saev_pt_bytes(sae: nn.SparseAutoencoder, *, top_k: int | None = None) -> byt
 @beartype.beartype
 def export_train_artifact(train_dpath: pathlib.Path | str, fpath: pathlib.Path | str) -> None:
     """Write the SAE of a train artifact as a saev 2.x `sae.pt` (`train_artifact_saev_pt`), atomically."""
-    artifacts.atomic_write_bytes(pathlib.Path(fpath), train_artifact_saev_pt(train_dpath))
+    atomic.atomic_write_bytes(pathlib.Path(fpath), train_artifact_saev_pt(train_dpath))
 
 
 def train_artifact_saev_pt(train_dpath: pathlib.Path | str) -> bytes:

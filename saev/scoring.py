@@ -43,7 +43,7 @@ import torch
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from saev import ap, artifacts, checksums, nn
+from saev import ap, artifacts, atomic, checksums, nn
 
 
 def partial_fpath(art: artifacts.Artifact, block: int) -> pathlib.Path:
@@ -306,7 +306,7 @@ def write_topk(
         "sae": train_key, "k": str(top_Nk.shape[1]), "d_sae": str(d_sae), "block_size": str(block_size),
         "batch_size": str(batch_size), "matmul_precision": matmul_precision,
     }  # fmt: skip
-    artifacts.atomic_write_bytes(fpath, safetensors.numpy.save(tensors, metadata=metadata))
+    atomic.atomic_write_bytes(fpath, safetensors.numpy.save(tensors, metadata=metadata))
 
 
 @beartype.beartype
@@ -377,10 +377,10 @@ def write_kept(fpath: pathlib.Path, gather: Callable[[int, int], np.ndarray], n_
     instead of raising, so a full disk here is a `WriteError` naming `fpath` and no temporary file is left behind.
 
     Raises:
-        artifacts.WriteError: the file could not be written (disk full, permissions).
+        atomic.WriteError: the file could not be written (disk full, permissions).
         ValueError: `gather` returned rows of another shape.
     """
-    with artifacts.atomic_file(fpath) as fd:
+    with atomic.atomic_file(fpath) as fd:
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
                   "shape": (n_rows, d_vit)}  # fmt: skip
         np.lib.format.write_array_header_1_0(fd, header)  # the header np.save and open_memmap write for this shape
@@ -433,7 +433,7 @@ def write_partial(
     metadata = {"sae": train_key, "matmul_precision": matmul_precision}
     # Serialised in memory, written by our own atomic writer: checksummed, umask permissions, a full disk is a
     # WriteError naming the file (safetensors' own file writer gives 0600 files and its own error type).
-    artifacts.atomic_write_bytes(fpath, safetensors.numpy.save(tensors, metadata=metadata))
+    atomic.atomic_write_bytes(fpath, safetensors.numpy.save(tensors, metadata=metadata))
 
 
 class Partials(typing.NamedTuple):

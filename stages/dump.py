@@ -24,7 +24,7 @@ import typing
 
 import numpy as np
 
-from saev import artifacts, checksums, configs, helpers, slurm
+from saev import artifacts, atomic, checksums, configs, helpers, slurm
 from saev import overlap as overlap_steps
 from saev import vit as vits
 from saev.data import datasets, labels, saevfmt, shards
@@ -266,7 +266,7 @@ def relink(art: artifacts.Artifact, source: saevfmt.Source, params: dict) -> Non
         saevfmt.link_atomically(source.dpath / rel, art.dpath / rel)
         checksums.write_record(art.dpath / rel, size, digest, sig)
     old = json.loads((art.dpath / saevfmt.SOURCE_JSON).read_text())
-    artifacts.atomic_write_json(art.dpath / saevfmt.SOURCE_JSON, {**old, "dpath": str(source.dpath)})
+    atomic.atomic_write_json(art.dpath / saevfmt.SOURCE_JSON, {**old, "dpath": str(source.dpath)})
     art.write_manifest(
         params=params, inputs={}, started=manifest.get("started", artifacts.now()),
         extra={"adopted": str(source.dpath), "protocol": source.protocol},
@@ -356,7 +356,7 @@ def run_adopted(pipeline: "Pipeline", own: StagePlan[DumpInfo], piece: Piece) ->
     except (OSError, ValueError) as err:
         raise shards.ShardError(f"{ledger_fpath}: cannot read what was adopted as {art.ref}: {err}") from None
     if earlier is None:
-        artifacts.atomic_write_json(ledger_fpath, adopted)
+        atomic.atomic_write_json(ledger_fpath, adopted)
     else:
         differ = [rel for rel in sorted(adopted) if earlier.get(rel) != adopted[rel]]
         if differ:
@@ -366,7 +366,7 @@ def run_adopted(pipeline: "Pipeline", own: StagePlan[DumpInfo], piece: Piece) ->
                 f"`touch {source.dpath / differ[0]}` to adopt {source.dpath} as a new dump (a new key: everything "
                 "made from it is computed again)"
             )
-    artifacts.atomic_write_json(art.dpath / DATASET_FILES, {"digest": planned.digest, "files": planned.files})
+    atomic.atomic_write_json(art.dpath / DATASET_FILES, {"digest": planned.digest, "files": planned.files})
     art.write_manifest(
         params=own.params[art.key], inputs={}, started=started,
         extra={"adopted": str(source.dpath), "protocol": source.protocol},
@@ -424,7 +424,7 @@ def run(pipeline: "Pipeline", own: StagePlan[DumpInfo], inputs: Inputs, piece: P
             fpath = labels_part_fpath(art, shard)
             if not fpath.exists():
                 lo, hi = shard * per - img_start, min(md.n_imgs, (shard + 1) * per) - img_start
-                artifacts.atomic_save_npy(fpath, labels_NP[lo:hi])
+                atomic.atomic_save_npy(fpath, labels_NP[lo:hi])
         progress.update(len(batch))
 
     batches = [range(b, min(img_stop, b + cfg.batch_size)) for b in range(img_start, img_stop, cfg.batch_size)]
@@ -456,7 +456,7 @@ def finalize(pipeline: "Pipeline", own: StagePlan[DumpInfo], art: artifacts.Arti
     writer.close()
     fingerprint = own.info[art.key].fingerprint
     if fingerprint.files:  # what the dump was made from, so that a later run can say which files changed
-        artifacts.atomic_write_json(art.dpath / DATASET_FILES, {"digest": fingerprint.digest, "files": fingerprint.files})
+        atomic.atomic_write_json(art.dpath / DATASET_FILES, {"digest": fingerprint.digest, "files": fingerprint.files})
 
 
 def changed_files(old: artifacts.Artifact, fingerprint: datasets.Fingerprint) -> list[str] | None:

@@ -10,7 +10,7 @@ import typing
 
 import numpy as np
 
-from saev import artifacts, keepmask
+from saev import artifacts, atomic, keepmask
 from saev.data.shards import ShardError, Shards
 from saev.engine.plan import Piece, StagePlan
 
@@ -73,8 +73,8 @@ def run(pipeline: "Pipeline", own: StagePlan[MaskInfo], inputs: Inputs, piece: P
     labelled_N = np.asarray(shards.labels).reshape(-1) != md.labels_ignore
     n_keep = None if cfg.n_keep == "all" else cfg.n_keep
     masks = keepmask.make_masks(labelled_N, n_keep, cfg.n_heldout, cfg.seed)
-    artifacts.atomic_save_npy(piece.artifact.dpath / "keep.npy", masks.keep)
-    artifacts.atomic_save_npy(piece.artifact.dpath / "heldout.npy", masks.heldout)
+    atomic.atomic_save_npy(piece.artifact.dpath / "keep.npy", masks.keep)
+    atomic.atomic_save_npy(piece.artifact.dpath / "heldout.npy", masks.heldout)
     piece.artifact.write_manifest(
         params=own.params[piece.artifact.key],
         inputs=own.inputs[piece.artifact.key],

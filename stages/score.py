@@ -32,7 +32,7 @@ import typing
 import numpy as np
 import torch
 
-from saev import artifacts, checksums, helpers, keepmask, nn, scoring
+from saev import artifacts, atomic, checksums, helpers, keepmask, nn, scoring
 from saev.data.shards import Shards
 from saev.engine.plan import Piece, StagePlan
 
@@ -187,7 +187,7 @@ def get_topk(
         except scoring.TopkError as err:
             if fpath.exists():
                 logger.warning("%s; computing it again", err)
-        artifacts.remove_temp_files(art.dpath, scoring.TOPK_FNAME)  # we hold its lock: leftovers of a killed job
+        atomic.remove_temp_files(art.dpath, scoring.TOPK_FNAME)  # we hold its lock: leftovers of a killed job
         progress = helpers.Progress(desc="topk latents", total=len(acts_ND), unit="rows", logger=logger)
         top_Nk = scoring.topk_latents(
             sae, acts_ND, info.block_size, batch_size=cfg.batch_size, device=device, on_rows=progress.update

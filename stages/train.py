@@ -26,7 +26,7 @@ import typing
 
 import numpy as np
 
-from saev import artifacts, checksums, configs, helpers, nn, sae_files, sweep, training, vit
+from saev import artifacts, atomic, checksums, configs, helpers, nn, sae_files, sweep, training, vit
 from saev.data import loader
 from saev.data.shards import Shards
 from saev.engine.plan import Piece, StagePlan
@@ -303,7 +303,7 @@ def run(pipeline: "Pipeline", own: StagePlan[TrainInfo], inputs: Inputs, piece: 
     for art, result in zip(todo, results):
         nn.save(result.sae, art.dpath)
         metrics = dataclasses.asdict(result.metrics)
-        artifacts.atomic_write_json(art.dpath / "metrics.json", metrics)
+        atomic.atomic_write_json(art.dpath / "metrics.json", metrics)
         art.write_manifest(
             params=own.params[art.key],
             inputs=own.inputs[art.key],
@@ -331,8 +331,8 @@ def run_import(pipeline: "Pipeline", own: StagePlan[TrainInfo], inputs: Inputs, 
     rows.read(rows.n_rows - n_eval, rows.n_rows, eval_ND)
     metrics = dataclasses.asdict(training.get_metrics(imported.sae, eval_ND, n_steps=0))
     nn.save(imported.sae, art.dpath)
-    artifacts.atomic_write_json(art.dpath / "metrics.json", metrics)
-    artifacts.atomic_write_json(
+    atomic.atomic_write_json(art.dpath / "metrics.json", metrics)
+    atomic.atomic_write_json(
         art.dpath / "source.json",
         {"path": str(source.path), "format": imported.fmt, "checksum": imported.checksum, "header": imported.header},
     )

@@ -29,7 +29,7 @@ import typing
 import beartype
 import numpy as np
 
-from saev import artifacts, checksums, helpers
+from saev import artifacts, atomic, checksums, helpers
 from saev.data import shards as shards_
 from saev.data.shards import Metadata, ShardError, ShardValueError
 
@@ -231,13 +231,13 @@ def adopt(source: Source, dpath: pathlib.Path) -> None:
     md = source.metadata
     listed = [{"name": shards_.shard_name(s), "n_imgs": md.shard_n_imgs(s) if s < md.n_shards else 0}
               for s in range(source.n_listed)]  # fmt: skip
-    artifacts.atomic_write_json(dpath / SOURCE_JSON, {
+    atomic.atomic_write_json(dpath / SOURCE_JSON, {
         "dpath": str(source.dpath), "protocol": source.protocol,
         "metadata": source.raw_metadata, "shards": source.raw_shards,
     })  # fmt: skip
-    artifacts.atomic_write_json(dpath / "shards.json", listed)
-    artifacts.atomic_write_json(dpath / shards_.LABELS_JSON, md.labels_json())
-    artifacts.atomic_write_json(dpath / "metadata.json", md.to_json())
+    atomic.atomic_write_json(dpath / "shards.json", listed)
+    atomic.atomic_write_json(dpath / shards_.LABELS_JSON, md.labels_json())
+    atomic.atomic_write_json(dpath / "metadata.json", md.to_json())
 
 
 def link_atomically(target: pathlib.Path, link: pathlib.Path) -> None:
@@ -351,7 +351,7 @@ def write_export(shards: shards_.Shards, export: Export) -> None:
         if not name and final.is_dir():  # another export of the same metadata won the race: it must be identical
             check_export(shards, final, export.texts)
             return
-        raise artifacts.write_error(err, final / name if name else final) from err
+        raise atomic.write_error(err, final / name if name else final) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

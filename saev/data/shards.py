@@ -26,7 +26,7 @@ import typing
 import beartype
 import numpy as np
 
-from saev import artifacts, checksums, errors, helpers
+from saev import artifacts, atomic, checksums, errors, helpers
 from saev.data import labels as labels_
 
 PROTOCOL = "1.0.0"
@@ -272,7 +272,7 @@ class ShardWriter:
             self.abort()
 
     def _open(self) -> None:
-        self._ctx = artifacts.atomic_path(self.dpath / shard_name(self.shard))
+        self._ctx = atomic.atomic_path(self.dpath / shard_name(self.shard))
         self._tmp_fpath = self._ctx.__enter__()
         self._fd = open(self._tmp_fpath, "wb")
         self._hasher = checksums.new_hasher() if self.checksum else None
@@ -294,7 +294,7 @@ class ShardWriter:
                 pad -= len(chunk)
         self._fd.close()
         # Hashed while writing: no second read of the shard.
-        artifacts.set_digest(self._tmp_fpath, self._hasher.hexdigest() if self._hasher is not None else "")
+        atomic.set_digest(self._tmp_fpath, self._hasher.hexdigest() if self._hasher is not None else "")
         self._ctx.__exit__(None, None, None)  # fsync, checksum record, rename
         self._fd = self._ctx = None
         self.shard += 1
@@ -362,7 +362,7 @@ class ShardWriter:
         if labels_NP.shape != expected:
             raise ValueError(f"labels have shape {labels_NP.shape}, expected {expected}")
         data = np.ascontiguousarray(labels_NP, dtype=self.md.labels_dtype).tobytes()
-        artifacts.atomic_write_bytes(self.dpath / "labels.bin", data)
+        atomic.atomic_write_bytes(self.dpath / "labels.bin", data)
 
     def close(self) -> None:
         """Check every image was written, then write shards.json, labels.json and metadata.json."""
@@ -370,9 +370,9 @@ class ShardWriter:
             self.abort()
             raise ValueError(f"wrote {self.n_written} images, metadata says {self.md.n_imgs}")
         shards = [{"name": shard_name(s), "n_imgs": self.md.shard_n_imgs(s)} for s in range(self.md.n_shards)]
-        artifacts.atomic_write_json(self.dpath / "shards.json", shards)
-        artifacts.atomic_write_json(self.dpath / LABELS_JSON, self.md.labels_json())
-        artifacts.atomic_write_json(self.dpath / "metadata.json", self.md.to_json())
+        atomic.atomic_write_json(self.dpath / "shards.json", shards)
+        atomic.atomic_write_json(self.dpath / LABELS_JSON, self.md.labels_json())
+        atomic.atomic_write_json(self.dpath / "metadata.json", self.md.to_json())
 
 
 def check_shard_file(

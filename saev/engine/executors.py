@@ -10,7 +10,7 @@ import time
 import typing
 from collections.abc import Callable
 
-from saev import artifacts, helpers, slurm
+from saev import artifacts, atomic, helpers, slurm
 from saev.slurm import SlurmConfig
 
 from . import job
@@ -62,7 +62,7 @@ class Ledger:
 
     def record(self, jobs: dict[str, str]) -> None:
         """Add (or replace) the jobs of these pieces."""
-        artifacts.atomic_write_json(self.fpath, {**self.read(), **jobs})
+        atomic.atomic_write_json(self.fpath, {**self.read(), **jobs})
 
 
 def piece_jobs(plan: Plan) -> dict[str, tuple[str, str]]:

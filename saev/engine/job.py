@@ -9,7 +9,7 @@ import logging
 import signal
 import typing
 
-from saev import artifacts, errors, helpers, preemption, slurm
+from saev import artifacts, atomic, errors, helpers, preemption, slurm
 
 from .plan import Piece, Plan, Registry, RootConfig, StagePlan
 
@@ -101,9 +101,9 @@ def _run(
                     target.repair(health)
             # Leftovers of a killed job (we hold the lock that covers them, so no live writer owns them).
             if piece.fpath is None:
-                artifacts.remove_temp_files(art.dpath)
+                atomic.remove_temp_files(art.dpath)
             else:
-                artifacts.remove_temp_files(piece.fpath.parent, piece.fpath.name)
+                atomic.remove_temp_files(piece.fpath.parent, piece.fpath.name)
             logger.info("%s %s: running", stage, piece.label)
             module.run(pipeline, plan[stage], inputs, piece)
 

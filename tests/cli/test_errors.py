@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import launch
-from saev import artifacts, checkpoint, configs, errors, nn, slurm, sweep, training
+from saev import artifacts, atomic, checkpoint, configs, errors, nn, slurm, sweep, training
 from tests.helpers import REPO, small_tmpfs
 
 NOT_UTF8 = b'# caf\xe9 (latin-1)\nroot = "runs"\n'
@@ -229,14 +229,14 @@ def test_job_states_without_slurm_commands_is_unknown(tmp_path, monkeypatch, cap
 
 
 def _assert_disk_full(err: BaseException, fpath: pathlib.Path) -> None:
-    assert isinstance(err, artifacts.WriteError)
+    assert isinstance(err, atomic.WriteError)
     assert str(err).startswith(f"could not write {fpath} (disk full?)"), str(err)
 
 
 def test_sae_save_on_full_disk_is_write_error(tmp_path):
     sae = nn.SparseAutoencoder(nn.SaeConfig(d_vit=64, exp_factor=8))  # ~264 KB of weights > 200 KB
     with small_tmpfs(tmp_path / "disk") as dpath:
-        with pytest.raises(artifacts.WriteError) as info:
+        with pytest.raises(atomic.WriteError) as info:
             nn.save(sae, dpath / "sae")
         _assert_disk_full(info.value, dpath / "sae" / nn.WEIGHTS_FNAME)
         assert [p for p in (dpath / "sae").iterdir() if not p.name.startswith(".")] == []  # no temp file left behind
@@ -246,7 +246,7 @@ def test_checkpoint_save_on_full_disk_is_write_error_and_keeps_the_previous(tmp_
     with small_tmpfs(tmp_path / "disk") as dpath:
         fpath = dpath / "ckpt.safetensors"
         checkpoint.save(fpath, {"w": torch.ones(10)}, kind="test", version=1, meta={"step": 1})
-        with pytest.raises(artifacts.WriteError) as info:
+        with pytest.raises(atomic.WriteError) as info:
             checkpoint.save(fpath, {"w": torch.zeros(100_000)}, kind="test", version=1, meta={"step": 2})
         _assert_disk_full(info.value, fpath)
         assert checkpoint.load(fpath, kind="test", version=1)[1] == {"step": 1}
@@ -263,7 +263,7 @@ def test_kept_activations_on_a_full_disk_are_a_write_error_not_sigbus(tmp_path):
             try:
                 scoring.write_kept(pathlib.Path({str(dpath / "kept" / "acts.npy")!r}),
                                    lambda a, b: np.ones((b - a, 64), np.float32), 4096, 64)  # 1 MiB > 200 KiB
-            except artifacts.WriteError as err:
+            except atomic.WriteError as err:
                 print(err)
         """)
         repo = REPO
@@ -281,7 +281,7 @@ def test_sae_save_disk_full_without_tmpfs(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(artifacts.WriteError) as info:
+    with pytest.raises(atomic.WriteError) as info:
         nn.save(sae, tmp_path / "sae")
     _assert_disk_full(info.value, tmp_path / "sae" / nn.WEIGHTS_FNAME)
 
@@ -374,7 +374,7 @@ def test_a_stage_refused_by_the_machine_is_one_error_line_any_other_os_error_a_c
         (artifacts.IncompleteArtifactError("stage 'score' needs mask/abc, which is not done"), 1),
         (errors.UserEnvironmentError("could not write runs/dump/abc/acts000002.bin (disk full?)"), 1),
         (slurm.SlurmError("sbatch failed for stage 'train': Unable to contact slurm controller"), 1),
-        (artifacts.WriteError(errno.ENOSPC, "could not write runs/x.bin (disk full?)"), 1),
+        (atomic.WriteError(errno.ENOSPC, "could not write runs/x.bin (disk full?)"), 1),
     ],
     ids=lambda x: type(x).__name__ if isinstance(x, Exception) else str(x),
 )

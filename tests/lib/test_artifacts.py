@@ -7,7 +7,7 @@ import pathlib
 import pytest
 import xxhash
 
-from saev import artifacts, checksums
+from saev import artifacts, atomic, checksums
 from tests.helpers import flip_byte
 
 
@@ -59,7 +59,7 @@ def test_key_refuses_nan():
 
 def test_no_manifest_means_not_done(tmp_path):
     art = artifacts.Artifact(tmp_path, "train", "abc")
-    artifacts.atomic_write_bytes(art.dpath / "sae.safetensors", b"weights")
+    atomic.atomic_write_bytes(art.dpath / "sae.safetensors", b"weights")
     assert not art.is_done()
     with pytest.raises(artifacts.IncompleteArtifactError, match="manifest.json is missing"):
         art.verify()
@@ -67,7 +67,7 @@ def test_no_manifest_means_not_done(tmp_path):
 
 def test_manifest_lists_files_and_marks_done(tmp_path):
     art = artifacts.Artifact(tmp_path, "score", "abc")
-    artifacts.atomic_write_bytes(art.dpath / "partials" / "block00000.safetensors", b"12345")
+    atomic.atomic_write_bytes(art.dpath / "partials" / "block00000.safetensors", b"12345")
     manifest = art.write_manifest(params={"a": 1}, inputs={"dump": "dump/x"}, started=artifacts.now())
     assert art.is_done()
     assert manifest["files"] == {
@@ -78,8 +78,8 @@ def test_manifest_lists_files_and_marks_done(tmp_path):
 
 def test_verify_names_missing_and_truncated_files(tmp_path):
     art = artifacts.Artifact(tmp_path, "dump", "abc")
-    artifacts.atomic_write_bytes(art.dpath / "acts000000.bin", b"x" * 10)
-    artifacts.atomic_write_bytes(art.dpath / "acts000001.bin", b"x" * 10)
+    atomic.atomic_write_bytes(art.dpath / "acts000000.bin", b"x" * 10)
+    atomic.atomic_write_bytes(art.dpath / "acts000001.bin", b"x" * 10)
     art.write_manifest(params={}, inputs={}, started=artifacts.now())
     with open(art.dpath / "acts000000.bin", "wb") as fd:
         fd.write(b"x" * 3)
@@ -95,7 +95,7 @@ def test_verify_names_missing_and_truncated_files(tmp_path):
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     fpath = tmp_path / "out.bin"
     with pytest.raises(RuntimeError):
-        with artifacts.atomic_path(fpath) as tmp:
+        with atomic.atomic_path(fpath) as tmp:
             tmp.write_bytes(b"half")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
@@ -103,9 +103,9 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
 
 def test_atomic_write_keeps_old_file_until_rename(tmp_path):
     fpath = tmp_path / "out.json"
-    artifacts.atomic_write_json(fpath, {"v": 1})
+    atomic.atomic_write_json(fpath, {"v": 1})
     with pytest.raises(RuntimeError):
-        with artifacts.atomic_path(fpath) as tmp:
+        with atomic.atomic_path(fpath) as tmp:
             tmp.write_text('{"v": 2')
             raise RuntimeError("killed")
     assert fpath.read_text().strip().endswith("}")
@@ -121,7 +121,7 @@ def test_write_error_on_unwritable_dir_names_file(tmp_path):
     else:
         target = pathlib.Path("/proc/x.bin")
     with pytest.raises(OSError, match="x.bin"):
-        artifacts.atomic_write_bytes(target, b"data")
+        atomic.atomic_write_bytes(target, b"data")
 
 
 def test_lock_is_exclusive_and_released(tmp_path):
@@ -140,7 +140,7 @@ def test_lock_is_exclusive_and_released(tmp_path):
 def test_temp_and_lock_files_are_not_listed(tmp_path):
     art = artifacts.Artifact(tmp_path, "train", "abc")
     with art.lock():
-        artifacts.atomic_write_bytes(art.dpath / "a.bin", b"1")
+        atomic.atomic_write_bytes(art.dpath / "a.bin", b"1")
         (art.dpath / ".a.bin.tmp-123").write_bytes(b"junk")
     assert art.list_files() == {"a.bin": 1}
 
@@ -148,7 +148,7 @@ def test_temp_and_lock_files_are_not_listed(tmp_path):
 def _done_artifact(tmp_path, stage="dump", key="abc", **files: bytes) -> artifacts.Artifact:
     art = artifacts.Artifact(tmp_path, stage, key)
     for name, data in (files or {"acts000000.bin": b"a" * 64, "acts000001.bin": b"b" * 64}).items():
-        artifacts.atomic_write_bytes(art.dpath / name, data)
+        atomic.atomic_write_bytes(art.dpath / name, data)
     art.write_manifest(params={"p": 1}, inputs={}, started=artifacts.now())
     return art
 
@@ -156,7 +156,7 @@ def _done_artifact(tmp_path, stage="dump", key="abc", **files: bytes) -> artifac
 def test_checksums_are_recorded_while_writing(tmp_path):
     """Streamed writers hash as they write; the manifest's checksum equals a hash of the file read back."""
     fpath = tmp_path / "big.bin"
-    with artifacts.atomic_file(fpath) as fd:
+    with atomic.atomic_file(fpath) as fd:
         for i in range(5):
             fd.write(bytes([i]) * 1000)
     assert checksums.recorded_checksum(fpath) == (5000, checksums.file_checksum(fpath))
@@ -233,7 +233,7 @@ def test_recorded_params_must_match(tmp_path):
 
 def test_verify_file_catches_a_changed_piece(tmp_path):
     fpath = tmp_path / "labels000000.npy"
-    artifacts.atomic_write_bytes(fpath, b"0123456789")
+    atomic.atomic_write_bytes(fpath, b"0123456789")
     artifacts.verify_file(fpath)
     flip_byte(fpath, 3)
     with pytest.raises(artifacts.DamagedArtifactError, match="labels000000.npy does not match"):
@@ -254,7 +254,7 @@ def test_a_broken_checksum_record_makes_the_piece_not_intact_or_unknown(tmp_path
     """A checksum record that cannot be read counts as none (the file only has to exist, as for older stores); one
     that names another size makes the piece not done, so it is written again."""
     fpath = tmp_path / "block00000.safetensors"
-    artifacts.atomic_write_bytes(fpath, b"0123456789")
+    atomic.atomic_write_bytes(fpath, b"0123456789")
     checksums.sum_fpath(fpath).write_text(record)
     assert checksums.recorded_checksum(fpath) is None or not checksums.is_intact(fpath)
     checksums.sum_fpath(fpath).write_text('{"size": 11, "xxh3_128": "00"}')
@@ -266,7 +266,7 @@ def test_a_record_with_a_wrong_checksum_is_never_sealed(tmp_path):
     trusted when sealing: the file is hashed, set aside and its piece recomputed (wasted work, never a wrong result)."""
     fpath = tmp_path / "dump" / "abc" / "acts000000.bin"
     art = artifacts.Artifact(tmp_path, "dump", "abc")
-    artifacts.atomic_write_bytes(fpath, b"a" * 64)
+    atomic.atomic_write_bytes(fpath, b"a" * 64)
     checksums.write_record(fpath, 64, "0" * 32)
     with pytest.raises(artifacts.DamagedArtifactError, match="acts000000.bin changed after its job wrote it"):
         art.write_manifest(params={}, inputs={}, started=artifacts.now())
@@ -283,7 +283,7 @@ def _unsealed(tmp_path, n=3) -> artifacts.Artifact:
     """A score-like artifact whose pieces were written by their jobs, not sealed yet (an interrupted run)."""
     art = artifacts.Artifact(tmp_path, "score", "abc")
     for i in range(n):
-        artifacts.atomic_write_bytes(art.dpath / "partials" / f"block{i:05d}.safetensors", bytes([i]) * 100)
+        atomic.atomic_write_bytes(art.dpath / "partials" / f"block{i:05d}.safetensors", bytes([i]) * 100)
     return art
 
 
@@ -357,7 +357,7 @@ def test_the_check_before_a_run_finds_a_piece_edited_in_an_unsealed_artifact(tmp
 
 def test_current_checksum_trusts_a_record_only_at_its_stat(tmp_path):
     fpath = tmp_path / "acts000000.bin"
-    artifacts.atomic_write_bytes(fpath, b"a" * 64)
+    atomic.atomic_write_bytes(fpath, b"a" * 64)
     assert checksums.current_checksum(fpath) == checksums.file_checksum(fpath)
     _restore_mtime(fpath, lambda f: flip_byte(f, 3))
     assert checksums.recorded_checksum(fpath)[1] != checksums.file_checksum(fpath)

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saev import checkpoint, nn, objectives, training
+from saev import atomic, checkpoint, nn, objectives, training
 from saev.objectives import BatchTopK
 
 TINY = training.TrainConfig(
@@ -123,7 +123,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    # checkpoint.save serialises in memory and writes through artifacts.atomic_path, which fsyncs the temp file
+    # checkpoint.save serialises in memory and writes through atomic.atomic_path, which fsyncs the temp file
     # (where a full disk surfaces on filesystems that allocate late).
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="disk full"):

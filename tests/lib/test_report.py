@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from sklearn.metrics import precision_recall_curve as sklearn_precision_recall_curve
 
-from saev import artifacts
+from saev import artifacts, atomic
 from saev.report import ClassResult, ReportData, SaeResult, TopImage, precision_recall_curve, write_report
 from tests import browser
 
@@ -253,7 +253,7 @@ def test_every_patch_labelled_draws_no_hatch_and_says_so(tmp_path):
 
 
 def test_leaves_no_temporary_files(written):
-    assert not [p.name for p in written.parent.iterdir() if artifacts.is_temp(p)]
+    assert not [p.name for p in written.parent.iterdir() if atomic.is_temp(p)]
 
 
 def test_rejects_labels_that_do_not_match_the_scores():

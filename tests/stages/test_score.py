@@ -14,7 +14,7 @@ import safetensors.numpy
 import torch
 
 import launch
-from saev import ap, artifacts, keepmask, nn, scoring
+from saev import ap, artifacts, atomic, keepmask, nn, scoring
 from saev.data.shards import Shards
 from stages import pipeline as pl
 from tests.helpers import flip_byte, run, write_tiny_config
@@ -277,7 +277,7 @@ def test_kept_activations_of_another_shape_are_refused_naming_the_file(tmp_path)
     assert scoring.read_kept(fpath, 5, 3).shape == (5, 3)
     with pytest.raises(scoring.KeptError, match=rf"{fpath}: holds float32 \[5, 3\], expected float32 \[5, 4\]"):
         scoring.read_kept(fpath, 5, 4)
-    artifacts.atomic_save_npy(fpath, np.ones((5, 3), np.float64))
+    atomic.atomic_save_npy(fpath, np.ones((5, 3), np.float64))
     with pytest.raises(scoring.KeptError, match="holds float64"):
         scoring.read_kept(fpath, 5, 3)
 

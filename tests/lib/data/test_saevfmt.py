@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import launch
-from saev import artifacts
+from saev import artifacts, atomic
 from saev.data import saevfmt
 from saev.data.shards import Metadata, ShardError, Shards, ShardWriter
 from stages import pipeline as pl
@@ -411,7 +411,7 @@ def test_an_export_to_a_full_disk_is_one_error_naming_the_file_and_a_rerun_with_
     writer.close()
     shards = Shards(tmp_path / "dump")
     with small_tmpfs(tmp_path / "disk", "64k") as disk:
-        with pytest.raises(artifacts.WriteError) as info:
+        with pytest.raises(atomic.WriteError) as info:
             saevfmt.export(shards, disk, dataset="", pixel_agg="majority")
         assert re.fullmatch(rf"could not write {re.escape(str(disk / 'saev' / 'shards'))}/[0-9a-f]{{8}}/acts00000\d\.bin "
                             r"\(disk full\?\): No space left on device", str(info.value)), str(info.value)  # fmt: skip

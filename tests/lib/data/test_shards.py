@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saev import artifacts, checksums
+from saev import artifacts, atomic, checksums
 from saev.data.shards import Metadata, ShardError, Shards, ShardWriter
 
 
@@ -462,7 +462,7 @@ def test_aborted_writer_leaves_only_whole_shards(tmp_path):
     acts = logical_tensor(md)
     writer = ShardWriter(tmp_path, md)
     writer.write(acts[:3])  # shard 0 whole, shard 1 half-written
-    assert any(artifacts.is_temp(p) for p in tmp_path.iterdir())
+    assert any(atomic.is_temp(p) for p in tmp_path.iterdir())
     writer.abort()
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["acts000000.bin"]
     shard_0 = np.fromfile(tmp_path / "acts000000.bin", np.float32).reshape(acts[:2].shape)
@@ -498,8 +498,8 @@ def test_resume_from_start_shard_is_byte_identical_to_an_uninterrupted_write(tmp
     second.close()
 
     resumed = tmp_path / "resumed"
-    assert sorted(p.name for p in whole.iterdir() if not artifacts.is_temp(p)) == sorted(
-        p.name for p in resumed.iterdir() if not artifacts.is_temp(p)
+    assert sorted(p.name for p in whole.iterdir() if not atomic.is_temp(p)) == sorted(
+        p.name for p in resumed.iterdir() if not atomic.is_temp(p)
     )
     for fpath in whole.iterdir():
         if fpath.name.endswith(".sum"):  # checksum records: the same size and checksum (their stat differs)
