@@ -26,7 +26,7 @@ import tyro
 
 # Keep jaxtyped library code out of this module: submitit pickles the job function from stages.pipeline, not here.
 # The stages (torch, open_clip) are imported when a command needs them, so that `--help` answers at once.
-from saev import artifacts, best, errors, helpers, preemption, slurm
+from saev import best, errors, helpers, preemption, slurm
 from saev.engine import executors, store
 
 if typing.TYPE_CHECKING:
@@ -243,8 +243,14 @@ def _main(args: Args) -> int:
         lines, n_arts, n_bytes = store.verify_store(plan)
         for line in lines:
             print(line)
-        print(f"verified {n_arts} artifact(s), {n_bytes / 2**20:.1f} MiB hashed: "
-              + (f"{sum(line.startswith('bad: ') for line in lines)} bad file(s)" if lines else "every file matches its checksum"))
+        print(
+            f"verified {n_arts} artifact(s), {n_bytes / 2**20:.1f} MiB hashed: "
+            + (
+                f"{sum(line.startswith('bad: ') for line in lines)} bad file(s)"
+                if lines
+                else "every file matches its checksum"
+            )
+        )
         return 1 if lines else 0
     if not (args.dry_run or args.status):
         try:

@@ -50,7 +50,7 @@ def describe(when: str) -> str:
     if _start is None:
         _start = now
     elif now[1] and _start[1]:
-        delta = [b - a for a, b in zip(_start[1], now[1])]
+        delta = [b - a for a, b in zip(_start[1], now[1], strict=False)]
         total = sum(delta) or 1
         idle, steal = delta[3] + delta[4], delta[7]
         cpu_s = (now[0] - _start[0]) * (os.cpu_count() or 1)

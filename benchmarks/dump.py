@@ -76,20 +76,25 @@ def measure_disk(dpath: pathlib.Path, n_mib: int = 256) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=vit.TINY_MODEL, help="open_clip model name (random weights)")
-    parser.add_argument("--n-imgs", type=int, default=8192, help="images to dump (a few seconds of work: shorter runs are noisy)")
+    parser.add_argument(
+        "--n-imgs", type=int, default=8192, help="images to dump (a few seconds of work: shorter runs are noisy)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--n-workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=11,
-                        help="rounds of a dump, a forward pass, an unhashed dump and a serial dump")
+    parser.add_argument(
+        "--rounds", type=int, default=11, help="rounds of a dump, a forward pass, an unhashed dump and a serial dump"
+    )
     args = parser.parse_args()
 
     img_size, _ = vit.get_patch_grid(args.model)
     data = datasets.Synthetic(n_imgs=args.n_imgs, img_size=img_size, seed=0)
     vit_cfg = vit.VitConfig(model=args.model, layers=(-1,))
     helpers.use_allocated_cpus()  # as the dump job sets them (it does so again in run_pieces): both sides alike
-    print(f"model {args.model} ({img_size} px), {args.n_imgs} images, batch {args.batch_size}, device {args.device}",
-          flush=True)
+    print(
+        f"model {args.model} ({img_size} px), {args.n_imgs} images, batch {args.batch_size}, device {args.device}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         print(f"{conditions.describe('start')}; {measure_disk(pathlib.Path(tmp))}", flush=True)
 
@@ -153,21 +158,29 @@ def main() -> None:
             times[side].append(seconds)
             per_s = args.n_imgs / seconds
             print(f"round {r + 1} {side:<8}: {per_s:9.1f} images/s ({seconds:.2f} s, {note})", flush=True)
-    vs_forward = [f / d for f, d in zip(forward, hashed)]
-    hash_ratio = [u / h for u, h in zip(unhashed, hashed)]
-    overlap_ratio = [s / h for s, h in zip(serial, hashed)]
+    vs_forward = [f / d for f, d in zip(forward, hashed, strict=True)]
+    hash_ratio = [u / h for u, h in zip(unhashed, hashed, strict=True)]
+    overlap_ratio = [s / h for s, h in zip(serial, hashed, strict=True)]
     rate = [args.n_imgs / s for s in hashed]
-    print(f"dump {conditions.spread(rate, '{:.1f}')} images/s; without checksums "
-          f"{conditions.spread([args.n_imgs / s for s in unhashed], '{:.1f}')}; serial "
-          f"{conditions.spread([args.n_imgs / s for s in serial], '{:.1f}')}; forward "
-          f"{conditions.spread([args.n_imgs / s for s in forward], '{:.1f}')}", flush=True)
-    print(f"dump_vs_forward {conditions.spread(vs_forward, '{:.3f}')}; hashed_vs_unhashed "
-          f"{conditions.spread(hash_ratio, '{:.3f}')}; overlap_vs_serial {conditions.spread(overlap_ratio, '{:.3f}')} "
-          "(each the ratio within a round)", flush=True)
+    print(
+        f"dump {conditions.spread(rate, '{:.1f}')} images/s; without checksums "
+        f"{conditions.spread([args.n_imgs / s for s in unhashed], '{:.1f}')}; serial "
+        f"{conditions.spread([args.n_imgs / s for s in serial], '{:.1f}')}; forward "
+        f"{conditions.spread([args.n_imgs / s for s in forward], '{:.1f}')}",
+        flush=True,
+    )
+    print(
+        f"dump_vs_forward {conditions.spread(vs_forward, '{:.3f}')}; hashed_vs_unhashed "
+        f"{conditions.spread(hash_ratio, '{:.3f}')}; overlap_vs_serial {conditions.spread(overlap_ratio, '{:.3f}')} "
+        "(each the ratio within a round)",
+        flush=True,
+    )
     print(conditions.describe("end"), flush=True)
-    print(f"RESULT dump_vs_forward={statistics.median(vs_forward):.3f} "
-          f"hashed_vs_unhashed={statistics.median(hash_ratio):.3f} overlap_vs_serial={statistics.median(overlap_ratio):.3f} "
-          f"images_per_s={statistics.median(rate):.1f}")
+    print(
+        f"RESULT dump_vs_forward={statistics.median(vs_forward):.3f} "
+        f"hashed_vs_unhashed={statistics.median(hash_ratio):.3f} overlap_vs_serial={statistics.median(overlap_ratio):.3f} "
+        f"images_per_s={statistics.median(rate):.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -62,9 +62,13 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--chunk-rows", type=int, default=defaults.chunk_rows)
     parser.add_argument("--buffer-rows", type=int, default=defaults.buffer_rows)
     parser.add_argument("--n-read-threads", type=int, default=4, help="the loader's concurrent reads")
-    parser.add_argument("--rounds", type=int, default=5, help="loader epochs, each bracketed by raw reads (medians reported)")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="loader epochs, each bracketed by raw reads (medians reported)"
+    )
     parser.add_argument("--naive-rounds", type=int, default=3, help="naive runs, after the loader's rounds")
-    parser.add_argument("--naive-s", type=float, default=10.0, help="seconds of naive loading to time per round (two batches at least)")
+    parser.add_argument(
+        "--naive-s", type=float, default=10.0, help="seconds of naive loading to time per round (two batches at least)"
+    )
     parser.add_argument("--naive-workers", type=int, default=2, help="DataLoader worker processes of the naive loader")
     return parser.parse_args()
 
@@ -212,15 +216,19 @@ def main() -> None:
         gib = rows.n_rows * rows.d * 4 / 2**30
         print(
             f"{rows.n_rows} patch rows of width {rows.d} ({gib:.2f} GiB) in {md.n_shards} shards; batch "
-            f"{args.batch_size}, chunk_rows {args.chunk_rows}, buffer_rows {args.buffer_rows}", flush=True,
+            f"{args.batch_size}, chunk_rows {args.chunk_rows}, buffer_rows {args.buffer_rows}",
+            flush=True,
         )
         fs = os.statvfs(args.dpath)
         print(f"{conditions.describe('start')}; loader read threads {args.n_read_threads}, naive workers "
               f"{args.naive_workers}; shards in {args.dpath} ({fs.f_bavail * fs.f_frsize / 2**30:.0f} GiB free there)",
               flush=True)  # fmt: skip
         how = drop_cache(fpaths)
-        print(f"page cache: every measurement starts cold (dropped with {how}); the dump is larger than a "
-              f"window, so the loader's first window is read before its first batch, as in training", flush=True)
+        print(
+            f"page cache: every measurement starts cold (dropped with {how}); the dump is larger than a "
+            f"window, so the loader's first window is read before its first batch, as in training",
+            flush=True,
+        )
 
         def measure_raw(n_streams: int) -> float:
             drop_cache(fpaths)

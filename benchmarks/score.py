@@ -130,15 +130,23 @@ def main() -> None:
                         device=device, top_Nk=top_Nk if activation is topk else None,
                     )  # fmt: skip
                     scoring.write_partial(
-                        fpath, block_scores, k_start=k_start, k_stop=k_stop, train_key="bench", matmul_precision="highest"
+                        fpath,
+                        block_scores,
+                        k_start=k_start,
+                        k_stop=k_stop,
+                        train_key="bench",
+                        matmul_precision="highest",
                     )
+
             return go
 
         with torch.inference_mode():
             stage_block(topk)()  # warm-up of every timed path (and the blocks' buffers allocated)
             stage_block(relu)()
             matmul()
-            relu_scores_NK = scoring.encode_block(sae, acts_ND, k_start, k_stop, batch_size=args.batch_size, device=device)
+            relu_scores_NK = scoring.encode_block(
+                sae, acts_ND, k_start, k_stop, batch_size=args.batch_size, device=device
+            )
             ap.average_precision(relu_scores_NK, labels_dev, args.classes)
         nonzero = float((relu_scores_NK > 0).float().mean())
         print(f"ReLU block: {nonzero:.1%} non-zero scores", flush=True)
@@ -148,9 +156,10 @@ def main() -> None:
                 times["relu block"].append(timed(stage_block(relu), args.device))
                 times["topk block"].append(timed(stage_block(topk), args.device))
                 times["matmul"].append(timed(matmul, args.device))
-                times["ap"].append(timed(lambda: ap.average_precision(relu_scores_NK, labels_dev, args.classes), args.device))
+                times["ap"].append(
+                    timed(lambda: ap.average_precision(relu_scores_NK, labels_dev, args.classes), args.device)
+                )
             print(f"round {r + 1}: " + ", ".join(f"{name} {t[-1]:.3f} s" for name, t in times.items()), flush=True)
-    del relu_scores_NK, out_NK
 
     for name, t in times.items():
         print(describe(name, t, args.k))

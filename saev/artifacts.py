@@ -175,9 +175,7 @@ class Artifact:
             with open(self.manifest_fpath, "rb") as fd:
                 manifest = json.loads(fd.read().decode("utf-8"))
         except FileNotFoundError:
-            raise IncompleteArtifactError(
-                f"{self.ref} is not done: {self.manifest_fpath} is missing"
-            ) from None
+            raise IncompleteArtifactError(f"{self.ref} is not done: {self.manifest_fpath} is missing") from None
         except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise DamagedArtifactError(f"{self.ref}: cannot read {self.manifest_fpath}: {err}") from err
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
@@ -212,7 +210,10 @@ class Artifact:
             found = f"{manifest.get('stage')}/{manifest.get('key')}"
             return Health("damaged", [Problem(MANIFEST, f"names {found}, not {self.ref}{where}", "other_key")])
         if params is not None and manifest.get("params") != json.loads(canonical_json(params)):
-            return Health("damaged", [Problem(MANIFEST, "records other parameters than the config gives for this key", "manifest")])
+            return Health(
+                "damaged",
+                [Problem(MANIFEST, "records other parameters than the config gives for this key", "manifest")],
+            )
         problems, verified = [], self._read_verified() if hashing == "changed" else {}
         newly_verified = {}
         for rel, entry in manifest["files"].items():
@@ -221,7 +222,9 @@ class Artifact:
             elif isinstance(entry, dict) and type(entry.get("size")) is int:
                 size, digest = entry["size"], entry.get(checksums.CHECKSUM)
             else:
-                problems.append(Problem(MANIFEST, f"lists {rel!r} with an entry that is not a size and checksum", "manifest"))
+                problems.append(
+                    Problem(MANIFEST, f"lists {rel!r} with an entry that is not a size and checksum", "manifest")
+                )
                 continue
             fpath = self.dpath / rel
             try:
@@ -451,9 +454,7 @@ class Artifact:
                 tmp.unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def lock(
-        self, part: str = "", *, wait: bool = False, on_wait: Callable[[], None] | None = None
-    ) -> Iterator[None]:
+    def lock(self, part: str = "", *, wait: bool = False, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
         """Hold an exclusive lock while writing this artifact (or one part of it, e.g. one K-block).
 
         If another process holds it: raise `ArtifactBusyError`, or with `wait` call `on_wait` (e.g. to log) and
@@ -514,7 +515,7 @@ class Health(typing.NamedTuple):
 @beartype.beartype
 def now() -> str:
     """Current UTC time in ISO 8601, seconds precision."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def git_commit() -> str | None:

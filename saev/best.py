@@ -15,7 +15,7 @@ import typing
 
 import beartype
 
-from saev import artifacts, atomic
+from saev import atomic
 
 
 @beartype.beartype

@@ -16,7 +16,6 @@ import beartype
 from saev import errors, helpers
 
 
-
 class ConfigError(errors.UserConfigError, ValueError):
     """A config file or table is malformed: the message names the file, the key and what was expected."""
 
@@ -157,9 +156,7 @@ def from_dict(cls: type, data: typing.Any, where: str, path: str = "") -> typing
     missing = [
         name
         for name, f in fields.items()
-        if name not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         names = [n for m in missing for n in _required_paths(hints[m], f"{path}{m}")]

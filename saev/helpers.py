@@ -15,6 +15,9 @@ from collections.abc import Iterable, Iterator
 
 import beartype
 
+if typing.TYPE_CHECKING:
+    import torch
+
 LOG_FORMAT = "[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"
 
 
@@ -153,7 +156,9 @@ def check_regular_file(
         link = f" (a link to {os.path.realpath(fpath)})" if fpath.is_symlink() else ""
         raise error(f"{what} file {fpath}{link} is {kind}, not a regular file")
     if max_bytes is not None and st.st_size > max_bytes:
-        raise error(f"{what} file {fpath} has {st.st_size} bytes, more than a {what} file can hold ({max_bytes} at most)")
+        raise error(
+            f"{what} file {fpath} has {st.st_size} bytes, more than a {what} file can hold ({max_bytes} at most)"
+        )
     return st.st_size
 
 
@@ -207,7 +212,6 @@ def get_device(name: str) -> "torch.device":
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
 
 
 def keep_freed_memory() -> None:

@@ -105,8 +105,6 @@ class Activation(typing.Protocol):
         ...
 
 
-
-
 @beartype.beartype
 @dataclasses.dataclass(frozen=True)
 class Relu:
@@ -332,9 +330,7 @@ class SparseAutoencoder(torch.nn.Module):
         return self.activation(self.pre_acts(x_BD))[:, latents]
 
     @torch.no_grad()
-    def encode_into(
-        self, x_BD: Tensor, out_BK: Tensor, latents: slice, top_Bk: Tensor | None = None
-    ) -> None:
+    def encode_into(self, x_BD: Tensor, out_BK: Tensor, latents: slice, top_Bk: Tensor | None = None) -> None:
         """`out_BK[:] = encode(x_BD, latents, top_Bk)`, the same values bit for bit, without temporaries the size of
         out_BK: the encoder matmul writes into out_BK (a contiguous float32 [B, K] tensor), then the bias and the
         activation rule are applied in place. What scoring does for every block of latents."""
@@ -516,8 +512,6 @@ def load(dpath: pathlib.Path | str, device: str | torch.device = "cpu") -> Spars
         raise ValueError(f"{weights_fpath} is not a readable safetensors file: {err}") from err
     got = {name: tuple(t.shape) for name, t in tensors.items()}
     if got != expected:
-        raise ValueError(
-            f"{weights_fpath} holds tensors {got}, but {cfg_fpath} ({cfg}) needs {expected}"
-        )
+        raise ValueError(f"{weights_fpath} holds tensors {got}, but {cfg_fpath} ({cfg}) needs {expected}")
     sae.load_state_dict(tensors)
     return sae.to(device)

@@ -119,7 +119,7 @@ class Matryoshka(_TopKFields):
     def __post_init__(self):
         super().__post_init__()
         prefixes = self.prefixes
-        if any(m < 1 for m in prefixes) or any(a >= b for a, b in zip(prefixes, prefixes[1:])):
+        if any(m < 1 for m in prefixes) or any(a >= b for a, b in zip(prefixes, prefixes[1:], strict=False)):
             raise ValueError(f"prefixes must be positive and strictly increasing, got {prefixes}")
 
     def check(self, d_sae: int) -> None:
@@ -192,9 +192,7 @@ class Objective:
     suffices). tests/lib/test_objectives.py checks these gradients against autograd.
     """
 
-    def __init__(
-        self, objs: Sequence[ObjectiveConfig], d_sae: int, warmup_steps: Sequence[int], device: torch.device
-    ):
+    def __init__(self, objs: Sequence[ObjectiveConfig], d_sae: int, warmup_steps: Sequence[int], device: torch.device):
         """One objective for the SAEs of a group: their objective configs (all of one class), their shared width and
         each one's warmup (relu_l1's L1 coefficient rises over it)."""
         self.objs = tuple(objs)
@@ -361,7 +359,6 @@ class ReluL1Objective(Objective):
     sum_s f_s * ||W_dec[s]|| summed over latents and averaged over the batch; its coefficient rises linearly over
     `warmup_steps`, which keeps latents from dying early. Inference: ReLU."""
 
-
     def select_(self, pre_SBK: Tensor) -> None:
         pre_SBK.clamp_(min=0)
 
@@ -424,7 +421,6 @@ class _TopKFamily(Objective):
 class TopKObjective(_TopKFamily):
     """TopK (Gao et al. 2024): each example keeps its k largest pre-activations (through a ReLU), so at most k
     latents fire, exactly k when the k-th is positive; + AuxK. Inference: the same TopK(k)."""
-
 
     def select_(self, pre_SBK: Tensor) -> None:
         vals_SBJ, idx_SBJ = _keep_top(pre_SBK, self.k_S)
@@ -499,7 +495,11 @@ IMPLEMENTATIONS: dict[type, type[Objective]] = {
 
 
 def make_objective(
-    objs: Sequence[ObjectiveConfig], d_sae: int, warmup_steps: Sequence[int], device: torch.device, tile: int | None = None
+    objs: Sequence[ObjectiveConfig],
+    d_sae: int,
+    warmup_steps: Sequence[int],
+    device: torch.device,
+    tile: int | None = None,
 ) -> "Objective | TiledObjective":
     """The objective of a group (every config of one class), computed `tile` SAEs at a time when that is fewer than
     the group (see `get_tile_size`)."""
@@ -586,5 +586,3 @@ class TiledObjective:
 def warmup(step: int, warmup_steps: int) -> float:
     """Linear warmup factor in (0, 1] for 0-based `step`."""
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
-
-

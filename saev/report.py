@@ -32,7 +32,7 @@ import numpy as np
 import PIL.Image
 from jaxtyping import Bool, Float, Float32, Float64, jaxtyped
 
-from saev import artifacts, atomic, best
+from saev import atomic, best
 from saev.ap import average_precision
 from saev.helpers import Progress
 
@@ -395,9 +395,7 @@ def _write_tiles(dpath: pathlib.Path, stem: str, result: ClassResult) -> str:
 def _colour_bar(cmap, vmax: float) -> str:
     """The heat map's scale as an inline CSS gradient (no file) between its min and max labels. Tiles blend it
     over the image (more opaque where higher), so it is the hue to read, not the exact shade."""
-    stops = ", ".join(
-        f"{matplotlib.colors.to_hex(cmap(x))} {x:.0%}" for x in np.linspace(0, 1, 11)
-    )
+    stops = ", ".join(f"{matplotlib.colors.to_hex(cmap(x))} {x:.0%}" for x in np.linspace(0, 1, 11))
     return (
         f'<span class="cbar"><span class="cmin">0</span>'
         f'<span class="cgrad" style="background: linear-gradient(to right, {stops})"></span>'

@@ -275,8 +275,10 @@ def _load_state_dict(fpath: pathlib.Path, payload: bytes) -> dict[str, Tensor]:
         # A class or function to rebuild, or a plain pickle stream (PROTO 2 to 5: pickle.dumps, not torch's archive):
         # pickled objects either way, refused by torch's weights-only unpickler before it runs anything.
         is_pickle = payload[:1] == b"\x80" and payload[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
-        if "Unsupported global" in text or "Unsupported class" in text or (
-            type(err).__name__ == "UnpicklingError" and is_pickle
+        if (
+            "Unsupported global" in text
+            or "Unsupported class" in text
+            or (type(err).__name__ == "UnpicklingError" and is_pickle)
         ):
             raise SaeFileError(
                 f"{fpath}: the state dict holds pickled objects, which weights_only loading refuses (only tensors "
@@ -501,4 +503,3 @@ def _version() -> str:
         return importlib.metadata.version(LIB_NAME)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-

@@ -388,7 +388,9 @@ def write_kept(fpath: pathlib.Path, gather: Callable[[int, int], np.ndarray], n_
             stop = min(n_rows, start + _GATHER_ROWS)
             rows_ND = np.ascontiguousarray(gather(start, stop), dtype=np.float32)
             if rows_ND.shape != (stop - start, d_vit):
-                raise ValueError(f"gather({start}, {stop}) returned {list(rows_ND.shape)}, expected [{stop - start}, {d_vit}]")
+                raise ValueError(
+                    f"gather({start}, {stop}) returned {list(rows_ND.shape)}, expected [{stop - start}, {d_vit}]"
+                )
             fd.write(rows_ND.data)
 
 

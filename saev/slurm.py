@@ -93,7 +93,9 @@ def _check_gpus(gpus: int | str) -> None:
 
 def _check_gres(gres: str) -> None:
     if not _GRES.fullmatch(gres):
-        raise ValueError(f"gres = {gres!r} is not a gres string like 'gpu:a100:1' (NAME[:TYPE][:COUNT], comma-separated)")
+        raise ValueError(
+            f"gres = {gres!r} is not a gres string like 'gpu:a100:1' (NAME[:TYPE][:COUNT], comma-separated)"
+        )
 
 
 def _option_name(name: str) -> str:
@@ -123,9 +125,7 @@ def _check_additional(params: dict[str, typing.Any]) -> None:
             if not value or "\n" in value or "\r" in value:
                 raise ValueError(f"{where} = {value!r} must be a non-empty, single-line string")
         elif not isinstance(value, (int, bool)):
-            raise ValueError(
-                f"{where} expects a string, an integer or true, got {type(value).__name__} {value!r}"
-            )
+            raise ValueError(f"{where} expects a string, an integer or true, got {type(value).__name__} {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +271,7 @@ def submit(
             return [str(job.job_id)]
         for start in range(0, len(args_list), cfg.max_array_size):
             chunk = args_list[start : start + cfg.max_array_size]
-            jobs = executor.map_array(fn, *zip(*chunk))
+            jobs = executor.map_array(fn, *zip(*chunk, strict=True))
             ids.extend(str(job.job_id) for job in jobs)
     except Exception as err:
         if not _is_submission_error(err):
@@ -298,7 +298,11 @@ def _submission_message(stage: str, err: BaseException, submitted: Sequence[str]
         # submitit writes the job script and pickles under [slurm] log_dpath before it runs sbatch.
         msg = f"cannot submit stage '{stage}': could not write {err.filename}: {err.strerror or err}; check [slurm] log_dpath"
     elif isinstance(err, OSError):
-        what = "sbatch not found on PATH" if isinstance(err, FileNotFoundError) else f"could not run sbatch: {err.strerror or err}"
+        what = (
+            "sbatch not found on PATH"
+            if isinstance(err, FileNotFoundError)
+            else f"could not run sbatch: {err.strerror or err}"
+        )
         msg = f"cannot submit stage '{stage}': {what}; run on a Slurm login node, or use --executor local"
     else:
         if isinstance(err, subprocess.CalledProcessError):
@@ -335,7 +339,19 @@ def array_ids(job_ids: Sequence[str]) -> list[str]:
 #######################
 
 ACTIVE_STATES = frozenset(
-    {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
+    {
+        "PENDING",
+        "RUNNING",
+        "REQUEUED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+        "CONFIGURING",
+        "COMPLETING",
+        "RESIZING",
+        "SUSPENDED",
+        "SIGNALING",
+        "STAGE_OUT",
+    }
 )
 """Slurm states of a job that is still going to run or is running."""
 

@@ -44,8 +44,8 @@ from torch import Tensor
 
 from saev import artifacts, checkpoint, helpers, nn
 from saev import objectives as objs
-from saev.objectives import Loss, warmup
 from saev.data import loader
+from saev.objectives import Loss, warmup
 
 _LOGGER_NAME = "saev.training"
 _STATS_CHUNK_ROWS = 16384
@@ -148,7 +148,6 @@ class TrainResult(typing.NamedTuple):
 
 
 from saev.preemption import Preempted, request_checkpoint, take_checkpoint_request  # noqa: E402, F401
-
 
 ##########
 # Groups #

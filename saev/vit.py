@@ -10,12 +10,11 @@ set HF_HUB_OFFLINE=1 so nothing tries the network).
 import contextlib
 import dataclasses
 import functools
+import importlib.util
+import json
 import logging
 import os
 import pathlib
-
-import importlib.util
-import json
 
 import beartype
 import numpy as np
@@ -59,6 +58,7 @@ def _read_model_config(model: str) -> dict | None:
                 return None
     return None
 
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -90,7 +90,7 @@ class VitConfig:
             raise ValueError("vit.layers must name at least one layer")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shape_info(model: str) -> tuple[int, int, int, int]:
     """(d_vit, n_blocks, img_size, patch_size) of an open_clip model, from its config when possible."""
     cfg = _read_model_config(model)

@@ -393,7 +393,9 @@ def run(pipeline: "Pipeline", own: StagePlan[DumpInfo], inputs: Inputs, piece: P
     per = md.n_imgs_per_shard
     img_start, img_stop = start * per, min(md.n_imgs, stop * per)
     labels_NP = np.empty((img_stop - img_start, md.n_patches_per_img), dtype=md.labels_dtype)
-    progress = helpers.Progress(desc=f"dump shards {start}-{stop - 1}", total=img_stop - img_start, unit="images", logger=logger)
+    progress = helpers.Progress(
+        desc=f"dump shards {start}-{stop - 1}", total=img_stop - img_start, unit="images", logger=logger
+    )
 
     def prepare(batch: range) -> tuple[np.ndarray, np.ndarray]:
         """The batch's images at the model's input size (uint8, channels first), with their patch labels."""
@@ -469,7 +471,11 @@ def changed_files(old: artifacts.Artifact, fingerprint: datasets.Fingerprint) ->
 
 
 def explain_key(
-    pipeline: "Pipeline", own: StagePlan[DumpInfo], new: artifacts.Artifact, earlier: artifacts.Artifact, diffs: list[str]
+    pipeline: "Pipeline",
+    own: StagePlan[DumpInfo],
+    new: artifacts.Artifact,
+    earlier: artifacts.Artifact,
+    diffs: list[str],
 ) -> str | None:
     """For `--status`: which dataset files changed since the closest earlier dump, when its listing differs."""
     if "dataset_files" not in diffs:

@@ -92,7 +92,9 @@ def plan_saes(plan: Plan, saes_dpath: pathlib.Path) -> list[SaeExport]:
         if exists:
             todo = "remove it or export to another directory"
             if fpath.is_symlink() or not fpath.is_file():
-                raise ExportError(f"{fpath} is not a regular file (an export writes the SAE of {art.ref} there); {todo}")
+                raise ExportError(
+                    f"{fpath} is not a regular file (an export writes the SAE of {art.ref} there); {todo}"
+                )
             data = sae_files.train_artifact_saev_pt(art.dpath)
             if fpath.stat().st_size != len(data) or fpath.read_bytes() != data:
                 raise ExportError(f"{fpath} differs from the saev file of {art.ref} this export writes (another SAE, or "

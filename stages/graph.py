@@ -9,7 +9,6 @@ import pathlib
 from saev import training
 from saev.data import datasets
 
-
 ################
 # Plan records #
 ################

@@ -64,7 +64,9 @@ def run(pipeline: "Pipeline", own: StagePlan[KeptInfo], inputs: Inputs, piece: P
     shards = Shards(inputs.dump.artifact.dpath)
     keep = keepmask.load_keep(inputs.mask.artifact.dpath, shards)  # checked: in range, labelled, sorted, disjoint
     d_vit = shards.metadata.d_vit
-    scoring.write_kept(art.dpath / scoring.KEPT_FNAME, lambda a, b: shards.patches_flat(layer, keep[a:b]), len(keep), d_vit)
+    scoring.write_kept(
+        art.dpath / scoring.KEPT_FNAME, lambda a, b: shards.patches_flat(layer, keep[a:b]), len(keep), d_vit
+    )
     art.write_manifest(
         params=own.params[art.key], inputs=own.inputs[art.key], started=started,
         extra={"n_rows": len(keep), "d_vit": d_vit},

@@ -49,7 +49,7 @@ class Config:
 
     def __post_init__(self):
         if self.n_keep != "all" and self.n_keep <= 0:
-            raise ValueError(f"mask.n_keep must be positive or \"all\", got {self.n_keep}")
+            raise ValueError(f'mask.n_keep must be positive or "all", got {self.n_keep}')
         if self.n_heldout < 0:
             raise ValueError(f"mask.n_heldout must be >= 0, got {self.n_heldout}")
 
@@ -58,7 +58,9 @@ def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[MaskInfo]:
     params = artifacts.hashed_params(pipeline.mask)
     refs = {"dump": inputs.dump.artifact.ref}
     art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, refs))
-    piece = Piece(NAME, art, label=f"keep {pipeline.mask.n_keep}, hold out {pipeline.mask.n_heldout} (seed {pipeline.mask.seed})")
+    piece = Piece(
+        NAME, art, label=f"keep {pipeline.mask.n_keep}, hold out {pipeline.mask.n_heldout} (seed {pipeline.mask.seed})"
+    )
     n_patches = inputs.dump.record.n_patches
     # "all" keeps every labelled patch: at most every patch of the dump.
     info = MaskInfo(max_kept=n_patches if pipeline.mask.n_keep == "all" else pipeline.mask.n_keep)

@@ -245,8 +245,12 @@ def make_report_data(
                 pr_scores, pr_labels = heldout_scores[c], flat_labels[heldout] == c
             else:
                 pr_scores, pr_labels = kept_scores[c], flat_labels[keep] == c
-            top = [] if dataset is None else top_images(
-                inputs, shards, dataset, pick, keep, kept_scores[c], c, img_size, n_side, cfg.n_top_images
+            top = (
+                []
+                if dataset is None
+                else top_images(
+                    inputs, shards, dataset, pick, keep, kept_scores[c], c, img_size, n_side, cfg.n_top_images
+                )
             )
         items.append(
             report.ClassResult(
@@ -282,7 +286,9 @@ def make_report_data(
     )
 
 
-def top_images(inputs: Inputs, shards, dataset, pick, keep, scores_N, c, img_size, n_side, n_top) -> list[report.TopImage]:
+def top_images(
+    inputs: Inputs, shards, dataset, pick, keep, scores_N, c, img_size, n_side, n_top
+) -> list[report.TopImage]:
     """The images holding the kept patches where the chosen latent fires hardest, with every patch's score."""
     md = shards.metadata
     order = np.argsort(-scores_N, kind="stable")
@@ -369,7 +375,11 @@ def format_health(result: best.Best) -> list[str]:
             shown = ", ".join(won[:8]) + (f" and {len(won) - 8} more" if len(won) > 8 else "")
             lines.append(
                 f"warning: SAE {key} is unhealthy ({'; '.join(entry.health)}); "
-                + (f"{len(won)} class(es) use its latents: {shown}; check them before trusting them" if won else "no class uses it")
+                + (
+                    f"{len(won)} class(es) use its latents: {shown}; check them before trusting them"
+                    if won
+                    else "no class uses it"
+                )
                 + " (see 'SAE health' in the README)"
             )
     return lines

@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import logging
 import math
-import pathlib
 import typing
 
 import numpy as np
@@ -84,7 +83,7 @@ class Config:
 
     def __post_init__(self):
         if self.block_size != "auto" and self.block_size <= 0:
-            raise ValueError(f"score.block_size must be positive or \"auto\", got {self.block_size}")
+            raise ValueError(f'score.block_size must be positive or "auto", got {self.block_size}')
         if self.memory_gb <= 0:
             raise ValueError(f"score.memory_gb must be positive, got {self.memory_gb}")
         if self.batch_size <= 0:
@@ -181,7 +180,9 @@ def get_topk(
         "n_rows": len(acts_ND), "train_key": info.train_key, "k": sae.activation.k, "d_sae": info.d_sae,
         "matmul_precision": cfg.matmul_precision,
     }  # fmt: skip
-    with art.lock("topk", wait=True, on_wait=lambda: logger.info("%s: another task is finding the TopK latents", art.ref)):
+    with art.lock(
+        "topk", wait=True, on_wait=lambda: logger.info("%s: another task is finding the TopK latents", art.ref)
+    ):
         try:
             return scoring.read_topk(fpath, **expected)
         except scoring.TopkError as err:

@@ -120,7 +120,7 @@ def get_sweep(pipeline: "Pipeline", d_vit: int) -> list[training.TrainConfig]:
     fpath = pipeline.config_dpath / pipeline.train.sweep
     if not fpath.exists() and not pipeline.train.sweep.is_absolute():
         raise sweep.SweepError(
-            f"sweep file not found: {fpath} ([train] sweep = \"{pipeline.train.sweep}\" is relative to the config's "
+            f'sweep file not found: {fpath} ([train] sweep = "{pipeline.train.sweep}" is relative to the config\'s '
             f"directory {pipeline.config_dpath}: copy the sweep file there too, or give its absolute path)"
         )
     expanded = sweep.load_sweep(fpath, training.TrainConfig, defaults={"sae.d_vit": d_vit})
@@ -237,7 +237,8 @@ def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[TrainInfo]:
         planned = plan_import(path)
         if planned.d_vit != d_vit:
             source_desc = (
-                f"adopted dump {dump_info.adopted}" if dump_info.adopted is not None
+                f"adopted dump {dump_info.adopted}"
+                if dump_info.adopted is not None
                 else f"dump.vit.model={pipeline.dump.vit.model!r}"
             )
             raise sae_files.SaeFileError(
@@ -300,7 +301,7 @@ def run(pipeline: "Pipeline", own: StagePlan[TrainInfo], inputs: Inputs, piece: 
         checkpoint_fpath=checkpoint_fpath,
         checkpoint_every=pipeline.train.checkpoint_every,
     )
-    for art, result in zip(todo, results):
+    for art, result in zip(todo, results, strict=True):
         nn.save(result.sae, art.dpath)
         metrics = dataclasses.asdict(result.metrics)
         atomic.atomic_write_json(art.dpath / "metrics.json", metrics)
@@ -310,7 +311,13 @@ def run(pipeline: "Pipeline", own: StagePlan[TrainInfo], inputs: Inputs, piece: 
             started=started,
             extra={"metrics": metrics, "device": str(device), "group": [a.key for a in todo]},
         )
-        logger.info("trained %s: nmse %.4f, l0 %.1f, dead %.3f", art.ref, result.metrics.nmse, result.metrics.l0, result.metrics.dead_frac)
+        logger.info(
+            "trained %s: nmse %.4f, l0 %.1f, dead %.3f",
+            art.ref,
+            result.metrics.nmse,
+            result.metrics.l0,
+            result.metrics.dead_frac,
+        )
     checkpoint_fpath.unlink(missing_ok=True)
 
 

@@ -52,6 +52,7 @@ __all__ = [  # what callers use from here; the readers live in saev.data.images,
     "to_rgb",
 ]  # fmt: skip
 
+
 @dataclasses.dataclass(frozen=True)
 class Sample:
     """One image with its segmentation mask."""
@@ -67,6 +68,7 @@ class Sample:
 #############
 # Synthetic #
 #############
+
 
 class SyntheticDataset:
     """Images generated on demand; any one can be regenerated alone from (seed, index)."""

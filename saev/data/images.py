@@ -37,7 +37,6 @@ class DatasetError(errors.UserInputError, ValueError):
     anything runs, is reported as a `ConfigError`: see `stages.pipeline.make_plan`.)"""
 
 
-
 #################
 # Reading files #
 #################
@@ -291,7 +290,6 @@ def read_class_names_bytes(fpath: pathlib.Path) -> bytes:
     return helpers.read_regular_file(fpath, what="class-names", error=DatasetError)
 
 
-
 @beartype.beartype
 def crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the centred square of side min(width, height), the part of an image that the
@@ -324,5 +322,3 @@ def resize_mask(
         left, top, right, bottom = crop_box(mask.shape[1], mask.shape[0])
         mask = mask[top:bottom, left:right]
     return labels.resize_nearest(mask, size)
-
-

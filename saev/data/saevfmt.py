@@ -82,9 +82,7 @@ class Source:
 
 
 @beartype.beartype
-def read_source(
-    dpath: pathlib.Path, *, class_names: tuple[str, ...] = (), ignore: int | None = None
-) -> Source:
+def read_source(dpath: pathlib.Path, *, class_names: tuple[str, ...] = (), ignore: int | None = None) -> Source:
     """Read and check a saev shard directory (v1 or 2.x layout): metadata.json, shards.json against the shard sizing,
     every listed shard file at the full shard size, labels.bin's size if present. The label fields are
     `class_names` and `ignore` (`dump.adopt.ignore`; None: not set, 255). A dump of this pipeline (labels.json, or
@@ -109,7 +107,9 @@ def read_source(
         raise ShardError(f"{md_fpath} is not a JSON object of metadata fields")
     protocol = obj.get("protocol")
     if protocol not in SOURCE_PROTOCOLS:
-        raise ShardError(f"{md_fpath}: field 'protocol' is {protocol!r}, not one we know ({', '.join(SOURCE_PROTOCOLS)})")
+        raise ShardError(
+            f"{md_fpath}: field 'protocol' is {protocol!r}, not one we know ({', '.join(SOURCE_PROTOCOLS)})"
+        )
     labels_dtype, has_own_labels = "uint8", False
     if protocol == V2_PROTOCOL:
         obj2 = dict(obj)
@@ -179,7 +179,7 @@ def read_source(
              else "dump.adopt.ignore" if ignore is not None else "the default ignore value (dump.adopt.ignore)")  # fmt: skip
     shards_.check_ignore(md.labels_ignore, labels_dtype, len(md.class_names), where)
     try:
-        md.n_shards
+        _ = md.n_shards
     except ShardValueError as err:
         raise ShardValueError(f"{md_fpath}: {err}") from None
     n_listed = shards_.check_shard_list(listed, md, list_fpath, md_fpath, count_key)
@@ -191,7 +191,9 @@ def read_source(
         expected = md.n_imgs * md.n_patches_per_img * np.dtype(labels_dtype).itemsize
         size = helpers.check_regular_file(labels_fpath, what="labels", max_bytes=None, error=ShardError)
         if size != expected:
-            raise ShardError(f"{labels_fpath} has {size} bytes, expected {expected} ({labels_dtype} [examples, patches])")
+            raise ShardError(
+                f"{labels_fpath} has {size} bytes, expected {expected} ({labels_dtype} [examples, patches])"
+            )
     return Source(dpath, protocol, md, obj, listed, n_listed, labels_fpath.exists())
 
 
@@ -358,9 +360,7 @@ def write_export(shards: shards_.Shards, export: Export) -> None:
 
 
 @beartype.beartype
-def export(
-    shards: shards_.Shards, out_dpath: pathlib.Path, *, dataset: str, pixel_agg: str | None
-) -> pathlib.Path:
+def export(shards: shards_.Shards, out_dpath: pathlib.Path, *, dataset: str, pixel_agg: str | None) -> pathlib.Path:
     """Write the dump `shards` in the 2.x layout as `out_dpath/saev/shards/<HASH>/` (`plan_export`, `write_export`),
     or reuse an identical earlier export; return that directory."""
     planned = plan_export(shards, out_dpath, dataset=dataset, pixel_agg=pixel_agg)
@@ -402,7 +402,9 @@ def check_export(shards: shards_.Shards, final: pathlib.Path, texts: dict[str, s
     if present != sorted([*names, *texts]):
         extra = sorted(set(present) - set(names) - set(texts)) or ["-"]
         missing = sorted((set(names) | set(texts)) - set(present)) or ["-"]
-        raise ShardError(f"{final}: an earlier export holds other files (extra: {extra[0]}, missing: {missing[0]}); {todo}")
+        raise ShardError(
+            f"{final}: an earlier export holds other files (extra: {extra[0]}, missing: {missing[0]}); {todo}"
+        )
     for name, text in texts.items():
         if (final / name).read_bytes() != text.encode():
             raise ShardError(f"{final / name} differs from what this export writes; {todo}")

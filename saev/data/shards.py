@@ -26,7 +26,7 @@ import typing
 import beartype
 import numpy as np
 
-from saev import artifacts, atomic, checksums, errors, helpers
+from saev import atomic, checksums, errors, helpers
 from saev.data import labels as labels_
 
 PROTOCOL = "1.0.0"
@@ -130,7 +130,11 @@ class Metadata:
 
     def labels_json(self) -> dict[str, typing.Any]:
         """labels.json: the label fields."""
-        return {"labels_dtype": self.labels_dtype, "labels_ignore": self.labels_ignore, "class_names": list(self.class_names)}
+        return {
+            "labels_dtype": self.labels_dtype,
+            "labels_ignore": self.labels_ignore,
+            "class_names": list(self.class_names),
+        }
 
     @classmethod
     def from_json(cls, obj: dict[str, typing.Any], labels: dict[str, typing.Any] | None = None) -> "Metadata":
@@ -159,7 +163,9 @@ def check_field(obj: dict, name: str, tp: type | tuple[type, ...], fpath: pathli
     if list in tps and isinstance(value, list):
         ok = all(type(v) is int for v in value)
     if not ok:
-        want = " or ".join("a list of integers" if t is list else "null" if t is type(None) else t.__name__ for t in tps)
+        want = " or ".join(
+            "a list of integers" if t is list else "null" if t is type(None) else t.__name__ for t in tps
+        )
         raise ShardError(f"{fpath}: field '{name}' must be {want}, got {value!r}")
     return value
 
@@ -440,7 +446,9 @@ class Shards:
             for name, tp in V1_TYPES.items():
                 if name in obj:
                     check_field(obj, name, tp, md_fpath)
-            check_label_fields(labels if labels is not None else obj, labels_json_fpath if labels is not None else md_fpath)
+            check_label_fields(
+                labels if labels is not None else obj, labels_json_fpath if labels is not None else md_fpath
+            )
             self.metadata = Metadata.from_json(obj, labels)
         except FileNotFoundError:
             raise ShardError(f"{md_fpath} is missing; is {self.dpath} a finished dump?") from None
@@ -462,7 +470,7 @@ class Shards:
         except json.JSONDecodeError as err:
             raise ShardError(f"{shards_fpath} is not a valid shard list: {err}") from err
         try:
-            md.n_shards
+            _ = md.n_shards
         except ShardValueError as err:
             raise ShardValueError(f"{md_fpath}: {err}") from None
         n_listed = check_shard_list(listed, md, shards_fpath, md_fpath)

@@ -33,7 +33,6 @@ NOISE_MAX = 20
 """Pixel noise: Gaussian with std 5, rounded and clipped to [-NOISE_MAX, NOISE_MAX]."""
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Synthetic:
     """The built-in demo: coloured shapes on textured backgrounds, one class per shape kind plus background."""
@@ -58,13 +57,20 @@ class Synthetic:
             raise ValueError(f"data.max_shapes must be positive, got {self.max_shapes}")
 
 
-
 _SHAPE_RGB_K3 = np.array([_SHAPE_RGB[kind] for kind in SHAPES], dtype=np.float32)
 _RADIUS_MIN, _RADIUS_MAX = 0.12, 0.24
 """Shape radii, as fractions of the image side."""
 
 # Layout of one image's uniform draws: 11 for the background, then 7 per shape slot.
-_U_BASE, _U_JITTER, _U_MIX, _U_PERIODS, _U_PHASES, _U_NOISE, _U_N_SHAPES = 0, slice(1, 4), 4, slice(5, 7), slice(7, 9), 9, 10
+_U_BASE, _U_JITTER, _U_MIX, _U_PERIODS, _U_PHASES, _U_NOISE, _U_N_SHAPES = (
+    0,
+    slice(1, 4),
+    4,
+    slice(5, 7),
+    slice(7, 9),
+    9,
+    10,
+)
 _U_PER_BG, _U_PER_SHAPE = 11, 7
 
 
@@ -175,7 +181,9 @@ def render_synthetic(
     paint_BJ4[..., :3] = np.rint(_SHAPE_RGB_K3[kind_BJ] + jitter_BJ3 - NOISE_MAX)
     paint_BJ4[..., 3] = kind_BJ + 1
     paint_BJ4 = torch.from_numpy(paint_BJ4)
-    step_BJS = np.rint((coords_S - cy_BJ1) * (_PROFILE_STEPS / r_BJ1)).astype(np.int64) + _PROFILE_REACH * _PROFILE_STEPS
+    step_BJS = (
+        np.rint((coords_S - cy_BJ1) * (_PROFILE_STEPS / r_BJ1)).astype(np.int64) + _PROFILE_REACH * _PROFILE_STEPS
+    )
     rows_BJ2S = _row_profiles()[kind_BJ[..., None, None], np.arange(2)[:, None], step_BJS[..., None, :]]
     rows_BJ2S = torch.from_numpy(rows_BJ2S * r_BJ1[..., None])
     adx_BJS = torch.from_numpy(np.abs(coords_S - cx_BJ1))
@@ -215,5 +223,3 @@ def shape_rows(kind: str, dy: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np
         arm = r / 3
         return zero, np.where(ady <= arm, r, np.where(ady <= r, arm, none))
     raise ValueError(f"unknown shape {kind!r}")
-
-

@@ -10,7 +10,7 @@ import time
 import typing
 from collections.abc import Callable
 
-from saev import artifacts, atomic, helpers, slurm
+from saev import atomic, helpers, slurm
 from saev.slurm import SlurmConfig
 
 from . import job
@@ -20,7 +20,9 @@ from .plan import Piece, Plan, Registry, RootConfig, StagePlan
 class Executor(typing.Protocol):
     """Runs (or submits) the missing pieces of the selected stages, in dependency order."""
 
-    def run(self, pipeline: RootConfig, plan: Plan, stages: typing.Sequence[str], *, say: Callable[[str], None]) -> None:
+    def run(
+        self, pipeline: RootConfig, plan: Plan, stages: typing.Sequence[str], *, say: Callable[[str], None]
+    ) -> None:
         """`say` gets one line per stage (skipped, running or submitted, done)."""
         ...
 
@@ -32,7 +34,9 @@ class Local:
     registry: Registry
     """The stages."""
 
-    def run(self, pipeline: RootConfig, plan: Plan, stages: typing.Sequence[str], *, say: Callable[[str], None]) -> None:
+    def run(
+        self, pipeline: RootConfig, plan: Plan, stages: typing.Sequence[str], *, say: Callable[[str], None]
+    ) -> None:
         for name in stages:
             stage_plan = plan[name]
             missing = stage_plan.missing()
@@ -105,7 +109,9 @@ class Slurm:
     jobs: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     """Piece id -> (job id, state) of the pieces already submitted (`piece_jobs`)."""
 
-    def run(self, pipeline: RootConfig, plan: Plan, stages: typing.Sequence[str], *, say: Callable[[str], None]) -> None:
+    def run(
+        self, pipeline: RootConfig, plan: Plan, stages: typing.Sequence[str], *, say: Callable[[str], None]
+    ) -> None:
         self.submit(pipeline, plan, stages, say=say)
 
     def submit(
@@ -151,6 +157,6 @@ class Slurm:
 def _record_jobs(stage_plan: StagePlan, pieces: list[Piece], job_ids: typing.Sequence[str]) -> None:
     """Record in each artifact's ledger the jobs of its pieces (`job_ids` in `pieces` order, maybe fewer)."""
     for art in stage_plan.artifacts:
-        mine = {p.id: j for p, j in zip(pieces, job_ids) if p.artifact.key == art.key}
+        mine = {p.id: j for p, j in zip(pieces, job_ids, strict=False) if p.artifact.key == art.key}
         if mine:
             Ledger(art.dpath).record(mine)

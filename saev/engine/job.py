@@ -121,7 +121,7 @@ def seal(registry: Registry, pipeline: RootConfig, stage_plan: StagePlan, art: a
     with art.lock(wait=True):
         if not art.is_done():
             first_mtime = min(p.fpath.stat().st_mtime for p in pieces if p.fpath is not None)
-            started = datetime.datetime.fromtimestamp(first_mtime, datetime.timezone.utc)
+            started = datetime.datetime.fromtimestamp(first_mtime, datetime.UTC)
             module = registry[stage_plan.name]
             if module.finalize is not None:  # e.g. join per-chunk labels, write index files
                 module.finalize(pipeline, stage_plan, art)

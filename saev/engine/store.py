@@ -126,10 +126,16 @@ def explain(registry: Registry, pipeline: RootConfig, plan: Plan, name: str, lim
     stage_plan = plan[name]
     health = {a.key: a.check() for a in stage_plan.artifacts}
     new = [a for a in stage_plan.artifacts if health[a.key].state == "missing" and a.damage_note() is None]
-    lines = [f"{a.ref} is damaged: {health[a.key].describe(a)}" for a in stage_plan.artifacts
-             if health[a.key].state == "damaged"][:limit]
-    lines += [f"{a.ref} was unsealed: {a.damage_note()}" for a in stage_plan.artifacts
-              if health[a.key].state == "missing" and a.damage_note()][:limit]
+    lines = [
+        f"{a.ref} is damaged: {health[a.key].describe(a)}"
+        for a in stage_plan.artifacts
+        if health[a.key].state == "damaged"
+    ][:limit]
+    lines += [
+        f"{a.ref} was unsealed: {a.damage_note()}"
+        for a in stage_plan.artifacts
+        if health[a.key].state == "missing" and a.damage_note()
+    ][:limit]
     if not new:
         return lines
     earlier = []
@@ -143,11 +149,12 @@ def explain(registry: Registry, pipeline: RootConfig, plan: Plan, name: str, lim
     for art in new[:limit]:
         params = json.loads(artifacts.canonical_json(stage_plan.params[art.key]))
         candidates = []  # the fewest differences first, then the most recent
-        for key, old_params, old_inputs, finished in sorted(earlier, key=lambda e: e[3], reverse=True):
+        for key, old_params, old_inputs, _finished in sorted(earlier, key=lambda e: e[3], reverse=True):
             if key == art.key:
                 continue
             diffs = _diff(old_params, params, "") + [
-                f"input {k}" for k in sorted(set(old_inputs) | set(stage_plan.inputs[art.key]))
+                f"input {k}"
+                for k in sorted(set(old_inputs) | set(stage_plan.inputs[art.key]))
                 if old_inputs.get(k) != stage_plan.inputs[art.key].get(k)
             ]
             candidates.append((key, diffs))
@@ -257,5 +264,7 @@ def gc(garbage: typing.Sequence[Garbage]) -> None:
         with contextlib.ExitStack() as stack:
             for lock_fpath in sorted(item.dpath.glob(".lock*")):
                 if not stack.enter_context(_try_lock(lock_fpath)):
-                    raise artifacts.ArtifactBusyError(f"{item.dpath} is being written by another process (lock {lock_fpath})")
+                    raise artifacts.ArtifactBusyError(
+                        f"{item.dpath} is being written by another process (lock {lock_fpath})"
+                    )
             shutil.rmtree(item.dpath)

@@ -21,6 +21,7 @@ from tests.helpers import REPO, small_tmpfs
 NOT_UTF8 = b'# caf\xe9 (latin-1)\nroot = "runs"\n'
 """A TOML file saved in latin-1: byte 0xe9 is not valid UTF-8."""
 
+
 def failing_open(fpath: pathlib.Path, err: OSError):
     """`os.open` that raises `err` for `fpath` (the one reader of user files opens them with it) and opens the rest."""
     real_open = os.open

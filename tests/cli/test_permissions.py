@@ -130,7 +130,7 @@ def lab_users():
 
 def as_user(user: str, home: pathlib.Path, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `argv` in the repository as `user` (group saevlab) under umask 002."""
-    inner = "umask 002; cd \"$0\" && exec \"$@\""
+    inner = 'umask 002; cd "$0" && exec "$@"'
     cmd = ["setpriv", f"--reuid={user}", f"--regid={GROUP}", "--init-groups", "sh", "-c", inner, str(REPO_DPATH), *argv]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "MPLCONFIGDIR": str(home / "mpl")}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

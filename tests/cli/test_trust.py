@@ -57,7 +57,7 @@ def set_key(cfg_fpath, section: str, key: str, value: str) -> None:
 def test_sae_health_thresholds(metrics, reasons):
     got = reduce_stage.sae_health(metrics)
     assert len(got) == len(reasons)
-    for line, want in zip(got, reasons):
+    for line, want in zip(got, reasons, strict=True):
         assert want in line
 
 
@@ -91,7 +91,9 @@ def test_warns_when_training_repeats_rows_a_hundred_times():
 def _train_cfg(n_eval: int, n_train: int):
     from saev import nn, training
 
-    return training.TrainConfig(sae=nn.SaeConfig(d_vit=64, exp_factor=2), n_train=n_train, batch_size=512, n_eval=n_eval)
+    return training.TrainConfig(
+        sae=nn.SaeConfig(d_vit=64, exp_factor=2), n_train=n_train, batch_size=512, n_eval=n_eval
+    )
 
 
 def test_launcher_shows_the_small_data_warning_at_plan_time(tiny_config, capsys):

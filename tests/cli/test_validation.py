@@ -158,8 +158,13 @@ def test_corrupt_files_at_the_same_size_are_caught_by_their_checksums(copy_of_do
     before_files = {p: p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
     message = corrupt(root)
     changed = [
-        p for p, size in before_files.items() if p.exists() and p.stat().st_mtime_ns and p.stat().st_size == size
-        and checksums.recorded_checksum(p) and checksums.recorded_checksum(p)[1] != checksums.file_checksum(p)
+        p
+        for p, size in before_files.items()
+        if p.exists()
+        and p.stat().st_mtime_ns
+        and p.stat().st_size == size
+        and checksums.recorded_checksum(p)
+        and checksums.recorded_checksum(p)[1] != checksums.file_checksum(p)
     ]
     for dpath in root.glob(f"{rerun}/*"):
         shutil.rmtree(dpath)

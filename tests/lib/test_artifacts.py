@@ -31,9 +31,7 @@ def key_of(cfg, inputs=None, version=1):
 def test_key_is_stable_across_calls_and_processes():
     # A literal: if hashing ever changes, every user's artifacts would be recomputed. Change it on purpose only.
     assert key_of(Cfg()) == key_of(Cfg())
-    assert key_of(Cfg()) == artifacts.get_key(
-        "train", 1, {"__class__": "Cfg", "lr": 1e-3, "n": 4}, {}
-    )
+    assert key_of(Cfg()) == artifacts.get_key("train", 1, {"__class__": "Cfg", "lr": 1e-3, "n": 4}, {})
     assert len(key_of(Cfg())) == 16
 
 
@@ -306,7 +304,9 @@ def test_a_piece_edited_before_sealing_is_moved_aside_not_sealed(tmp_path, caplo
     edit(fpath)
     with pytest.raises(artifacts.DamagedArtifactError) as err:
         art.write_manifest(params={}, inputs={}, started=artifacts.now())
-    assert str(err.value).startswith(f"{fpath} changed after its job wrote it") and "rerun to recompute it" in str(err.value)
+    assert str(err.value).startswith(f"{fpath} changed after its job wrote it") and "rerun to recompute it" in str(
+        err.value
+    )
     assert not art.manifest_fpath.exists() and not fpath.exists() and checksums.recorded_checksum(fpath) is None
     assert (fpath.parent / ".block00001.safetensors.corrupt").exists()
     assert "block00001.safetensors changed after its job wrote it" in caplog.text  # the warning line of a job's log
@@ -352,7 +352,10 @@ def test_the_check_before_a_run_finds_a_piece_edited_in_an_unsealed_artifact(tmp
     assert art.repair(health) == ["moved partials/block00000.safetensors aside"]
     assert not fpath.exists() and art.check("changed").state == "missing"
     art.write_manifest(params={}, inputs={}, started=artifacts.now())  # the other pieces are sealed as written
-    assert sorted(art.read_manifest()["files"]) == ["partials/block00001.safetensors", "partials/block00002.safetensors"]
+    assert sorted(art.read_manifest()["files"]) == [
+        "partials/block00001.safetensors",
+        "partials/block00002.safetensors",
+    ]
 
 
 def test_current_checksum_trusts_a_record_only_at_its_stat(tmp_path):

@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from saev import atomic, checkpoint, nn, objectives, training
+from saev import checkpoint, nn, objectives, training
 from saev.objectives import BatchTopK
 
 TINY = training.TrainConfig(
@@ -86,7 +84,9 @@ def test_save_load_round_trip(tmp_path):
     loaded, meta = checkpoint.load(fpath, kind="test", version=2)
     assert meta == {"step": 7, "names": ["a", "b"]}
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
-    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["ckpt.safetensors"]  # one file, no temp left over
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [
+        "ckpt.safetensors"
+    ]  # one file, no temp left over
 
 
 def test_checkpoint_is_plain_safetensors(tmp_path):
@@ -142,7 +142,16 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 ##########
 
 
-@pytest.mark.parametrize("cfgs", [[TINY], [TINY_BATCHTOPK, dataclasses.replace(TINY_BATCHTOPK, objective=BatchTopK(k=2, aux_k=2, dead_tokens=64), lr=3e-3)]])
+@pytest.mark.parametrize(
+    "cfgs",
+    [
+        [TINY],
+        [
+            TINY_BATCHTOPK,
+            dataclasses.replace(TINY_BATCHTOPK, objective=BatchTopK(k=2, aux_k=2, dead_tokens=64), lr=3e-3),
+        ],
+    ],
+)
 @pytest.mark.parametrize("stop_at", [1, 4, 10])
 def test_preempted_then_resumed_run_equals_an_uninterrupted_run(tiny_acts, tmp_path, cfgs, stop_at):
     fpath = tmp_path / "ckpt.safetensors"
@@ -234,7 +243,11 @@ def test_checkpoint_every_must_be_positive(tiny_acts, tmp_path):
 
 def test_a_tiled_group_resumes_to_the_uninterrupted_result(tiny_acts, tmp_path, monkeypatch):
     """BatchTopK thresholds live in per-tile objectives; the checkpoint gathers and restores them."""
-    cfgs = [TINY_BATCHTOPK, dataclasses.replace(TINY_BATCHTOPK, objective=BatchTopK(k=2, aux_k=2, dead_tokens=64), lr=3e-3), dataclasses.replace(TINY_BATCHTOPK, objective=BatchTopK(k=3, aux_k=2, dead_tokens=64))]
+    cfgs = [
+        TINY_BATCHTOPK,
+        dataclasses.replace(TINY_BATCHTOPK, objective=BatchTopK(k=2, aux_k=2, dead_tokens=64), lr=3e-3),
+        dataclasses.replace(TINY_BATCHTOPK, objective=BatchTopK(k=3, aux_k=2, dead_tokens=64)),
+    ]
     uninterrupted = training.train_group(cfgs, tiny_acts)
     monkeypatch.setattr(objectives, "_CPU_TILE_BYTES", 1)  # one SAE per tile
     fpath = tmp_path / "ckpt.safetensors"

@@ -73,6 +73,7 @@ def test_masks_are_uniform_subsets(n, seed, data):
 # Mask files checked where they are read (hostile inputs) #
 ###########################################################
 
+
 def write_masks(dpath: pathlib.Path, keep, heldout) -> pathlib.Path:
     np.save(dpath / "keep.npy", np.asarray(keep), allow_pickle=False)
     np.save(dpath / "heldout.npy", np.asarray(heldout), allow_pickle=False)

@@ -47,7 +47,10 @@ def test_objectives_registry():
 def test_unknown_objective_is_refused_with_the_known_ones():
     from saev import configs
 
-    with pytest.raises(configs.ConfigError, match=r"'objective' must be a kind, one of 'relu_l1', 'topk', 'batchtopk', 'matryoshka', got 'jumprelu'"):
+    with pytest.raises(
+        configs.ConfigError,
+        match=r"'objective' must be a kind, one of 'relu_l1', 'topk', 'batchtopk', 'matryoshka', got 'jumprelu'",
+    ):
         configs.from_dict(training.TrainConfig, {"sae": {"d_vit": 8}, "objective": "jumprelu"}, "t.toml")
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from sklearn.metrics import precision_recall_curve as sklearn_precision_recall_curve
 
-from saev import artifacts, atomic
+from saev import atomic
 from saev.report import ClassResult, ReportData, SaeResult, TopImage, precision_recall_curve, write_report
 from tests import browser
 
@@ -275,7 +275,7 @@ def test_precision_recall_curve_equals_sklearn_on_tied_scores(data):
         warnings.simplefilter("ignore")  # sklearn warns when there are no positives
         want = sklearn_precision_recall_curve(labels, scores)
     got = precision_recall_curve(labels, scores)
-    for name, g, w in zip(("precision", "recall", "thresholds"), got, want):
+    for name, g, w in zip(("precision", "recall", "thresholds"), got, want, strict=True):
         np.testing.assert_array_equal(g, w, err_msg=name)
         assert g.dtype == w.dtype, name
 

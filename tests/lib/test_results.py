@@ -77,7 +77,9 @@ def test_the_prototype_is_the_chosen_latent_of_the_chosen_sae(done_config):
     proto = results.get_prototype(run, "circle")
     assert (proto.cls, proto.latent, proto.layer) == (row, row.prototype, run.layers[row.sae])
     saved = nn.load(run.reduce.root / "train" / row.sae)
-    assert all(torch.equal(a, b) for a, b in zip(proto.sae.state_dict().values(), saved.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(proto.sae.state_dict().values(), saved.state_dict().values(), strict=True)
+    )
 
 
 def test_activations_on_the_dump_images_are_the_activations_the_dump_holds(done_config, tmp_path):

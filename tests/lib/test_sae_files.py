@@ -143,8 +143,10 @@ def test_v1_schema1(tmp_path, cls, kind):
     assert_same_outputs(imported.sae, *saev_forward(state, x, kind, top_k=5), x)
 
 
-@pytest.mark.parametrize("cls,kind,threshold", [("Relu", "relu", 0.0), ("TopK", "topk", 0.0),
-                                                ("BatchTopK", "batchtopk", 0.35), ("BatchTopK", "batchtopk", -0.2)])
+@pytest.mark.parametrize(
+    "cls,kind,threshold",
+    [("Relu", "relu", 0.0), ("TopK", "topk", 0.0), ("BatchTopK", "batchtopk", 0.35), ("BatchTopK", "batchtopk", -0.2)],
+)
 def test_schema5_with_d_sae_not_a_multiple_of_d_model(tmp_path, cls, kind, threshold):
     state = random_state(8, 13, b_enc_shift=-0.3)
     fpath = write_schema5(tmp_path / "sae.pt", cls, 8, 13, state, top_k=4,
@@ -182,7 +184,9 @@ def legacy_2x_header(schema: int, cls: str, d_model: int, d_sae: int, top_k: int
 
 
 @pytest.mark.parametrize("schema", [2, 3, 4])
-@pytest.mark.parametrize("cls,kind,threshold", [("Relu", "relu", 0.0), ("TopK", "topk", 0.0), ("BatchTopK", "batchtopk", 0.3)])
+@pytest.mark.parametrize(
+    "cls,kind,threshold", [("Relu", "relu", 0.0), ("TopK", "topk", 0.0), ("BatchTopK", "batchtopk", 0.3)]
+)
 def test_schemas_2_to_4_are_read_like_5(tmp_path, schema, cls, kind, threshold):
     """saev's loader reads schemas 2-4 as 5, accepting legacy training-only params; so do we, with the same outputs."""
     state = random_state(8, 16, b_enc_shift=-0.3)
@@ -275,61 +279,111 @@ REFUSALS = {
     "schema 0": (lambda p: write_pt(p, {**schema5_header("Relu", 8, 16), "schema": 0}, _state()), "'schema' is 0"),
     "schema 6": (lambda p: write_pt(p, {**schema5_header("Relu", 8, 16), "schema": 6}, _state()), "'schema' is 6"),
     "schema 99": (lambda p: write_pt(p, {**schema5_header("Relu", 8, 16), "schema": 99}, _state()), "'schema' is 99"),
-    "schema string": (lambda p: write_pt(p, {**schema5_header("Relu", 8, 16), "schema": "5"}, _state()), "'schema' is '5'"),
+    "schema string": (
+        lambda p: write_pt(p, {**schema5_header("Relu", 8, 16), "schema": "5"}, _state()),
+        "'schema' is '5'",
+    ),
     "cfg missing": (lambda p: write_pt(p, {"schema": 5}, _state()), "'cfg' must be an object"),
     "d_model missing": (
-        lambda p: write_pt(p, {"schema": 5, "cfg": {"d_sae": 16, "activation": {"cls": "Relu", "params": {}}}}, _state()),
+        lambda p: write_pt(
+            p, {"schema": 5, "cfg": {"d_sae": 16, "activation": {"cls": "Relu", "params": {}}}}, _state()
+        ),
         "'cfg.d_model' is missing",
     ),
     "d_sae negative": (
         lambda p: write_pt(p, {"schema": 5, "cfg": {**schema5_header("Relu", 8, 16)["cfg"], "d_sae": -3}}, _state()),
         "'cfg.d_sae' must be a positive integer",
     ),
-    "v1 width missing": (lambda p: write_pt(p, {"schema": 1, "cfg": {"exp_factor": 2, "top_k": 4}, "cls": "TopK"}, _state()),
-                         "'cfg.d_vit' is missing (the width; 'cfg.d_model' is not given either)"),
-    "v1 exp_factor missing": (lambda p: write_pt(p, {"schema": 1, "cfg": {"d_vit": 8, "top_k": 4}, "cls": "TopK"}, _state()),
-                              "'cfg.exp_factor' is missing"),
-    "v1 top_k missing": (lambda p: write_pt(p, {"schema": 1, "cfg": {"d_vit": 8, "exp_factor": 2}, "cls": "TopK"}, _state()),
-                         "'cfg.top_k' is missing"),
-    "v1 widths disagree": (lambda p: write_pt(p, {"schema": 1, "cfg": {"d_vit": 8, "d_model": 16, "exp_factor": 2}, "cls": "Relu"}, _state()),
-                           "'cfg.d_vit'=8 and 'cfg.d_model'=16 disagree"),
-    "pre-schema width missing": (lambda p: write_pt(p, {"exp_factor": 2, "seed": 0}, _state()), "header field 'd_vit' is missing"),
-    "pre-schema exp_factor missing": (lambda p: write_pt(p, {"d_vit": 8, "seed": 0}, _state()), "header field 'exp_factor' is missing"),
+    "v1 width missing": (
+        lambda p: write_pt(p, {"schema": 1, "cfg": {"exp_factor": 2, "top_k": 4}, "cls": "TopK"}, _state()),
+        "'cfg.d_vit' is missing (the width; 'cfg.d_model' is not given either)",
+    ),
+    "v1 exp_factor missing": (
+        lambda p: write_pt(p, {"schema": 1, "cfg": {"d_vit": 8, "top_k": 4}, "cls": "TopK"}, _state()),
+        "'cfg.exp_factor' is missing",
+    ),
+    "v1 top_k missing": (
+        lambda p: write_pt(p, {"schema": 1, "cfg": {"d_vit": 8, "exp_factor": 2}, "cls": "TopK"}, _state()),
+        "'cfg.top_k' is missing",
+    ),
+    "v1 widths disagree": (
+        lambda p: write_pt(
+            p, {"schema": 1, "cfg": {"d_vit": 8, "d_model": 16, "exp_factor": 2}, "cls": "Relu"}, _state()
+        ),
+        "'cfg.d_vit'=8 and 'cfg.d_model'=16 disagree",
+    ),
+    "pre-schema width missing": (
+        lambda p: write_pt(p, {"exp_factor": 2, "seed": 0}, _state()),
+        "header field 'd_vit' is missing",
+    ),
+    "pre-schema exp_factor missing": (
+        lambda p: write_pt(p, {"d_vit": 8, "seed": 0}, _state()),
+        "header field 'exp_factor' is missing",
+    ),
     "tagged schema 1 without activation": (
-        lambda p: write_pt(p, {"schema": 1, "cfg": {"d_vit": 8, "exp_factor": 2}, "cls": "SparseAutoencoderConfig"}, _state()),
+        lambda p: write_pt(
+            p, {"schema": 1, "cfg": {"d_vit": 8, "exp_factor": 2}, "cls": "SparseAutoencoderConfig"}, _state()
+        ),
         "'cfg.activation' is missing",
     ),
     "d_sae missing": (
-        lambda p: write_pt(p, {"schema": 5, "cfg": {"d_model": 8, "activation": {"cls": "Relu", "params": {}}}}, _state()),
+        lambda p: write_pt(
+            p, {"schema": 5, "cfg": {"d_model": 8, "activation": {"cls": "Relu", "params": {}}}}, _state()
+        ),
         "'cfg.d_sae' is missing",
     ),
     "d_sae and exp_factor disagree": (
-        lambda p: write_pt(p, {"schema": 5, "cfg": {**schema5_header("Relu", 8, 16)["cfg"], "exp_factor": 3}}, _state()),
+        lambda p: write_pt(
+            p, {"schema": 5, "cfg": {**schema5_header("Relu", 8, 16)["cfg"], "exp_factor": 3}}, _state()
+        ),
         "'cfg.d_sae'=16 and 'cfg.exp_factor'=3 disagree",
     ),
     "top_k missing": (
-        lambda p: write_pt(p, {"schema": 5, "cfg": {"d_model": 8, "d_sae": 16, "activation": {"cls": "TopK", "params": {}}}}, _state()),
+        lambda p: write_pt(
+            p, {"schema": 5, "cfg": {"d_model": 8, "d_sae": 16, "activation": {"cls": "TopK", "params": {}}}}, _state()
+        ),
         "'cfg.activation.params.top_k' is missing",
     ),
     "params missing": (
-        lambda p: write_pt(p, {"schema": 3, "cfg": {"d_model": 8, "d_sae": 16, "activation": {"cls": "Relu"}}}, _state()),
+        lambda p: write_pt(
+            p, {"schema": 3, "cfg": {"d_model": 8, "d_sae": 16, "activation": {"cls": "Relu"}}}, _state()
+        ),
         "'cfg.activation' must be an object with 'cls' and 'params'",
     ),
     "unknown activation": (
-        lambda p: write_pt(p, {"schema": 5, "cfg": {**schema5_header("Relu", 8, 16)["cfg"], "activation": {"cls": "Gated", "params": {}}}}, _state()),
+        lambda p: write_pt(
+            p,
+            {
+                "schema": 5,
+                "cfg": {**schema5_header("Relu", 8, 16)["cfg"], "activation": {"cls": "Gated", "params": {}}},
+            },
+            _state(),
+        ),
         "'cfg.activation.cls' is 'Gated'",
     ),
     "top_k zero": (lambda p: write_schema5(p, "TopK", 8, 16, _state(), top_k=0), "'cfg.activation.params.top_k'"),
     "v1 JumpRelu": (lambda p: write_v1_schema1(p, "JumpRelu", 8, 2, _state()), "'cls' is 'JumpRelu'"),
-    "v1 BatchTopK": (lambda p: write_v1_schema1(p, "BatchTopK", 8, 2, _state(), top_k=4), "without an inference threshold"),
-    "2.x BatchTopK without threshold": (lambda p: write_schema5(p, "BatchTopK", 8, 16, _state()), "activation.threshold"),
+    "v1 BatchTopK": (
+        lambda p: write_v1_schema1(p, "BatchTopK", 8, 2, _state(), top_k=4),
+        "without an inference threshold",
+    ),
+    "2.x BatchTopK without threshold": (
+        lambda p: write_schema5(p, "BatchTopK", 8, 16, _state()),
+        "activation.threshold",
+    ),
     "missing tensor": (
         lambda p: write_schema5(p, "Relu", 8, 16, {k: v for k, v in _state().items() if k != "b_dec"}),
         "missing tensor(s) b_dec",
     ),
-    "extra tensor": (lambda p: write_schema5(p, "Relu", 8, 16, {**_state(), "scale": torch.ones(1)}), "unexpected tensor(s) scale"),
+    "extra tensor": (
+        lambda p: write_schema5(p, "Relu", 8, 16, {**_state(), "scale": torch.ones(1)}),
+        "unexpected tensor(s) scale",
+    ),
     "wrong shape": (lambda p: write_schema5(p, "Relu", 8, 16, random_state(8, 12)), "tensor 'W_enc' has shape [8, 12]"),
-    "width mismatch": (lambda p: write_schema5(p, "Relu", 6, 16, _state()), "tensor 'W_enc' has shape [8, 16], but header d_model=6"),
+    "width mismatch": (
+        lambda p: write_schema5(p, "Relu", 6, 16, _state()),
+        "tensor 'W_enc' has shape [8, 16], but header d_model=6",
+    ),
     "NaN weight": (
         lambda p: write_schema5(p, "Relu", 8, 16, {**_state(), "b_enc": torch.full((16,), float("nan"))}),
         "tensor 'b_enc' holds NaN",
@@ -356,8 +410,9 @@ REFUSALS = {
         "tensor 'W_enc' has layout sparse_csr",
     ),
     "quantized tensor": (
-        lambda p: write_schema5(p, "Relu", 8, 16, {**_state(), "b_dec": torch.quantize_per_tensor(
-            torch.zeros(8), 0.1, 0, torch.quint8)}),
+        lambda p: write_schema5(
+            p, "Relu", 8, 16, {**_state(), "b_dec": torch.quantize_per_tensor(torch.zeros(8), 0.1, 0, torch.quint8)}
+        ),
         "tensor 'b_dec' has layout quantized",
     ),
     "complex tensor": (
@@ -369,12 +424,15 @@ REFUSALS = {
         "tensor 'W_dec' overflows float32 (it holds torch.float64 values up to",
     ),
     "converted bias beyond float32": (  # each fits float32; b_dec @ W_enc does not
-        lambda p: write_schema5(p, "Relu", 8, 16, {**_state(), "W_enc": torch.full((8, 16), 1e30),
-                                                   "b_dec": torch.full((8,), 1e30)}),
+        lambda p: write_schema5(
+            p, "Relu", 8, 16, {**_state(), "W_enc": torch.full((8, 16), 1e30), "b_dec": torch.full((8,), 1e30)}
+        ),
         "tensor 'b_enc + b_dec @ W_enc' overflows float32",
     ),
     "threshold beyond float32": (
-        lambda p: write_schema5(p, "BatchTopK", 8, 16, {**_state(), "activation.threshold": torch.tensor(1e300, dtype=torch.float64)}),
+        lambda p: write_schema5(
+            p, "BatchTopK", 8, 16, {**_state(), "activation.threshold": torch.tensor(1e300, dtype=torch.float64)}
+        ),
         "tensor 'activation.threshold' overflows float32",
     ),
     "infinite weight": (
@@ -382,7 +440,9 @@ REFUSALS = {
         "tensor 'W_dec' holds NaN or infinite values",
     ),
     "NaN threshold": (
-        lambda p: write_schema5(p, "BatchTopK", 8, 16, {**_state(), "activation.threshold": torch.tensor(float("nan"))}),
+        lambda p: write_schema5(
+            p, "BatchTopK", 8, 16, {**_state(), "activation.threshold": torch.tensor(float("nan"))}
+        ),
         "tensor 'activation.threshold' holds NaN or infinite values",
     ),
     "pickle after the header": (
@@ -390,8 +450,11 @@ REFUSALS = {
         "the state dict holds pickled objects",
     ),
     "pickled object after the header": (
-        lambda p: p.write_bytes(json.dumps(schema5_header("Relu", 8, 16)).encode() + b"\n"
-                                + pickle.dumps({"W_enc": Payload(p.parent / "ran")})),
+        lambda p: p.write_bytes(
+            json.dumps(schema5_header("Relu", 8, 16)).encode()
+            + b"\n"
+            + pickle.dumps({"W_enc": Payload(p.parent / "ran")})
+        ),
         "the state dict holds pickled objects",
     ),
     "truncated in the header": (
@@ -500,7 +563,9 @@ def test_a_corrupted_byte_is_refused_or_is_another_sae(tmp_path, offset):
 
 
 def make_sae(activation: nn.Activation, d_vit: int = 8, d_sae: int = 24) -> nn.SparseAutoencoder:
-    cfg = nn.SaeConfig(d_vit=d_vit, exp_factor=1, latents=d_sae) if d_sae % d_vit else nn.SaeConfig(d_vit, d_sae // d_vit)
+    cfg = (
+        nn.SaeConfig(d_vit=d_vit, exp_factor=1, latents=d_sae) if d_sae % d_vit else nn.SaeConfig(d_vit, d_sae // d_vit)
+    )
     sae = nn.SparseAutoencoder(cfg, activation)
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -525,7 +590,9 @@ def test_export_then_import_gives_the_same_outputs(tmp_path, activation, d_sae):
     assert_within(got.x_hat_BD, want.x_hat_BD, 2 * x_err, "x_hat")
 
 
-@pytest.mark.parametrize("activation,kind", [(nn.Relu(), "relu"), (nn.TopK(5), "topk"), (nn.JumpRelu(0.2), "batchtopk")])
+@pytest.mark.parametrize(
+    "activation,kind", [(nn.Relu(), "relu"), (nn.TopK(5), "topk"), (nn.JumpRelu(0.2), "batchtopk")]
+)
 def test_export_is_a_saev_schema5_file_with_saevs_forward(tmp_path, activation, kind):
     """The file has saev 2.x's header and tensors, and saev's forward on them gives our SAE's outputs (for TopK: on
     rows whose k largest pre-activations are positive, where both rules agree)."""
@@ -655,8 +722,14 @@ def test_bad_imports_are_refused_before_anything_runs(tiny_config, tmp_path, cap
     imports, message = json.dumps([str(fpath)]), str(fpath)
     if case in ("float64 beyond float32", "meta tensor", "pickle"):  # caught by --dry-run too, naming the tensor
         REFUSALS[case if case != "pickle" else "pickle after the header"][0](fpath)
-        message = f"{fpath}: " + {"pickle": "the state dict holds pickled objects", "meta tensor": "tensor 'W_enc' is "
-                                  "on device meta", "float64 beyond float32": "tensor 'W_dec' overflows float32"}[case]
+        message = (
+            f"{fpath}: "
+            + {
+                "pickle": "the state dict holds pickled objects",
+                "meta tensor": "tensor 'W_enc' is on device meta",
+                "float64 beyond float32": "tensor 'W_dec' overflows float32",
+            }[case]
+        )
     elif case == "wrong width":
         write_schema5(fpath, "Relu", 5, 10, random_state(5, 10))
         message = f"{fpath}: the SAE reads width d_model=5"
@@ -682,10 +755,17 @@ def test_bad_imports_are_refused_before_anything_runs(tiny_config, tmp_path, cap
 
 def test_latents_sets_d_sae_and_stays_out_of_keys_and_files_while_unset(tmp_path):
     """`SaeConfig.latents` and `TopK.keep_negative` were added without changing any earlier key or sae.json."""
-    assert artifacts.hashed_params(nn.SaeConfig(d_vit=8)) == {"__class__": "SaeConfig", "d_vit": 8, "exp_factor": 8, "seed": 0}
+    assert artifacts.hashed_params(nn.SaeConfig(d_vit=8)) == {
+        "__class__": "SaeConfig",
+        "d_vit": 8,
+        "exp_factor": 8,
+        "seed": 0,
+    }
     assert artifacts.hashed_params(nn.SaeConfig(d_vit=8, latents=13))["latents"] == 13
     assert nn.activation_to_json(nn.TopK(4)) == {"kind": "topk", "k": 4}
-    assert nn.activation_from_json(nn.activation_to_json(nn.TopK(4, keep_negative=True))) == nn.TopK(4, keep_negative=True)
+    assert nn.activation_from_json(nn.activation_to_json(nn.TopK(4, keep_negative=True))) == nn.TopK(
+        4, keep_negative=True
+    )
     sae = nn.SparseAutoencoder(nn.SaeConfig(d_vit=8, exp_factor=1, latents=13), nn.TopK(4, keep_negative=True))
     assert {k: tuple(v.shape) for k, v in sae.state_dict().items()} == {
         "W_enc": (8, 13), "b_enc": (13,), "W_dec": (13, 8), "b_dec": (8,)
@@ -756,7 +836,9 @@ def test_export_writes_every_sae_of_a_run(done_config, tiny_config, tmp_path):
     assert not (tmp_path / "nothing").exists()
 
 
-@pytest.mark.parametrize("params,top_k", [({"sae": {"objective": {"k": 12}}}, 12), ({"import": {"top_k": 9}}, 9), ({}, 32)])
+@pytest.mark.parametrize(
+    "params,top_k", [({"sae": {"objective": {"k": 12}}}, 12), ({"import": {"top_k": 9}}, 9), ({}, 32)]
+)
 def test_an_exported_jumprelu_sae_names_the_k_it_was_trained_with(tmp_path, params, top_k):
     """BatchTopK's k only matters to saev's training, but an export says what it was when the manifest records it
     (a native batchtopk SAE's objective, or the file it was imported from), else saev's default."""

@@ -117,7 +117,11 @@ BAD_PARTIALS = [
     ("ap-inf", _ap_at(np.inf), "AP inf of class 0, latent 5 is not within [0, 1]"),
     ("one-nan-ap", _ap_at(np.nan, c=0, k=2), "AP of class 0, latent 6 is NaN but the class has 5 kept patches"),
     ("nan-row-with-patches", _nan_row_for_class_with_patches, "AP of class 2, latent 4 is NaN but the class has 7"),
-    ("numbers-without-patches", _numbers_for_class_without_patches, "class 1 has no kept patches but latent 4 has AP 0.5"),
+    (
+        "numbers-without-patches",
+        _numbers_for_class_without_patches,
+        "class 1 has no kept patches but latent 4 has AP 0.5",
+    ),
     ("one-number-without-patches", _one_number_for_class_without_patches, "class 1 has no kept patches but latent 6"),
     ("min-above-max", _set("min_K", lambda t: t["max_K"] + np.float32(1)), "latent 4 has min"),
     ("min-nan", _set("min_K", lambda t: np.full(4, np.nan, np.float32)), "latent 4 has min nan"),
@@ -173,7 +177,8 @@ def _text(fpath):
 
 
 @pytest.mark.parametrize(
-    "corrupt", [_truncate, _garble_header, _huge_header_length, _empty, _text],
+    "corrupt",
+    [_truncate, _garble_header, _huge_header_length, _empty, _text],
     ids=["truncated", "garbled-header", "huge-header-length", "empty", "text"],
 )
 def test_unreadable_partials_are_named(art, corrupt):

@@ -61,7 +61,9 @@ def sbatch_lines(executor) -> set[str]:
 
 
 def test_make_executor_turns_the_config_into_submitit_parameters(fake_srun, tmp_path):
-    cfg = configs.from_dict(slurm.SlurmConfig, {**tomllib.loads(CLUSTER), "log_dpath": str(tmp_path)}, "my.toml [slurm]")
+    cfg = configs.from_dict(
+        slurm.SlurmConfig, {**tomllib.loads(CLUSTER), "log_dpath": str(tmp_path)}, "my.toml [slurm]"
+    )
     train = slurm.make_executor(cfg, "train", after=["11", "12"])
     assert train.parameters["qos"] == "long"
     assert train.parameters["gpus_per_node"] == "v100:2"
@@ -97,8 +99,14 @@ def test_make_executor_turns_the_config_into_submitit_parameters(fake_srun, tmp_
     assert not any("--gres" in line for line in lines)
 
     dump = sbatch_lines(slurm.make_executor(cfg, "dump"))  # cluster-wide defaults, gpu_type on a plain count
-    for line in ("#SBATCH --qos=normal", "#SBATCH --gpus-per-node=a100:1", "#SBATCH --partition=gpu",
-                 "#SBATCH --constraint=ib", "#SBATCH --comment='saev run'", "#SBATCH --mail-type=FAIL"):
+    for line in (
+        "#SBATCH --qos=normal",
+        "#SBATCH --gpus-per-node=a100:1",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --constraint=ib",
+        "#SBATCH --comment='saev run'",
+        "#SBATCH --mail-type=FAIL",
+    ):
         assert line in dump, (line, sorted(dump))
     assert not any("dependency" in line for line in dump)
 
@@ -135,35 +143,77 @@ def test_gpu_counts_and_types():
 @pytest.mark.parametrize(
     "toml, message",
     [
-        ('[train]\ngpus = "a100"', r"^my\.toml \[slurm\]: key 'train': gpus = 'a100' has no count; write TYPE:COUNT, e\.g\. gpus = 'a100:1'$"),
-        ('[train]\ngpus = "gpu:a100:1"', r"key 'train': gpus = 'gpu:a100:1' looks like a gres string; write gpus = 'a100:1' or gres = 'gpu:a100:1'$"),
+        (
+            '[train]\ngpus = "a100"',
+            r"^my\.toml \[slurm\]: key 'train': gpus = 'a100' has no count; write TYPE:COUNT, e\.g\. gpus = 'a100:1'$",
+        ),
+        (
+            '[train]\ngpus = "gpu:a100:1"',
+            r"key 'train': gpus = 'gpu:a100:1' looks like a gres string; write gpus = 'a100:1' or gres = 'gpu:a100:1'$",
+        ),
         ('[train]\ngpus = "a100:0"', r"key 'train': gpus = 'a100:0' asks for 0 GPUs of a type"),
         ('[train]\ngpus = "two"', r"key 'train': gpus = 'two' has no count"),
         ('[train]\ngpus = "a100:1:2"', r"key 'train': gpus = 'a100:1:2' is not a count or TYPE:COUNT"),
         ("[train]\ngpus = -1", r"key 'train': gpus must be >= 0, got -1"),
         ("[train]\ngpus = 1.5", r"key 'train.gpus' expects int or str, got float 1\.5"),
-        ('[score]\ngpus = 1\ngres = "gpu:a100:1"', r"key 'score': set gpus or gres, not both \(gpus = 1, gres = 'gpu:a100:1'\)"),
+        (
+            '[score]\ngpus = 1\ngres = "gpu:a100:1"',
+            r"key 'score': set gpus or gres, not both \(gpus = 1, gres = 'gpu:a100:1'\)",
+        ),
         ('[score]\ngpus = 0\ngres = "gpu a100"', r"key 'score': gres = 'gpu a100' must not contain spaces"),
         ('[score]\ngpus = 0\ngres = "gpu::1"', r"key 'score': gres = 'gpu::1' is not a gres string"),
         ('qos = "high prio"', r"^my\.toml \[slurm\]: qos = 'high prio' must not contain spaces or line breaks$"),
         ('gpu_type = "a100:1"', r"\[slurm\]: gpu_type = 'a100:1' is not a GPU type name"),
         ("[train]\nqos = 3", r"key 'train.qos' expects str, got int 3"),
         ("qoss = 'x'", r"unknown key 'qoss'; did you mean 'qos'\?"),
-        ('[additional_parameters]\nqos = "x"', r"^my\.toml \[slurm\]: additional_parameters key 'qos' is an sbatch option the pipeline sets itself: use the key 'qos'$"),
-        ('[additional_parameters]\ngpus_per_node = 1', r"additional_parameters key 'gpus_per_node' is an sbatch option the pipeline sets itself: use the key 'gpus'"),
-        ('[train.additional_parameters]\ngres = "gpu:1"', r"key 'train': additional_parameters key 'gres' is an sbatch option the pipeline sets itself: use the key 'gres'$"),
+        (
+            '[additional_parameters]\nqos = "x"',
+            r"^my\.toml \[slurm\]: additional_parameters key 'qos' is an sbatch option the pipeline sets itself: use the key 'qos'$",
+        ),
+        (
+            "[additional_parameters]\ngpus_per_node = 1",
+            r"additional_parameters key 'gpus_per_node' is an sbatch option the pipeline sets itself: use the key 'gpus'",
+        ),
+        (
+            '[train.additional_parameters]\ngres = "gpu:1"',
+            r"key 'train': additional_parameters key 'gres' is an sbatch option the pipeline sets itself: use the key 'gres'$",
+        ),
         ('[additional_parameters]\ntime = "1:00:00"', r"additional_parameters key 'time' .*use the key 'hours'"),
-        ('[additional_parameters]\nmem-per-cpu = "4G"', r"additional_parameters key 'mem-per-cpu' .*use the key 'mem_gb'"),
+        (
+            '[additional_parameters]\nmem-per-cpu = "4G"',
+            r"additional_parameters key 'mem-per-cpu' .*use the key 'mem_gb'",
+        ),
         ('[additional_parameters]\ndependency = "afterok:1"', r"additional_parameters key 'dependency' .*afterok"),
         ('[additional_parameters]\nsignal = "USR1@60"', r"additional_parameters key 'signal' .*requeues"),
-        ('[additional_parameters]\nmail_type = "FAIL"\nmail-type = "END"', r"additional_parameters key 'mail-type' and 'mail_type' are the same sbatch option --mail-type; keep one"),
-        ('[additional_parameters]\n"--mail-type" = "FAIL"', r"additional_parameters key '--mail-type' is not a long sbatch option name"),
+        (
+            '[additional_parameters]\nmail_type = "FAIL"\nmail-type = "END"',
+            r"additional_parameters key 'mail-type' and 'mail_type' are the same sbatch option --mail-type; keep one",
+        ),
+        (
+            '[additional_parameters]\n"--mail-type" = "FAIL"',
+            r"additional_parameters key '--mail-type' is not a long sbatch option name",
+        ),
         ('[additional_parameters]\np = "gpu"', r"additional_parameters key 'p' is not a long sbatch option name"),
-        ("[additional_parameters]\nexclusive = false", r"additional_parameters key 'exclusive' = false: leave the key out instead"),
-        ("[additional_parameters]\nnice = 1.5", r"additional_parameters key 'nice' expects a string, an integer or true, got float 1\.5"),
-        ('[additional_parameters]\ncomment = ""', r"additional_parameters key 'comment' = '' must be a non-empty, single-line string"),
-        ('[additional_parameters]\ncomment = "a\\nb"', r"additional_parameters key 'comment' = 'a\\nb' must be a non-empty, single-line string"),
-        ("[additional_parameters]\nmail_type = ['FAIL']", r"additional_parameters key 'mail_type' expects a string, an integer or true, got list"),
+        (
+            "[additional_parameters]\nexclusive = false",
+            r"additional_parameters key 'exclusive' = false: leave the key out instead",
+        ),
+        (
+            "[additional_parameters]\nnice = 1.5",
+            r"additional_parameters key 'nice' expects a string, an integer or true, got float 1\.5",
+        ),
+        (
+            '[additional_parameters]\ncomment = ""',
+            r"additional_parameters key 'comment' = '' must be a non-empty, single-line string",
+        ),
+        (
+            '[additional_parameters]\ncomment = "a\\nb"',
+            r"additional_parameters key 'comment' = 'a\\nb' must be a non-empty, single-line string",
+        ),
+        (
+            "[additional_parameters]\nmail_type = ['FAIL']",
+            r"additional_parameters key 'mail_type' expects a string, an integer or true, got list",
+        ),
         ("additional_parameters = 3", r"key 'additional_parameters' expects a table, got int 3"),
     ],
 )

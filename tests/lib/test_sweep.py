@@ -149,25 +149,25 @@ def test_works_for_any_nested_frozen_dataclass():
 
 def test_load_sweep_reads_toml_sub_tables_and_dotted_keys(tmp_path):
     fpath = tmp_path / "sweep.toml"
-    fpath.write_text('lr = [1e-3, 3e-4]\n\n[sae]\nd_vit = 64\nexp_factor = 4\nseed = [0, 1]\n')
+    fpath.write_text("lr = [1e-3, 3e-4]\n\n[sae]\nd_vit = 64\nexp_factor = 4\nseed = [0, 1]\n")
     cfgs = sweep.load_sweep(fpath, TrainConfig)
     assert len(cfgs) == 4
-    assert {(c.lr, c.sae.seed, c.sae.d_sae) for c in cfgs} == {
-        (lr, s, 256) for lr in (1e-3, 3e-4) for s in (0, 1)
-    }
+    assert {(c.lr, c.sae.seed, c.sae.d_sae) for c in cfgs} == {(lr, s, 256) for lr in (1e-3, 3e-4) for s in (0, 1)}
 
 
 def test_toml_syntax_error_names_the_file_and_line(tmp_path):
     fpath = tmp_path / "bad.toml"
-    fpath.write_text('lr = 1e-3\nsae.d_vit = 64\nl1_coeff = = 0.1\nseed = 0\n')
+    fpath.write_text("lr = 1e-3\nsae.d_vit = 64\nl1_coeff = = 0.1\nseed = 0\n")
     with pytest.raises(sweep.SweepError, match=rf"TOML syntax error in {re.escape(str(fpath))}: .*line 3"):
         sweep.load_sweep(fpath, TrainConfig)
 
 
 def test_sweep_errors_from_a_file_name_the_file(tmp_path):
     fpath = tmp_path / "sweep.toml"
-    fpath.write_text('sae.d_vit = 64\nl1_coef = 0.1\n')
-    with pytest.raises(sweep.SweepError, match=rf"{re.escape(str(fpath))}: unknown key 'l1_coef'.*'objective.l1_coeff'"):
+    fpath.write_text("sae.d_vit = 64\nl1_coef = 0.1\n")
+    with pytest.raises(
+        sweep.SweepError, match=rf"{re.escape(str(fpath))}: unknown key 'l1_coef'.*'objective.l1_coeff'"
+    ):
         sweep.load_sweep(fpath, TrainConfig)
 
 

@@ -74,6 +74,8 @@ TINY_MATRYOSHKA = dataclasses.replace(TINY, objective=Matryoshka(k=3, prefixes=(
 def with_obj(cfg: training.TrainConfig, **changes) -> dict[str, object]:
     """A `dataclasses.replace` change of the objective's own fields."""
     return {"objective": dataclasses.replace(cfg.objective, **changes)}
+
+
 TINY_WINDOWED = dataclasses.replace(TINY, chunk_rows=32, buffer_rows=128)  # 4 windows per epoch of 512 rows
 
 CHANGES = {
@@ -129,7 +131,10 @@ GROUP_PAIRS = {
         dataclasses.replace(TINY_TOPK, objective=BatchTopK(k=1, aux_k=2, dead_tokens=64)),
         dataclasses.replace(TINY_TOPK, objective=BatchTopK(k=2, aux_k=2, dead_tokens=128), lr=2e-3),
     ),
-    "matryoshka": (TINY_MATRYOSHKA, dataclasses.replace(TINY_MATRYOSHKA, **with_obj(TINY_MATRYOSHKA, k=2, aux_k=1, dead_tokens=64))),
+    "matryoshka": (
+        TINY_MATRYOSHKA,
+        dataclasses.replace(TINY_MATRYOSHKA, **with_obj(TINY_MATRYOSHKA, k=2, aux_k=1, dead_tokens=64)),
+    ),
 }
 """Two configs per objective that differ in every field a group lets differ (seed, lr, k, AuxK settings...)."""
 

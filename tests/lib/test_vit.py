@@ -238,4 +238,3 @@ def test_siglip_has_no_cls_token_and_gives_196_patch_tokens_of_768():
     assert (model.mean, model.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     out = model(torch.randn(2, 3, 224, 224))
     assert out.shape == (2, 2, 14 * 14, 768) and torch.isfinite(out).all()
-

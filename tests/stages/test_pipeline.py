@@ -21,7 +21,9 @@ from tests.helpers import REPO, run
 def snapshot(root) -> dict[str, int]:
     """Relative path -> mtime_ns of every file under the artifact root."""
     return {
-        str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
+        str(p.relative_to(root)): p.stat().st_mtime_ns
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
     }
 
 
@@ -143,7 +145,9 @@ def test_sweeping_a_field_the_objective_ignores_trains_no_copies(tiny_config, ca
     topk x 2 values of k plan 4 SAEs (not 8), the relu_l1 ones with the keys of the sweep without topk, and says so."""
     before = keys(tiny_config)
     sweep = tiny_config.parent / "tiny-sweep.toml"
-    sweep.write_text(sweep.read_text().replace("lr = 3e-3", 'lr = 3e-3\nobjective = ["relu_l1", "topk"]\nk = [8, 16]', 1))
+    sweep.write_text(
+        sweep.read_text().replace("lr = 3e-3", 'lr = 3e-3\nobjective = ["relu_l1", "topk"]\nk = [8, 16]', 1)
+    )
     with caplog.at_level("WARNING", logger="stages.train"):
         after = keys(tiny_config)
     assert before["train"] <= after["train"] and len(after["train"]) == 4
@@ -187,14 +191,15 @@ def test_deleted_partial_is_recomputed_alone(copy_of_done):
 
 
 def test_stage_refuses_incomplete_input(copy_of_done, capsys):
-    root = copy_of_done.parent / "runs"
     plan = pl.make_plan(pl.load(copy_of_done))
     shard = plan["dump"].artifacts[0].dpath / "acts000000.bin"
     with open(shard, "r+b") as fd:
         fd.truncate(100)
     shutil.rmtree(plan["mask"].artifacts[0].dpath)
     # The job body refuses on its own (afterok alone is not trusted)...
-    with pytest.raises(artifacts.IncompleteArtifactError, match="cannot start: input dump/.*acts000000.bin has 100 bytes"):
+    with pytest.raises(
+        artifacts.IncompleteArtifactError, match="cannot start: input dump/.*acts000000.bin has 100 bytes"
+    ):
         pl.run_pieces(pl.load(copy_of_done), "mask", [plan["mask"].pieces[0].id])
     assert not plan["mask"].artifacts[0].is_done()
     # ...and the launcher names the damage and the stage that recomputes it.
@@ -342,6 +347,7 @@ def test_preempted_training_resumes_to_the_same_weights(copy_of_done, capsys):
 
 def test_dump_bytes_do_not_depend_on_batching_or_grouping(tmp_path):
     """Batch size and how many batches are prepared at a time change memory use only: the files are byte-identical."""
+
     def dump(root, batch_size, prepare_mib):
         cfg = dump_stage.Config(
             data=datasets.Synthetic(n_imgs=150, seed=3),

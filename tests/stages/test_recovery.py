@@ -114,9 +114,19 @@ CASES = [
     ("partial-missing", delete("score/*/partials/block00001.safetensors"), {"stage": "score"}),
     ("partial-corrupted-same-size", flip("score/*/partials/block00000.safetensors"), {"stage": "score"}),
     ("best-json-corrupted", flip("reduce/*/best.json", 5), {"stage": "reduce"}),
-    ("everything-all-at-once", lambda root: [c(root) for c in (
-        delete("dump/*/acts000001.bin"), flip("train/*/sae.safetensors"), keep_duplicated,
-        delete("score/*/partials/block00001.safetensors"))], {"stage": "all"}),
+    (
+        "everything-all-at-once",
+        lambda root: [
+            c(root)
+            for c in (
+                delete("dump/*/acts000001.bin"),
+                flip("train/*/sae.safetensors"),
+                keep_duplicated,
+                delete("score/*/partials/block00001.safetensors"),
+            )
+        ],
+        {"stage": "all"},
+    ),
 ]
 
 

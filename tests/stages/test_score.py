@@ -260,7 +260,10 @@ def test_topk_latents_for_other_rows_or_another_sae_are_refused_naming_the_file(
         scoring.read_topk(fpath, **change(kw))
 
 
-@pytest.mark.parametrize(("rows", "message"), [([[0, 8], [1, 2]], "row 0 holds an index outside"), ([[1, 2], [3, 3]], "row 1 holds an index twice")])
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [([[0, 8], [1, 2]], "row 0 holds an index outside"), ([[1, 2], [3, 3]], "row 1 holds an index twice")],
+)
 def test_topk_latents_out_of_range_or_repeated_are_refused(tmp_path, rows, message):
     fpath = tmp_path / scoring.TOPK_FNAME
     scoring.write_topk(
@@ -346,7 +349,7 @@ def test_score_blocks_reuse_one_set_of_buffers_and_leave_nothing_of_the_previous
     got = [scoring.score_block(sae, acts_ND, labels_N, 5, a, b, batch_size=50, device=cpu) for a, b in blocks]
     buffers = scoring.get_block_buffers(len(acts_ND), 24, 16, 50, cpu)
     assert buffers is scoring.get_block_buffers(len(acts_ND), 24, 64, 50, cpu)  # allocated once, for 64 latents
-    for (a, b), block in zip(blocks, got):
+    for (a, b), block in zip(blocks, got, strict=True):
         assert torch.equal(block.max_K, full_NS[:, a:b].amax(dim=0))
         assert torch.equal(block.ap_CK, ap.average_precision(full_NS[:, a:b], torch.from_numpy(labels_N), n_classes=5))
     assert torch.equal(got[0].ap_CK, got[-1].ap_CK)

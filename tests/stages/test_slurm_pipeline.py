@@ -177,7 +177,7 @@ def test_pre_timeout_signal_checkpoints_requeues_and_resumes_to_the_same_weights
         cfg = slurm_config(dpath)
         sweep = dpath / "tiny-sweep.toml"
         sweep.write_text(sweep.read_text().replace("n_train = 20480", "n_train = 3072000"))
-        cfg.write_text(cfg.read_text().replace('[train]\n', "[train]\ncheckpoint_every = 20\n"))
+        cfg.write_text(cfg.read_text().replace("[train]\n", "[train]\ncheckpoint_every = 20\n"))
         return cfg
 
     interrupted, clean = config(tmp_path / "interrupted"), config(tmp_path / "clean")
@@ -251,14 +251,19 @@ def test_qos_typed_gpus_gres_and_passthrough_options_reach_the_jobs(tmp_path):
     # are schedulable. Once the training job is done and a score task has started, the rest is cancelled.
     score_tasks = [f"{array}_{i}" for array in jobs["score"] for i in range(3)]
     wait_for(
-        lambda: (s := sacct_states(jobs["train"] + score_tasks)).get(jobs["train"][0]) == "COMPLETED"
-        and any(s.get(t) in ("RUNNING", "COMPLETED") for t in score_tasks),
+        lambda: (
+            (s := sacct_states(jobs["train"] + score_tasks)).get(jobs["train"][0]) == "COMPLETED"
+            and any(s.get(t) in ("RUNNING", "COMPLETED") for t in score_tasks)
+        ),
         600,
         "the training job to finish and a score task to start",
     )
     subprocess.run(["scancel", *[i for ids in jobs.values() for i in ids]], timeout=15)
     train_tres = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-j", jobs["train"][0], "-o", "AllocTRES"], capture_output=True, text=True, timeout=15
+        ["sacct", "-n", "-X", "-P", "-j", jobs["train"][0], "-o", "AllocTRES"],
+        capture_output=True,
+        text=True,
+        timeout=15,
     ).stdout
     assert "gres/gpu:fake=1" in train_tres, train_tres
 

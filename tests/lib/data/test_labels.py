@@ -213,7 +213,7 @@ def reference_labels(mask_HW, n_side, img_size, n_classes, ignore, prefer_fg, ba
 
             def winner(candidates):
                 best = max(candidates.values())
-                return min(c for c, n in candidates.items() if n == best) if best / total >= min_frac else None
+                return min(c for c, n in candidates.items() if n == best) if best / total >= min_frac else None  # noqa: B023 -- called within the loop
 
             fg = {c: n for c, n in votes.items() if c != background}
             label = winner(fg) if prefer_fg and background is not None and fg else None
@@ -272,11 +272,17 @@ def test_pooling_matches_a_per_patch_counter(
     dtype=st.sampled_from([np.uint8, np.int16, np.int64]),
     data=st.data(),
 )
-def test_a_batch_of_masks_is_pooled_like_each_mask_alone(n_imgs, h, n_side, p, n_classes, prefer_fg, min_frac, dtype, data):
+def test_a_batch_of_masks_is_pooled_like_each_mask_alone(
+    n_imgs, h, n_side, p, n_classes, prefer_fg, min_frac, dtype, data
+):
     ignore = n_classes + 1
     low = -1 if np.issubdtype(dtype, np.signedinteger) else 0
-    masks = data.draw(hnp.arrays(dtype, (n_imgs, h, h), elements=st.one_of(st.integers(low, n_classes - 1), st.just(ignore))))
-    kwargs = dict(n_side=n_side, img_size=n_side * p, n_classes=n_classes, ignore=ignore, prefer_fg=prefer_fg, min_frac=min_frac)
+    masks = data.draw(
+        hnp.arrays(dtype, (n_imgs, h, h), elements=st.one_of(st.integers(low, n_classes - 1), st.just(ignore)))
+    )
+    kwargs = dict(
+        n_side=n_side, img_size=n_side * p, n_classes=n_classes, ignore=ignore, prefer_fg=prefer_fg, min_frac=min_frac
+    )
     batch = pool_patch_labels(masks, **kwargs)
     assert batch.shape == (n_imgs, n_side * n_side)
     for i in range(n_imgs):

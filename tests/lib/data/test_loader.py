@@ -178,9 +178,7 @@ def test_bad_loader_settings_are_clear_errors(bad, match):
 ##############
 
 
-@pytest.mark.parametrize(
-    "cls_token, layers", [(True, (1, 3)), (False, (1, 3)), (True, (2,)), (False, (2,))], ids=str
-)
+@pytest.mark.parametrize("cls_token, layers", [(True, (1, 3)), (False, (1, 3)), (True, (2,)), (False, (2,))], ids=str)
 @settings(max_examples=20, deadline=None)
 @given(data=st.data())
 def test_shard_rows_read_any_range_like_the_reader(tmp_path_factory, cls_token, layers, data):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import launch
-from saev import artifacts, atomic
+from saev import atomic
 from saev.data import saevfmt
 from saev.data.shards import Metadata, ShardError, Shards, ShardWriter
 from stages import pipeline as pl
@@ -135,12 +135,19 @@ def open_as_saev2(out: pathlib.Path) -> tuple[pathlib.Path, dict, np.ndarray, np
     assert dpath.parts[-3:-1] == ("saev", "shards"), dpath
     Saev21Metadata(**meta)  # its fields and types, nothing else
     tokens = meta["content_tokens_per_example"] + int(meta["cls_token"])
-    shape = (meta["max_tokens_per_shard"] // (tokens * len(meta["layers"])), len(meta["layers"]), tokens, meta["d_model"])
+    shape = (
+        meta["max_tokens_per_shard"] // (tokens * len(meta["layers"])),
+        len(meta["layers"]),
+        tokens,
+        meta["d_model"],
+    )
     rows = [np.memmap(dpath / entry["name"], dtype=np.float32, mode="r", shape=shape)[: entry["n_examples"]]
             for entry in json.loads((dpath / "shards.json").read_text())]  # fmt: skip
     acts = np.concatenate(rows)
     assert len(acts) == meta["n_examples"]
-    labels = np.fromfile(dpath / "labels.bin", dtype=np.uint8).reshape(meta["n_examples"], meta["content_tokens_per_example"])
+    labels = np.fromfile(dpath / "labels.bin", dtype=np.uint8).reshape(
+        meta["n_examples"], meta["content_tokens_per_example"]
+    )
     return dpath, meta, acts, labels
 
 
@@ -247,15 +254,24 @@ def one_line_error(fn, match: str) -> str:
 
 def test_a_directory_that_is_not_a_shard_set_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
-    one_line_error(lambda: saevfmt.read_source(tmp_path / "nowhere"), re.escape(f"{tmp_path / 'nowhere'} is not a directory of saev shards"))
-    one_line_error(lambda: saevfmt.read_source(tmp_path / "empty"), re.escape(f"{tmp_path / 'empty' / 'metadata.json'} is missing: "))
+    one_line_error(
+        lambda: saevfmt.read_source(tmp_path / "nowhere"),
+        re.escape(f"{tmp_path / 'nowhere'} is not a directory of saev shards"),
+    )
+    one_line_error(
+        lambda: saevfmt.read_source(tmp_path / "empty"),
+        re.escape(f"{tmp_path / 'empty' / 'metadata.json'} is missing: "),
+    )
 
 
 @pytest.mark.parametrize("protocol", ["1.1", "3.0", None])
 def test_a_protocol_we_do_not_know_is_refused_naming_the_field(tmp_path, protocol):
     src = src_2x(tmp_path)
     edit_json(src / "metadata.json", protocol=protocol)
-    one_line_error(lambda: saevfmt.read_source(src), re.escape(f"{src / 'metadata.json'}: field 'protocol' is {protocol!r}, not one we know"))
+    one_line_error(
+        lambda: saevfmt.read_source(src),
+        re.escape(f"{src / 'metadata.json'}: field 'protocol' is {protocol!r}, not one we know"),
+    )
 
 
 def test_a_missing_unknown_or_mistyped_field_is_named(tmp_path):
@@ -268,21 +284,28 @@ def test_a_missing_unknown_or_mistyped_field_is_named(tmp_path):
     edit_json(md, d_model=4, colour="red")
     one_line_error(lambda: saevfmt.read_source(src), re.escape(f"{md}: field 'colour' is not a field of protocol 2.1"))
     edit_json(md, colour=None, patches_per_ex=4)
-    one_line_error(lambda: saevfmt.read_source(src), "fields 'patches_per_ex' and 'content_tokens_per_example' are the same")
+    one_line_error(
+        lambda: saevfmt.read_source(src), "fields 'patches_per_ex' and 'content_tokens_per_example' are the same"
+    )
 
 
 def test_a_truncated_shard_is_refused(tmp_path):
     src = src_2x(tmp_path)
     last = src / "acts000003.bin"
     last.write_bytes(last.read_bytes()[: len(last.read_bytes()) // 2])  # what our earlier dumps did: not saev's
-    one_line_error(lambda: saevfmt.read_source(src), re.escape(f"shard file {last} has 160 bytes, expected 320; saev writes every shard"))
+    one_line_error(
+        lambda: saevfmt.read_source(src),
+        re.escape(f"shard file {last} has 160 bytes, expected 320; saev writes every shard"),
+    )
 
 
 def test_a_missing_shard_or_a_shard_list_that_disagrees_is_refused(tmp_path):
     src = src_2x(tmp_path)
     listed = json.loads((src / "shards.json").read_text())
     (src / "shards.json").write_text(json.dumps(listed[:2]))
-    one_line_error(lambda: saevfmt.read_source(src), re.escape(f"{src / 'shards.json'} does not match the shard sizing"))
+    one_line_error(
+        lambda: saevfmt.read_source(src), re.escape(f"{src / 'shards.json'} does not match the shard sizing")
+    )
     (src / "shards.json").write_text(json.dumps([{**e, "n_imgs": 2} for e in listed]))
     one_line_error(lambda: saevfmt.read_source(src), "is not a valid shard list: entry 0")
     (src / "shards.json").write_text(json.dumps(listed))
@@ -314,7 +337,10 @@ def test_a_layer_listed_twice_is_refused(tmp_path, protocol):
     """Each slot of a shard holds one layer: `layers = [3, 3]` would make `train.layer = 3` read only one of them."""
     src = write_saev_shards(tmp_path / "src", make_acts(), layers=(3, 3), cls_token=True, budget=25,
                             labels_NP=make_labels(), protocol=protocol)  # fmt: skip
-    one_line_error(lambda: saevfmt.read_source(src), re.escape(f"{src / 'metadata.json'}: field 'layers' lists layer 3 more than once ([3, 3])"))
+    one_line_error(
+        lambda: saevfmt.read_source(src),
+        re.escape(f"{src / 'metadata.json'}: field 'layers' lists layer 3 more than once ([3, 3])"),
+    )
     edit_json(src / "metadata.json", layers=[5, 3])
     assert saevfmt.read_source(src).metadata.layers == (5, 3)
 
@@ -331,7 +357,9 @@ def test_a_label_beyond_the_class_names_is_refused_naming_the_file(tmp_path):
     labels[4, 2] = 3  # three class names: 0, 1, 2
     labels.tofile(src / "labels.bin")
     source = saevfmt.read_source(src, class_names=CLASSES)
-    with pytest.raises(ValueError, match=re.escape(f"{src / 'labels.bin'}: class id 3 at image 4, patch 2 is not in [0, 3)")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{src / 'labels.bin'}: class id 3 at image 4, patch 2 is not in [0, 3)")
+    ):
         saevfmt.check_source_labels(source)
 
 
@@ -375,9 +403,13 @@ def test_a_repeat_export_reuses_an_identical_directory_and_refuses_other_content
     """The directory name hashes the metadata only: a dump with the same metadata but other labels or activations
     (e.g. masks edited in place, dumped again) must not be answered with the old export."""
     acts = np.random.default_rng(0).normal(size=(7, 2, 5, 3)).astype(np.float32)
-    out = saevfmt.export(write_dump(tmp_path / "a", acts, make_labels()), tmp_path / "out", dataset="", pixel_agg="majority")
+    out = saevfmt.export(
+        write_dump(tmp_path / "a", acts, make_labels()), tmp_path / "out", dataset="", pixel_agg="majority"
+    )
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    again = saevfmt.export(write_dump(tmp_path / "b", acts, make_labels()), tmp_path / "out", dataset="", pixel_agg="majority")
+    again = saevfmt.export(
+        write_dump(tmp_path / "b", acts, make_labels()), tmp_path / "out", dataset="", pixel_agg="majority"
+    )
     assert again == out and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     other_labels = make_labels(seed=5)
     one_line_error(lambda: saevfmt.export(write_dump(tmp_path / "c", acts, other_labels), tmp_path / "out", dataset="",
@@ -389,8 +421,10 @@ def test_a_repeat_export_reuses_an_identical_directory_and_refuses_other_content
     one_line_error(lambda: saevfmt.export(write_dump(tmp_path / "d", acts2, make_labels()), tmp_path / "out", dataset="",
                                           pixel_agg="majority"), re.escape(f"{out / 'acts000003.bin'} does not have the checksum"))  # fmt: skip
     (out / "labels.bin").unlink()
-    one_line_error(lambda: saevfmt.export(Shards(tmp_path / "a"), tmp_path / "out", dataset="", pixel_agg="majority"),
-                   re.escape(f"{out}: an earlier export holds other files (extra: -, missing: labels.bin)"))
+    one_line_error(
+        lambda: saevfmt.export(Shards(tmp_path / "a"), tmp_path / "out", dataset="", pixel_agg="majority"),
+        re.escape(f"{out}: an earlier export holds other files (extra: -, missing: labels.bin)"),
+    )
     shutil.rmtree(out)  # what the error says to do
     assert saevfmt.export(Shards(tmp_path / "c"), tmp_path / "out", dataset="", pixel_agg="majority") == out
     assert (out / "labels.bin").read_bytes() == other_labels.tobytes()
@@ -431,7 +465,10 @@ def test_a_2x_dump_with_null_pixel_agg_is_adopted_and_exported_verbatim(tmp_path
     released = load_as_saev21(out)
     assert (released.pixel_agg, released.dataset) == (None, "/data/images")
     edit_json(src / "metadata.json", pixel_agg=3)
-    one_line_error(lambda: saevfmt.read_source(src), re.escape(f"{src / 'metadata.json'}: field 'pixel_agg' must be str or null, got 3"))
+    one_line_error(
+        lambda: saevfmt.read_source(src),
+        re.escape(f"{src / 'metadata.json'}: field 'pixel_agg' must be str or null, got 3"),
+    )
 
 
 def test_export_refuses_int16_labels(tmp_path):
@@ -456,11 +493,15 @@ def adopt_config(dpath: pathlib.Path, shards_dpath: pathlib.Path, layer: int, ex
     """tests/tiny.toml with [dump.adopt] instead of [dump.data] and [dump.vit]."""
     cfg = write_tiny_config(dpath)
     text = cfg.read_text()
-    text = text[: text.index("[dump]")] + f"""[dump.adopt]
+    text = (
+        text[: text.index("[dump]")]
+        + f"""[dump.adopt]
 shards = "{shards_dpath}"
 classes = "classes.txt"
 {extra}
-""" + text[text.index("[train]") :].replace("layer = -1", f"layer = {layer}")
+"""
+        + text[text.index("[train]") :].replace("layer = -1", f"layer = {layer}")
+    )
     cfg.write_text(text)
     return cfg
 
@@ -525,7 +566,9 @@ def test_launch_export_is_opened_by_a_reader_written_from_saevs_path_and_hash_ru
     assert (dpath / "classes.txt").read_text().splitlines() == list(md.class_names)
 
 
-def test_a_repeat_export_reuses_identical_files_and_overwrites_none_that_differ(done_config, exported, tmp_path, capsys):
+def test_a_repeat_export_reuses_identical_files_and_overwrites_none_that_differ(
+    done_config, exported, tmp_path, capsys
+):
     """Every file an earlier export left (the shard directory's classes.txt, an SAE's sae.pt) is reused when it holds
     what this export writes, and otherwise refused with one `error:` line naming it, before anything is written."""
     out, hashdir = exported
@@ -602,7 +645,9 @@ def clean_best_of(cfg: pathlib.Path, root: pathlib.Path) -> bytes:
 
 
 @pytest.mark.parametrize("delete_dump", [False, True], ids=["kept", "dump-deleted"])
-def test_an_edited_source_is_a_new_dump_and_everything_made_from_it_is_recomputed(exported, tmp_path, capsys, delete_dump):
+def test_an_edited_source_is_a_new_dump_and_everything_made_from_it_is_recomputed(
+    exported, tmp_path, capsys, delete_dump
+):
     """Editing labels.bin (then, as an earlier error advised, deleting runs/dump/<key>) gives a new key for the dump
     and every stage after it: nothing made from the old labels is reused, the plan says which file changed, and
     best.json is a clean run's on the edited labels."""
@@ -644,7 +689,9 @@ def test_a_source_edited_under_its_old_modification_time_and_readopted_is_refuse
     capsys.readouterr()
     assert launch.main(launch.Args(config=cfg)) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: {labels.resolve()} changed since it was adopted as {dump.ref}"), errors
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: {labels.resolve()} changed since it was adopted as {dump.ref}"
+    ), errors
     assert f"`touch {labels.resolve()}`" in errors[0]
     assert not dump.is_done()
     os.utime(labels)
@@ -689,7 +736,9 @@ def test_adopting_a_directory_inside_the_store_is_refused_before_anything_runs(e
     for args in (launch.Args(config=cfg, dry_run=True), launch.Args(config=cfg)):
         assert launch.main(args) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"error: dump.adopt.shards: {target} is inside the artifact store {(tmp_path / 'runs').resolve()}")
+        assert err.startswith(
+            f"error: dump.adopt.shards: {target} is inside the artifact store {(tmp_path / 'runs').resolve()}"
+        )
         assert err.count("\n") == 1, err
     assert {p.name: os.readlink(p) for p in dump.dpath.iterdir() if p.is_symlink()} == links
     assert launch.main(launch.Args(config=adopt_config(tmp_path, hashdir, layer=layer), stage="dump", only=True)) == 0
@@ -701,10 +750,15 @@ def test_pipeline_refusals_before_anything_runs(exported, tmp_path, capsys):
     (tmp_path / "classes.txt").write_text("background\nonly\n")  # fewer names than the labels use
     cfg = adopt_config(tmp_path, hashdir, layer=layers[-1])
     assert launch.main(launch.Args(config=cfg)) == 2
-    assert re.search(r"error: .*labels\.bin: class id \d+ at image \d+, patch \d+ is not in \[0, 2\)", capsys.readouterr().err)
+    assert re.search(
+        r"error: .*labels\.bin: class id \d+ at image \d+, patch \d+ is not in \[0, 2\)", capsys.readouterr().err
+    )
     cfg = adopt_config(tmp_path, hashdir, layer=99)
     assert launch.main(launch.Args(config=cfg, dry_run=True)) == 2
-    assert f"error: train.layer=99 is not among the layers of the adopted dump {hashdir / 'metadata.json'}" in capsys.readouterr().err
+    assert (
+        f"error: train.layer=99 is not among the layers of the adopted dump {hashdir / 'metadata.json'}"
+        in capsys.readouterr().err
+    )
     cfg = adopt_config(tmp_path, hashdir, layer=layers[-1], extra="ignore = 1")
     assert launch.main(launch.Args(config=cfg, dry_run=True)) == 2
     assert "error: dump.adopt.ignore is 1, a class id (classes are 0..1)" in capsys.readouterr().err
@@ -786,10 +840,14 @@ def write_own_int16_dump(dpath: pathlib.Path) -> pathlib.Path:
 
 def test_the_ignore_label_is_never_a_class_and_fits_the_labels(tmp_path):
     src = src_2x(tmp_path)
-    one_line_error(lambda: saevfmt.read_source(src, class_names=CLASSES, ignore=1),
-                   re.escape("dump.adopt.ignore is 1, a class id (classes are 0..2): unlabelled patches would count"))
-    one_line_error(lambda: saevfmt.read_source(src, class_names=CLASSES, ignore=-1),
-                   re.escape("dump.adopt.ignore must be an integer within [0, 255] (labels.bin is uint8), got -1"))
+    one_line_error(
+        lambda: saevfmt.read_source(src, class_names=CLASSES, ignore=1),
+        re.escape("dump.adopt.ignore is 1, a class id (classes are 0..2): unlabelled patches would count"),
+    )
+    one_line_error(
+        lambda: saevfmt.read_source(src, class_names=CLASSES, ignore=-1),
+        re.escape("dump.adopt.ignore must be an integer within [0, 255] (labels.bin is uint8), got -1"),
+    )
     assert saevfmt.read_source(src, class_names=CLASSES, ignore=7).metadata.labels_ignore == 7
     ours = write_own_int16_dump(tmp_path / "ours")
     # Our own int16 dump: labels.json's -1 is kept when the config names classes but no ignore value.
@@ -797,7 +855,9 @@ def test_the_ignore_label_is_never_a_class_and_fits_the_labels(tmp_path):
     assert saevfmt.read_source(ours, class_names=("p", "q"), ignore=-7).metadata.labels_ignore == -7
     one_line_error(lambda: saevfmt.read_source(ours, ignore=0), re.escape("dump.adopt.ignore is 0, a class id"))
     edit_json(ours / "labels.json", labels_ignore=1)
-    one_line_error(lambda: saevfmt.read_source(ours), re.escape(f"{ours / 'labels.json'}: field 'labels_ignore' is 1, a class id"))
+    one_line_error(
+        lambda: saevfmt.read_source(ours), re.escape(f"{ours / 'labels.json'}: field 'labels_ignore' is 1, a class id")
+    )
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -829,8 +889,9 @@ def test_a_malformed_labels_json_is_refused_when_read(tmp_path, field, value, ma
     (None, "background\n\na\n", "classes.txt has a blank line 2 between class names"),
     (None, "background\n \t\na\n", "classes.txt has a blank line 2 between class names"),
 ])  # fmt: skip
-def test_an_adopted_dumps_class_list_with_a_duplicate_or_blank_is_refused(tmp_path, capsys, class_names, classes_txt,
-                                                                          match):
+def test_an_adopted_dumps_class_list_with_a_duplicate_or_blank_is_refused(
+    tmp_path, capsys, class_names, classes_txt, match
+):
     """Inline `dump.adopt.class_names` or a classes.txt: a class named twice (two rows of best.json for one name, and
     an export whose classes.txt cannot be adopted back) or a blank name is one error line, before anything runs."""
     src = src_2x(tmp_path)
@@ -875,9 +936,13 @@ def test_an_identical_copy_elsewhere_is_relinked_and_a_different_one_refused(exp
     assert os.readlink(dump.dpath / "acts000000.bin") == str((tmp_path / "one" / "acts000000.bin").resolve())
     capsys.readouterr()
     assert launch.main(launch.Args(config=cfg, dry_run=True)) == 0
-    assert f"relink {(tmp_path / 'one').resolve()} -> {(tmp_path / 'two').resolve()}" not in capsys.readouterr().out  # not verbose
+    assert (
+        f"relink {(tmp_path / 'one').resolve()} -> {(tmp_path / 'two').resolve()}" not in capsys.readouterr().out
+    )  # not verbose
     assert launch.main(launch.Args(config=cfg, status=True)) == 0
-    assert f"missing: relink {(tmp_path / 'one').resolve()} -> {(tmp_path / 'two').resolve()}" in capsys.readouterr().out
+    assert (
+        f"missing: relink {(tmp_path / 'one').resolve()} -> {(tmp_path / 'two').resolve()}" in capsys.readouterr().out
+    )
     assert os.readlink(dump.dpath / "acts000000.bin") == str((tmp_path / "one" / "acts000000.bin").resolve())
     assert launch.main(launch.Args(config=cfg, stage="dump", only=True)) == 0
     assert dump.is_done() and dump.read_manifest()["adopted"] == str((tmp_path / "two").resolve())
@@ -912,7 +977,9 @@ def test_an_adopted_dump_and_two_imported_saes_give_the_native_best_latents(done
     shutil.copy(hashdir / "classes.txt", tmp_path / "classes.txt")
     layer = Shards(native_plan["dump"].artifacts[0].dpath).metadata.layers[-1]
     cfg = adopt_config(tmp_path, hashdir, layer=layer)
-    text = cfg.read_text().replace('sweep = "tiny-sweep.toml"', f"sweep = \"\"\nimports = {json.dumps([str(f) for f in saes])}")
+    text = cfg.read_text().replace(
+        'sweep = "tiny-sweep.toml"', f'sweep = ""\nimports = {json.dumps([str(f) for f in saes])}'
+    )
     cfg.write_text(text)
     assert launch.main(launch.Args(config=cfg)) == 0
     plan = pl.make_plan(pl.load(cfg))
@@ -920,8 +987,9 @@ def test_an_adopted_dump_and_two_imported_saes_give_the_native_best_latents(done
     got = json.loads((plan["reduce"].artifacts[0].dpath / "best.json").read_text())
     key_map = {a.key: b.key for a, b in zip(native_plan["train"].artifacts, plan["train"].artifacts, strict=True)}
     for want_sae, got_sae in key_map.items():
-        native_sae, imported_sae = nn.load(native_plan["train"].artifacts[0].dpath.parent / want_sae), nn.load(
-            plan["train"].artifacts[0].dpath.parent / got_sae
+        native_sae, imported_sae = (
+            nn.load(native_plan["train"].artifacts[0].dpath.parent / want_sae),
+            nn.load(plan["train"].artifacts[0].dpath.parent / got_sae),
         )
         x = torch.randn(64, native_sae.cfg.d_vit)
         with torch.no_grad():
@@ -955,4 +1023,6 @@ def test_adopting_a_dump_asks_slurm_for_no_gpu(exported, tmp_path):
     pipeline = pl.load(cfg)
     params = slurm.executor_parameters(executors.stage_slurm(pl.REGISTRY, pipeline, "dump"), "dump")
     assert "gpus_per_node" not in params and "gres" not in params and params["cpus_per_task"] == 3
-    assert slurm.executor_parameters(executors.stage_slurm(pl.REGISTRY, pipeline, "train"), "train")["gpus_per_node"] == 1
+    assert (
+        slurm.executor_parameters(executors.stage_slurm(pl.REGISTRY, pipeline, "train"), "train")["gpus_per_node"] == 1
+    )

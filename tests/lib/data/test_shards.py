@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saev import artifacts, atomic, checksums
+from saev import atomic, checksums
 from saev.data.shards import Metadata, ShardError, Shards, ShardWriter
 
 
@@ -144,7 +144,12 @@ def test_metadata_json_has_exactly_the_v1_keys_and_the_label_fields_are_in_label
 def test_dump_directory_holds_exactly_the_protocol_files(dump):
     dpath, *_ = dump
     names = sorted(p.name for p in dpath.iterdir() if not p.name.startswith("."))
-    assert names == [f"acts{i:06d}.bin" for i in range(4)] + ["labels.bin", "labels.json", "metadata.json", "shards.json"]
+    assert names == [f"acts{i:06d}.bin" for i in range(4)] + [
+        "labels.bin",
+        "labels.json",
+        "metadata.json",
+        "shards.json",
+    ]
 
 
 ################
@@ -448,7 +453,10 @@ def test_closing_before_every_image_is_written_is_an_error_and_marks_nothing_don
     writer.write(logical_tensor(md)[:5])
     with pytest.raises(ValueError, match="wrote 5 images, metadata says 7"):
         writer.close()
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["acts000000.bin", "acts000001.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "acts000000.bin",
+        "acts000001.bin",
+    ]
 
 
 def test_labels_of_the_wrong_shape_are_rejected(tmp_path):
@@ -478,7 +486,10 @@ def test_an_exception_inside_a_with_block_aborts_the_shard_being_written(tmp_pat
         with ShardWriter(tmp_path, md) as writer:
             writer.write(acts[:5])
             raise RuntimeError("model crashed")
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["acts000000.bin", "acts000001.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "acts000000.bin",
+        "acts000001.bin",
+    ]
 
 
 def test_resume_from_start_shard_is_byte_identical_to_an_uninterrupted_write(tmp_path):
@@ -651,7 +662,7 @@ def test_metadata_json_is_accepted_by_a_reader_with_the_v1_fields_and_types(dump
     dct = json.loads((dump.dpath / "metadata.json").read_text())
     dct["layers"] = tuple(dct.pop("layers"))
     v1 = V1Metadata(**dct)
-    with pytest.raises(Exception):  # what this stand-in refuses, as the seed's reader does
+    with pytest.raises(Exception):  # noqa: B017 --  # what this stand-in refuses, as the seed's reader does
         V1Metadata(**{**dct, "protocol": "1.1.0"})
     with pytest.raises(TypeError):
         V1Metadata(**dct, labels_dtype="uint8")
