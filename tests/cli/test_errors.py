@@ -260,7 +260,7 @@ def test_kept_activations_on_a_full_disk_are_a_write_error_not_sigbus(tmp_path):
     with small_tmpfs(tmp_path / "disk") as dpath:
         code = textwrap.dedent(f"""
             import pathlib, numpy as np
-            from saev import artifacts, scoring
+            from saev import atomic, scoring
             try:
                 scoring.write_kept(pathlib.Path({str(dpath / "kept" / "acts.npy")!r}),
                                    lambda a, b: np.ones((b - a, 64), np.float32), 4096, 64)  # 1 MiB > 200 KiB
