@@ -44,10 +44,12 @@ from torch import Tensor
 
 from saev.helpers import set_torch_threads
 
-# Temporary memory the blocks in flight may use together, and what one score of a block costs at worst (every score ranked, all
-# distinct): the block's copy and mask, then about seven 8-byte values per ranked entry at the peak. Measured with
-# N=100,000 and 32 columns a block: dense float32 scores peaked 209-268 MB above the start of the call (55 bytes a
-# score of live tensors, the rest the allocator's), ReLU-like (90% zeros) ones 31-40 MB.
+# Temporary memory the blocks in flight may use together, and what one score of a block costs at worst (every score
+# ranked, all distinct): the block's copy and mask, then about seven 8-byte values per ranked entry at the peak.
+# Measured with N=100,000 and 32 columns a block, one at a time: dense float32 scores peaked 209-268 MB above the
+# start of the call (55 bytes a score of live tensors, the rest the allocator's), ReLU-like (90% zeros) ones 31-40 MB.
+# Two blocks of 16 side by side: dense 418-421 MB, of which 153 MB remain with glibc's mmap threshold fixed at 1 MiB
+# (MALLOC_MMAP_THRESHOLD_): the rest is freed memory each thread's malloc arena keeps; ReLU-like ones 7-8 MB.
 _BLOCK_BYTES = 256 * 2**20
 _BYTES_PER_SCORE = 80
 
