@@ -153,25 +153,23 @@ def average_precision(
     if n_kept == 0 or n_c == 0:
         return ap_CK
 
-    def rank(start: int) -> None:
-        end = min(start + chunk, k)
-        block_NJ = scores_NK[:, start:end]  # a view: the callees copy it and free what they make as they go
+    def rank(start: int) -> Float64[Tensor, "C J"]:
+        block_NJ = scores_NK[:, start : start + chunk]  # a view: the callees copy it and free what they make as they go
         if labels.dtype == torch.bool:
-            ap_CK[:, start:end] = _ap_multi_hot(block_NJ, low, labels_CN, n_positives_C)
-        else:
-            ap_CK[:, start:end] = _ap_class_ids(block_NJ, low, ignored_I, labels_N, n_positives_C, n_kept)
+            return _ap_multi_hot(block_NJ, low, labels_CN, n_positives_C)
+        return _ap_class_ids(block_NJ, low, ignored_I, labels_N, n_positives_C, n_kept)
 
     starts = range(0, k, chunk)
-    if workers == 1 or len(starts) == 1:
-        for start in starts:
-            rank(start)
-    else:
-        _on_threads(rank, starts, workers)
+    # Written here, not by the workers: `ap_CK` is an inference tensor when the caller is in inference mode.
+    blocks = map(rank, starts) if workers == 1 or len(starts) == 1 else _on_threads(rank, starts, workers)
+    for start, ap_CJ in zip(starts, blocks, strict=True):
+        ap_CK[:, start : start + chunk] = ap_CJ
     return ap_CK
 
 
-def _on_threads(fn: typing.Callable[[int], None], items: range, workers: int) -> None:
-    """`fn(item)` for every item, on `workers` threads of one torch thread each; the calling thread's count is kept.
+def _on_threads(fn: typing.Callable[[int], Tensor], items: range, workers: int) -> typing.Iterator[Tensor]:
+    """`fn(item)` for every item, in order, on `workers` threads of one torch thread each, without autograd; the
+    calling thread's torch thread count is kept.
 
     A block's many small ops (its mask, nonzero, sorts of a few hundred thousand keys, copies) gain little from a
     second torch thread each, while independent blocks side by side use every thread fully (benchmarks/ap.py).
@@ -180,16 +178,16 @@ def _on_threads(fn: typing.Callable[[int], None], items: range, workers: int) ->
     """
     n_threads = torch.get_num_threads()
 
-    def one(item: int) -> None:
+    def one(item: int) -> Tensor:
         set_torch_threads(1, force=True)
         try:
-            fn(item)
+            with torch.no_grad():  # grad mode is per thread: the caller's no_grad does not reach here
+                return fn(item)
         finally:
             set_torch_threads(n_threads, force=True)
 
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="saev-ap") as pool:
-        for _ in pool.map(one, items):  # in order; re-raises a worker's exception here
-            pass
+        yield from pool.map(one, items)  # in order; re-raises a worker's exception here
 
 
 @jaxtyped(typechecker=beartype.beartype)

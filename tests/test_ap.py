@@ -185,6 +185,13 @@ def test_blocks_side_by_side_give_the_same_bits_as_blocks_one_at_a_time():
                 assert torch.equal(average_precision(scores_NK, labels, chunk=chunk, workers=workers), serial_CK)
 
 
+def test_blocks_side_by_side_under_inference_mode_equal_blocks_one_at_a_time():
+    scores_NK, labels_N = torch.rand(500, 40), torch.randint(-1, 3, (500,))
+    serial_CK = average_precision(scores_NK, labels_N, workers=1)
+    with torch.inference_mode():  # the AP is then an inference tensor, writable only in inference mode
+        assert torch.equal(average_precision(scores_NK, labels_N, workers=2, chunk=4), serial_CK)
+
+
 def test_side_by_side_blocks_leave_torch_thread_counts_as_they_were():
     before = torch.get_num_threads()
     counts = []
