@@ -23,9 +23,8 @@ for float64 the dense rank among the block's entries. Integer keys let PyTorch r
 ratios and sums are float64. Multi-hot labels share step 1 and sort 1, then take one pass per class.
 Blocks are sized for memory (about 256 MB at worst) and in practice for cache: a block's sorts of a few hundred
 thousand entries run several times faster per entry than one sort of millions (benchmarks/ap.py). On CPU, blocks
-are ranked side by side, one per torch thread, each block's ops on one thread: a block's small ops barely gain from a
-second thread, two blocks at once do. Each block is computed alone, so results never depend on the block width or
-on how many blocks run at once.
+are ranked side by side, as many as torch has threads, each block's ops on one thread (see `_on_threads`). Each
+block is computed alone, so results never depend on the block width or on how many blocks run at once.
 
 Shape suffixes: N examples (rows), K prototypes (columns), C classes, J columns of the current block,
 E ranked entries of the block (above the minimum), S (column, class) segments of the block, R runs of equal sort-2
@@ -171,10 +170,13 @@ def _on_threads(fn: typing.Callable[[int], Tensor], items: range, workers: int) 
     """`fn(item)` for every item, in order, on `workers` threads of one torch thread each, without autograd; the
     calling thread's torch thread count is kept.
 
-    A block's many small ops (its mask, nonzero, sorts of a few hundred thousand keys, copies) gain little from a
-    second torch thread each, while independent blocks side by side use every thread fully (benchmarks/ap.py).
-    torch ops release the GIL. OpenMP's thread count is per thread, but torch keeps the last count set as the count
-    of threads that start later, so each worker sets the caller's count back, to the value read here.
+    A block's many small ops (its mask, nonzero, sorts of a few hundred thousand keys, copies) each start and join
+    a team of torch threads; blocks side by side, one thread each, join nothing. On a quiet 2-CPU machine that is
+    only 1-3% faster (N=100,000, K=256), but with other processes on the cores a team waits, spinning, at each join
+    for a thread that lost its core: in the same interleaved rounds at a load of about 3, the blocks one at a time
+    on 2 torch threads used 651-671 ms of CPU a call, side by side 179-189 ms. torch ops release the GIL.
+    OpenMP's thread count is per thread, but torch keeps the last count set as the count of threads that start
+    later, so each worker sets the caller's count back, to the value read here.
     """
     n_threads = torch.get_num_threads()
 
