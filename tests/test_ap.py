@@ -173,16 +173,18 @@ def test_chunking_gives_identical_results():
             assert torch.equal(average_precision(scores_NK, labels, chunk=chunk), whole_CK)
 
 
-def test_blocks_side_by_side_give_the_same_bits_as_blocks_one_at_a_time():
-    rng = np.random.default_rng(12)
-    scores_NK = torch.from_numpy(np.round(np.maximum(rng.normal(size=(3000, 23)), 0), 2).astype(np.float32))
-    labels_N = torch.from_numpy(rng.integers(-1, 6, 3000))
-    positive_NC = torch.from_numpy(rng.random((3000, 3)) < 0.2)
-    for labels in (labels_N, positive_NC):
-        serial_CK = average_precision(scores_NK, labels, workers=1)
-        for workers in (2, 3, 5):
-            for chunk in (None, 1, 4, 7):
-                assert torch.equal(average_precision(scores_NK, labels, chunk=chunk, workers=workers), serial_CK)
+@pytest.mark.parametrize("workers", [2, 3, 5])
+@pytest.mark.parametrize("multi_hot", [False, True])
+def test_blocks_side_by_side_give_the_same_bits_as_blocks_one_at_a_time(workers, multi_hot):
+    gen = torch.Generator().manual_seed(12)
+    scores_NK = torch.randn(3000, 23, generator=gen).clamp_(min=0).mul_(100).round_()  # exact zeros and ties
+    if multi_hot:
+        labels = torch.rand(3000, 3, generator=gen) < 0.2
+    else:
+        labels = torch.randint(-1, 6, (3000,), generator=gen)
+    serial_CK = average_precision(scores_NK, labels, workers=1)
+    for chunk in (None, 1, 4, 7):
+        assert torch.equal(average_precision(scores_NK, labels, chunk=chunk, workers=workers), serial_CK)
 
 
 def test_blocks_side_by_side_under_inference_mode_equal_blocks_one_at_a_time():
