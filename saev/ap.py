@@ -22,14 +22,18 @@ Scores enter the keys as 32-bit order-preserving integers: float32 bits (float16
 for float64 the dense rank among the block's entries. Integer keys let PyTorch radix-sort on CPU. Counts are int64;
 ratios and sums are float64. Multi-hot labels share step 1 and sort 1, then take one pass per class.
 Blocks are sized for memory (about 256 MB at worst) and in practice for cache: a block's sorts of a few hundred
-thousand entries run several times faster per entry than one sort of millions (benchmarks/ap.py).
+thousand entries run several times faster per entry than one sort of millions (benchmarks/ap.py). On CPU, blocks
+are ranked side by side, as many as torch has threads, each block's ops on one thread (see `_on_threads`). Each
+block is computed alone, so results never depend on the block width or on how many blocks run at once.
 
 Shape suffixes: N examples (rows), K prototypes (columns), C classes, J columns of the current block,
 E ranked entries of the block (above the minimum), S (column, class) segments of the block, R runs of equal sort-2
 keys, I ignored rows.
 """
 
+import concurrent.futures
 import math
+import typing
 
 import beartype
 import numpy as np
@@ -37,10 +41,14 @@ import torch
 from jaxtyping import Bool, Float, Float64, Int, Int64, jaxtyped
 from torch import Tensor
 
-# Temporary memory one block may use, and what one score of a block costs at worst (every score ranked, all
-# distinct): the block's copy and mask, then about seven 8-byte values per ranked entry at the peak. Measured with
-# N=100,000 and 32 columns a block: dense float32 scores peaked 209-268 MB above the start of the call (55 bytes a
-# score of live tensors, the rest the allocator's), ReLU-like (90% zeros) ones 31-40 MB.
+from saev.helpers import set_torch_threads
+
+# Temporary memory the blocks in flight may use together, and what one score of a block costs at worst (every score
+# ranked, all distinct): the block's copy and mask, then about seven 8-byte values per ranked entry at the peak.
+# Measured with N=100,000 and 32 columns a block, one at a time: dense float32 scores peaked 209-268 MB above the
+# start of the call (55 bytes a score of live tensors, the rest the allocator's), ReLU-like (90% zeros) ones 31-40 MB.
+# Two blocks of 16 side by side: dense 418-421 MB, of which 153 MB remain with glibc's mmap threshold fixed at 1 MiB
+# (MALLOC_MMAP_THRESHOLD_): the rest is freed memory each thread's malloc arena keeps; ReLU-like ones 7-8 MB.
 _BLOCK_BYTES = 256 * 2**20
 _BYTES_PER_SCORE = 80
 
@@ -51,7 +59,12 @@ Labels = Int[Tensor, " N"] | Bool[Tensor, "N C"] | Int[np.ndarray, " N"] | Bool[
 @torch.no_grad()
 @jaxtyped(typechecker=beartype.beartype)
 def average_precision(
-    scores_NK: Scores, labels: Labels, n_classes: int | None = None, *, chunk: int | None = None
+    scores_NK: Scores,
+    labels: Labels,
+    n_classes: int | None = None,
+    *,
+    chunk: int | None = None,
+    workers: int | None = None,
 ) -> Float64[Tensor, "C K"]:
     """Average precision of every prototype column of `scores_NK` for every class, equal to scikit-learn's.
 
@@ -64,7 +77,11 @@ def average_precision(
         n_classes: C. For int labels it defaults to max label + 1; for multi-hot labels it must equal the number
             of label columns if given.
         chunk: how many prototype columns are ranked together. Default: the largest power of two that fits about 256 MB
-            of temporary memory in the worst case (every score distinct). Results do not depend on it, bit for bit.
+            of temporary memory in the worst case (every score distinct), shared by the `workers` blocks in flight,
+            and gives each worker a block where K allows. Results do not depend on it, bit for bit.
+        workers: how many blocks are ranked at once on CPU, each on its own thread with one torch thread. Default:
+            the calling thread's torch thread count (`torch.get_num_threads()`). On CUDA blocks go one at a time.
+            Results do not depend on it, bit for bit.
 
     Returns:
         AP [C, K] as float64 on the scores' device. NaN for a class with no positives (scikit-learn would return
@@ -108,9 +125,14 @@ def average_precision(
         raise ValueError(f"{n} rows are too many for one call (at most 2^31 - 1); split the rows.")
 
     n_c = n_positives_C.numel()
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1; got {workers}.")
+    workers = (workers or torch.get_num_threads()) if device.type == "cpu" else 1
     if chunk is None:
-        # A power of two: whole cache lines of each row per block, and rows and columns from shifts.
-        chunk = 1 << (max(1, _BLOCK_BYTES // (_BYTES_PER_SCORE * max(n, 1))).bit_length() - 1)
+        # A power of two: whole cache lines of each row per block, and rows and columns from shifts. At most
+        # ceil(K / workers) columns, so that every worker has a block where K allows.
+        fits = _BLOCK_BYTES // (workers * _BYTES_PER_SCORE * max(n, 1))
+        chunk = 1 << (max(1, min(fits, -(-k // workers))).bit_length() - 1)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1; got {chunk}.")
     # Sort keys pack (column, 32-bit score key, class) and (column, class, rank) into 63 bits.
@@ -130,14 +152,44 @@ def average_precision(
     if n_kept == 0 or n_c == 0:
         return ap_CK
 
-    for start in range(0, k, chunk):
-        end = min(start + chunk, k)
-        block_NJ = scores_NK[:, start:end]  # a view: the callees copy it and free what they make as they go
+    def rank(start: int) -> Float64[Tensor, "C J"]:
+        block_NJ = scores_NK[:, start : start + chunk]  # a view: the callees copy it and free what they make as they go
         if labels.dtype == torch.bool:
-            ap_CK[:, start:end] = _ap_multi_hot(block_NJ, low, labels_CN, n_positives_C)
-        else:
-            ap_CK[:, start:end] = _ap_class_ids(block_NJ, low, ignored_I, labels_N, n_positives_C, n_kept)
+            return _ap_multi_hot(block_NJ, low, labels_CN, n_positives_C)
+        return _ap_class_ids(block_NJ, low, ignored_I, labels_N, n_positives_C, n_kept)
+
+    starts = range(0, k, chunk)
+    # Written here, not by the workers: `ap_CK` is an inference tensor when the caller is in inference mode.
+    blocks = map(rank, starts) if workers == 1 or len(starts) == 1 else _on_threads(rank, starts, workers)
+    for start, ap_CJ in zip(starts, blocks, strict=True):
+        ap_CK[:, start : start + chunk] = ap_CJ
     return ap_CK
+
+
+def _on_threads(fn: typing.Callable[[int], Tensor], items: range, workers: int) -> typing.Iterator[Tensor]:
+    """`fn(item)` for every item, in order, on `workers` threads of one torch thread each, without autograd; the
+    calling thread's torch thread count is kept.
+
+    A block's many small ops (its mask, nonzero, sorts of a few hundred thousand keys, copies) each start and join
+    a team of torch threads; blocks side by side, one thread each, join nothing. On a quiet 2-CPU machine that is
+    only 1-3% faster (N=100,000, K=256), but with other processes on the cores a team waits, spinning, at each join
+    for a thread that lost its core: in the same interleaved rounds at a load of about 3, the blocks one at a time
+    on 2 torch threads used 651-671 ms of CPU a call, side by side 179-189 ms. torch ops release the GIL.
+    OpenMP's thread count is per thread, but torch keeps the last count set as the count of threads that start
+    later, so each worker sets the caller's count back, to the value read here.
+    """
+    n_threads = torch.get_num_threads()
+
+    def one(item: int) -> Tensor:
+        set_torch_threads(1, force=True)
+        try:
+            with torch.no_grad():  # grad mode is per thread: the caller's no_grad does not reach here
+                return fn(item)
+        finally:
+            set_torch_threads(n_threads, force=True)
+
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="saev-ap") as pool:
+        yield from pool.map(one, items)  # in order; re-raises a worker's exception here
 
 
 @jaxtyped(typechecker=beartype.beartype)

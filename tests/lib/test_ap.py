@@ -1,5 +1,6 @@
 """saev.ap: average precision equal to scikit-learn's, ties included, and the best prototype per class."""
 
+import threading
 import warnings
 
 import numpy as np
@@ -170,6 +171,48 @@ def test_chunking_gives_identical_results():
         whole_CK = average_precision(scores_NK, labels)
         for chunk in (1, 4, 16, 100):
             assert torch.equal(average_precision(scores_NK, labels, chunk=chunk), whole_CK)
+
+
+@pytest.mark.parametrize("workers", [2, 3, 5])
+@pytest.mark.parametrize("multi_hot", [False, True])
+def test_blocks_side_by_side_give_the_same_bits_as_blocks_one_at_a_time(workers, multi_hot):
+    gen = torch.Generator().manual_seed(12)
+    scores_NK = torch.randn(3000, 23, generator=gen).clamp_(min=0).mul_(100).round_()  # exact zeros and ties
+    if multi_hot:
+        labels = torch.rand(3000, 3, generator=gen) < 0.2
+    else:
+        labels = torch.randint(-1, 6, (3000,), generator=gen)
+    serial_CK = average_precision(scores_NK, labels, workers=1)
+    for chunk in (None, 1, 4, 7):
+        assert torch.equal(average_precision(scores_NK, labels, chunk=chunk, workers=workers), serial_CK)
+
+
+def test_blocks_side_by_side_under_inference_mode_equal_blocks_one_at_a_time():
+    scores_NK, labels_N = torch.rand(500, 40), torch.randint(-1, 3, (500,))
+    serial_CK = average_precision(scores_NK, labels_N, workers=1)
+    with torch.inference_mode():  # the AP is then an inference tensor, writable only in inference mode
+        assert torch.equal(average_precision(scores_NK, labels_N, workers=2, chunk=4), serial_CK)
+
+
+def test_side_by_side_blocks_leave_torch_thread_counts_as_they_were():
+    before = torch.get_num_threads()
+    counts = []
+    try:
+        torch.set_num_threads(3)
+        average_precision(torch.rand(200, 40), torch.randint(0, 3, (200,)), workers=2, chunk=4)
+        counts.append(torch.get_num_threads())
+        # torch gives threads that start later the count set last: the workers' one-thread count must not leak.
+        thread = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(before)
+    assert counts == [3, 3]
+
+
+def test_workers_below_one_raise():
+    with pytest.raises(ValueError, match="workers"):
+        average_precision(torch.rand(10, 2), torch.randint(0, 2, (10,)), workers=0)
 
 
 def test_numpy_input_equals_tensor_input():
