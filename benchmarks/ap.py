@@ -189,8 +189,10 @@ def main() -> None:
         ap_CK, n_keys, engine, floor = time_engine_and_floor(scores_dev, labels_dev, n_classes, args.rounds)
         ratio_R = [f / e for e, f in zip(engine, floor, strict=True)]
         ap_vs_sort[n_classes] = statistics.median(ratio_R)
-        print(f"C={n_classes}: engine {conditions.spread([1e3 * t for t in engine], '{:.1f}')} ms; floor sort of "
-              f"{n_keys:,} int64 keys {conditions.spread([1e3 * t for t in floor], '{:.1f}')} ms")
+        print(
+            f"C={n_classes}: engine {conditions.spread([1e3 * t for t in engine], '{:.1f}')} ms; floor sort of "
+            f"{n_keys:,} int64 keys {conditions.spread([1e3 * t for t in floor], '{:.1f}')} ms"
+        )
         print(f"C={n_classes}: ap_vs_sort (floor / engine, per round) {conditions.spread(ratio_R, '{:.3f}')}")
         engine_s = statistics.median(engine) / args.k
         if args.device == "cuda":
