@@ -142,9 +142,15 @@ def _make_fingerprint(
 ##########
 
 
-def _check_pixel_limit(max_image_pixels: int | None) -> None:
-    if max_image_pixels is not None and max_image_pixels <= 0:
-        raise ValueError(f"data.max_image_pixels must be positive, got {max_image_pixels}")
+class _ImageFiles:
+    """What the configs of datasets read from image files share: `max_image_pixels` (a field of each) is checked once
+    the config is built."""
+
+    max_image_pixels: int | None
+
+    def __post_init__(self):
+        if self.max_image_pixels is not None and self.max_image_pixels <= 0:
+            raise ValueError(f"data.max_image_pixels must be positive, got {self.max_image_pixels}")
 
 
 def _dataset_root(root: str) -> pathlib.Path:
@@ -155,7 +161,7 @@ def _dataset_root(root: str) -> pathlib.Path:
 
 
 @dataclasses.dataclass(frozen=True)
-class SegFolder:
+class SegFolder(_ImageFiles):
     """Real data: `<root>/images/*` with same-stem `<root>/masks/*.png` (integer class ids) and `<root>/classes.txt`.
 
     Images of any mode are read upright (their EXIF orientation applied) as 8-bit RGB by their full range (see
@@ -184,9 +190,6 @@ class SegFolder:
     """Largest image or mask read (width x height); a larger one is refused as a possible decompression bomb. Leave
     out for Pillow's limit (about 179 million pixels; Pillow warns above half that); when set, it is the one limit,
     with no warning. Raise it for genuinely huge images. Changes no result."""
-
-    def __post_init__(self):
-        _check_pixel_limit(self.max_image_pixels)
 
 
 class FolderDataset:
@@ -273,7 +276,7 @@ class FolderDataset:
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassFolder:
+class ClassFolder(_ImageFiles):
     """Classification data: `<root>/<class name>/*` images. Every patch of an image is labelled with the image's
     class (there are no masks), so AP measures how well a latent fires on images of that class, patch by patch.
     Images are read as in `SegFolder` (upright, 8-bit RGB)."""
@@ -284,9 +287,6 @@ class ClassFolder:
     """How images become the model's square input: "stretch" or "crop"; see `SegFolder.resize`."""
     max_image_pixels: int | None = artifacts.unhashed(None)
     """Largest image read (width x height); see `SegFolder.max_image_pixels`. Changes no result."""
-
-    def __post_init__(self):
-        _check_pixel_limit(self.max_image_pixels)
 
 
 class ClassFolderDataset:
