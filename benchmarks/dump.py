@@ -7,8 +7,9 @@
     patch labels, the forward pass, shard and label writes (each shard fsynced), sealing; the model build, timed
     separately, is subtracted;
 (b) the bare forward on the same images, already preprocessed into one tensor, in the same batches;
-(c) the dump again with its shards written without checksums (they are hashed while written, XXH3-128), to measure
-    what hashing costs;
+(c) the dump again with its shards written without hashing them while they are written (XXH3-128): sealing then
+    finds no recorded checksum and hashes each shard by reading it back, as it must before writing the manifest, so
+    this compares hashing while writing with hashing afterwards (above 1: the side without checksums is slower);
 (d) the dump with `overlap = false` (each batch prepared, computed and written in turn, on one thread), to measure
     what overlapping the preparation and the writes with the forward gains.
 
