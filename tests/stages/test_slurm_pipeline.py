@@ -47,6 +47,10 @@ hours = 0.2
 cpus = 1
 mem_gb = 1
 hours = 0.2
+[slurm.kept]
+cpus = 1
+mem_gb = 1
+hours = 0.2
 [slurm.score]
 gpus = 1
 cpus = 1
