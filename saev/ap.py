@@ -10,7 +10,7 @@ See shared/notes/average-precision.md for why (ReLU latents are mostly exact zer
 How it is computed, per block of J columns at once (one implementation for CPU and CUDA):
 1. The minimum of all scores, where a column has it, is that column's bottom tie group: each positive there has
    precision P_c / N, so only entries above it (the nonzeros of a ReLU latent) are ranked; rows labelled -1 are
-   never ranked either. A row-major copy of the block, a mask and one nonzero find them.
+   never ranked either. A row-major copy of the block, a mask and one nonzero (numpy's on CPU) find them.
 2. Sort 1, of one int64 key per entry packing (column, score, class), puts each column in score order; a tie group
    is a run of equal (column, score), and #(score >= s_i) is the column's count minus where i's group starts.
 3. Sort 2, by (column, class, where the group starts), puts each class's entries of a column together in score
@@ -320,7 +320,12 @@ def _entries_above(
     if ignored_I is not None:
         above_NJ.index_fill_(0, ignored_I, False)
     j = block_NJ.shape[1]
-    flat_E = above_NJ.view(-1).nonzero().squeeze(1)  # faster than a 2-D nonzero
+    if above_NJ.device.type == "cpu":
+        # numpy's flatnonzero finds the same ascending indices about 4x faster than torch's nonzero on CPU (0.5 vs
+        # 2.2 ms for a block of 16 x 100,000 at one thread, torch 2.15), where nonzero was a quarter of a block's time.
+        flat_E = torch.from_numpy(np.flatnonzero(above_NJ.numpy()))
+    else:
+        flat_E = above_NJ.view(-1).nonzero().squeeze(1)  # faster than a 2-D nonzero
     del above_NJ
     shift = j.bit_length() - 1
     if j == 1 << shift:  # the default chunk is a power of two: shifts instead of (slow) int64 division
