@@ -236,7 +236,7 @@ def _ap_class_ids(
     # Sort 1, by [column | score | class]: a tie group is a run of equal (column, score).
     key_E = torch.add(labels_N.index_select(0, row_E), key32_E, alpha=1 << class_bits).add_(col_E, alpha=1 << col_shift)
     del row_E, col_E, key32_E
-    key_E = torch.sort(key_E, stable=True).values  # stable: PyTorch radix-sorts 1-D integers on CPU only then
+    key_E = _sorted(key_E)
     group_E, size_G = torch.unique_consecutive(key_E >> class_bits, return_inverse=True, return_counts=True)[1:]
     col_end_J = torch.searchsorted(key_E, torch.arange(1, j + 1, device=device) << col_shift)
     count_J = torch.diff(col_end_J, prepend=col_end_J.new_zeros(1))
@@ -253,7 +253,7 @@ def _ap_class_ids(
     seg_shift = start_bits + class_bits
     dtype = torch.int32 if j.bit_length() + seg_shift <= 31 else torch.int64
     key_E = start_E.to(dtype).add_(key_E.bitwise_and_((1 << class_bits) - 1), alpha=1 << start_bits)
-    key_E = torch.sort(key_E.add_(col_E, alpha=1 << seg_shift), stable=True).values
+    key_E = _sorted(key_E.add_(col_E, alpha=1 << seg_shift))
     del start_E, col_E
     run_R, size_R = torch.unique_consecutive(key_E, return_counts=True)
     # Where each (column, class) segment ends: the first key of the next class (the next column, after the last).
@@ -368,6 +368,16 @@ def _finish(
     bottom_CJ = p_C1 - ranked_count_CJ
     sum_CJ = ranked_sum_CJ + (bottom_CJ * p_C1).double() / n_rows
     return torch.where(p_C1 > 0, sum_CJ / p_C1.double(), torch.nan)
+
+
+@jaxtyped(typechecker=beartype.beartype)
+def _sorted(key_E: Int[Tensor, " E"]) -> Int[Tensor, " E"]:
+    """The keys in ascending order. Only the values are kept, and equal keys are identical, so any sort gives the same
+    result: on CPU numpy's (vectorised quicksort), 2.5-2.7x faster than torch's radix sort on a block's 160,000 keys at
+    one thread (int64 0.53 vs 1.37 ms, int32 0.29 vs 0.79 ms; numpy 2.4, torch 2.15)."""
+    if key_E.device.type == "cpu":
+        return torch.from_numpy(np.sort(key_E.numpy()))
+    return torch.sort(key_E).values
 
 
 @jaxtyped(typechecker=beartype.beartype)
