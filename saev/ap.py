@@ -19,7 +19,8 @@ How it is computed, per block of J columns at once (one implementation for CPU a
    run adds size * TP_c(score >= s_i) / #(score >= s_i) to its segment's sum.
    Neither sort grows with C, and there is no [N, C] one-hot.
 Scores enter the keys as 32-bit order-preserving integers: float32 bits (float16/bfloat16 widened exactly), or
-for float64 the dense rank among the block's entries. Integer keys let PyTorch radix-sort on CPU. Counts are int64;
+for float64 the dense rank among the block's entries. Integer keys sort fast: on CPU with numpy's vectorised
+quicksort (`_sorted`), on CUDA with torch's radix sort. Counts are int64;
 ratios and sums are float64. Multi-hot labels share step 1 and sort 1, then take one pass per class.
 Blocks are sized for memory (about 256 MB at worst) and in practice for cache: a block's sorts of a few hundred
 thousand entries run several times faster per entry than one sort of millions (benchmarks/ap.py). On CPU, blocks
@@ -174,7 +175,8 @@ def _on_threads(fn: typing.Callable[[int], Tensor], items: range, workers: int) 
     a team of torch threads; blocks side by side, one thread each, join nothing. On a quiet 2-CPU machine that is
     only 1-3% faster (N=100,000, K=256), but with other processes on the cores a team waits, spinning, at each join
     for a thread that lost its core: in the same interleaved rounds at a load of about 3, the blocks one at a time
-    on 2 torch threads used 651-671 ms of CPU a call, side by side 179-189 ms. torch ops release the GIL.
+    on 2 torch threads used 651-671 ms of CPU a call, side by side 179-189 ms. torch ops release the GIL, as do numpy's
+    flatnonzero and sort used on CPU.
     OpenMP's thread count is per thread, but torch keeps the last count set as the count of threads that start
     later, so each worker sets the caller's count back, to the value read here.
     """
