@@ -351,10 +351,15 @@ def run_adopted(pipeline: "Pipeline", own: StagePlan[DumpInfo], piece: Piece) ->
     ledger_fpath = art.root / NAME / ".adopted" / f"{art.key}.json"
     try:
         earlier = json.loads(ledger_fpath.read_text())
+        if not isinstance(earlier, dict) or not all(isinstance(v, str) for v in earlier.values()):
+            raise ValueError("not a JSON object of file -> checksum")
     except FileNotFoundError:
         earlier = None
     except (OSError, ValueError) as err:
-        raise shards.ShardError(f"{ledger_fpath}: cannot read what was adopted as {art.ref}: {err}") from None
+        raise shards.ShardError(
+            f"{ledger_fpath}: cannot read what was adopted as {art.ref}: {err}; delete it to adopt "
+            f"{source.dpath} as it is now (what was made from the earlier contents is then not checked against them)"
+        ) from None
     if earlier is None:
         atomic.atomic_write_json(ledger_fpath, adopted)
     else:

@@ -1026,3 +1026,23 @@ def test_adopting_a_dump_asks_slurm_for_no_gpu(exported, tmp_path):
     assert (
         slurm.executor_parameters(executors.stage_slurm(pl.REGISTRY, pipeline, "train"), "train")["gpus_per_node"] == 1
     )
+
+
+@pytest.mark.parametrize("ledger", [b"[]", b'{"labels.bin": 5}', b'{"labels.bin": "ab', b"\xff\xfe"], ids=repr)
+def test_a_damaged_record_of_what_was_adopted_is_one_error_and_deleting_it_recovers(exported, tmp_path, capsys, ledger):
+    """`<root>/dump/.adopted/<key>.json` of another shape, truncated or not text: one line naming it and what to do;
+    deleting it, as the line says, adopts the source again and gives a clean run's best.json."""
+    cfg, _ = adopt_copy(exported, tmp_path)
+    dump = pl.make_plan(pl.load(cfg))["dump"].artifacts[0]
+    record = dump.root / "dump" / ".adopted" / f"{dump.key}.json"
+    record.parent.mkdir(parents=True)
+    record.write_bytes(ledger)
+    capsys.readouterr()
+    assert launch.main(launch.Args(config=cfg)) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {record}: cannot read what was adopted"), errors
+    assert "delete it" in errors[0]
+    record.unlink()
+    assert launch.main(launch.Args(config=cfg)) == 0
+    best = pl.make_plan(pl.load(cfg))["reduce"].artifacts[0].dpath / "best.json"
+    assert best.read_bytes() == clean_best_of(cfg, tmp_path / "clean")
