@@ -35,16 +35,19 @@ class ClassBest:
     """Index of the chosen latent in its SAE; -1 when the class has no kept patches."""
     sae: str | None
     """Key of the chosen SAE's train artifact (`<root>/train/<sae>/`); None when nothing was chosen."""
+    layer: int | None
+    """ViT block (0-based) the chosen SAE reads; None when nothing was chosen."""
     dead: bool
     """The chosen latent is constant on the kept patches (its AP is the prevalence)."""
     sae_unhealthy: tuple[str, ...]
     """Why the chosen SAE failed the health checks (normalized MSE, dead or dense latents); empty when healthy."""
     heldout_n_patches: int
-    """Held-out patches of this class."""
+    """Report patches of this class: the report split's ([data.report]), or the held-out patches of a one-dataset
+    config."""
     heldout_prevalence: float | None
-    """Share of the held-out patches that are this class; None without a held-out set."""
+    """Share of the report patches that are this class; None without report patches."""
     heldout_ap: float | None
-    """AP of the chosen latent on the held-out patches (took no part in the choice: the figure to report)."""
+    """AP of the chosen latent on the report patches (they took no part in the choice: the figure to report)."""
 
 
 @beartype.beartype
@@ -69,6 +72,8 @@ class SaeBest:
     """Key of its score artifact (`<root>/score/<score>/`)."""
     d_sae: int
     """Its number of latents."""
+    layer: int
+    """ViT block (0-based) whose activations it reads."""
     dead_frac: float
     """Share of its latents that are constant on the kept patches."""
     classes: tuple[SaeClassBest, ...]
@@ -85,15 +90,30 @@ class SaeBest:
 
 @beartype.beartype
 @dataclasses.dataclass(frozen=True)
+class LayerBest:
+    """The best latent per class among the SAEs of one layer (chosen and reported as `Best.classes` are)."""
+
+    layer: int
+    """ViT block (0-based)."""
+    classes: tuple[ClassBest, ...]
+    """One record per class, in class-id order, choosing among this layer's SAEs only."""
+
+
+@beartype.beartype
+@dataclasses.dataclass(frozen=True)
 class Best:
     """The whole of `best.json`."""
 
     n_patches: int
     """Kept patches (the selection set)."""
     n_heldout: int
-    """Held-out patches."""
+    """Report patches: every labelled patch of the report split, or the held-out patches of a one-dataset config."""
+    report_dump: str | None
+    """Key of the report split's dump (`[data.report]`); None when the held-out patches of the one dump report."""
     classes: tuple[ClassBest, ...]
-    """One record per class, in class-id order."""
+    """One record per class, in class-id order: the best over every SAE of every layer."""
+    layers: tuple[LayerBest, ...]
+    """The best per class within each layer, in the order the layers were trained."""
     per_sae: dict[str, SaeBest]
     """Every SAE of the sweep by its train key, in sweep order."""
 
@@ -113,11 +133,18 @@ def from_json(obj: dict[str, typing.Any]) -> Best:
     """The record of a parsed best.json; a missing or extra key raises KeyError, an ill-typed value beartype's
     violation (`read` turns both into one ValueError naming the file)."""
     classes = tuple(_record(ClassBest, row) for row in obj["classes"])
+    layers = tuple(
+        _record(LayerBest, {**entry, "classes": tuple(_record(ClassBest, row) for row in entry["classes"])})
+        for entry in obj["layers"]
+    )
     per_sae = {
         key: _record(SaeBest, {**entry, "classes": tuple(_record(SaeClassBest, c) for c in entry["classes"])})
         for key, entry in obj["per_sae"].items()
     }
-    return Best(n_patches=obj["n_patches"], n_heldout=obj["n_heldout"], classes=classes, per_sae=per_sae)
+    return Best(
+        n_patches=obj["n_patches"], n_heldout=obj["n_heldout"], report_dump=obj["report_dump"], classes=classes,
+        layers=layers, per_sae=per_sae,
+    )  # fmt: skip
 
 
 def _record(cls: type, obj: dict[str, typing.Any]) -> typing.Any:

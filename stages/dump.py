@@ -75,8 +75,8 @@ class Adopt:
 class Config:
     """Which images go through which ViT, and how activations are stored; or an existing dump to adopt."""
 
-    data: datasets.Synthetic | datasets.SegFolder | datasets.ClassFolder = datasets.Synthetic()
-    """The dataset: the built-in synthetic demo (kind = "synthetic"), images + masks (kind = "segfolder"), or class subfolders (kind = "classfolder", every patch labelled with its image's class)."""
+    data: datasets.DatasetConfig = datasets.Synthetic()
+    """The one dataset of a one-dataset config: the built-in synthetic demo (kind = "synthetic"), images + masks (kind = "segfolder"), class subfolders (kind = "classfolder", every patch labelled with its image's class) or unlabelled images (kind = "imagefolder"). It is every role at once (see `Roles`); leave it out when the config has `[data.*]` roles."""
     vit: vits.VitConfig = vits.VitConfig()
     """The open_clip ViT and the layers recorded."""
     max_patches_per_shard: int = 2_400_000
@@ -115,8 +115,66 @@ class Config:
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
 
 
+@dataclasses.dataclass(frozen=True)
+class Roles:
+    """Datasets by role (`[data.corpus]`, `[data.select]`, `[data.report]`, optional `[data.corpus_eval]`), each
+    dumped through the same `[dump.vit]` model and layers as its own dump artifact (the same dataset config is the
+    same artifact, shared by key between configs and roles).
+
+    A one-dataset config (`[dump.data]` or `[dump.adopt]`) is every role at once: the SAEs are fit on the whole dump,
+    the keep-mask's kept patches select the latents and its held-out patches (`mask.n_heldout`) report them."""
+
+    corpus: datasets.DatasetConfig
+    """What SAEs are fit on; may be unlabelled (kind = "imagefolder")."""
+    select: datasets.DatasetConfig
+    """Labelled train split: the keep-mask (`mask.n_keep`, or "all") is drawn here and every latent is scored on it to
+    choose each class's latent."""
+    report: datasets.DatasetConfig
+    """Labelled val split, scored whole (every labelled patch): every reported figure comes from here. Same class names,
+    in the same order, as `select`."""
+    corpus_eval: datasets.DatasetConfig | None = None
+    """Where the SAEs' NMSE and L0 are measured (e.g. ImageNet val); left out: the last `n_eval` rows of the corpus
+    (held out of training), as in a one-dataset config."""
+
+
+ROLES = ("corpus", "corpus_eval", "select", "report")
+"""The roles, in the order their dumps are planned."""
+
+
+def role_datasets(pipeline: "Pipeline") -> dict[str, datasets.DatasetConfig]:
+    """Role -> dataset config ([data.*] roles; a one-dataset config: `dump.data` for corpus, select and report)."""
+    if pipeline.data is None:
+        return {"corpus": pipeline.dump.data, "select": pipeline.dump.data, "report": pipeline.dump.data}
+    return {role: getattr(pipeline.data, role) for role in ROLES if getattr(pipeline.data, role) is not None}
+
+
+def check_roles(pipeline: "Pipeline") -> None:
+    """Refuse role settings that cannot give a trustworthy answer, before anything is planned: [data.*] roles with
+    [dump.data] or [dump.adopt], a select or report split without labels, the same dataset to select and report."""
+    roles = pipeline.data
+    if roles is None:
+        return
+    if pipeline.dump.adopt is not None:
+        raise configs.ConfigError(
+            "[data.*] roles and [dump.adopt] cannot be combined: an adopted dump is a one-dataset config (corpus, "
+            "select and report at once); remove one of them"
+        )
+    if pipeline.dump.data != _DEFAULTS["data"]:
+        raise configs.ConfigError(
+            "[dump.data] and [data.*] roles both name datasets: give one dataset as [dump.data], or every role as "
+            "[data.corpus], [data.select] and [data.report] (see docs/data.md)"
+        )
+    if roles.select == roles.report:
+        raise configs.ConfigError(
+            "data.select and data.report are the same dataset: the reported figures would be measured on the patches "
+            "that chose the latents. Give the val split as data.report, or use a one-dataset config ([dump.data]) "
+            "with mask.n_heldout to hold patches out of the selection"
+        )
+
+
 def make_metadata(cfg: Config, dataset: datasets.Dataset) -> shards.Metadata:
-    """The dump's metadata, from the configs and the dataset alone (no model is built)."""
+    """The metadata of the dump of `dataset` (its config `dataset.cfg`) through `cfg`'s model, from the configs and the
+    dataset alone (no model is built)."""
     img_size, n_side = vits.get_patch_grid(cfg.vit.model)
     n_classes = len(dataset.class_names)
     labels_dtype = "uint8" if n_classes < 255 else "int16"
@@ -129,7 +187,7 @@ def make_metadata(cfg: Config, dataset: datasets.Dataset) -> shards.Metadata:
         d_vit=vits.get_d_vit(cfg.vit.model),
         n_imgs=len(dataset),
         max_patches_per_shard=cfg.max_patches_per_shard,
-        data=dict(artifacts.hashed_params(cfg.data)),
+        data=dict(artifacts.hashed_params(dataset.cfg)),
         labels_dtype=labels_dtype,
         labels_ignore=255 if labels_dtype == "uint8" else -1,
         class_names=tuple(dataset.class_names),
@@ -231,6 +289,8 @@ def plan_adopted(pipeline: "Pipeline") -> StagePlan[DumpInfo]:
         d_vit=md.d_vit,
         has_labels=source.has_labels,
         adopted=source.dpath,
+        roles=("corpus", "select", "report"),
+        class_names=md.class_names,
     )
     return StagePlan(NAME, (art,), (piece,), {art.key: params}, {art.key: {}}, {art.key: info})
 
@@ -275,40 +335,82 @@ def relink(art: artifacts.Artifact, source: saevfmt.Source, params: dict) -> Non
 
 
 def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[DumpInfo]:
+    """One artifact per distinct dataset of the roles (`role_datasets`), in role order; its record lists the roles it
+    plays. A dataset's key hashes the dump settings with that dataset in `data`, so a one-dataset config and a role
+    naming the same dataset share the dump."""
     cfg: Config = pipeline.dump
+    check_roles(pipeline)
     if cfg.adopt is not None:
         return plan_adopted(pipeline)
     vits.resolve_layers(cfg.vit.model, cfg.vit.layers)  # bad model or layers: fail now
-    dataset = datasets.make_dataset(cfg.data)
-    fingerprint = dataset.fingerprint()
-    params = artifacts.hashed_params(cfg)
-    if fingerprint.files:
-        # A folder dataset: its listing (paths, sizes, modification times) enters the key, so that editing, adding or
-        # removing an image or mask gives a new dump instead of the old activations and labels.
-        params["dataset_files"] = fingerprint.digest
-    art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, {}))
-    md = make_metadata(cfg, dataset)
-    chunks = [(s, min(md.n_shards, s + cfg.shards_per_job)) for s in range(0, md.n_shards, cfg.shards_per_job)]
-    pieces = tuple(
-        # A chunk writes its shards in order, each followed by its labels; the last shard's labels mark it done,
-        # and a damaged shard or labels part of the chunk (missing, or not the size it was written with) undoes that.
-        Piece(
-            NAME,
-            art,
-            labels_part_fpath(art, stop - 1),
-            f"shards {start}-{stop - 1} of {md.n_shards}",
-            owns=tuple(f for s in range(start, stop) for f in shard_files(art, s))[:-1],
+    arts, pieces, all_params, info = [], [], {}, {}
+    for role, data in role_datasets(pipeline).items():
+        params = artifacts.hashed_params(dataclasses.replace(cfg, data=data))
+        dataset = datasets.make_dataset(data)
+        fingerprint = dataset.fingerprint()
+        if fingerprint.files:
+            # A folder dataset: its listing (paths, sizes, modification times) enters the key, so that editing, adding
+            # or removing an image or mask gives a new dump instead of the old activations and labels.
+            params["dataset_files"] = fingerprint.digest
+        art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, {}))
+        if art.key in info:  # the same dataset in another role: the same dump
+            info[art.key] = dataclasses.replace(info[art.key], roles=(*info[art.key].roles, role))
+            continue
+        md = make_metadata(cfg, dataset)
+        chunks = [(s, min(md.n_shards, s + cfg.shards_per_job)) for s in range(0, md.n_shards, cfg.shards_per_job)]
+        name = "" if pipeline.data is None else f"{role}: "
+        pieces += [
+            # A chunk writes its shards in order, each followed by its labels; the last shard's labels mark it done,
+            # and a damaged shard or labels part of the chunk (missing, or not the size it was written with) undoes
+            # that.
+            Piece(
+                NAME,
+                art,
+                labels_part_fpath(art, stop - 1),
+                f"{name}shards {start}-{stop - 1} of {md.n_shards}",
+                owns=tuple(f for s in range(start, stop) for f in shard_files(art, s))[:-1],
+            )
+            for start, stop in chunks
+        ]
+        arts.append(art)
+        all_params[art.key] = params
+        info[art.key] = DumpInfo(
+            chunks={stop - 1: (start, stop) for start, stop in chunks},
+            fingerprint=fingerprint,
+            n_patches=md.n_imgs * md.n_patches_per_img,
+            layers=md.layers,
+            d_vit=md.d_vit,
+            has_labels=bool(md.class_names),
+            roles=(role,),
+            data=data,
+            class_names=md.class_names,
         )
-        for start, stop in chunks
-    )
-    info = DumpInfo(
-        chunks={stop - 1: (start, stop) for start, stop in chunks},
-        fingerprint=fingerprint,
-        n_patches=md.n_imgs * md.n_patches_per_img,
-        layers=md.layers,
-        d_vit=md.d_vit,
-    )
-    return StagePlan(NAME, (art,), pieces, {art.key: params}, {art.key: {}}, {art.key: info})
+    check_role_classes(info)
+    return StagePlan(NAME, tuple(arts), tuple(pieces), all_params, {art.key: {} for art in arts}, info)
+
+
+def check_role_classes(info: dict[str, DumpInfo]) -> None:
+    """The select and report splits have labels and name the same classes in the same order (a class id must mean one
+    class). A one-dataset config without labels is refused later, by the mask's check (train alone runs without)."""
+    by_role = {role: record for record in info.values() for role in record.roles}
+    select, report = by_role["select"], by_role["report"]
+    for name, record in (("select", select), ("report", report)):
+        if not record.has_labels and set(record.roles) != {"corpus", "select", "report"}:
+            raise configs.ConfigError(
+                f"data.{name} ({datasets.describe(record.data)}) has no labels, but the {name} split is scored "
+                "against its labels: only data.corpus and data.corpus_eval may be unlabelled"
+            )
+    if select.class_names != report.class_names:
+        diff = next(
+            (i for i, (a, b) in enumerate(zip(select.class_names, report.class_names, strict=False)) if a != b),
+            min(len(select.class_names), len(report.class_names)),
+        )
+        at = lambda names: repr(names[diff]) if diff < len(names) else "none"  # noqa: E731
+        raise configs.ConfigError(
+            f"data.select and data.report name different classes ({len(select.class_names)} and "
+            f"{len(report.class_names)} classes; class {diff} is {at(select.class_names)} in select, "
+            f"{at(report.class_names)} in report): a class id must mean the same class in both splits"
+        )
 
 
 def check(pipeline: "Pipeline", own: StagePlan[DumpInfo], inputs: Inputs) -> None:
@@ -324,7 +426,8 @@ def check(pipeline: "Pipeline", own: StagePlan[DumpInfo], inputs: Inputs) -> Non
                 )
             saevfmt.check_source_labels(source)
         return
-    datasets.make_dataset(pipeline.dump.data)
+    for data in role_datasets(pipeline).values():
+        datasets.make_dataset(data)
     vits.get_d_vit(pipeline.dump.vit.model)
 
 
@@ -383,7 +486,7 @@ def run(pipeline: "Pipeline", own: StagePlan[DumpInfo], inputs: Inputs, piece: P
     if cfg.adopt is not None:
         return run_adopted(pipeline, own, piece)
     art = piece.artifact
-    dataset = datasets.make_dataset(cfg.data)
+    dataset = datasets.make_dataset(own.info[art.key].data)
     md = make_metadata(cfg, dataset)
     last = int(piece.fpath.stem.removeprefix("labels"))
     first, stop = own.info[art.key].chunks[last]
@@ -452,7 +555,7 @@ def run(pipeline: "Pipeline", own: StagePlan[DumpInfo], inputs: Inputs, piece: P
 
 def finalize(pipeline: "Pipeline", own: StagePlan[DumpInfo], art: artifacts.Artifact) -> None:
     """Once every chunk is written: join the label parts into labels.bin, then write shards.json and metadata.json."""
-    md = make_metadata(pipeline.dump, datasets.make_dataset(pipeline.dump.data))
+    md = make_metadata(pipeline.dump, datasets.make_dataset(own.info[art.key].data))
     parts = []
     for s in range(md.n_shards):
         fpath = labels_part_fpath(art, s)

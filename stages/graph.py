@@ -5,9 +5,13 @@
 
 import dataclasses
 import pathlib
+import typing
 
-from saev import training
+from saev import artifacts, training
 from saev.data import datasets
+
+if typing.TYPE_CHECKING:
+    from saev.engine.plan import StagePlan
 
 ################
 # Plan records #
@@ -33,6 +37,29 @@ class DumpInfo:
     """Whether the dump has per-patch labels (an adopted dump without labels.bin has none)."""
     adopted: pathlib.Path | None = None
     """The saev shard directory adopted as this dump ([dump.adopt]); None for a dump this pipeline writes."""
+    roles: tuple[str, ...] = ("corpus", "select", "report")
+    """The roles this dump plays (`stages.dump.ROLES`): all three of a one-dataset config, or those whose [data.*]
+    dataset it is."""
+    data: datasets.DatasetConfig | None = None
+    """Its dataset config (None for an adopted dump)."""
+    class_names: tuple[str, ...] = ()
+    """Its class names (label i is class_names[i]); empty for an unlabelled dataset."""
+
+
+def role(dump: "StagePlan[DumpInfo]", name: str) -> "tuple[artifacts.Artifact, DumpInfo]":
+    """The dump artifact playing role `name` ("corpus", "select", "report") and its record."""
+    for art in dump.artifacts:
+        if name in dump.info[art.key].roles:
+            return art, dump.info[art.key]
+    raise KeyError(f"no dump plays the role {name!r}")
+
+
+def corpus_eval(dump: "StagePlan[DumpInfo]") -> "tuple[artifacts.Artifact, DumpInfo] | None":
+    """The dump of `[data.corpus_eval]`, or None without one."""
+    try:
+        return role(dump, "corpus_eval")
+    except KeyError:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""kept: the activations of the kept patches at one layer, gathered once from the dump's shards for the score stage.
+"""kept: the activations of the kept patches at one layer, gathered once from the select split's shards for scoring.
 
 Output `<root>/kept/<key>/acts.npy`: float32 [n_keep, d_vit], row i the activations of the i-th kept patch (in the
 order of the mask's keep.npy), written by `saev.scoring.write_kept`. One artifact per layer that is scored (each
@@ -16,7 +16,7 @@ from saev import artifacts, keepmask, scoring
 from saev.data.shards import Shards
 from saev.engine.plan import Piece, StagePlan
 
-from .graph import DumpInfo, KeptInfo, MaskInfo, TrainInfo
+from .graph import DumpInfo, KeptInfo, MaskInfo, TrainInfo, role
 
 if typing.TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -36,7 +36,7 @@ class Inputs(typing.NamedTuple):
     """What the kept activations are gathered from."""
 
     dump: StagePlan[DumpInfo]
-    """The dump whose shards hold the activations."""
+    """The dumps; the one of the select role holds the activations."""
     train: StagePlan[TrainInfo]
     """The SAEs to be scored: which layers are needed (its artifacts are not read)."""
     mask: StagePlan[MaskInfo]
@@ -44,7 +44,7 @@ class Inputs(typing.NamedTuple):
 
 
 def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[KeptInfo]:
-    refs = {"dump": inputs.dump.artifact.ref, "mask": inputs.mask.artifact.ref}
+    refs = {"dump": role(inputs.dump, "select")[0].ref, "mask": inputs.mask.artifact.ref}
     arts, pieces, all_params, all_inputs, info = [], [], {}, {}, {}
     for layer in dict.fromkeys(train.layer for train in inputs.train.info.values()):
         params = {"layer": layer}
@@ -61,7 +61,7 @@ def run(pipeline: "Pipeline", own: StagePlan[KeptInfo], inputs: Inputs, piece: P
     started, t0 = artifacts.now(), time.perf_counter()
     art = piece.artifact
     layer = own.info[art.key].layer
-    shards = Shards(inputs.dump.artifact.dpath)
+    shards = Shards(role(inputs.dump, "select")[0].dpath)
     keep = keepmask.load_keep(inputs.mask.artifact.dpath, shards)  # checked: in range, labelled, sorted, disjoint
     d_vit = shards.metadata.d_vit
     scoring.write_kept(

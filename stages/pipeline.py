@@ -37,7 +37,10 @@ class Pipeline:
     root: pathlib.Path = pathlib.Path("runs")
     """Artifact store root; each stage writes `<root>/<stage>/<key>/`. Relative paths are relative to the working directory."""
     dump: dump_stage.Config = dataclasses.field(default_factory=dump_stage.Config)
-    """Activation dump: dataset, ViT, layers, shard size."""
+    """Activation dump: the ViT and layers, shard size, and the one dataset of a one-dataset config."""
+    data: dump_stage.Roles | None = None
+    """Datasets by role ([data.corpus], [data.select], [data.report], optional [data.corpus_eval]), instead of the one
+    dataset `[dump.data]`; each is dumped through `[dump.vit]`."""
     train: train_stage.Config = dataclasses.field(default_factory=train_stage.Config)
     """SAE sweep training."""
     mask: mask_stage.Config = dataclasses.field(default_factory=mask_stage.Config)
@@ -61,6 +64,11 @@ def load(fpath: pathlib.Path | str) -> Pipeline:
     for name in ("config_dpath", "config_fpath"):
         if name in data:
             raise configs.ConfigError(f"{fpath}: '{name}' is set by the launcher, not the config")
+    if isinstance(data.get("data"), dict) and isinstance(data.get("dump"), dict) and "data" in data["dump"]:
+        raise configs.ConfigError(
+            f"{fpath}: [dump.data] and [data.*] roles both name datasets: give one dataset as [dump.data], or every "
+            "role as [data.corpus], [data.select] and [data.report] (see docs/data.md)"
+        )
     pipeline = configs.from_dict(Pipeline, data, where=str(fpath))
     return dataclasses.replace(pipeline, config_dpath=fpath.resolve().parent, config_fpath=fpath.resolve())
 

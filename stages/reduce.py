@@ -23,13 +23,14 @@ from saev.data.shards import Shards
 from saev.engine.plan import Piece, StagePlan
 
 from . import train as train_stage
-from .graph import DumpInfo, MaskInfo, ScoreInfo, TrainInfo
+from .graph import DumpInfo, MaskInfo, ScoreInfo, TrainInfo, role
 
 if typing.TYPE_CHECKING:
     from .pipeline import Pipeline
 
 NAME = "reduce"
-VERSION = 4  # 3: SAE health (training metrics) in best.json, best.csv and the report; 4: the SAEs are inputs too
+VERSION = 5  # 3: SAE health (training metrics) in best.json, best.csv and the report; 4: the SAEs are inputs too;
+# 5: a report split ([data.report]) may report; best.json has each class's layer and the best per layer
 
 logger = logging.getLogger("stages.reduce")
 
@@ -41,7 +42,8 @@ class Inputs(typing.NamedTuple):
     """What the reduce reads (every artifact of these is an input of the reduce artifact)."""
 
     dump: StagePlan[DumpInfo]
-    """The dump: class names, labels, and the held-out patches' activations."""
+    """The dumps: the select split's class names and labels, and the report patches' activations and labels (the report
+    split's, or the one dump's held-out patches)."""
     train: StagePlan[TrainInfo]
     """The SAEs: their training metrics and the chosen latents' weights."""
     mask: StagePlan[MaskInfo]
@@ -97,7 +99,11 @@ def read_metrics(train_art: artifacts.Artifact) -> dict:
 
 def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[None]:
     params = artifacts.hashed_params(pipeline.reduce)
-    refs = {"dump": inputs.dump.artifact.ref, "mask": inputs.mask.artifact.ref}
+    select_art, _ = role(inputs.dump, "select")
+    report_art, _ = role(inputs.dump, "report")
+    refs = {"dump": select_art.ref, "mask": inputs.mask.artifact.ref}
+    if report_art != select_art:
+        refs["report"] = report_art.ref
     for i, art in enumerate(inputs.score.artifacts):
         refs[f"score{i:03d}"] = art.ref
     for i, art in enumerate(inputs.train.artifacts):
@@ -108,104 +114,168 @@ def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[None]:
     return StagePlan(NAME, (art,), (piece,), {art.key: params}, {art.key: refs})
 
 
+class Pick(typing.NamedTuple):
+    """A class's chosen latent: its AP on the kept patches, where it is."""
+
+    ap: float
+    prototype: int
+    sae: str
+    layer: int
+    dead: bool
+
+
+class ReportSet(typing.NamedTuple):
+    """The patches that report: the report split's labelled patches, or the one dump's held-out patches."""
+
+    dump: artifacts.Artifact
+    """The dump holding them."""
+    idx: np.ndarray
+    """Their global patch indices in that dump, sorted."""
+    labels: np.ndarray
+    """Their labels (int64)."""
+
+
+def get_report_set(inputs: Inputs, heldout: np.ndarray) -> ReportSet:
+    """The report split's labelled patches, or the one dump's held-out patches (a one-dataset config)."""
+    select_art, _ = role(inputs.dump, "select")
+    report_art, _ = role(inputs.dump, "report")
+    if report_art == select_art:
+        flat = np.asarray(Shards(select_art.dpath).labels).reshape(-1)
+        return ReportSet(select_art, heldout, flat[heldout].astype(np.int64))
+    shards = Shards(report_art.dpath)
+    flat = np.asarray(shards.labels).reshape(-1)
+    idx = np.flatnonzero(flat != shards.metadata.labels_ignore)
+    return ReportSet(report_art, idx, flat[idx].astype(np.int64))
+
+
 def run(pipeline: "Pipeline", own: StagePlan[None], inputs: Inputs, piece: Piece) -> None:
     started = artifacts.now()
     cfg: Config = pipeline.reduce
     art = piece.artifact
-    dump_art, mask_art = inputs.dump.artifact, inputs.mask.artifact
-    shards = Shards(dump_art.dpath)
+    select_art, mask_art = role(inputs.dump, "select")[0], inputs.mask.artifact
+    shards = Shards(select_art.dpath)
     class_names = list(shards.metadata.class_names)
     n_classes = len(class_names)
     flat_labels = np.asarray(shards.labels).reshape(-1)
     keep, heldout = keepmask.load_for_dump(mask_art.dpath, shards)
     labels_N = flat_labels[keep].astype(np.int64)
-    labels_H = flat_labels[heldout].astype(np.int64)
     counts_C = np.bincount(labels_N, minlength=n_classes)
-    heldout_counts_C = np.bincount(labels_H, minlength=n_classes)
+    reported = get_report_set(inputs, heldout)
+    report_counts_C = np.bincount(reported.labels, minlength=n_classes)
 
-    # Select on the kept patches: the best latent of every SAE, then the best over the sweep.
+    # Select on the kept patches: the best latent of every SAE, then the best over each layer's SAEs and over all.
     score_plan = inputs.score
-    per_sae, chosen, ap_by_sae = {}, [None] * n_classes, {}
+    per_sae, ap_by_sae = {}, {}
+    chosen: list[Pick | None] = [None] * n_classes
+    by_layer: dict[int, list[Pick | None]] = {}
     for score_art in score_plan.artifacts:
         info = score_plan.info[score_art.key]
         partials = scoring.read_partials(score_art, info.d_sae, info.block_size, info.train_key, counts_C)
         ap_by_sae[info.train_key] = partials.ap_CK
         dead_K = partials.min_K == partials.max_K
         best_ap_C, best_k_C = ap.best_per_class(torch.from_numpy(partials.ap_CK))
+        layer_chosen = by_layer.setdefault(info.layer, [None] * n_classes)
         entries = []
         for c, name in enumerate(class_names):
             value, k = float(best_ap_C[c]), int(best_k_C[c])
             entries.append(best.SaeClassBest(name=name, ap=_json_float(value), prototype=k))
-            if k >= 0 and (chosen[c] is None or value > chosen[c]["ap"]):
-                chosen[c] = {"ap": value, "prototype": k, "sae": info.train_key, "dead": bool(dead_K[k])}
+            if k < 0:
+                continue
+            pick = Pick(value, k, info.train_key, info.layer, bool(dead_K[k]))
+            for picks in (chosen, layer_chosen):  # equal APs: the earlier SAE keeps the class
+                if picks[c] is None or value > picks[c].ap:
+                    picks[c] = pick
         metrics = read_metrics(inputs.train.by_key(info.train_key))
         per_sae[info.train_key] = {
             "score": score_art.key,
             "d_sae": info.d_sae,
+            "layer": info.layer,
             "dead_frac": float(dead_K.mean()),
             "classes": tuple(entries),
             "config": train_stage.describe(inputs.train.info[info.train_key].config),
             "metrics": metrics,
             "health": tuple(sae_health(metrics)),
         }
-    n_wins = collections.Counter(pick["sae"] for pick in chosen if pick is not None)
+    n_wins = collections.Counter(pick.sae for pick in chosen if pick is not None)
     per_sae = {key: best.SaeBest(**entry, n_wins=n_wins[key]) for key, entry in per_sae.items()}
 
-    # Report on the held-out patches, which took no part in the choice.
-    heldout_scores = chosen_scores(pipeline, inputs, chosen, heldout)
-    heldout_ap_C = [math.nan] * n_classes
-    if heldout_scores:
-        classes_J = sorted(heldout_scores)
-        scores_HJ = torch.from_numpy(np.stack([heldout_scores[c] for c in classes_J], axis=1))
-        ap_CJ = ap.average_precision(scores_HJ, torch.from_numpy(labels_H), n_classes=n_classes)
-        for j, c in enumerate(classes_J):
-            heldout_ap_C[c] = float(ap_CJ[c, j])
-
-    classes = []
-    for c, name in enumerate(class_names):
-        pick = chosen[c] or {"ap": math.nan, "prototype": -1, "sae": None, "dead": False}
-        classes.append(
-            best.ClassBest(
-                name=name,
-                n_patches=int(counts_C[c]),
-                prevalence=float(counts_C[c] / max(1, len(labels_N))),
-                ap=_json_float(pick["ap"]),
-                prototype=pick["prototype"],
-                sae=pick["sae"],
-                dead=pick["dead"],
-                sae_unhealthy=per_sae[pick["sae"]].health if pick["sae"] else (),
-                heldout_n_patches=int(heldout_counts_C[c]),
-                heldout_prevalence=float(heldout_counts_C[c] / len(heldout)) if len(heldout) else None,
-                heldout_ap=_json_float(heldout_ap_C[c]),
+    def class_rows(picks: list[Pick | None], report_ap_C: list[float]) -> tuple[best.ClassBest, ...]:
+        rows = []
+        for c, name in enumerate(class_names):
+            pick = picks[c]
+            n_report = len(reported.idx)
+            rows.append(
+                best.ClassBest(
+                    name=name,
+                    n_patches=int(counts_C[c]),
+                    prevalence=float(counts_C[c] / max(1, len(labels_N))),
+                    ap=_json_float(pick.ap) if pick else None,
+                    prototype=pick.prototype if pick else -1,
+                    sae=pick.sae if pick else None,
+                    layer=pick.layer if pick else None,
+                    dead=pick.dead if pick else False,
+                    sae_unhealthy=per_sae[pick.sae].health if pick else (),
+                    heldout_n_patches=int(report_counts_C[c]),
+                    heldout_prevalence=float(report_counts_C[c] / n_report) if n_report else None,
+                    heldout_ap=_json_float(report_ap_C[c]),
+                )
             )
+        return tuple(rows)
+
+    # Report on the report patches, which took no part in the choice.
+    report_scores = chosen_scores(pipeline, inputs, reported.dump, chosen, reported.idx)
+    classes = class_rows(chosen, report_ap(report_scores, reported.labels, n_classes))
+    layers = []
+    for layer, picks in by_layer.items():
+        same = picks == chosen
+        scores = report_scores if same else chosen_scores(pipeline, inputs, reported.dump, picks, reported.idx)
+        layers.append(
+            best.LayerBest(layer, classes if same else class_rows(picks, report_ap(scores, reported.labels, n_classes)))
         )
+    report_key = None if reported.dump == select_art else reported.dump.key
     result = best.Best(
-        n_patches=int(len(labels_N)), n_heldout=int(len(heldout)), classes=tuple(classes), per_sae=per_sae
-    )
+        n_patches=int(len(labels_N)), n_heldout=int(len(reported.idx)), report_dump=report_key, classes=classes,
+        layers=tuple(layers), per_sae=per_sae,
+    )  # fmt: skip
     best.write(art.dpath, result)
     if cfg.report:
-        data = make_report_data(pipeline, inputs, result, chosen, ap_by_sae, keep, heldout, heldout_scores)
+        data = make_report_data(pipeline, inputs, result, chosen, ap_by_sae, keep, reported, report_scores)
         index_fpath = report.write_report(art.dpath, data)
         logger.info("report: %s", index_fpath)
     art.write_manifest(params=own.params[art.key], inputs=own.inputs[art.key], started=started)
 
 
-def chosen_scores(pipeline: "Pipeline", inputs: Inputs, chosen, idx: np.ndarray) -> dict[int, np.ndarray]:
-    """Class -> float32 scores of its chosen latent on the patches `idx` (classes without a choice left out)."""
+def report_ap(scores: dict[int, np.ndarray], labels_H: np.ndarray, n_classes: int) -> list[float]:
+    """Each class's exact AP on the report patches of its chosen latent's scores (NaN for a class without one)."""
+    out = [math.nan] * n_classes
+    if scores:
+        classes_J = sorted(scores)
+        scores_HJ = torch.from_numpy(np.stack([scores[c] for c in classes_J], axis=1))
+        ap_CJ = ap.average_precision(scores_HJ, torch.from_numpy(labels_H), n_classes=n_classes)
+        for j, c in enumerate(classes_J):
+            out[c] = float(ap_CJ[c, j])
+    return out
+
+
+def chosen_scores(
+    pipeline: "Pipeline", inputs: Inputs, dump_art: artifacts.Artifact, chosen: list[Pick | None], idx: np.ndarray
+) -> dict[int, np.ndarray]:
+    """Class -> float32 scores of its chosen latent on the patches `idx` of `dump_art` (classes without a choice left
+    out)."""
     if not len(idx):
         return {}
-    shards = Shards(inputs.dump.artifact.dpath)
+    shards = Shards(dump_art.dpath)
     by_sae: dict[str, list[int]] = {}
     for c, pick in enumerate(chosen):
         if pick is not None:
-            by_sae.setdefault(pick["sae"], []).append(c)
+            by_sae.setdefault(pick.sae, []).append(c)
     device = helpers.get_device(pipeline.score.device)
     torch.set_float32_matmul_precision(pipeline.score.matmul_precision)
     out = {}
     for sae_key, classes in by_sae.items():
         layer = inputs.train.info[sae_key].layer
         sae = nn.load(inputs.train.by_key(sae_key).dpath, device=device)
-        latents = torch.tensor([chosen[c]["prototype"] for c in classes], device=device)
+        latents = torch.tensor([chosen[c].prototype for c in classes], device=device)
         parts = []
         for start in range(0, len(idx), _BATCH):
             acts_BD = torch.from_numpy(shards.patches_flat(layer, idx[start : start + _BATCH])).to(device)
@@ -221,18 +291,25 @@ _BATCH = 4096
 
 
 def make_report_data(
-    pipeline: "Pipeline", inputs: Inputs, result: best.Best, chosen, ap_by_sae, keep, heldout, heldout_scores
+    pipeline: "Pipeline",
+    inputs: Inputs,
+    result: best.Best,
+    chosen: list[Pick | None],
+    ap_by_sae: dict[str, np.ndarray],
+    keep: np.ndarray,
+    reported: ReportSet,
+    report_scores: dict[int, np.ndarray],
 ) -> report.ReportData:
     """Everything the HTML report shows: AP distributions, PR curves and the top-activating images per class."""
     cfg: Config = pipeline.reduce
-    shards = Shards(inputs.dump.artifact.dpath)
+    select_art, select = role(inputs.dump, "select")
+    shards = Shards(select_art.dpath)
     md = shards.metadata
     flat_labels = np.asarray(shards.labels).reshape(-1)
     # An adopted dump has no dataset or model config here: its report has no top-activating images.
-    adopted = pipeline.dump.adopt is not None
-    dataset = None if adopted else datasets.make_dataset(pipeline.dump.data)
-    img_size, n_side = (0, 0) if adopted else vit.get_patch_grid(pipeline.dump.vit.model)
-    kept_scores = chosen_scores(pipeline, inputs, chosen, keep)
+    dataset = None if select.data is None else datasets.make_dataset(select.data)
+    img_size, n_side = (0, 0) if dataset is None else vit.get_patch_grid(pipeline.dump.vit.model)
+    kept_scores = chosen_scores(pipeline, inputs, select_art, chosen, keep)
     items = []
     for c, row in enumerate(result.classes):
         pick = chosen[c]
@@ -240,9 +317,9 @@ def make_report_data(
             ap_all = np.zeros(0)
             pr_scores, pr_labels, top = np.zeros(0, np.float32), np.zeros(0, bool), []
         else:
-            ap_all = ap_by_sae[pick["sae"]][c]
-            if c in heldout_scores:
-                pr_scores, pr_labels = heldout_scores[c], flat_labels[heldout] == c
+            ap_all = ap_by_sae[pick.sae][c]
+            if c in report_scores:
+                pr_scores, pr_labels = report_scores[c], reported.labels == c
             else:
                 pr_scores, pr_labels = kept_scores[c], flat_labels[keep] == c
             top = (
@@ -258,14 +335,19 @@ def make_report_data(
                 ap_all=np.asarray(ap_all, dtype=np.float64),
                 pr_scores=np.asarray(pr_scores, dtype=np.float32),
                 pr_labels=np.asarray(pr_labels, dtype=bool),
-                pr_source="held-out" if c in heldout_scores else "selection",
+                pr_source="held-out" if c in report_scores else "selection",
                 top=top,
             )
         )
     notes = [
         f"config: {pipeline.config_fpath or pipeline.config_dpath}",
-        f"dump: {inputs.dump.artifact.ref} ({md.vit_ckpt}, {md.n_imgs} images, layers {list(md.layers)})",
-        f"selection patches: {result.n_patches}; held-out patches: {result.n_heldout}",
+        f"dump: {select_art.ref} ({md.vit_ckpt}, {md.n_imgs} images, layers {list(md.layers)})",
+        f"selection patches: {result.n_patches}; "
+        + (
+            f"report patches: {result.n_heldout} (every labelled patch of the report split dump/{result.report_dump})"
+            if result.report_dump
+            else f"held-out patches: {result.n_heldout}"
+        ),
         f"SAEs: {', '.join(result.per_sae)}",
     ]
     saes = [
@@ -287,7 +369,7 @@ def make_report_data(
 
 
 def top_images(
-    inputs: Inputs, shards, dataset, pick, keep, scores_N, c, img_size, n_side, n_top
+    inputs: Inputs, shards, dataset, pick: Pick, keep, scores_N, c, img_size, n_side, n_top
 ) -> list[report.TopImage]:
     """The images holding the kept patches where the chosen latent fires hardest, with every patch's score."""
     md = shards.metadata
@@ -299,13 +381,13 @@ def top_images(
             imgs.append(img)
         if len(imgs) == n_top:
             break
-    layer = inputs.train.info[pick["sae"]].layer
-    sae = nn.load(inputs.train.by_key(pick["sae"]).dpath)
+    layer = pick.layer
+    sae = nn.load(inputs.train.by_key(pick.sae).dpath)
     out = []
     for img in imgs:
         acts_PD = shards.patches(layer, img, img + 1)[0]
         scores_P = scoring.encode_block(
-            sae, acts_PD, pick["prototype"], pick["prototype"] + 1, batch_size=_BATCH, device=torch.device("cpu")
+            sae, acts_PD, pick.prototype, pick.prototype + 1, batch_size=_BATCH, device=torch.device("cpu")
         )[:, 0].numpy()
         labels_P = np.asarray(shards.labels[img]) == c
         sample = dataset[img]
@@ -329,17 +411,21 @@ def _json_float(value: float) -> float | None:
 
 
 def format_table(result: best.Best, top: int = 50) -> str:
-    """The per-class results as a plain-text table (what the launcher prints at the end).
+    """The per-class results as a plain-text table (what the launcher prints at the end), then, with several layers,
+    each layer's own best per class.
 
-    `select AP` is the AP on the kept patches that chose the latent; `held-out AP` is that latent's AP on patches
-    that took no part in the choice (the honest figure); `prev` is the AP of a random (or constant) score.
+    `select AP` is the AP on the kept patches that chose the latent; `report AP` (`held-out AP` in a one-dataset
+    config) is that latent's AP on patches that took no part in the choice (the honest figure); `prev` is the AP of a
+    random (or constant) score.
     """
 
     def fmt(x, spec=".3f"):
         return "-" if x is None else format(x, spec)
 
+    reported_name = "report AP" if result.report_dump else "held-out AP"
     lines = [
-        f"{'class':<18} {'patches':>7} {'prev':>6} {'select AP':>9} {'held-out AP':>11} {'x prev':>7} {'latent':>7}  sae"
+        f"{'class':<18} {'patches':>7} {'prev':>6} {'select AP':>9} {reported_name:>11} {'x prev':>7} {'layer':>5} "
+        f"{'latent':>7}  sae"
     ]
     for row in result.classes[:top]:
         reported = row.heldout_ap if row.heldout_ap is not None else row.ap
@@ -347,12 +433,22 @@ def format_table(result: best.Best, top: int = 50) -> str:
         ratio = "-" if reported is None or not prev else f"{reported / prev:.1f}x"
         flag = "  (dead latent)" if row.dead else ""
         flag += "  (SAE unhealthy)" if row.sae_unhealthy else ""
+        layer = "-" if row.layer is None else str(row.layer)
         lines.append(
             f"{row.name[:18]:<18} {row.n_patches:>7d} {row.prevalence:>6.3f} {fmt(row.ap):>9} "
-            f"{fmt(row.heldout_ap):>11} {ratio:>7} {row.prototype:>7d}  {row.sae or '-'}{flag}"
+            f"{fmt(row.heldout_ap):>11} {ratio:>7} {layer:>5} {row.prototype:>7d}  {row.sae or '-'}{flag}"
         )
     if len(result.classes) > top:
         lines.append(f"... {len(result.classes) - top} more classes in best.json")
+    if len(result.layers) > 1:
+        lines.append(f"\n{reported_name} by layer (each layer's own best latent; * = the best over layers)")
+        lines.append(f"{'class':<18} " + " ".join(f"{'layer ' + str(entry.layer):>10}" for entry in result.layers))
+        for c, row in enumerate(result.classes[:top]):
+            cells = []
+            for entry in result.layers:
+                mark = "*" if row.layer == entry.layer else " "
+                cells.append(f"{fmt(entry.classes[c].heldout_ap):>9}{mark}")
+            lines.append(f"{row.name[:18]:<18} " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -362,11 +458,11 @@ def format_health(result: best.Best) -> list[str]:
     per_sae = result.per_sae
     if not per_sae:
         return []
-    lines = [f"\n{'sae':<18} {'nmse':>6} {'L0':>7} {'dead':>6} {'dense':>6} {'wins':>5}  health"]
+    lines = [f"\n{'sae':<18} {'layer':>5} {'nmse':>6} {'L0':>7} {'dead':>6} {'dense':>6} {'wins':>5}  health"]
     for key, entry in per_sae.items():
         m = entry.metrics
         lines.append(
-            f"{key:<18} {m['nmse']:>6.3f} {m['l0']:>7.1f} {m['dead_frac']:>6.1%} {m['dense_frac']:>6.1%} "
+            f"{key:<18} {entry.layer:>5d} {m['nmse']:>6.3f} {m['l0']:>7.1f} {m['dead_frac']:>6.1%} {m['dense_frac']:>6.1%} "
             f"{entry.n_wins:>5d}  {'UNHEALTHY' if entry.health else 'ok'}"
         )
     for key, entry in per_sae.items():

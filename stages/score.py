@@ -1,4 +1,5 @@
-"""score: exact AP of every SAE latent ("prototype") for every class, over the kept patches, in K-blocks.
+"""score: exact AP of every SAE latent ("prototype") for every class, over the kept patches of the select split, in
+K-blocks.
 
 One artifact per SAE, `<root>/score/<key>/`, with one partial per K-block in `partials/blockNNNNN.safetensors`
 holding `ap_CK` (float64 [C, block]), `min_K` and `max_K` (each latent's lowest and highest score over the kept
@@ -35,7 +36,7 @@ from saev import artifacts, atomic, checksums, helpers, keepmask, nn, scoring
 from saev.data.shards import Shards
 from saev.engine.plan import Piece, StagePlan
 
-from .graph import DumpInfo, KeptInfo, MaskInfo, ScoreInfo, TrainInfo
+from .graph import DumpInfo, KeptInfo, MaskInfo, ScoreInfo, TrainInfo, role
 
 if typing.TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -56,7 +57,7 @@ class Inputs(typing.NamedTuple):
     """What scoring reads."""
 
     dump: StagePlan[DumpInfo]
-    """The dump: class names and per-patch labels."""
+    """The dumps; the one of the select role gives the class names and per-patch labels."""
     train: StagePlan[TrainInfo]
     """The SAEs, one score artifact each."""
     mask: StagePlan[MaskInfo]
@@ -107,7 +108,7 @@ def get_block_size(cfg: Config, n_rows: int, d_sae: int) -> int:
 
 def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[ScoreInfo]:
     cfg: Config = pipeline.score
-    dump_ref = inputs.dump.artifact.ref
+    dump_ref = role(inputs.dump, "select")[0].ref
     mask_ref = inputs.mask.artifact.ref
     n_rows = inputs.mask.record.max_kept
     kept_by_layer = {kept.layer: key for key, kept in inputs.kept.info.items()}
@@ -208,7 +209,7 @@ def run(pipeline: "Pipeline", own: StagePlan[ScoreInfo], inputs: Inputs, piece: 
     k_start = block * info.block_size
     k_stop = min(info.d_sae, k_start + info.block_size)
 
-    dump_art = inputs.dump.artifact
+    dump_art, _ = role(inputs.dump, "select")
     train_art = inputs.train.by_key(info.train_key)
     acts_ND, labels_N = load_kept(dump_art, inputs.mask.artifact, inputs.kept.by_key(info.kept_key))
     n_classes = len(Shards(dump_art.dpath).metadata.class_names)

@@ -1,4 +1,7 @@
-"""train: a sweep of SAEs on the dumped activations of one layer; each SAE is its own artifact.
+"""train: a sweep of SAEs on the corpus's dumped activations, at one layer or several; each SAE is its own artifact.
+
+The SAEs are fit on the corpus dump (`[data.corpus]`, or the one dataset of a one-dataset config). With `layers`, the
+whole sweep is trained on each listed layer (one SAE per layer and sweep point, each recording its layer).
 
 The sweep is a TOML file whose list values expand to a grid (see `saev.sweep`). SAEs that can share a data stream
 (same shape, objective, batch size, number of examples, data seed and loader sizes) form a group, trained together
@@ -6,7 +9,8 @@ with batched matmuls in one job (one piece of work), on one stream of shuffled b
 (`saev.data.loader`: large contiguous reads on a background thread, shuffled in a RAM buffer). Output per SAE,
 `<root>/train/<key>/`: `sae.safetensors` (weights, scale folded in so the SAE applies to raw activations),
 `sae.json` (its config and activation rule) and `metrics.json` (MSE, normalized MSE, L0, dead and dense fractions
-on held-out rows).
+on held-out rows: the corpus's last `n_eval` rows, never trained on; with `[data.corpus_eval]`, `n_eval` rows spread
+evenly over that dump instead, which is then an input of the SAE).
 
 SAEs trained elsewhere are scored the same way: each entry of `imports` (a saev `sae.pt`, v1 or 2.x, or a directory
 with our `sae.json` + `sae.safetensors`) becomes a train artifact of its own, keyed by the file's content checksum, the
@@ -31,7 +35,7 @@ from saev.data import loader
 from saev.data.shards import Shards
 from saev.engine.plan import Piece, StagePlan
 
-from .graph import DumpInfo, ImportInfo, TrainInfo
+from .graph import DumpInfo, ImportInfo, TrainInfo, corpus_eval, role
 
 if typing.TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -46,10 +50,10 @@ check = finalize = manifest_extra = slurm_resources = explain_key = None
 
 
 class Inputs(typing.NamedTuple):
-    """What training reads: the dump's activations."""
+    """What training reads: the corpus's activations (and the corpus_eval's, when there is one)."""
 
     dump: StagePlan[DumpInfo]
-    """The dump (its one artifact)."""
+    """The dumps; training reads the one of the corpus role (and of corpus_eval)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +78,9 @@ class Config:
     """Existing SAE checkpoints to score besides the sweep: paths, or tables {path = "...", layer = N}; each SAE is
     keyed by its file's content (see `saev.sae_files`)."""
     layer: int = -1
-    """ViT layer whose patch activations the SAEs learn (a value of dump.vit.layers; negative counts from the end of the ViT)."""
+    """ViT layer whose patch activations the SAEs learn (a value of dump.vit.layers; 0-based block index, negative counts from the end of the ViT)."""
+    layers: tuple[int, ...] = ()
+    """Train the whole sweep on each of these layers (values of dump.vit.layers, as `layer`), instead of `layer` alone; results are then per layer and best over layers."""
     max_group: int = artifacts.unhashed(16)
     """At most this many SAEs trained together in one job (GPU memory); results do not depend on it."""
     checkpoint_every: int = artifacts.unhashed(1000)
@@ -86,6 +92,8 @@ class Config:
         for name in ("max_group", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.layers and self.layer != -1:
+            raise ValueError("give train.layer (one layer) or train.layers (a layer sweep), not both")
 
 
 def get_layer(pipeline: "Pipeline", dump: DumpInfo, layer: int | None = None, what: str = "train.layer") -> int:
@@ -175,8 +183,8 @@ def warn_small_data(cfgs: list[training.TrainConfig], n_rows: int) -> list[str]:
 
 
 IMPORT_EVAL_ROWS = 4096
-"""An imported SAE's `metrics.json` (hence its health in the results) is measured on the dump's last this many patches
-of its layer (all of them when the dump has fewer)."""
+"""An imported SAE's `metrics.json` (hence its health in the results) is measured on the corpus dump's last this many
+patches of its layer (all of them when the dump has fewer), or on this many spread over `[data.corpus_eval]`."""
 
 
 class PlannedImport(typing.NamedTuple):
@@ -225,10 +233,18 @@ def get_imports(pipeline: "Pipeline", dump: DumpInfo) -> list[tuple[pathlib.Path
     return out
 
 
+def get_layers(pipeline: "Pipeline", dump: DumpInfo) -> list[int]:
+    """The layers the sweep is trained on (`layers`, or `layer`), as checked block indices, each once, in order."""
+    given = pipeline.train.layers or (pipeline.train.layer,)
+    what = "train.layers" if pipeline.train.layers else "train.layer"
+    return list(dict.fromkeys(get_layer(pipeline, dump, layer, what) for layer in given))
+
+
 def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[TrainInfo]:
-    dump_ref = inputs.dump.artifact.ref
-    dump_info = inputs.dump.record
-    layer = get_layer(pipeline, dump_info)
+    corpus_art, dump_info = role(inputs.dump, "corpus")
+    dump_ref = corpus_art.ref
+    evaluated = corpus_eval(inputs.dump)
+    layers = get_layers(pipeline, dump_info)
     arts, all_params, all_inputs = [], {}, {}
     info: dict[str, TrainInfo] = {}
     pieces = []
@@ -252,6 +268,8 @@ def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[TrainInfo]:
             source["top_k"] = planned.top_k
         params = {"import": source, "layer": import_layer}
         refs = {"dump": dump_ref}
+        if evaluated is not None:
+            refs["corpus_eval"] = evaluated[0].ref
         art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, refs))
         if art.key in info:
             continue  # the same file twice
@@ -259,27 +277,33 @@ def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[TrainInfo]:
         all_params[art.key], all_inputs[art.key] = params, refs
         info[art.key] = TrainInfo(config=import_info, d_sae=import_info.d_sae, layer=import_layer)
         pieces.append(Piece(NAME, art, label=f"import {path}"))
-    by_cfg: dict[training.TrainConfig, artifacts.Artifact] = {}
-    for train_cfg in get_sweep(pipeline, dump_info.d_vit):
-        params = {"sae": artifacts.hashed_params(train_cfg), "layer": layer}
-        refs = {"dump": dump_ref}
-        art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, refs))
-        if art.key in info:
-            continue  # the same SAE twice in a sweep is trained once
-        arts.append(art)
-        by_cfg[train_cfg] = art
-        all_params[art.key] = params
-        all_inputs[art.key] = refs
-        info[art.key] = TrainInfo(config=train_cfg, d_sae=train_cfg.sae.d_sae, layer=layer)
+    by_layer: dict[int, dict[training.TrainConfig, artifacts.Artifact]] = {layer: {} for layer in layers}
+    sweep_cfgs = get_sweep(pipeline, dump_info.d_vit)
+    for layer in layers:
+        for train_cfg in sweep_cfgs:
+            params = {"sae": artifacts.hashed_params(train_cfg), "layer": layer}
+            refs = {"dump": dump_ref}
+            if evaluated is not None:  # its metrics are measured there
+                refs["corpus_eval"] = evaluated[0].ref
+            art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, refs))
+            if art.key in info:
+                continue  # the same SAE twice in a sweep is trained once
+            arts.append(art)
+            by_layer[layer][train_cfg] = art
+            all_params[art.key] = params
+            all_inputs[art.key] = refs
+            info[art.key] = TrainInfo(config=train_cfg, d_sae=train_cfg.sae.d_sae, layer=layer)
     if not info:
         raise configs.ConfigError('[train] has no SAEs: sweep = "" and no imports')
     n_rows = dump_info.n_patches
-    for msg in warn_small_data([cfg for cfg in by_cfg], n_rows):
+    for msg in warn_small_data(sweep_cfgs, n_rows):
         logger.warning("the data is small for the sweep: %s", msg)
-    for group in training.group(list(by_cfg), max_size=pipeline.train.max_group):
-        group_arts = [by_cfg[cfg] for cfg in group]
-        label = describe(group[0]) if len(group) == 1 else f"group of {len(group)}: {describe(group[0])}, ..."
-        pieces.append(Piece(NAME, group_arts[0], label=label, also=tuple(group_arts[1:])))
+    for layer, by_cfg in by_layer.items():  # a group shares one stream of rows: one layer's
+        at = f" at layer {layer}" if len(layers) > 1 else ""
+        for group in training.group(list(by_cfg), max_size=pipeline.train.max_group):
+            group_arts = [by_cfg[cfg] for cfg in group]
+            label = describe(group[0]) if len(group) == 1 else f"group of {len(group)}: {describe(group[0])}, ..."
+            pieces.append(Piece(NAME, group_arts[0], label=label + at, also=tuple(group_arts[1:])))
     return StagePlan(NAME, tuple(arts), tuple(pieces), all_params, all_inputs, info)
 
 
@@ -290,7 +314,8 @@ def run(pipeline: "Pipeline", own: StagePlan[TrainInfo], inputs: Inputs, piece: 
     todo = [art for art in (piece.artifact, *piece.also) if not art.is_done()]
     infos = [own.info[art.key] for art in todo]
     # Rows stream from the shards on disk (the layer is never loaded whole; see saev.data.loader).
-    rows = loader.ShardRows(Shards(inputs.dump.artifact.dpath), infos[0].layer)
+    corpus_art, _ = role(inputs.dump, "corpus")
+    rows = loader.ShardRows(Shards(corpus_art.dpath), infos[0].layer)
     device = helpers.get_device(pipeline.train.device)
     # The checkpoint lives beside the group's first SAE as a dot-file: never part of an artifact.
     checkpoint_fpath = todo[0].dpath / ".checkpoint.safetensors"
@@ -301,8 +326,12 @@ def run(pipeline: "Pipeline", own: StagePlan[TrainInfo], inputs: Inputs, piece: 
         checkpoint_fpath=checkpoint_fpath,
         checkpoint_every=pipeline.train.checkpoint_every,
     )
-    for art, result in zip(todo, results, strict=True):
+    evaluated = corpus_eval(inputs.dump)
+    for art, info, result in zip(todo, infos, results, strict=True):
         nn.save(result.sae, art.dpath)
+        if evaluated is not None:
+            eval_ND = read_eval_rows(evaluated[0], info.layer, info.config.n_eval)
+            result = result._replace(metrics=training.get_metrics(result.sae, eval_ND, n_steps=result.metrics.n_steps))
         metrics = dataclasses.asdict(result.metrics)
         atomic.atomic_write_json(art.dpath / "metrics.json", metrics)
         art.write_manifest(
@@ -321,6 +350,15 @@ def run(pipeline: "Pipeline", own: StagePlan[TrainInfo], inputs: Inputs, piece: 
     checkpoint_fpath.unlink(missing_ok=True)
 
 
+def read_eval_rows(dump_art: artifacts.Artifact, layer: int, n_eval: int) -> np.ndarray:
+    """`n_eval` rows of `layer` spread evenly over the dump (all of them when it has fewer): where the metrics of an
+    SAE are measured on a `[data.corpus_eval]` dump."""
+    shards = Shards(dump_art.dpath)
+    n_rows = shards.metadata.n_imgs * shards.metadata.n_patches_per_img
+    idx = np.unique(np.linspace(0, n_rows - 1, min(n_eval, n_rows)).round().astype(np.int64))
+    return shards.patches_flat(layer, idx)
+
+
 def run_import(pipeline: "Pipeline", own: StagePlan[TrainInfo], inputs: Inputs, piece: Piece) -> None:
     """The job body of an imported SAE: convert it again (refusing a file changed since the plan), save it as ours
     (`sae.json`, `sae.safetensors`), measure `metrics.json` on the dump's last `IMPORT_EVAL_ROWS` patches, record where
@@ -332,10 +370,15 @@ def run_import(pipeline: "Pipeline", own: StagePlan[TrainInfo], inputs: Inputs, 
     imported = sae_files.read_sae(source.path)
     if imported.checksum != source.checksum:
         raise sae_files.SaeFileError(f"{source.path} changed since the plan was made; run the launcher again")
-    rows = loader.ShardRows(Shards(inputs.dump.artifact.dpath), info.layer)
-    n_eval = min(IMPORT_EVAL_ROWS, rows.n_rows)
-    eval_ND = np.empty((n_eval, rows.d), dtype=np.float32)
-    rows.read(rows.n_rows - n_eval, rows.n_rows, eval_ND)
+    evaluated = corpus_eval(inputs.dump)
+    if evaluated is not None:
+        eval_ND = read_eval_rows(evaluated[0], info.layer, IMPORT_EVAL_ROWS)
+    else:
+        corpus_art, _ = role(inputs.dump, "corpus")
+        rows = loader.ShardRows(Shards(corpus_art.dpath), info.layer)
+        n_eval = min(IMPORT_EVAL_ROWS, rows.n_rows)
+        eval_ND = np.empty((n_eval, rows.d), dtype=np.float32)
+        rows.read(rows.n_rows - n_eval, rows.n_rows, eval_ND)
     metrics = dataclasses.asdict(training.get_metrics(imported.sae, eval_ND, n_steps=0))
     nn.save(imported.sae, art.dpath)
     atomic.atomic_write_json(art.dpath / "metrics.json", metrics)

@@ -3,6 +3,8 @@
 - `Synthetic`: the built-in demo, generated deterministically from a seed (coloured shapes on textured backgrounds).
 - `SegFolder`: real data laid out as `images/`, `masks/` (same stem, `.png` class ids) and `classes.txt`.
 - `ClassFolder`: classification data, one subdirectory per class; every patch gets its image's class.
+- `ImageFolder`: unlabelled images (a corpus to fit SAEs on): every image under a directory, at any depth; no
+  classes, every patch unlabelled (kind = "imagefolder").
 
 Folder datasets read every image upright (its EXIF orientation applied, as viewers show it) as 8-bit RGB by its full
 range (`to_rgb`: 16-bit grayscale rescaled, not clipped; alpha dropped; floating-point refused) and masks as stored,
@@ -70,13 +72,21 @@ class Sample:
 #############
 
 
+def _render(cfg: Synthetic, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """`render_synthetic`, its masks all unlabelled (-1) when the dataset is not `labelled`."""
+    images_B3SS, masks_BSS = render_synthetic(cfg, indices)
+    if not cfg.labelled:
+        masks_BSS = np.full(masks_BSS.shape, -1, dtype=np.int64)
+    return images_B3SS, masks_BSS
+
+
 class SyntheticDataset:
     """Images generated on demand; any one can be regenerated alone from (seed, index)."""
 
     def __init__(self, cfg: Synthetic):
         self.cfg = cfg
-        self.class_names = ("background", *SHAPES)
-        self.background: int | None = 0
+        self.class_names: tuple[str, ...] = ("background", *SHAPES) if cfg.labelled else ()
+        self.background: int | None = 0 if cfg.labelled else None
         self.resize: ResizeMode = "stretch"  # square images: both modes give the same input
 
     def __len__(self) -> int:
@@ -85,7 +95,7 @@ class SyntheticDataset:
     def __getitem__(self, i: int) -> Sample:
         if not 0 <= i < len(self):
             raise IndexError(f"image {i} out of range [0, {len(self)})")
-        images_B3SS, masks_BSS = render_synthetic(self.cfg, [i])  # a batch of one
+        images_B3SS, masks_BSS = _render(self.cfg, [i])  # a batch of one
         image = Image.fromarray(images_B3SS[0].transpose(1, 2, 0))
         return Sample(image, masks_BSS[0].astype(np.int64), f"synthetic-{i:06d}")
 
@@ -320,7 +330,60 @@ class ClassFolderDataset:
         return _make_fingerprint("classfolder", self.class_names, pathlib.Path(self.cfg.root), fpaths, None)
 
 
-Dataset = SyntheticDataset | FolderDataset | ClassFolderDataset
+@dataclasses.dataclass(frozen=True)
+class ImageFolder(_ImageFiles):
+    """Unlabelled images: every image file under `root`, at any depth (e.g. ImageNet's `train/<synset>/*.JPEG`), in
+    sorted path order. There are no classes: every patch is unlabelled, so such a dump can only be a corpus (what
+    SAEs are fit on), never a select or report split. Images are read as in `SegFolder` (upright, 8-bit RGB)."""
+
+    root: str
+    """Dataset directory; images in it and in its subdirectories (hidden ones, starting with ".", skipped; a linked
+    directory is walked once)."""
+    resize: ResizeMode = "stretch"
+    """How images become the model's square input: "stretch" or "crop"; see `SegFolder.resize`."""
+    max_image_pixels: int | None = artifacts.unhashed(None)
+    """Largest image read (width x height); see `SegFolder.max_image_pixels`. Changes no result."""
+
+
+class ImageFolderDataset:
+    """Images found under a directory tree; the mask of an image is "unlabelled" everywhere."""
+
+    def __init__(self, cfg: ImageFolder):
+        self.cfg = cfg
+        root = _dataset_root(cfg.root)
+        self.class_names: tuple[str, ...] = ()
+        self.background: int | None = None
+        self.resize: ResizeMode = cfg.resize
+        self.fpaths: list[pathlib.Path] = []
+        todo, seen = [root], set()
+        while todo:  # sorted depth-first walk: images of a directory, then its subdirectories, by name
+            dpath = todo.pop()
+            if (real := dpath.resolve()) in seen:
+                continue  # a link back up the tree (or to a directory walked already)
+            seen.add(real)
+            self.fpaths += _image_files(dpath)
+            todo += reversed([p for p in _list_dir(dpath) if p.is_dir() and not p.name.startswith(".")])
+        if not self.fpaths:
+            raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root} or its subdirectories")
+
+    def __len__(self) -> int:
+        return len(self.fpaths)
+
+    def __getitem__(self, i: int) -> Sample:
+        fpath = self.fpaths[i]
+        image = read_image(fpath, self.cfg.max_image_pixels)
+        mask = np.full((image.height, image.width), -1, dtype=np.int64)  # negative: unlabelled
+        return Sample(image, mask, pathlib.Path(os.path.relpath(fpath, self.cfg.root)).with_suffix("").as_posix())
+
+    def fingerprint(self) -> Fingerprint:
+        """Every image (see `Fingerprint`)."""
+        return _make_fingerprint("imagefolder", (), pathlib.Path(self.cfg.root), self.fpaths, None)
+
+
+Dataset = SyntheticDataset | FolderDataset | ClassFolderDataset | ImageFolderDataset
+
+DatasetConfig = Synthetic | SegFolder | ClassFolder | ImageFolder
+"""Every dataset config (a TOML table chooses one by `kind`)."""
 
 
 #########
@@ -349,7 +412,7 @@ def load_batch(
     `pool`'s threads when given (image decoding and resizing release the GIL).
     """
     if isinstance(dataset, SyntheticDataset) and dataset.cfg.img_size == size:
-        return Batch(*render_synthetic(dataset.cfg, indices))
+        return Batch(*_render(dataset.cfg, indices))
 
     def load(i: int) -> tuple[np.ndarray, np.ndarray]:
         sample = dataset[i]
@@ -360,23 +423,28 @@ def load_batch(
 
 
 @beartype.beartype
-def make_dataset(cfg: Synthetic | SegFolder | ClassFolder) -> Dataset:
+def make_dataset(cfg: DatasetConfig) -> Dataset:
     """Open a dataset (folder datasets are checked up front: directories, class file, a mask for every image)."""
-    factories = {Synthetic: SyntheticDataset, SegFolder: FolderDataset, ClassFolder: ClassFolderDataset}
+    factories = {
+        Synthetic: SyntheticDataset, SegFolder: FolderDataset, ClassFolder: ClassFolderDataset,
+        ImageFolder: ImageFolderDataset,
+    }  # fmt: skip
     return factories[type(cfg)](cfg)
 
 
 @beartype.beartype
-def fingerprint(cfg: Synthetic | SegFolder | ClassFolder) -> Fingerprint:
+def fingerprint(cfg: DatasetConfig) -> Fingerprint:
     """The dataset's `Fingerprint` (opening it first, with its checks): the files it reads, by size and modification
     time, digested. Meant to enter the dump key next to the config, so that an edited dataset gets a new dump."""
     return make_dataset(cfg).fingerprint()
 
 
-def describe(cfg: Synthetic | SegFolder | ClassFolder) -> str:
+def describe(cfg: DatasetConfig) -> str:
     """A short human-readable name for plans and logs."""
     if isinstance(cfg, Synthetic):
         return f"synthetic shapes ({cfg.n_imgs} images, seed {cfg.seed})"
     if isinstance(cfg, ClassFolder):
         return f"class folders {cfg.root}"
+    if isinstance(cfg, ImageFolder):
+        return f"unlabelled images {cfg.root}"
     return f"folder {cfg.root}"

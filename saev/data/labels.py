@@ -90,6 +90,8 @@ def pool_patch_labels(
     if not 0.0 <= min_frac <= 1.0:
         raise ValueError(f"min_frac={min_frac} is not a fraction in [0, 1]")
     batch_shape, n_patches = mask.shape[:-2], n_side * n_side
+    if n_classes == 0:  # an unlabelled dataset: no class can win anywhere
+        return np.full((*batch_shape, n_patches), ignore, dtype=np.int64)
     if mask.shape[-2:] != (img_size, img_size):
         mask = resize_nearest(mask, img_size)
     masks_NSS = mask.reshape(-1, img_size, img_size)

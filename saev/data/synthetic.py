@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from jaxtyping import UInt8, jaxtyped
 
+from saev import artifacts
+
 SHAPES = ("circle", "square", "triangle", "ring", "cross")
 """Shape kinds of the synthetic dataset; class id = 1 + index (0 is background)."""
 
@@ -45,6 +47,8 @@ class Synthetic:
     """Image i depends only on (seed, i); a non-negative integer."""
     max_shapes: int = 3
     """Each image has between 1 and this many shapes."""
+    labelled: bool = artifacts.hashed_if_set(True)
+    """false: the same images without labels or classes (an unlabelled corpus, as ImageNet is for the paper)."""
 
     def __post_init__(self):
         if self.n_imgs <= 0:
