@@ -1,6 +1,6 @@
 """`launch.py --export OUT_DIR`: a config's artifacts in the saev library's own layouts, for its tools.
 
-    OUT_DIR/saev/shards/<HASH>/          the dump in the 2.x shard layout (metadata.json, shards.json, acts*.bin,
+    OUT_DIR/saev/shards/<HASH>/          the dump (with [data.*] roles: the corpus's) in the 2.x shard layout (metadata.json, shards.json, acts*.bin,
                                          labels.bin) and classes.txt, its class names one a line (saev's files hold
                                          none); HASH is saev's name for it: the first 8 hex characters of the sha256
                                          of its metadata as compact sorted-key JSON. saev's 2.x readers open only a
@@ -19,6 +19,8 @@ from saev import artifacts, errors, sae_files
 from saev.data import saevfmt
 from saev.data.shards import Shards
 from saev.engine.plan import Plan
+
+from .graph import role
 
 if typing.TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -57,14 +59,14 @@ def export(pipeline: "Pipeline", plan: Plan, out_dpath: pathlib.Path) -> list[st
         ExportError: OUT_DIR holds an SAE file of the same train key with other contents.
         WriteError: a file could not be written (disk full); the message names it.
     """
-    dump_art = plan["dump"].artifacts[0]
+    dump_art, dump_info = role(plan["dump"], "corpus")  # with [data.*] roles: what the SAEs were trained on
     dump_art.verify(params=plan["dump"].params[dump_art.key])
     shards = Shards(dump_art.dpath)
     saevfmt.check_exportable(shards)  # before the SAEs: a dump that cannot be exported is the first thing to fix
     for art in plan["train"].artifacts:
         art.verify(params=plan["train"].params[art.key])
     cfg = pipeline.dump
-    root = getattr(cfg.data, "root", "")  # folder datasets; the synthetic one has no directory
+    root = getattr(dump_info.data, "root", "")  # folder datasets; the synthetic one has no directory
     dataset = str((pipeline.config_dpath / root).resolve()) if root and cfg.adopt is None else ""
     pixel_agg = "prefer-fg" if cfg.prefer_fg else "majority"
     dump_export = saevfmt.plan_export(shards, out_dpath, dataset=dataset, pixel_agg=pixel_agg)
