@@ -11,7 +11,8 @@ from PIL import Image
 
 from saev.data import datasets, synthetic
 from saev.data.datasets import DatasetError, SegFolder, Synthetic, make_dataset
-from saev.data.labels import resize_nearest
+from saev.data.labels import pool_patch_labels, resize_nearest
+from tests.helpers import make_folder_dataset
 
 
 def same_sample(a: datasets.Sample, b: datasets.Sample) -> bool:
@@ -676,3 +677,30 @@ def test_synthetic_fingerprint_is_its_config_alone():
     assert fp.files == {} and fp == datasets.fingerprint(Synthetic(n_imgs=8))
     assert fp.digest != datasets.fingerprint(Synthetic(n_imgs=8, seed=1)).digest
     assert fp.digest != datasets.fingerprint(Synthetic(n_imgs=9)).digest
+
+
+@pytest.mark.parametrize("mask_ignore", [None, 0])
+def test_class_zero_is_kept_as_a_class_or_ignored_as_asked(tmp_path, mask_ignore):
+    """ADE20K's "other" (id 0): a class like any other unless mask_ignore says its pixels are unlabelled."""
+    root = make_folder_dataset(tmp_path / "data", n_imgs=2)
+    dataset = datasets.make_dataset(datasets.SegFolder(root=str(root), mask_ignore=mask_ignore))
+    batch = datasets.load_batch(dataset, [0, 1], 64)
+    labels_BP = pool_patch_labels(batch.masks, n_side=8, img_size=64, n_classes=3, ignore=255)
+    corner = labels_BP[:, 0]  # the mask's corner is class 0 everywhere
+    assert (corner == (0 if mask_ignore is None else 255)).all()
+    assert (labels_BP == 1).any()  # the other classes are labelled either way
+
+
+def test_unlabelled_image_folder_walks_subdirectories_once(tmp_path):
+    rng = np.random.default_rng(0)
+    for sub in ("b", "a/x", ".hidden"):
+        (tmp_path / sub).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / sub / "0.png")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path)  # a link back up the tree is walked once
+    dataset = datasets.make_dataset(datasets.ImageFolder(root=str(tmp_path)))
+    assert [dataset[i].name for i in range(len(dataset))] == ["a/x/0", "b/0"]
+    assert dataset.class_names == () and (dataset[0].mask == -1).all()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(datasets.DatasetError, match="no images"):
+        datasets.make_dataset(datasets.ImageFolder(root=str(empty)))
