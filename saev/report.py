@@ -117,6 +117,8 @@ class SaeResult:
     """Classes whose best latent over the sweep is one of this SAE's."""
     health: list[str]
     """Why it is unhealthy (e.g. "70% dead latents (>= 50%)"); empty when it looks healthy."""
+    layer: int | None = None
+    """ViT block (0-based) it reads."""
 
 
 @beartype.beartype
@@ -134,6 +136,9 @@ class ReportData:
     """Every SAE of the sweep, in sweep order."""
     files: list[str]
     """Result files in the directory that holds `report/` (e.g. best.json), linked as `../<name>`."""
+    by_layer: dict[int, list[float | None]] = dataclasses.field(default_factory=dict)
+    """With several layers: layer -> the reported AP (held-out or report split) of that layer's own best latent for
+    each class, in the order of `classes`."""
 
 
 ##########################
@@ -502,7 +507,7 @@ def _make_page(report: ReportData, summary: _Png | None, sections: list[str]) ->
             f'<tr class="{cls}"><td><a href="#c{c}">{_e(r.name)}</a></td><td>{r.n_patches:,}</td>'
             f"<td>{_fmt(r.prevalence)}</td><td>{_fmt(r.ap)}</td><td>{_fmt(r.heldout_ap)}</td>"
             f"<td>{_fmt(r.heldout_prevalence)}</td><td>{_ratio(r.heldout_ap, r.heldout_prevalence)}</td>"
-            f'<td>{latent}</td><td class="l">{sae}</td></tr>'
+            f'<td>{"–" if r.layer is None else r.layer}</td><td>{latent}</td><td class="l">{sae}</td></tr>'
         )
     if summary is None:
         chart = '<p class="warn">There are no classes to show.</p>'
@@ -513,7 +518,7 @@ def _make_page(report: ReportData, summary: _Png | None, sections: list[str]) ->
         )
     table = (
         "<table><thead><tr><th>class</th><th>patches</th><th>prevalence</th><th>AP (selection)</th>"
-        "<th>AP (held-out)</th><th>held-out prevalence</th><th>held-out AP / prevalence</th><th>latent</th>"
+        "<th>AP (held-out)</th><th>held-out prevalence</th><th>held-out AP / prevalence</th><th>layer</th><th>latent</th>"
         f"<th>SAE</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
     files = ""
@@ -534,7 +539,7 @@ def _make_page(report: ReportData, summary: _Png | None, sections: list[str]) ->
     if report.saes:
         sae_rows = "".join(
             f'<tr class="{"unhealthy" if sae.health else ""}"><td><code>{_e(sae.key)}</code></td>'
-            f'<td class="l">{_e(sae.description)}</td><td>{_fmt(sae.nmse)}</td><td>{sae.l0:.1f}</td>'
+            f'<td>{"–" if sae.layer is None else sae.layer}</td><td class="l">{_e(sae.description)}</td><td>{_fmt(sae.nmse)}</td><td>{sae.l0:.1f}</td>'
             f"<td>{sae.dead_frac:.1%}</td><td>{sae.dense_frac:.1%}</td><td>{sae.n_wins}</td>"
             + (
                 f'<td class="l"><span class="badge unhealthy">unhealthy</span> {_e("; ".join(sae.health))}</td>'
@@ -548,9 +553,28 @@ def _make_page(report: ReportData, summary: _Png | None, sections: list[str]) ->
             "rows: normalized MSE (the fraction of variance it does not reconstruct; 1 is no better than the mean), "
             "L0 (active latents per row), dead latents (never active), dense latents (active on more than 10% of "
             "rows), and how many classes take their best latent from it.</p>\n"
-            '<table id="sweep-table"><thead><tr><th>SAE</th><th>config</th><th>normalized MSE</th><th>L0</th>'
+            '<table id="sweep-table"><thead><tr><th>SAE</th><th>layer</th><th>config</th><th>normalized MSE</th><th>L0</th>'
             "<th>dead</th><th>dense</th><th>classes won</th><th>health</th></tr></thead>"
             f"<tbody>{sae_rows}</tbody></table>\n</section>"
+        )
+    by_layer = ""
+    if len(report.by_layer) > 1:
+        head = "".join(f"<th>layer {layer}</th>" for layer in report.by_layer)
+        layer_rows = "".join(
+            f'<tr><td class="l">{_e(r.name)}</td>'
+            + "".join(
+                f"<td>{'<b>' if r.layer == layer else ''}{_fmt(aps[c])}{'</b>' if r.layer == layer else ''}</td>"
+                for layer, aps in report.by_layer.items()
+            )
+            + "</tr>"
+            for c, r in enumerate(report.classes)
+        )
+        by_layer = (
+            '<section id="layers">\n<h2>By layer</h2>\n<p>Each layer\'s own best latent per class (chosen on the '
+            "selection patches among that layer's SAEs), its AP on the held-out or report patches; bold: the layer of "
+            "the best over layers.</p>\n"
+            f'<table id="layer-table"><thead><tr><th>class</th>{head}</tr></thead><tbody>{layer_rows}</tbody></table>'
+            "\n</section>"
         )
     return f"""<!doctype html>
 <html lang="en">
@@ -574,6 +598,7 @@ held-out patches (which did not), and the class's prevalence, which is the AP of
 {chart}
 {table if report.classes else ""}
 </section>
+{by_layer}
 {sweep}
 {chr(10).join(sections)}
 </body>

@@ -360,12 +360,15 @@ def make_report_data(
             dense_frac=float(entry.metrics["dense_frac"]),
             n_wins=entry.n_wins,
             health=list(entry.health),
+            layer=entry.layer,
         )
         for key, entry in result.per_sae.items()
     ]
+    by_layer = {entry.layer: [row.heldout_ap for row in entry.classes] for entry in result.layers}
     return report.ReportData(
-        title="Best SAE latent per class", classes=items, notes=notes, saes=saes, files=["best.json", "best.csv"]
-    )
+        title="Best SAE latent per class", classes=items, notes=notes, saes=saes, files=["best.json", "best.csv"],
+        by_layer=by_layer,
+    )  # fmt: skip
 
 
 def top_images(

@@ -146,6 +146,8 @@ def test_unlabelled_corpus_trains_and_the_sweep_runs_on_every_layer(roles_done):
     result = best.read(plan["reduce"].artifacts[0].dpath / "best.json")
     assert [entry.layer for entry in result.layers] == [2, 3]
     assert {entry.layer for entry in result.per_sae.values()} == {2, 3}
+    page = (plan["reduce"].artifacts[0].dpath / "report" / "index.html").read_text()
+    assert 'id="layer-table"' in page and "<th>layer 2</th><th>layer 3</th>" in page
     for c, row in enumerate(result.classes):  # the best over layers is the best of the layers' bests, by select AP
         layer_rows = [entry.classes[c] for entry in result.layers]
         assert row.ap == max(r.ap for r in layer_rows if r.ap is not None)
