@@ -78,7 +78,7 @@ class Config:
     data: datasets.Synthetic | datasets.SegFolder | datasets.ClassFolder = datasets.Synthetic()
     """The dataset: the built-in synthetic demo (kind = "synthetic"), images + masks (kind = "segfolder"), or class subfolders (kind = "classfolder", every patch labelled with its image's class)."""
     vit: vits.VitConfig = vits.VitConfig()
-    """The open_clip ViT and the layers recorded."""
+    """The ViT (open_clip, or timm as "timm:<name>") and the layers recorded."""
     max_patches_per_shard: int = 2_400_000
     """Shard size budget in activation vectors (saev protocol); ~10 GiB shards at d_vit=1024."""
     prefer_fg: bool = False
@@ -117,7 +117,7 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config) if f.default 
 
 def make_metadata(cfg: Config, dataset: datasets.Dataset) -> shards.Metadata:
     """The dump's metadata, from the configs and the dataset alone (no model is built)."""
-    img_size, n_side = vits.get_patch_grid(cfg.vit.model)
+    img_size, n_side = vits.get_patch_grid(cfg.vit)
     n_classes = len(dataset.class_names)
     labels_dtype = "uint8" if n_classes < 255 else "int16"
     return shards.Metadata(

@@ -231,7 +231,7 @@ def make_report_data(
     # An adopted dump has no dataset or model config here: its report has no top-activating images.
     adopted = pipeline.dump.adopt is not None
     dataset = None if adopted else datasets.make_dataset(pipeline.dump.data)
-    img_size, n_side = (0, 0) if adopted else vit.get_patch_grid(pipeline.dump.vit.model)
+    img_size, n_side = (0, 0) if adopted else vit.get_patch_grid(pipeline.dump.vit)
     kept_scores = chosen_scores(pipeline, inputs, chosen, keep)
     items = []
     for c, row in enumerate(result.classes):
