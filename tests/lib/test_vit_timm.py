@@ -140,6 +140,18 @@ def test_weights_load_from_a_local_file(tmp_path, images, suffix):
     assert torch.equal(loaded(images), source(images))
 
 
+def test_a_checkpoint_loads_at_another_input_size_with_resampled_position_embeddings(tmp_path):
+    """DINOv2 checkpoints are 518 px (37 x 37): at img_size 224 timm resamples the position embeddings as it loads."""
+    source = make_vit(VitConfig(model=vit_timm.TINY_DINOV2_REG, init_seed=7)).visual
+    fpath = tmp_path / "weights.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(fpath))
+    small = make_vit(VitConfig(model=vit_timm.TINY_DINOV2_REG, pretrained=str(fpath), img_size=32))
+    assert (small.img_size, small.n_side) == (32, 4)
+    want = timm.layers.resample_abs_pos_embed(source.pos_embed.detach(), (4, 4), num_prefix_tokens=0)
+    assert_close_f32(small.visual.pos_embed.detach(), want)
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 1, 4 * 4 + 1, 32)
+
+
 def test_a_tag_resolves_to_the_file_in_the_local_hugging_face_cache(tmp_path, monkeypatch):
     import huggingface_hub
 
