@@ -351,7 +351,7 @@ def top_patches(
         )
         scores_N[start : start + len(acts_BD)] = scores_B1[:, 0].cpu().numpy()
     order = np.argsort(-scores_N, kind="stable")[:k]
-    _, n_side = vits.get_patch_grid(results.vit.model)
+    _, n_side = vits.get_patch_grid(results.vit)
     flat_labels = np.asarray(shards.labels).reshape(-1)
     dataset = results.dataset() if names else None
     out = []

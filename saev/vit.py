@@ -1,10 +1,15 @@
-"""open_clip vision transformers: residual-stream activations of chosen layers.
+"""Vision transformers (open_clip, or timm through saev.vit_timm): residual-stream activations of chosen layers.
+
+Layers are 0-based block indices, negatives counting from the end: the output of block i (its residual stream, before
+the final norm). A paper's 1-based "block 24" of a 24-block ViT-L is index 23 (or -1). CLS and register tokens are
+never stored as patches; the CLS token is stored first when `cls_token` is true.
 
 `saev-tiny-vit` (image 64 px, patch 8, width 64, 4 blocks) is registered on import for demos and tests; any open_clip
-model name works for real use. Weights: `pretrained = ""` gives random weights seeded by `init_seed` (deterministic
-across processes); otherwise a local checkpoint file, or an open_clip pretrained tag whose weights are already in the
-local cache (compute nodes usually have no internet: fetch weights on a login node first, or point at the file;
-set HF_HUB_OFFLINE=1 so nothing tries the network).
+model name works for real use, and any timm ViT as `timm:<name>` (saev.vit_timm: its weights, and the tiny
+`timm:saev-tiny-dinov2-reg` and `timm:saev-tiny-dinov3`). open_clip weights: `pretrained = ""` gives random weights
+seeded by `init_seed` (deterministic across processes); otherwise a local checkpoint file, or an open_clip pretrained
+tag whose weights are already in the local cache (compute nodes usually have no internet: fetch weights on a login
+node first, or point at the file; set HF_HUB_OFFLINE=1 so nothing tries the network).
 """
 
 import contextlib
@@ -23,7 +28,7 @@ from jaxtyping import Float, UInt8, jaxtyped
 from PIL import Image
 from torch import Tensor
 
-from saev import configs
+from saev import artifacts, configs, vit_timm
 from saev.data import datasets
 
 logger = logging.getLogger("saev.vit")
@@ -60,6 +65,7 @@ def _read_model_config(model: str) -> dict | None:
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_FAMILIES = ("clip", "siglip", "dinov2", "dinov3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +73,15 @@ class VitConfig:
     """Which vision transformer and which of its layers."""
 
     family: str = "clip"
-    """Model family recorded in the shard metadata: "clip" or "siglip"."""
+    """Model family recorded in the shard metadata: "clip", "siglip", "dinov2" or "dinov3"."""
     model: str = TINY_MODEL
-    """Any open_clip model name (`open_clip.list_models()`), e.g. "ViT-B-16", "ViT-L-14", "ViT-B-16-SigLIP"."""
+    """An open_clip model name (`open_clip.list_models()`), e.g. "ViT-B-16", "ViT-L-14", "ViT-B-16-SigLIP"; or a timm
+    model as "timm:<name>" (`timm.list_models()`), e.g. "timm:vit_large_patch16_dinov3",
+    "timm:vit_large_patch14_reg4_dinov2", "timm:vit_large_patch16_siglip_256"."""
     pretrained: str = ""
-    """"" = random weights; a checkpoint file path; or an open_clip pretrained tag found in the local cache."""
+    """"" = random weights; a checkpoint file path (timm: safetensors or a .pth/.bin state dict); or a pretrained tag
+    whose weights are in the local cache (open_clip's, or timm's Hugging Face cache, e.g. "lvd1689m"); never
+    downloaded."""
     init_seed: int = 0
     """Seed of the random weights when `pretrained` is empty."""
     layers: tuple[int, ...] = (-1,)
@@ -80,14 +90,28 @@ class VitConfig:
     """Record the CLS token too (first token of each image); must be false for models without one (SigLIP)."""
     dtype: str = "float32"
     """Inference dtype: "float32", "bfloat16" or "float16"; activations are stored as float32."""
+    img_size: int | None = artifacts.hashed_if_set(None)
+    """timm models only: input size in pixels (e.g. 256 for a /16 DINOv3 or 224 for DINOv2/14: a 16 x 16 grid);
+    unset: the model's own default (that of its pretrained config)."""
 
     def __post_init__(self):
-        if self.family not in ("clip", "siglip"):
-            raise ValueError(f"vit.family must be 'clip' or 'siglip', got {self.family!r}")
+        if self.family not in _FAMILIES:
+            raise ValueError(f"vit.family must be one of {', '.join(map(repr, _FAMILIES))}, got {self.family!r}")
+        if self.img_size is not None and not vit_timm.is_timm(self.model):
+            raise ValueError(f'vit.img_size applies to timm models only (model = "timm:..."), not {self.model!r}')
+        if self.img_size is not None and self.img_size <= 0:
+            raise ValueError(f"vit.img_size must be positive, got {self.img_size}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"vit.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if not self.layers:
             raise ValueError("vit.layers must name at least one layer")
+
+
+def _is_timm_name(model: str) -> bool:
+    """Whether timm has a model of this name (for the hint that timm models take the `timm:` prefix)."""
+    import timm
+
+    return timm.is_model(model)
 
 
 @functools.cache
@@ -99,7 +123,10 @@ def _shape_info(model: str) -> tuple[int, int, int, int]:
         cfg = open_clip.get_model_config(model)
     if cfg is None:
         known = [m for m in _open_clip().list_models() if m.lower().startswith(model.lower()[:5])][:8]
-        raise configs.ConfigError(f"unknown open_clip model {model!r}; similar names: {', '.join(known) or 'none'}")
+        hint = f"; a timm model is named 'timm:{model}'" if _is_timm_name(model) else ""
+        raise configs.ConfigError(
+            f"unknown open_clip model {model!r}; similar names: {', '.join(known) or 'none'}{hint}"
+        )
     vision = cfg["vision_cfg"]
     if "timm_model_name" not in vision:
         size = vision["image_size"]
@@ -113,25 +140,37 @@ def _shape_info(model: str) -> tuple[int, int, int, int]:
     return trunk.embed_dim, len(trunk.blocks), size, trunk.patch_embed.patch_size[0]
 
 
-def get_d_vit(model: str) -> int:
-    """Activation width of an open_clip model (without loading weights)."""
-    return _shape_info(model)[0]
+def _shape(vit: "VitConfig | str") -> tuple[int, int, int, int]:
+    """(d_vit, n_blocks, img_size, patch_size) of a config's model, or of a model name at its default input size."""
+    cfg = VitConfig(model=vit) if isinstance(vit, str) else vit
+    if not vit_timm.is_timm(cfg.model):
+        return _shape_info(cfg.model)
+    shape = vit_timm.get_shape(cfg.model, vit_timm.get_tag(cfg.pretrained), cfg.img_size)
+    return shape.d_vit, shape.n_blocks, shape.img_size, shape.patch_size
 
 
-def get_n_layers(model: str) -> int:
-    """Number of residual blocks of an open_clip model's vision tower."""
-    return _shape_info(model)[1]
+def get_d_vit(vit: "VitConfig | str") -> int:
+    """Activation width of a model (a config, or a model name), without loading weights."""
+    return _shape(vit)[0]
 
 
-def get_patch_grid(model: str) -> tuple[int, int]:
-    """(input size in pixels, patches per side)."""
-    _, _, size, patch = _shape_info(model)
+def get_n_layers(vit: "VitConfig | str") -> int:
+    """Number of residual blocks of a model's vision tower (a config, or a model name), without loading weights."""
+    return _shape(vit)[1]
+
+
+def get_patch_grid(vit: "VitConfig | str") -> tuple[int, int]:
+    """(input size in pixels, patches per side) of a config's model (its `img_size` when set); a bare model name:
+    at the model's default input size."""
+    _, _, size, patch = _shape(vit)
     return size, size // patch
 
 
-def resolve_layers(model: str, layers: tuple[int, ...]) -> tuple[int, ...]:
-    """Layer indices as non-negative block indices; out-of-range indices are an error."""
-    n = get_n_layers(model)
+def resolve_layers(vit: "VitConfig | str", layers: tuple[int, ...]) -> tuple[int, ...]:
+    """Layer indices (0-based blocks, negatives from the end) as non-negative block indices; out-of-range indices are
+    an error."""
+    model = vit if isinstance(vit, str) else vit.model
+    n = get_n_layers(vit)
     out = []
     for layer in layers:
         if not -n <= layer < n:
@@ -157,9 +196,13 @@ def _quiet_root_logger():
 def get_norm_stats(model: str, pretrained: str, visual: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) that normalise the model's input images.
 
+    timm models: those of their pretrained config (of the tag, or the default one for random weights or a file).
     open_clip sets them from the pretrained tag; for random weights or a checkpoint file it falls back to OpenAI's
     values, which are wrong for e.g. SigLIP (0.5, 0.5), so those take the values of the model's first known tag.
     """
+    if vit_timm.is_timm(model):
+        shape = vit_timm.get_shape(model, vit_timm.get_tag(pretrained))
+        return shape.mean, shape.std
     open_clip = _open_clip()
     pp = getattr(visual, "preprocess_cfg", None) or {}
     if not pretrained or os.path.isfile(pretrained):
@@ -174,28 +217,30 @@ class _Stop(Exception):
     """Raised by the last hook to skip the rest of the forward pass."""
 
 
+def _tower_tokens(visual: torch.nn.Module) -> tuple[torch.nn.ModuleList, int, bool, bool]:
+    """(blocks, prefix tokens, whether the first is CLS, batch first) of a timm model, an open_clip tower with a timm
+    trunk (SigLIP), or an open_clip VisionTransformer."""
+    trunk = getattr(visual, "trunk", visual)
+    if hasattr(trunk, "num_prefix_tokens"):  # timm: CLS (when it has one) first, then the registers
+        return trunk.blocks, int(trunk.num_prefix_tokens), getattr(trunk, "cls_token", None) is not None, True
+    return visual.transformer.resblocks, 1, True, getattr(visual.transformer, "batch_first", True)
+
+
 class Vit(torch.nn.Module):
-    """An open_clip vision tower that returns the residual stream after each recorded block."""
+    """A vision tower (open_clip or timm) that returns the residual stream after each recorded block."""
 
     def __init__(self, cfg: VitConfig, visual: torch.nn.Module, device: torch.device):
         super().__init__()
         self.cfg = cfg
         self.visual = visual
         self.device = device
-        if hasattr(visual, "trunk"):  # timm tower
-            self.blocks = visual.trunk.blocks
-            self.n_prefix = int(getattr(visual.trunk, "num_prefix_tokens", 0))
-            self.batch_first = True
-        else:
-            self.blocks = visual.transformer.resblocks
-            self.n_prefix = 1
-            self.batch_first = getattr(visual.transformer, "batch_first", True)
-        if cfg.cls_token and self.n_prefix == 0:
-            raise ValueError(f"{cfg.model} has no CLS token; set vit.cls_token = false")
-        self.d_vit, _, self.img_size, patch = _shape_info(cfg.model)
+        self.blocks, self.n_prefix, has_cls, self.batch_first = _tower_tokens(visual)
+        if cfg.cls_token and not has_cls:
+            raise configs.ConfigError(f"{cfg.model} has no CLS token; set vit.cls_token = false")
+        self.d_vit, _, self.img_size, patch = _shape(cfg)
         self.n_side = self.img_size // patch
         self.n_patches_per_img = self.n_side * self.n_side
-        self.layers = resolve_layers(cfg.model, cfg.layers)
+        self.layers = resolve_layers(cfg, cfg.layers)
         self.mean, self.std = get_norm_stats(cfg.model, cfg.pretrained, visual)
         mean, std = torch.tensor(self.mean, dtype=torch.float64), torch.tensor(self.std, dtype=torch.float64)
         self._scale_311 = (1 / (255 * std)).float().to(device)[:, None, None]
@@ -237,7 +282,7 @@ class Vit(torch.nn.Module):
         except _Stop:
             pass
         acts = torch.stack([self._outputs[layer] for layer in self.layers], dim=1)
-        patches = acts[:, :, self.n_prefix :, :]  # drops CLS and any register tokens
+        patches = acts[:, :, self.n_prefix :, :]  # drops CLS and any register tokens (they come first)
         if self.cfg.cls_token:
             patches = torch.cat([acts[:, :, :1, :], patches], dim=2)
         self._outputs = {}
@@ -251,9 +296,12 @@ class Vit(torch.nn.Module):
 def make_vit(cfg: VitConfig, device: torch.device | str = "cpu") -> Vit:
     """Build the model in eval mode (random weights seeded by `init_seed` when `pretrained` is empty)."""
     device = torch.device(device)
-    open_clip = _open_clip()
     # Fail on an unknown model name or a bad layer with a short ValueError, before building or loading anything.
-    resolve_layers(cfg.model, cfg.layers)
+    resolve_layers(cfg, cfg.layers)
+    if vit_timm.is_timm(cfg.model):
+        net = vit_timm.make_model(cfg.model, cfg.pretrained, cfg.init_seed, cfg.img_size)
+        return Vit(cfg, net.to(device, _DTYPES[cfg.dtype]), device)
+    open_clip = _open_clip()
     if cfg.pretrained:
         if os.path.sep in cfg.pretrained and not os.path.isfile(cfg.pretrained):
             raise FileNotFoundError(f"pretrained weights file not found: {cfg.pretrained}")

@@ -78,7 +78,7 @@ class Config:
     data: datasets.DatasetConfig = datasets.Synthetic()
     """The one dataset of a one-dataset config: the built-in synthetic demo (kind = "synthetic"), images + masks (kind = "segfolder"), class subfolders (kind = "classfolder", every patch labelled with its image's class) or unlabelled images (kind = "imagefolder"). It is every role at once (see `Roles`); leave it out when the config has `[data.*]` roles."""
     vit: vits.VitConfig = vits.VitConfig()
-    """The open_clip ViT and the layers recorded."""
+    """The ViT (open_clip, or timm as "timm:<name>") and the layers recorded."""
     max_patches_per_shard: int = 2_400_000
     """Shard size budget in activation vectors (saev protocol); ~10 GiB shards at d_vit=1024."""
     prefer_fg: bool = False
@@ -175,16 +175,16 @@ def check_roles(pipeline: "Pipeline") -> None:
 def make_metadata(cfg: Config, dataset: datasets.Dataset) -> shards.Metadata:
     """The metadata of the dump of `dataset` (its config `dataset.cfg`) through `cfg`'s model, from the configs and the
     dataset alone (no model is built)."""
-    img_size, n_side = vits.get_patch_grid(cfg.vit.model)
+    img_size, n_side = vits.get_patch_grid(cfg.vit)
     n_classes = len(dataset.class_names)
     labels_dtype = "uint8" if n_classes < 255 else "int16"
     return shards.Metadata(
         vit_family=cfg.vit.family,
         vit_ckpt=f"{cfg.vit.model}:{cfg.vit.pretrained or f'random-init-seed-{cfg.vit.init_seed}'}",
-        layers=vits.resolve_layers(cfg.vit.model, cfg.vit.layers),
+        layers=vits.resolve_layers(cfg.vit, cfg.vit.layers),
         n_patches_per_img=n_side * n_side,
         cls_token=cfg.vit.cls_token,
-        d_vit=vits.get_d_vit(cfg.vit.model),
+        d_vit=vits.get_d_vit(cfg.vit),
         n_imgs=len(dataset),
         max_patches_per_shard=cfg.max_patches_per_shard,
         data=dict(artifacts.hashed_params(dataset.cfg)),
@@ -342,7 +342,7 @@ def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[DumpInfo]:
     check_roles(pipeline)
     if cfg.adopt is not None:
         return plan_adopted(pipeline)
-    vits.resolve_layers(cfg.vit.model, cfg.vit.layers)  # bad model or layers: fail now
+    vits.resolve_layers(cfg.vit, cfg.vit.layers)  # bad model or layers: fail now
     arts, pieces, all_params, info = [], [], {}, {}
     for role, data in role_datasets(pipeline).items():
         params = artifacts.hashed_params(dataclasses.replace(cfg, data=data))
@@ -428,7 +428,7 @@ def check(pipeline: "Pipeline", own: StagePlan[DumpInfo], inputs: Inputs) -> Non
         return
     for data in role_datasets(pipeline).values():
         datasets.make_dataset(data)
-    vits.get_d_vit(pipeline.dump.vit.model)
+    vits.get_d_vit(pipeline.dump.vit)
 
 
 def run_adopted(pipeline: "Pipeline", own: StagePlan[DumpInfo], piece: Piece) -> None:

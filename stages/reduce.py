@@ -308,7 +308,7 @@ def make_report_data(
     flat_labels = np.asarray(shards.labels).reshape(-1)
     # An adopted dump has no dataset or model config here: its report has no top-activating images.
     dataset = None if select.data is None else datasets.make_dataset(select.data)
-    img_size, n_side = (0, 0) if dataset is None else vit.get_patch_grid(pipeline.dump.vit.model)
+    img_size, n_side = (0, 0) if dataset is None else vit.get_patch_grid(pipeline.dump.vit)
     kept_scores = chosen_scores(pipeline, inputs, select_art, chosen, keep)
     items = []
     for c, row in enumerate(result.classes):

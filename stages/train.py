@@ -108,7 +108,7 @@ def get_layer(pipeline: "Pipeline", dump: DumpInfo, layer: int | None = None, wh
                 f"{dump.adopted / 'metadata.json'}: layers={list(dump.layers)}"
             )
         return given
-    (block,) = vit.resolve_layers(pipeline.dump.vit.model, (given,))
+    (block,) = vit.resolve_layers(pipeline.dump.vit, (given,))
     if block not in dump.layers:
         raise configs.ConfigError(
             f"{what}={given} (block {block}) is not among the dumped layers "
