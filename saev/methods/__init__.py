@@ -193,14 +193,20 @@ def fit(
     if state_fpath is not None and state_fpath.is_file():
         load_state(fitter, cfg, d_vit, state_fpath)
     if stop_after is None or fitter.batches_seen < stop_after:
-        for x_BD in get_batches(fitter.batches_seen):
-            if x_BD.ndim != 2 or x_BD.shape[1] != d_vit:
-                raise ValueError(f"a batch of shape {list(x_BD.shape)} for a method of width {d_vit}")
-            fitter.update(x_BD)
-            if state_fpath is not None and fitter.batches_seen % save_every == 0:
-                save_state(fitter, cfg, d_vit, state_fpath)
-            if stop_after is not None and fitter.batches_seen >= stop_after:
-                break
+        batches = get_batches(fitter.batches_seen)
+        try:
+            for x_BD in batches:
+                if x_BD.ndim != 2 or x_BD.shape[1] != d_vit:
+                    raise ValueError(f"a batch of shape {list(x_BD.shape)} for a method of width {d_vit}")
+                fitter.update(x_BD)
+                if state_fpath is not None and fitter.batches_seen % save_every == 0:
+                    save_state(fitter, cfg, d_vit, state_fpath)
+                if stop_after is not None and fitter.batches_seen >= stop_after:
+                    break
+        finally:
+            close = getattr(batches, "close", None)  # a loader's reading thread, a generator
+            if close is not None:
+                close()
     if stop_after is not None and fitter.batches_seen >= stop_after:
         if state_fpath is not None:
             save_state(fitter, cfg, d_vit, state_fpath)
