@@ -106,8 +106,6 @@ class Method(typing.Protocol):
 
 def _registry() -> dict[str, tuple[type, Callable[..., Fitter], Method]]:
     """kind -> (config class, fitter class taking (cfg, d_vit), fitted class taking (cfg, d_vit, tensors))."""
-    from saev.methods import kmeans, pca, random
-
     return {
         "kmeans": (kmeans.KMeansConfig, kmeans.KMeansFitter, kmeans.KMeans),
         "pca": (pca.PcaConfig, pca.PcaFitter, pca.Pca),
@@ -322,3 +320,11 @@ def array_batches(acts_ND: np.ndarray | Tensor, batch_size: int) -> Callable[[in
             yield rows.float() if isinstance(rows, Tensor) else torch.from_numpy(np.array(rows, dtype=np.float32))
 
     return get_batches
+
+
+# The methods' modules use this module's names (errors, `check_tensors`) only when called, so they import it as it
+# is being defined.
+from saev.methods import kmeans, pca, random  # noqa: E402
+
+Config = kmeans.KMeansConfig | pca.PcaConfig | random.RandomConfig | random.NeuronsConfig
+"""The config of one method; in TOML `method = "pca"` or a table with `kind = "pca"` and its fields."""

@@ -2,13 +2,14 @@
 fit killed mid-way resumes to the same bits, every method scores through saev.scoring like an SAE latent, and
 mistakes are refused with one-line user errors."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from saev import ap, configs, errors, methods, nn, scoring, training
+from saev import ap, configs, errors, methods, nn, scoring, sweep, training
 from saev.data import loader
 from saev.methods import kmeans, pca
 from saev.methods import random as random_method
@@ -356,3 +357,18 @@ def test_an_option_a_method_does_not_read_is_refused():
     with pytest.raises(configs.ConfigError, match="top_n must be in"):
         configs.from_dict(pca.PcaConfig, {"k": 4, "top_n": 5}, "sweep.toml")
     assert methods.kinds() == ["kmeans", "pca", "random", "neurons"]
+
+
+def test_a_sweep_of_methods_expands_like_objectives():
+    @dataclasses.dataclass(frozen=True)
+    class Baselines:
+        method: methods.Config
+        """The method."""
+
+    table = {"method": {"kind": ["kmeans", "pca", "neurons"], "k": [16, 64], "seed": 3}}
+    points = sweep.expand_sweep(table, Baselines, where="sweep.toml")
+    # `method.k` applies to the kinds that read it; `seed` only to k-means (the one kind of the list reading it).
+    assert {p.method for p in points} == {
+        kmeans.KMeansConfig(k=16, seed=3), kmeans.KMeansConfig(k=64, seed=3), pca.PcaConfig(k=16),
+        pca.PcaConfig(k=64), random_method.NeuronsConfig(),
+    }  # fmt: skip
