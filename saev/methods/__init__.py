@@ -75,6 +75,21 @@ class Encoder(typing.Protocol):
 
 
 @typing.runtime_checkable
+class Fitted(Encoder, typing.Protocol):
+    """A fitted method of `kinds()` (what `save` writes and `load` returns): an `Encoder` with its config and
+    tensors, movable between devices like a torch module."""
+
+    cfg: typing.Any
+    """Its config (one of `Config`)."""
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor that defines it, by name (what `method.safetensors` holds)."""
+        ...
+
+    def to(self, device: str | torch.device) -> typing.Any: ...
+
+
+@typing.runtime_checkable
 class Fitter(typing.Protocol):
     """A method's fit in progress: one `update` per batch of the stream, a state that can be saved and restored."""
 
@@ -93,7 +108,7 @@ class Fitter(typing.Protocol):
         """Continue from a `state_dict` of a fitter with the same config and width."""
         ...
 
-    def finish(self) -> Encoder:
+    def finish(self) -> Fitted:
         """The fitted method, from every batch taken so far."""
         ...
 
@@ -101,7 +116,7 @@ class Fitter(typing.Protocol):
 class Method(typing.Protocol):
     """A fitted method class: built from its config, its width and its tensors (what `save` writes)."""
 
-    def __call__(self, cfg: typing.Any, d_vit: int, tensors: dict[str, Tensor]) -> Encoder: ...
+    def __call__(self, cfg: typing.Any, d_vit: int, tensors: dict[str, Tensor]) -> Fitted: ...
 
 
 def _registry() -> dict[str, tuple[type, Callable[..., Fitter], Method]]:
@@ -173,7 +188,7 @@ def fit(
     state_fpath: pathlib.Path | None = None,
     save_every: int = 100,
     stop_after: int | None = None,
-) -> Encoder | None:
+) -> Fitted | None:
     """Fit the method `cfg` on a stream of float32 [B, D] batches; returns the fitted method.
 
     `get_batches(start)` yields the stream's batches from batch `start` on (e.g.
@@ -218,22 +233,22 @@ def fit(
 
 
 @beartype.beartype
-def save(method: Encoder, dpath: pathlib.Path | str) -> None:
+def save(method: Fitted, dpath: pathlib.Path | str) -> None:
     """Write a fitted method (one of `kinds()`) to the directory `dpath`: `method.safetensors` and `method.json`.
 
     Raises:
         atomic.WriteError: a file could not be written (disk full, permissions); the message names it.
     """
     dpath = pathlib.Path(dpath)
-    cfg = method.cfg  # type: ignore[attr-defined]
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in method.tensors().items()}  # type: ignore[attr-defined]
+    cfg = method.cfg
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in method.tensors().items()}
     atomic.atomic_write_bytes(dpath / WEIGHTS_FNAME, safetensors.torch.save(tensors))
     obj = {"kind": cfg.kind, "config": dataclasses.asdict(cfg), "d_vit": method.d_vit}
     atomic.atomic_write_json(dpath / CONFIG_FNAME, obj)
 
 
 @beartype.beartype
-def load(dpath: pathlib.Path | str, device: str | torch.device = "cpu") -> Encoder:
+def load(dpath: pathlib.Path | str, device: str | torch.device = "cpu") -> Fitted:
     """Read a method written by `save` from the directory `dpath`.
 
     Raises:
@@ -261,7 +276,7 @@ def load(dpath: pathlib.Path | str, device: str | torch.device = "cpu") -> Encod
         method = method_cls(cfg, d_vit, tensors)
     except (safetensors.SafetensorError, KeyError, ValueError, RuntimeError) as err:
         raise MethodFileError(f"{weights_fpath} does not hold the tensors of {cfg} (width {d_vit}): {err}") from None
-    return method.to(device)  # type: ignore[attr-defined]
+    return method.to(device)
 
 
 def check_tensors(tensors: dict[str, Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
