@@ -15,8 +15,10 @@ One untimed warm-up of each, then `--rounds` rounds (default 7), alternating (a)
 a change of the machine's load falls on both; medians and spreads (min to max) are printed with the conditions
 (torch threads, CPU affinity, load average before and after, CPU model). Seven rounds: the median of 7 ignores up
 to 3 disturbed rounds, and a round takes about 20 s at the defaults on 2 quiet CPUs (3 minutes in all).
+(c) a dense block: K random unit directions (`saev.methods.random`, codes x . w, dense and signed like PCA's, every
+    entry ranked by the AP engine) scored through the same `score_block`, against the ReLU block.
 Last line: RESULT score_vs_parts=<(matmul + AP) / ReLU block> topk_vs_relu=<ReLU block / TopK block>
-latents_per_s=<K / the slower block>.
+latents_per_s=<K / the slower of ReLU and TopK block> dense_vs_relu=<dense block / ReLU block>.
 """
 
 import argparse
@@ -33,7 +35,8 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import conditions  # noqa: E402
-from saev import ap, nn, scoring  # noqa: E402
+from saev import ap, methods, nn, scoring  # noqa: E402
+from saev.methods import random as random_method  # noqa: E402
 from stages import score as score_stage  # noqa: E402
 
 
@@ -100,6 +103,8 @@ def main() -> None:
           f"batch {args.batch_size} device {args.device}; TopK k={args.topk}", flush=True)  # fmt: skip
     k_start, k_stop = 0, args.k
     block = slice(k_start, k_stop)
+    dense_cfg = random_method.RandomConfig(n=args.k, seed=args.seed)
+    dense = methods.fit(dense_cfg, args.width, lambda start: []).to(device)
     labels_dev = torch.from_numpy(labels_N).to(device)
 
     sae.activation = topk
@@ -121,12 +126,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fpath = pathlib.Path(tmp) / "block00000.safetensors"
 
-        def stage_block(activation: nn.Activation) -> Callable[[], None]:
+        def stage_block(activation: nn.Activation | None) -> Callable[[], None]:
+            """A block of the SAE with this activation rule, or of the dense method if None."""
+
             def go() -> None:
-                sae.activation = activation
+                sae.activation = activation or relu
                 with torch.inference_mode():  # what stages.score.run does once its inputs are at hand
                     block_scores = scoring.score_block(
-                        sae, acts_ND, labels_N, args.classes, k_start, k_stop, batch_size=args.batch_size,
+                        sae if activation else dense, acts_ND, labels_N, args.classes, k_start, k_stop, batch_size=args.batch_size,
                         device=device, top_Nk=top_Nk if activation is topk else None,
                     )  # fmt: skip
                     scoring.write_partial(
@@ -143,6 +150,7 @@ def main() -> None:
         with torch.inference_mode():
             stage_block(topk)()  # warm-up of every timed path (and the blocks' buffers allocated)
             stage_block(relu)()
+            stage_block(None)()
             matmul()
             relu_scores_NK = scoring.encode_block(
                 sae, acts_ND, k_start, k_stop, batch_size=args.batch_size, device=device
@@ -150,11 +158,12 @@ def main() -> None:
             ap.average_precision(relu_scores_NK, labels_dev, args.classes)
         nonzero = float((relu_scores_NK > 0).float().mean())
         print(f"ReLU block: {nonzero:.1%} non-zero scores", flush=True)
-        times: dict[str, list[float]] = {"relu block": [], "topk block": [], "matmul": [], "ap": []}
+        times: dict[str, list[float]] = {"relu block": [], "topk block": [], "dense block": [], "matmul": [], "ap": []}
         for r in range(args.rounds):
             with torch.inference_mode():
                 times["relu block"].append(timed(stage_block(relu), args.device))
                 times["topk block"].append(timed(stage_block(topk), args.device))
+                times["dense block"].append(timed(stage_block(None), args.device))
                 times["matmul"].append(timed(matmul, args.device))
                 times["ap"].append(
                     timed(lambda: ap.average_precision(relu_scores_NK, labels_dev, args.classes), args.device)
@@ -171,7 +180,8 @@ def main() -> None:
     print(conditions.describe("after"))
     print(f"RESULT score_vs_parts={parts / med['relu block']:.3f} "
           f"topk_vs_relu={med['relu block'] / med['topk block']:.3f} "
-          f"latents_per_s={args.k / max(med['relu block'], med['topk block']):.0f}")  # fmt: skip
+          f"latents_per_s={args.k / max(med['relu block'], med['topk block']):.0f} "
+          f"dense_vs_relu={med['dense block'] / med['relu block']:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

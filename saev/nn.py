@@ -370,6 +370,28 @@ class SparseAutoencoder(torch.nn.Module):
         f_BS = self.encode(x_BD)
         return SaeOutput(x_hat_BD=self.decode(f_BS), f_BS=f_BS)
 
+    # The `saev.methods.Encoder` interface, through which scoring and the metrics see every method.
+
+    @property
+    def d_vit(self) -> int:
+        return self.cfg.d_vit
+
+    @property
+    def n_latents(self) -> int:
+        return self.cfg.d_sae
+
+    def encode_block(self, x_BD: Tensor, start: int, stop: int) -> Tensor:
+        """`encode(x_BD, slice(start, stop))`."""
+        return self.encode(x_BD, slice(start, stop))
+
+    def reconstruct(self, x_BD: Tensor) -> Tensor:
+        """`forward(x_BD).x_hat_BD`."""
+        return self.forward(x_BD).x_hat_BD
+
+    def count_nonzero(self, x_BD: Tensor) -> Tensor:
+        """int64 [B]: each row's non-zero latents."""
+        return (self.encode(x_BD) != 0).sum(dim=1)
+
     def normalize_decoder_(self) -> None:
         """Rescale every decoder row (dictionary atom) to unit L2 norm, in place."""
         normalize_rows_(self.W_dec)

@@ -1,5 +1,6 @@
 """Scoring SAE latents ("prototypes") for AP: encoding latents a K-block at a time, and the files the score stage
-reads and writes. This module owns three formats:
+reads and writes. Any `saev.methods.Encoder` (an SAE, k-means, PCA, random directions, neurons) is scored the same
+way; an SAE's blocks take the fast path described below. This module owns three formats:
 
 - Partials. A partial holds the AP of one K-block of one SAE's latents for every class, over the kept patches:
   `partials/block{b:05d}.safetensors` of a score artifact with `ap_CK` (float64 [C, block]), `min_K` and `max_K`
@@ -43,7 +44,7 @@ import torch
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from saev import ap, artifacts, atomic, checksums, nn
+from saev import ap, artifacts, atomic, checksums, methods, nn
 
 
 def partial_fpath(art: artifacts.Artifact, block: int) -> pathlib.Path:
@@ -117,7 +118,7 @@ def get_block_buffers(n_rows: int, d_vit: int, width: int, batch_size: int, devi
 
 
 def _encode_into(
-    sae: nn.SparseAutoencoder,
+    sae: methods.Encoder,
     acts_ND: np.ndarray,
     k_start: int,
     k_stop: int,
@@ -129,19 +130,27 @@ def _encode_into(
 ) -> None:
     """`out_NK[:] = encode_block(...)`, with the batch buffer `x_BD` ([batch rows, d_vit]), the flat buffer `pre`
     (at least batch rows x `MIN_MATMUL` values, for blocks narrower than that) and, if given, each column's lowest
-    and highest value folded into `min_max_K` (initialised to +inf and -inf)."""
+    and highest value folded into `min_max_K` (initialised to +inf and -inf).
+
+    An SAE's block is computed here from its weights (the same values as its `encode_block`, without
+    temporaries); any other method's through its `encode_block`, on the same row batches."""
     n, width, device = len(acts_ND), k_stop - k_start, out_NK.device
     latents = slice(k_start, k_stop)
-    a, b = _window(k_start, k_stop, sae.cfg.d_sae)
-    W_enc_DW = sae.W_enc.detach()[:, a:b]
-    b_dec_D = sae.b_dec.detach()
-    full = top_Nk is None and not sae.activation.per_latent  # TopK without its selection: a full encode, sliced
+    is_sae = isinstance(sae, nn.SparseAutoencoder)
+    if is_sae:
+        a, b = _window(k_start, k_stop, sae.cfg.d_sae)
+        W_enc_DW = sae.W_enc.detach()[:, a:b]
+        b_dec_D = sae.b_dec.detach()
+    full = is_sae and top_Nk is None and not sae.activation.per_latent  # TopK without its selection: full, sliced
     # A GPU has no cache to keep a chunk in: there, a batch's rows are done at once.
     chunk = max(1, _CHUNK_BYTES // (4 * max(1, width))) if device.type == "cpu" else x_BD.shape[0]
     for start, stop in _batches(n, x_BD.shape[0]):
         x_bD = x_BD[: stop - start]
         out_bK = out_NK[start:stop]
-        if full:
+        if not is_sae:
+            x_bD.copy_(_rows(acts_ND, start, stop - start, device))
+            out_bK.copy_(sae.encode_block(x_bD, k_start, k_stop))
+        elif full:
             x_bD.copy_(_rows(acts_ND, start, stop - start, device))
             sae.encode_into(x_bD, out_bK, latents)
         else:
@@ -157,7 +166,7 @@ def _encode_into(
                 out_bK.copy_(pre_bW[:, k_start - a : k_stop - a])
         for c in range(start, stop, chunk):
             out_cK = out_NK[c : min(stop, c + chunk)]
-            if not full:
+            if is_sae and not full:
                 top_ck = None if top_Nk is None else top_Nk[c : c + len(out_cK)].to(device)
                 sae.activate_(out_cK, latents, top_ck)
             if min_max_K is not None:
@@ -167,7 +176,7 @@ def _encode_into(
 
 @torch.inference_mode()
 def encode_block(
-    sae: nn.SparseAutoencoder,
+    sae: methods.Encoder,
     acts_ND: np.ndarray,
     k_start: int,
     k_stop: int,
@@ -178,7 +187,8 @@ def encode_block(
 ) -> torch.Tensor:
     """Latents [k_start, k_stop) of the SAE for every row of acts_ND, as a new float32 [N, k_stop - k_start] tensor:
     the same values, bit for bit, as the same columns of a full encode of all rows (see the module docstring for
-    where that holds).
+    where that holds). Any other `saev.methods.Encoder` (k-means, PCA, ...) is encoded by its own `encode_block`
+    on the same row batches.
 
     Rows are encoded `batch_size` at a time. For a TopK SAE, `top_Nk` (each row's selected latents,
     `topk_latents`) lets a block compute only its own columns; without it every batch computes all latents (a full
@@ -187,7 +197,7 @@ def encode_block(
     n, width = len(acts_ND), k_stop - k_start
     rows = min(n, max(batch_size, MIN_MATMUL))
     out = torch.empty((n, width), dtype=torch.float32, device=device)
-    x_BD = torch.empty((rows, sae.cfg.d_vit), dtype=torch.float32, device=device)
+    x_BD = torch.empty((rows, sae.d_vit), dtype=torch.float32, device=device)
     pre = torch.empty(rows * MIN_MATMUL if width < MIN_MATMUL else 0, dtype=torch.float32, device=device)
     _encode_into(sae, acts_ND, k_start, k_stop, out, x_BD, pre, top_Nk)
     return out
@@ -206,7 +216,7 @@ class BlockScores(typing.NamedTuple):
 
 @torch.inference_mode()
 def score_block(
-    sae: nn.SparseAutoencoder,
+    sae: methods.Encoder,
     acts_ND: np.ndarray,
     labels_N: np.ndarray,
     n_classes: int,
@@ -225,7 +235,7 @@ def score_block(
     n, width = len(acts_ND), k_stop - k_start
     if n == 0:
         raise ValueError("a score block needs at least one row (min and max of no scores are undefined)")
-    buffers = get_block_buffers(n, sae.cfg.d_vit, width, batch_size, device)
+    buffers = get_block_buffers(n, sae.d_vit, width, batch_size, device)
     scores_NK = buffers.scores[: n * width].view(n, width)
     min_K = torch.full((width,), torch.inf, dtype=torch.float32, device=device)
     max_K = torch.full((width,), -torch.inf, dtype=torch.float32, device=device)
