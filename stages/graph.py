@@ -7,7 +7,7 @@ import dataclasses
 import pathlib
 import typing
 
-from saev import artifacts, training
+from saev import artifacts, methods, training
 from saev.data import datasets
 
 if typing.TYPE_CHECKING:
@@ -79,13 +79,38 @@ class ImportInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class MethodRun:
+    """One baseline method to fit on the corpus (a point of the `[train] methods` sweep file): k-means, PCA, random
+    directions or the ViT's neurons (`saev.methods`), fit on a shuffled stream of the corpus's rows like an SAE."""
+
+    method: methods.Config
+    """The method and its options: `method = "neurons"`, or a table with `kind = "kmeans"` (`k`, `code`, `seed`),
+    `"pca"` (`k`, `top_n`, `sign`) or `"random"` (`n`, `source`, `seed`)."""
+    n_train: int = 1_000_000
+    """Corpus rows streamed through the fit (PCA's covariance, k-means' mini-batch updates; epochs repeat)."""
+    batch_size: int = 4096
+    """Rows per batch of the stream (k-means: per mini-batch update)."""
+    n_eval: int = 4096
+    """Rows the metrics are measured on: the corpus's last n_eval rows, never fit on (or spread over
+    `[data.corpus_eval]`)."""
+    seed: int = 0
+    """Seed of the stream's shuffling."""
+
+    def __post_init__(self):
+        for name in ("n_train", "batch_size", "n_eval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainInfo:
     """What the train plan tells later stages about one SAE (one train artifact)."""
 
-    config: training.TrainConfig | ImportInfo
-    """The SAE's canonical training config (as hashed into its key), or where an imported SAE comes from."""
+    config: training.TrainConfig | ImportInfo | MethodRun
+    """The SAE's canonical training config (as hashed into its key), where an imported SAE comes from, or the baseline
+    method fit instead of an SAE."""
     d_sae: int
-    """Latents of the SAE."""
+    """Latents of the SAE (or of the method)."""
     layer: int
     """ViT block (non-negative index) whose patch activations the SAE reads."""
 

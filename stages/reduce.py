@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from saev import ap, artifacts, best, helpers, keepmask, nn, report, scoring, vit
+from saev import ap, artifacts, best, helpers, keepmask, methods, nn, report, scoring, vit
 from saev.data import datasets
 from saev.data.shards import Shards
 from saev.engine.plan import Piece, StagePlan
 
 from . import train as train_stage
-from .graph import DumpInfo, MaskInfo, ScoreInfo, TrainInfo, role
+from .graph import DumpInfo, MaskInfo, MethodRun, ScoreInfo, TrainInfo, role
 
 if typing.TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -186,15 +186,17 @@ def run(pipeline: "Pipeline", own: StagePlan[None], inputs: Inputs, piece: Piece
                 if picks[c] is None or value > picks[c].ap:
                     picks[c] = pick
         metrics = read_metrics(inputs.train.by_key(info.train_key))
+        train_cfg = inputs.train.info[info.train_key].config
         per_sae[info.train_key] = {
             "score": score_art.key,
             "d_sae": info.d_sae,
             "layer": info.layer,
             "dead_frac": float(dead_K.mean()),
             "classes": tuple(entries),
-            "config": train_stage.describe(inputs.train.info[info.train_key].config),
+            "config": train_stage.describe(train_cfg),
             "metrics": metrics,
-            "health": tuple(sae_health(metrics)),
+            # The health checks are an SAE's: a baseline's codes are dense (PCA) or few (k-means) by design.
+            "health": () if isinstance(train_cfg, MethodRun) else tuple(sae_health(metrics)),
         }
     n_wins = collections.Counter(pick.sae for pick in chosen if pick is not None)
     per_sae = {key: best.SaeBest(**entry, n_wins=n_wins[key]) for key, entry in per_sae.items()}
@@ -274,13 +276,17 @@ def chosen_scores(
     out = {}
     for sae_key, classes in by_sae.items():
         layer = inputs.train.info[sae_key].layer
-        sae = nn.load(inputs.train.by_key(sae_key).dpath, device=device)
-        latents = torch.tensor([chosen[c].prototype for c in classes], device=device)
+        sae = methods.load_encoder(inputs.train.by_key(sae_key).dpath, device=device)
+        prototypes = [chosen[c].prototype for c in classes]
+        latents = torch.tensor(prototypes, device=device)
         parts = []
         for start in range(0, len(idx), _BATCH):
             acts_BD = torch.from_numpy(shards.patches_flat(layer, idx[start : start + _BATCH])).to(device)
             with torch.inference_mode():  # only the chosen latents' columns, except for TopK (which needs all)
-                parts.append(sae.encode(acts_BD, latents=latents).cpu())
+                if isinstance(sae, nn.SparseAutoencoder):
+                    parts.append(sae.encode(acts_BD, latents=latents).cpu())
+                else:
+                    parts.append(torch.cat([sae.encode_block(acts_BD, k, k + 1) for k in prototypes], dim=1).cpu())
         scores_NJ = torch.cat(parts).numpy()
         for j, c in enumerate(classes):
             out[c] = np.ascontiguousarray(scores_NJ[:, j])
@@ -385,7 +391,7 @@ def top_images(
         if len(imgs) == n_top:
             break
     layer = pick.layer
-    sae = nn.load(inputs.train.by_key(pick.sae).dpath)
+    sae = methods.load_encoder(inputs.train.by_key(pick.sae).dpath)
     out = []
     for img in imgs:
         acts_PD = shards.patches(layer, img, img + 1)[0]
@@ -461,11 +467,14 @@ def format_health(result: best.Best) -> list[str]:
     per_sae = result.per_sae
     if not per_sae:
         return []
-    lines = [f"\n{'sae':<18} {'layer':>5} {'nmse':>6} {'L0':>7} {'dead':>6} {'dense':>6} {'wins':>5}  health"]
+    lines = [
+        f"\n{'sae':<18} {'method':<9} {'layer':>5} {'nmse':>6} {'L0':>7} {'dead':>6} {'dense':>6} {'wins':>5}  health"
+    ]
     for key, entry in per_sae.items():
         m = entry.metrics
+        method = entry.config.split("(")[0].split(" ")[0]  # the objective or method kind ("imported" for imports)
         lines.append(
-            f"{key:<18} {entry.layer:>5d} {m['nmse']:>6.3f} {m['l0']:>7.1f} {m['dead_frac']:>6.1%} {m['dense_frac']:>6.1%} "
+            f"{key:<18} {method[:9]:<9} {entry.layer:>5d} {m['nmse']:>6.3f} {m['l0']:>7.1f} {m['dead_frac']:>6.1%} {m['dense_frac']:>6.1%} "
             f"{entry.n_wins:>5d}  {'UNHEALTHY' if entry.health else 'ok'}"
         )
     for key, entry in per_sae.items():

@@ -32,7 +32,7 @@ import typing
 import numpy as np
 import torch
 
-from saev import artifacts, atomic, checksums, helpers, keepmask, nn, scoring
+from saev import artifacts, atomic, checksums, helpers, keepmask, methods, nn, scoring
 from saev.data.shards import Shards
 from saev.engine.plan import Piece, StagePlan
 
@@ -216,9 +216,9 @@ def run(pipeline: "Pipeline", own: StagePlan[ScoreInfo], inputs: Inputs, piece: 
 
     device = helpers.get_device(cfg.device)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
-    sae = nn.load(train_art.dpath, device=device)
+    sae = methods.load_encoder(train_art.dpath, device=device)
     top_Nk = None
-    if isinstance(sae.activation, nn.TopK):
+    if isinstance(sae, nn.SparseAutoencoder) and isinstance(sae.activation, nn.TopK):
         top_Nk = torch.from_numpy(get_topk(cfg, piece.artifact, info, sae, acts_ND, device))
     block_scores = scoring.score_block(
         sae, acts_ND, labels_N, n_classes, k_start, k_stop, batch_size=cfg.batch_size, device=device, top_Nk=top_Nk

@@ -29,13 +29,14 @@ import pathlib
 import typing
 
 import numpy as np
+import torch
 
-from saev import artifacts, atomic, checksums, configs, helpers, nn, sae_files, sweep, training, vit
+from saev import artifacts, atomic, checksums, configs, helpers, methods, nn, sae_files, sweep, training, vit
 from saev.data import loader
 from saev.data.shards import Shards
 from saev.engine.plan import Piece, StagePlan
 
-from .graph import DumpInfo, ImportInfo, TrainInfo, corpus_eval, role
+from .graph import DumpInfo, ImportInfo, MethodRun, TrainInfo, corpus_eval, role
 
 if typing.TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -79,6 +80,10 @@ class Config:
     keyed by its file's content (see `saev.sae_files`)."""
     layer: int = -1
     """ViT layer whose patch activations the SAEs learn (a value of dump.vit.layers; 0-based block index, negative counts from the end of the ViT)."""
+    methods: pathlib.Path = artifacts.unhashed(pathlib.Path(""))
+    """Sweep TOML file of baseline methods fit beside the SAEs on the same layers (`stages.graph.MethodRun`: k-means,
+    PCA, random directions, the ViT's neurons), each scored like an SAE; relative to the pipeline config's directory;
+    "" fits none."""
     layers: tuple[int, ...] = ()
     """Train the whole sweep on each of these layers (values of dump.vit.layers, as `layer`), instead of `layer` alone; results are then per layer and best over layers."""
     max_group: int = artifacts.unhashed(16)
@@ -142,8 +147,12 @@ def get_sweep(pipeline: "Pipeline", d_vit: int) -> list[training.TrainConfig]:
     return distinct
 
 
-def describe(cfg: training.TrainConfig | ImportInfo) -> str:
-    """The SAE in a line: e.g. "relu_l1(l1_coeff=0.001) d_sae=512 lr=0.003 seed=0" or "imported saev-2-schema5 ..."."""
+def describe(cfg: training.TrainConfig | ImportInfo | MethodRun) -> str:
+    """The SAE in a line: e.g. "relu_l1(l1_coeff=0.001) d_sae=512 lr=0.003 seed=0", "imported saev-2-schema5 ..." or
+    "pca(k=64, top_n=None, sign=max-loading)"."""
+    if isinstance(cfg, MethodRun):
+        fields = ", ".join(f"{f.name}={getattr(cfg.method, f.name)}" for f in dataclasses.fields(cfg.method))
+        return f"{cfg.method.kind}({fields})"
     if isinstance(cfg, ImportInfo):
         return f"imported {cfg.fmt} {cfg.path} {cfg.activation} d_sae={cfg.d_sae}"
     fields = ", ".join(f"{f.name}={getattr(cfg.objective, f.name)}" for f in dataclasses.fields(cfg.objective))
@@ -240,6 +249,38 @@ def get_layers(pipeline: "Pipeline", dump: DumpInfo) -> list[int]:
     return list(dict.fromkeys(get_layer(pipeline, dump, layer, what) for layer in given))
 
 
+def get_method_runs(pipeline: "Pipeline") -> list[MethodRun]:
+    """The expanded `[train] methods` sweep, each distinct run once, in sweep order."""
+    if pipeline.train.methods == NO_SWEEP:
+        return []
+    fpath = pipeline.config_dpath / pipeline.train.methods
+    if not fpath.exists() and not pipeline.train.methods.is_absolute():
+        raise sweep.SweepError(
+            f'methods sweep file not found: {fpath} ([train] methods = "{pipeline.train.methods}" is relative to the '
+            f"config's directory {pipeline.config_dpath})"
+        )
+    return list(dict.fromkeys(sweep.load_sweep(fpath, MethodRun)))
+
+
+def method_width(run: MethodRun, d_vit: int, n_rows: int) -> int:
+    """The method's number of latents, checked against the corpus before anything runs: k-means' k and random
+    directions sampled from the corpus at most its fit rows, PCA's k at most the width."""
+    cfg, n_fit = run.method, n_rows - run.n_eval
+    if n_fit < 1:
+        raise configs.ConfigError(f"[train] methods: n_eval={run.n_eval} leaves no corpus rows to fit on ({n_rows})")
+    if cfg.kind == "neurons":
+        return d_vit
+    if cfg.kind == "pca" and cfg.k > d_vit:
+        raise configs.ConfigError(f"[train] methods: pca k={cfg.k} components is above the activation width {d_vit}")
+    width = cfg.n if cfg.kind == "random" else cfg.k
+    if (cfg.kind == "kmeans" or getattr(cfg, "source", "") == "corpus") and width > min(n_fit, run.n_train):
+        raise configs.ConfigError(
+            f"[train] methods: {cfg.kind} with {width} latents needs at least as many corpus rows, but it is fit on "
+            f"{min(n_fit, run.n_train)} (the corpus's {n_rows} minus n_eval={run.n_eval}, at most n_train)"
+        )
+    return width
+
+
 def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[TrainInfo]:
     corpus_art, dump_info = role(inputs.dump, "corpus")
     dump_ref = corpus_art.ref
@@ -293,8 +334,21 @@ def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[TrainInfo]:
             all_params[art.key] = params
             all_inputs[art.key] = refs
             info[art.key] = TrainInfo(config=train_cfg, d_sae=train_cfg.sae.d_sae, layer=layer)
+    for layer in layers:
+        for run in get_method_runs(pipeline):
+            params = {"method": artifacts.hashed_params(run), "layer": layer}
+            refs = {"dump": dump_ref}
+            if evaluated is not None:
+                refs["corpus_eval"] = evaluated[0].ref
+            art = artifacts.Artifact(pipeline.root, NAME, artifacts.get_key(NAME, VERSION, params, refs))
+            width = method_width(run, dump_info.d_vit, dump_info.n_patches)
+            arts.append(art)
+            all_params[art.key], all_inputs[art.key] = params, refs
+            info[art.key] = TrainInfo(config=run, d_sae=width, layer=layer)
+            at = f" at layer {layer}" if len(layers) > 1 else ""
+            pieces.append(Piece(NAME, art, label=f"fit {describe(run)}{at}"))
     if not info:
-        raise configs.ConfigError('[train] has no SAEs: sweep = "" and no imports')
+        raise configs.ConfigError('[train] has no SAEs: sweep = "", methods = "" and no imports')
     n_rows = dump_info.n_patches
     for msg in warn_small_data(sweep_cfgs, n_rows):
         logger.warning("the data is small for the sweep: %s", msg)
@@ -310,6 +364,8 @@ def plan(pipeline: "Pipeline", inputs: Inputs) -> StagePlan[TrainInfo]:
 def run(pipeline: "Pipeline", own: StagePlan[TrainInfo], inputs: Inputs, piece: Piece) -> None:
     if isinstance(own.info[piece.artifact.key].config, ImportInfo):
         return run_import(pipeline, own, inputs, piece)
+    if isinstance(own.info[piece.artifact.key].config, MethodRun):
+        return run_method(pipeline, own, inputs, piece)
     started = artifacts.now()
     todo = [art for art in (piece.artifact, *piece.also) if not art.is_done()]
     infos = [own.info[art.key] for art in todo]
@@ -348,6 +404,74 @@ def run(pipeline: "Pipeline", own: StagePlan[TrainInfo], inputs: Inputs, piece: 
             result.metrics.dead_frac,
         )
     checkpoint_fpath.unlink(missing_ok=True)
+
+
+def run_method(pipeline: "Pipeline", own: StagePlan[TrainInfo], inputs: Inputs, piece: Piece) -> None:
+    """The job body of a baseline method: fit it on a shuffled stream of the corpus's rows (all but the last `n_eval`),
+    saving its state every `checkpoint_every` batches beside the artifact (a killed fit resumes from it, to the same
+    result), then save it (`method.json`, `method.safetensors`), measure `metrics.json` and seal the artifact."""
+    started = artifacts.now()
+    art = piece.artifact
+    info = own.info[art.key]
+    run_cfg: MethodRun = info.config
+    corpus_art, _ = role(inputs.dump, "corpus")
+    rows = loader.ShardRows(Shards(corpus_art.dpath), info.layer)
+    n_fit = rows.n_rows - run_cfg.n_eval
+    data_loader = loader.ShuffledLoader(
+        rows, n_rows=n_fit, batch_size=run_cfg.batch_size, seed=run_cfg.seed,
+        chunk_rows=min(16_384, n_fit), buffer_rows=min(262_144, n_fit),
+    )  # fmt: skip
+    n_steps = -(-run_cfg.n_train // run_cfg.batch_size)
+    device = helpers.get_device(pipeline.train.device)
+
+    def get_batches(start: int):
+        with data_loader.batches(start, n_steps) as batches:  # closing this generator stops the reading thread
+            for x_BD in batches:
+                yield x_BD.to(device)
+
+    state_fpath = art.dpath / ".fit-state.safetensors"  # a dot-file: never part of the artifact
+    logger.info("fitting %s on %d corpus rows of layer %d: %d batches of %d", describe(run_cfg), n_fit, info.layer,
+                n_steps, run_cfg.batch_size)  # fmt: skip
+    method = methods.fit(
+        run_cfg.method, rows.d, get_batches, state_fpath=state_fpath, save_every=pipeline.train.checkpoint_every
+    )
+    evaluated = corpus_eval(inputs.dump)
+    if evaluated is not None:
+        eval_ND = read_eval_rows(evaluated[0], info.layer, run_cfg.n_eval)
+    else:
+        eval_ND = np.empty((run_cfg.n_eval, rows.d), dtype=np.float32)
+        rows.read(n_fit, rows.n_rows, eval_ND)
+    metrics = method_metrics(method.to(device), eval_ND, n_steps, device)
+    methods.save(method, art.dpath)
+    atomic.atomic_write_json(art.dpath / "metrics.json", metrics)
+    art.write_manifest(
+        params=own.params[art.key], inputs=own.inputs[art.key], started=started,
+        extra={"metrics": metrics, "device": str(device)},
+    )  # fmt: skip
+    state_fpath.unlink(missing_ok=True)
+    logger.info("fitted %s: nmse %.4f, l0 %.1f", art.ref, metrics["nmse"], metrics["l0"])
+
+
+def method_metrics(
+    method: methods.Encoder, eval_ND: np.ndarray, n_steps: int, device: torch.device
+) -> dict[str, float]:
+    """The keys of an SAE's `metrics.json` for a method, on the rows `eval_ND`: NMSE and L0 (`saev.methods.get_metrics`,
+    float64 sums), mse, and the shares of latents never non-zero (dead) and non-zero on more than 10% of the rows
+    (dense: every latent of a dense method such as PCA)."""
+    batches = [torch.from_numpy(eval_ND[s : s + 4096]).to(device) for s in range(0, len(eval_ND), 4096)]
+    got = methods.get_metrics(method, batches)
+    active_K = torch.zeros(method.n_latents, dtype=torch.float64)
+    sq_err = 0.0
+    with torch.inference_mode():
+        for x_BD in batches:
+            active_K += (method.encode_block(x_BD, 0, method.n_latents) != 0).sum(dim=0).double().cpu()
+            sq_err += float((method.reconstruct(x_BD).double() - x_BD.double()).square().sum())
+    freq_K = active_K / max(1, len(eval_ND))
+    return {
+        "mse": sq_err / max(1, eval_ND.size), "nmse": got.nmse, "l0": got.l0,
+        "dead_frac": float((freq_K == 0).double().mean()), "dense_frac": float((freq_K > 0.1).double().mean()),
+        "n_steps": n_steps,
+    }  # fmt: skip
 
 
 def read_eval_rows(dump_art: artifacts.Artifact, layer: int, n_eval: int) -> np.ndarray:

@@ -22,6 +22,7 @@ import tyro
 import launch
 from saev import configs, sweep, training
 from stages import pipeline
+from stages.graph import MethodRun
 from tests.helpers import REPO as REPO_DPATH
 
 
@@ -257,6 +258,10 @@ def check_toml(text: str, tmp_path: pathlib.Path) -> None:
     data = tomllib.loads(text)
     if set(data) <= {f.name for f in dataclasses.fields(pipeline.Pipeline)}:
         configs.from_dict(pipeline.Pipeline, data, where="the block")
+    elif "method" in data:  # a sweep of baseline methods ([train] methods)
+        fpath = tmp_path / "methods.toml"
+        fpath.write_text(text)
+        assert sweep.load_sweep(fpath, MethodRun)
     else:
         fpath = tmp_path / "sweep.toml"
         fpath.write_text(text)

@@ -268,6 +268,10 @@ def load(dpath: pathlib.Path | str, device: str | torch.device = "cpu") -> Fitte
         if not isinstance(d_vit, int) or d_vit < 1:
             raise ValueError(f"d_vit must be a positive integer, got {d_vit!r}")
         config_cls, _, method_cls = registry[kind]
+        if not isinstance(config, dict):
+            raise ValueError(f"config must be an object, got {config!r}")
+        # JSON's null is TOML's absent key: a field left at its default None (e.g. PCA's top_n).
+        config = {k: v for k, v in config.items() if v is not None}
         cfg = configs.from_dict(config_cls, config, str(cfg_fpath), "config.")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise MethodFileError(f"{cfg_fpath} is not a fitted method's description: {err}") from None
@@ -277,6 +281,15 @@ def load(dpath: pathlib.Path | str, device: str | torch.device = "cpu") -> Fitte
     except (safetensors.SafetensorError, KeyError, ValueError, RuntimeError) as err:
         raise MethodFileError(f"{weights_fpath} does not hold the tensors of {cfg} (width {d_vit}): {err}") from None
     return method.to(device)
+
+
+@beartype.beartype
+def load_encoder(dpath: pathlib.Path | str, device: str | torch.device = "cpu") -> Encoder:
+    """What a train artifact holds: a fitted method (`method.json` present: `load`) or an SAE (`saev.nn.load`)."""
+    from saev import nn
+
+    dpath = pathlib.Path(dpath)
+    return load(dpath, device) if (dpath / CONFIG_FNAME).exists() else nn.load(dpath, device=device)
 
 
 def check_tensors(tensors: dict[str, Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
