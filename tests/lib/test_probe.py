@@ -49,11 +49,11 @@ def relu_data(n: int, k: int, n_classes: int, seed: int, dtype=np.float32) -> tu
     return np.maximum(z_NK - 0.25, 0).astype(dtype), labels_N
 
 
+@pytest.mark.parametrize("ridge", [1e-8, 1e-4])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_equals_scipy_optimum(dtype):
+def test_equals_scipy_optimum(dtype, ridge):
     scores_NK, labels_N = relu_data(3000, 4, 3, seed=1, dtype=dtype)
     labels_N[::17] = -1
-    ridge = 1e-4
     probes = fit_probes(scores_NK, labels_N, 3, ridge=ridge)
     assert probes.converged_CK.all() and not probes.degenerate_CK.any()
     keep_N = labels_N >= 0
