@@ -187,11 +187,15 @@ def probe_loss(
     b_CK: Float[Tensor, "C K"],
     n_classes: int | None = None,
     *,
+    only_CK: Bool[Tensor, "C K"] | None = None,
     chunk_mib: float = 256,
     workers: int | None = None,
 ) -> Float64[Tensor, "C K"]:
     """Mean binary cross-entropy of the given probes (e.g. fit on another split) on these rows and labels: the
-    same sparse evaluation as `fit_probes`'s `loss_CK`. [C, K] float64 on the scores' device; arguments as there."""
+    same sparse evaluation as `fit_probes`'s `loss_CK`. [C, K] float64 on the scores' device; arguments as there.
+
+    `only_CK`: evaluate only these pairs (e.g. each class with its selected latent, for Probe R), NaN elsewhere;
+    a pair costs its column's entries whether or not others of the column are evaluated."""
     scores_NK, targets = _prepare(scores_NK, labels, n_classes)
     n_c, k = targets.n_positives_C.numel(), scores_NK.shape[1]
     if w_CK.shape != (n_c, k) or b_CK.shape != (n_c, k):
@@ -201,8 +205,19 @@ def probe_loss(
     if not (torch.isfinite(w_KC).all() and torch.isfinite(b_KC).all()):
         raise ValueError("w and b must be finite.")
 
+    only_KC = None if only_CK is None else only_CK.to(scores_NK.device).T.contiguous()
+    if only_KC is not None and only_KC.shape != (k, n_c):
+        raise ValueError(f"only_CK must be [C={n_c}, K={k}]; got {tuple(only_CK.shape)}.")
+
     def loss(z_N: Tensor, j: int) -> tuple[Tensor, ...]:
-        return (_loss(_column(z_N, targets), targets, w_KC[j], b_KC[j]),)
+        if only_KC is None:
+            return (_loss(_column(z_N, targets), targets, w_KC[j], b_KC[j]),)
+        out_C = torch.full((n_c,), torch.nan, dtype=torch.float64, device=z_N.device)
+        classes_S = only_KC[j].nonzero().squeeze(1)
+        if classes_S.numel():
+            w_S, b_S = w_KC[j, classes_S], b_KC[j, classes_S]
+            out_C[classes_S] = _loss(_column(z_N, targets), targets, w_S, b_S, classes_S)
+        return (out_C,)
 
     return _over_columns(scores_NK, targets, loss, chunk_mib, workers, with_index=True)[0]
 
@@ -423,8 +438,9 @@ def _entry_sums(col: _Column, w_S: Tensor, b_S: Tensor) -> tuple[Tensor, ...]:
     return tuple(torch.cat(o) if o else empty for o in outs)
 
 
-def _loss(col: _Column, targets: _Targets, w_C: Tensor, b_C: Tensor) -> Tensor:
-    """Mean BCE of (w, b) per class on one column: sum_n softplus(t_n) - sum over positives of t_n, over n."""
+def _loss(col: _Column, targets: _Targets, w_C: Tensor, b_C: Tensor, classes_C: Tensor | None = None) -> Tensor:
+    """Mean BCE of (w, b) per class on one column: sum_n softplus(t_n) - sum over positives of t_n, over n.
+    `classes_C`: the classes that w and b are of (default: all)."""
     parts = []
     wb_C2 = torch.stack([w_C, b_C], dim=1)
     for sl in _blocks(col, w_C.numel()):
@@ -437,6 +453,9 @@ def _loss(col: _Column, targets: _Targets, w_C: Tensor, b_C: Tensor) -> Tensor:
     t_low = b_C + w_C * col.low
     zero = torch.zeros((), dtype=torch.float64, device=w_C.device)
     softplus_C = entries_C + col.n_bottom * torch.logaddexp(t_low, zero)
-    linear_C = targets.n_positives_C.double() * b_C + w_C * col.zpos_C
+    p_C, zpos_C = targets.n_positives_C.double(), col.zpos_C
+    if classes_C is not None:
+        p_C, zpos_C = p_C[classes_C], zpos_C[classes_C]
+    linear_C = p_C * b_C + w_C * zpos_C
     # A cross-entropy is never negative; the difference of two large sums (a nearly separable pair) can round below 0.
     return ((softplus_C - linear_C) / targets.n_rows).clamp_min_(0)

@@ -177,3 +177,14 @@ def test_bad_inputs_are_one_clear_error():
         fit_probes(bad_NK, labels_N)
     with pytest.raises(ValueError, match="every row is ignored"):
         fit_probes(scores_NK, np.full(20, -1))
+
+
+def test_probe_loss_of_selected_pairs_equals_the_full_evaluation_there():
+    scores_NK, labels_N = relu_data(800, 5, 3, seed=7)
+    probes = fit_probes(scores_NK, labels_N, 3)
+    only_CK = torch.zeros(3, 5, dtype=torch.bool)
+    only_CK[[0, 1, 2], [4, 1, 4]] = True  # each class with one column; column 4 for two classes
+    full_CK = probe_loss(scores_NK, labels_N, probes.w_CK, probes.b_CK, 3)
+    some_CK = probe_loss(scores_NK, labels_N, probes.w_CK, probes.b_CK, 3, only_CK=only_CK)
+    assert torch.isnan(some_CK[~only_CK]).all()
+    torch.testing.assert_close(some_CK[only_CK], full_CK[only_CK], rtol=1e-12, atol=0)
