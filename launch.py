@@ -276,6 +276,13 @@ def _main(args: Args) -> int:
         print(reduce_stage.format_table(result, pipeline.reduce.print_top))
         for line in reduce_stage.format_health(result):
             print(line)
+        table_fpath = reduce_art.dpath / "table.json"
+        if table_fpath.is_file() and (rows := best.read_table(table_fpath)):
+            select = pipeline.reduce.select
+            print(
+                f"\nthe table (report patches; each class's latent chosen by {select} on the select split): {table_fpath}"
+            )
+            print(best.format_table(rows))
         index_fpath = reduce_art.dpath / "report" / "index.html"
         if index_fpath.is_file():
             print(f"report: {index_fpath}")

@@ -118,6 +118,91 @@ class Best:
     """Every SAE of the sweep by its train key, in sweep order."""
 
 
+@beartype.beartype
+@dataclasses.dataclass(frozen=True)
+class TableRow:
+    """One row of the protocol's table (`table.csv`, `table.json`): one SAE or baseline at one layer, each class's
+    latent chosen on the select split by the reduce's `select` rule, every figure but `train_probe_r` measured on the
+    report patches (docs/results.md#the-table)."""
+
+    method: str
+    """The objective (relu_l1, topk, ...), the baseline kind (kmeans, pca, random, neurons), or "imported"."""
+    sae: str
+    """Key of its train artifact."""
+    layer: int
+    """ViT block (0-based) it reads."""
+    nmse: float | None
+    """Normalized MSE on the corpus_eval rows (or the corpus's held-out rows); None if undefined."""
+    l0: float
+    """Mean non-zero codes per row, on the same rows."""
+    probe_r: float
+    """1 - mean_c CE_c / mean_c H(pi_c) on the report patches (train-fit probes; the report's own prevalences)."""
+    map: float
+    """Mean over ALL classes of the exact, tie-aware AP of w z + b of each class's latent (no report positives: 0)."""
+    purity: float
+    """Purity@k: the most frequent label's share among the k report patches where each class's latent is highest."""
+    coverage: float
+    """Coverage@tau: share of classes whose report AP is above tau."""
+    map_lo: float
+    """2.5th percentile of mAP over bootstrap resamples of the report images."""
+    map_hi: float
+    """97.5th percentile."""
+    probe_r_lo: float
+    """2.5th percentile of Probe R over the same resamples."""
+    probe_r_hi: float
+    """97.5th percentile."""
+    coverage_lo: float
+    """2.5th percentile of Coverage."""
+    coverage_hi: float
+    """97.5th percentile."""
+    best: bool
+    """The row of its method with the highest train Probe R (the one the papers report)."""
+    train_probe_r: float
+    """Probe R on the select split's kept patches (the probes' own fit): what `best` compares."""
+    map_null: float
+    """Mean mAP with the report labels permuted among images (the chance level)."""
+    map_p: float
+    """Permutation p-value of mAP: (1 + #null >= observed) / (1 + permutations)."""
+
+
+def write_table(dpath: pathlib.Path, rows: typing.Sequence[TableRow]) -> None:
+    """`table.json` (a list of row objects) and `table.csv` (one column per field) in `dpath`, atomically."""
+    atomic.atomic_write_json(dpath / "table.json", [dataclasses.asdict(row) for row in rows])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields(TableRow))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in dataclasses.asdict(row).items()})
+    atomic.atomic_write_bytes(dpath / "table.csv", buf.getvalue().encode("utf-8"))
+
+
+def read_table(fpath: pathlib.Path) -> list[TableRow]:
+    """The rows of a `table.json`; ValueError naming the file if it is not one of this version."""
+    try:
+        return [_record(TableRow, row) for row in json.loads(fpath.read_text())]
+    except (ValueError, KeyError, TypeError, beartype.roar.BeartypeCallHintViolation) as err:
+        raise ValueError(f"{fpath} is not a table.json of this version ({type(err).__name__}: {err})") from None
+
+
+def format_table(rows: typing.Sequence[TableRow]) -> str:
+    """The table as plain text (what the launcher prints), with 95% intervals for mAP and Probe R."""
+
+    def f(x: float | None, spec: str = ".3f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    lines = [
+        f"{'method':<9} {'layer':>5} {'sae':<17} {'NMSE':>6} {'L0':>6} {'Probe R':>7} {'(95% CI)':>15} {'mAP':>6} "
+        f"{'(95% CI)':>15} {'Purity':>6} {'Cov':>6}  best"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.method[:9]:<9} {r.layer:>5d} {r.sae:<17} {f(r.nmse):>6} {r.l0:>6.1f} {r.probe_r:>7.3f} "
+            f"{f'[{r.probe_r_lo:.3f}, {r.probe_r_hi:.3f}]':>15} {r.map:>6.3f} {f'[{r.map_lo:.3f}, {r.map_hi:.3f}]':>15} "
+            f"{r.purity:>6.3f} {r.coverage:>6.3f}  {'*' if r.best else ''}"
+        )
+    return "\n".join(lines)
+
+
 def fields(cls: type) -> list[str]:
     """The field names of a record, in order (best.json's keys for it)."""
     return [f.name for f in dataclasses.fields(cls)]

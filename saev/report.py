@@ -136,6 +136,8 @@ class ReportData:
     """Every SAE of the sweep, in sweep order."""
     files: list[str]
     """Result files in the directory that holds `report/` (e.g. best.json), linked as `../<name>`."""
+    table: list[best.TableRow] = dataclasses.field(default_factory=list)
+    """The protocol's table (one row per SAE or method and layer), shown first."""
     by_layer: dict[int, list[float | None]] = dataclasses.field(default_factory=dict)
     """With several layers: layer -> the reported AP (held-out or report split) of that layer's own best latent for
     each class, in the order of `classes`."""
@@ -557,6 +559,24 @@ def _make_page(report: ReportData, summary: _Png | None, sections: list[str]) ->
             "<th>dead</th><th>dense</th><th>classes won</th><th>health</th></tr></thead>"
             f"<tbody>{sae_rows}</tbody></table>\n</section>"
         )
+    protocol = ""
+    if report.table:
+        cells = "".join(
+            f'<tr class="{"best" if r.best else ""}"><td>{_e(r.method)}</td><td>{r.layer}</td><td><code>{_e(r.sae)}</code>'
+            f"</td><td>{_fmt(r.nmse)}</td><td>{r.l0:.1f}</td><td>{r.probe_r:.3f} [{r.probe_r_lo:.3f}, {r.probe_r_hi:.3f}]"
+            f"</td><td>{r.map:.3f} [{r.map_lo:.3f}, {r.map_hi:.3f}]</td><td>{r.purity:.3f}</td>"
+            f"<td>{r.coverage:.3f}</td><td>{'best' if r.best else ''}</td></tr>"
+            for r in report.table
+        )
+        protocol = (
+            '<section id="table">\n<h2>The table</h2>\n<p>Per SAE or method and layer, on the report patches: Probe R '
+            "(1 - mean CE / mean entropy of each class's probe fit on the select split), mAP over all classes (exact, "
+            "tie-aware AP of w z + b), Purity@k and Coverage@tau, with 95% bootstrap intervals over images; NMSE and "
+            "L0 on the corpus's evaluation rows; best: the row of its method with the highest train Probe R.</p>\n"
+            '<table id="protocol-table"><thead><tr><th>method</th><th>layer</th><th>SAE</th><th>NMSE</th><th>L0</th>'
+            "<th>Probe R</th><th>mAP</th><th>Purity</th><th>Coverage</th><th></th></tr></thead>"
+            f"<tbody>{cells}</tbody></table>\n</section>"
+        )
     by_layer = ""
     if len(report.by_layer) > 1:
         head = "".join(f"<th>layer {layer}</th>" for layer in report.by_layer)
@@ -591,6 +611,7 @@ def _make_page(report: ReportData, summary: _Png | None, sections: list[str]) ->
 {files}
 {banner}
 </header>
+{protocol}
 <section id="summary">
 <h2>Best latent per class</h2>
 <p>For each class, the AP of its best latent over the selection patches (which chose it), that latent's AP on

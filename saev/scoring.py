@@ -5,7 +5,9 @@ way; an SAE's blocks take the fast path described below. This module owns three 
 - Partials. A partial holds the AP of one K-block of one SAE's latents for every class, over the kept patches:
   `partials/block{b:05d}.safetensors` of a score artifact with `ap_CK` (float64 [C, block]), `min_K` and `max_K`
   (float32 [block]: each latent's lowest and highest score; equal = a constant, dead latent), `k_range` (int64
-  [k_start, k_stop)) and metadata `"sae"` (the key of the train artifact scored) and `"matmul_precision"`.
+  [k_start, k_stop)), the 1-D logistic probe of every (class, latent) pair fit on the same scores (`saev.probe`:
+  `w_CK`, `b_CK`, `loss_CK` float64 [C, block], the train cross-entropy without the ridge term; `converged_CK`
+  uint8) and metadata `"sae"` (the key of the train artifact scored) and `"matmul_precision"`.
   `write_partial` writes it and `read_partials` reads and checks every block of an artifact.
 - TopK latents. Which latents a TopK SAE keeps for an example depends on all of its pre-activations
   (`nn.TopK`). `topk_latents` finds each kept row's k selected latents (their indices) in one pass over the SAE's
@@ -44,7 +46,7 @@ import torch
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from saev import ap, artifacts, atomic, checksums, methods, nn
+from saev import ap, artifacts, atomic, checksums, methods, nn, probe
 
 
 def partial_fpath(art: artifacts.Artifact, block: int) -> pathlib.Path:
@@ -212,6 +214,8 @@ class BlockScores(typing.NamedTuple):
     """float32 [K] each latent's lowest score (NaN if a score is NaN)."""
     max_K: Tensor
     """float32 [K] each latent's highest score."""
+    probes: probe.Probes
+    """The 1-D logistic probe of every (class, latent) pair, fit on the same scores (`saev.probe.fit_probes`)."""
 
 
 @torch.inference_mode()
@@ -240,8 +244,10 @@ def score_block(
     min_K = torch.full((width,), torch.inf, dtype=torch.float32, device=device)
     max_K = torch.full((width,), -torch.inf, dtype=torch.float32, device=device)
     _encode_into(sae, acts_ND, k_start, k_stop, scores_NK, buffers.x_BD, buffers.pre, top_Nk, (min_K, max_K))
-    ap_CK = ap.average_precision(scores_NK, torch.from_numpy(labels_N).to(device), n_classes=n_classes)
-    return BlockScores(ap_CK, min_K, max_K)
+    labels_t = torch.from_numpy(labels_N).to(device)
+    ap_CK = ap.average_precision(scores_NK, labels_t, n_classes=n_classes)
+    probes = probe.fit_probes(scores_NK, labels_t, n_classes)
+    return BlockScores(ap_CK, min_K, max_K, probes)
 
 
 @torch.inference_mode()
@@ -441,6 +447,10 @@ def write_partial(
         "min_K": block.min_K.cpu().numpy(),
         "max_K": block.max_K.cpu().numpy(),
         "k_range": np.array([k_start, k_stop], dtype=np.int64),
+        "w_CK": block.probes.w_CK.cpu().numpy(),
+        "b_CK": block.probes.b_CK.cpu().numpy(),
+        "loss_CK": block.probes.loss_CK.cpu().numpy(),
+        "converged_CK": block.probes.converged_CK.cpu().numpy().astype(np.uint8),
     }
     metadata = {"sae": train_key, "matmul_precision": matmul_precision}
     # Serialised in memory, written by our own atomic writer: checksummed, umask permissions, a full disk is a
@@ -457,13 +467,24 @@ class Partials(typing.NamedTuple):
     """float32 [d_sae] lowest score of each latent over the kept patches."""
     max_K: np.ndarray
     """float32 [d_sae] highest score; equal to min_K for a constant (dead) latent."""
+    w_CK: np.ndarray
+    """float64 [C, d_sae] each (class, latent) probe's weight, fit on the kept patches."""
+    b_CK: np.ndarray
+    """float64 [C, d_sae] its intercept."""
+    loss_CK: np.ndarray
+    """float64 [C, d_sae] its mean binary cross-entropy on the kept patches (the train CE, without the ridge)."""
+    converged_CK: np.ndarray
+    """uint8 [C, d_sae] 1 where its Newton iterations converged."""
 
 
 class PartialError(artifacts.IncompleteArtifactError):
     """A score partial is missing, unreadable, or does not hold what its artifact implies; the message names it."""
 
 
-_PARTIAL_DTYPES = {"ap_CK": np.float64, "min_K": np.float32, "max_K": np.float32, "k_range": np.int64}
+_PARTIAL_DTYPES = {
+    "ap_CK": np.float64, "min_K": np.float32, "max_K": np.float32, "k_range": np.int64,
+    "w_CK": np.float64, "b_CK": np.float64, "loss_CK": np.float64, "converged_CK": np.uint8,
+}  # fmt: skip
 """Every tensor of a partial file and its dtype (nothing else may be in the file)."""
 
 
@@ -498,6 +519,7 @@ def read_partials(
         tensors = _read_partial(fpath, train_key)
         width = k_stop - k_start
         shapes = {"ap_CK": (n_classes, width), "min_K": (width,), "max_K": (width,), "k_range": (2,)}
+        shapes |= {name: (n_classes, width) for name in ("w_CK", "b_CK", "loss_CK", "converged_CK")}
         for name, shape in shapes.items():
             if tensors[name].shape != shape:
                 raise PartialError(f"{fpath}: {name} has shape {list(tensors[name].shape)}, expected {list(shape)}")
@@ -535,6 +557,9 @@ def read_partials(
                 f"{fpath}: latent {k_start + k} has min {float(min_K[k])} and max {float(max_K[k])} "
                 "(expected finite, min <= max)"
             )
+        probe_CK = np.stack([tensors["w_CK"], tensors["b_CK"], tensors["loss_CK"]])
+        if not np.isfinite(probe_CK).all() or (tensors["loss_CK"] < 0).any() or (tensors["converged_CK"] > 1).any():
+            raise PartialError(f"{fpath}: a probe has a non-finite or negative value (w, b, loss); delete it and rerun")
         blocks.append(tensors)
     return Partials(*(np.concatenate([b[name] for b in blocks], axis=-1) for name in Partials._fields))
 

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from saev import ap, artifacts, best, helpers, keepmask, methods, nn, report, scoring, vit
+from saev import ap, artifacts, best, helpers, keepmask, methods, metrics, nn, report, scoring, training, vit
 from saev.data import datasets
 from saev.data.shards import Shards
 from saev.engine.plan import Piece, StagePlan
 
 from . import train as train_stage
-from .graph import DumpInfo, MaskInfo, MethodRun, ScoreInfo, TrainInfo, role
+from .graph import DumpInfo, ImportInfo, MaskInfo, MethodRun, ScoreInfo, TrainInfo, role
 
 if typing.TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -62,6 +62,27 @@ class Config:
     """Top-activating images shown per class in the report."""
     print_top: int = artifacts.unhashed(50)
     """The launcher prints at most this many classes (best.json always has all of them)."""
+    select: typing.Literal["ap", "probe"] = "ap"
+    """How each class's latent is chosen on the select split: "ap", the highest AP (equal APs: the earlier SAE, then
+    the lowest latent); "probe", the lowest train cross-entropy of its 1-D logistic probe (the published rule; equal
+    losses: the same order)."""
+    purity_k: int = 16
+    """The table's Purity@k: the top k report patches of each class's latent."""
+    coverage_tau: float = 0.3
+    """The table's Coverage@tau: classes whose report AP is above tau."""
+    n_boot: int = 200
+    """Bootstrap resamples of the report images for the table's 95% intervals (0: none)."""
+    n_perm: int = 100
+    """Permutations of the report labels among images for mAP's chance level and p-value (0: none)."""
+    seed: int = 0
+    """Seed of the resamples and permutations."""
+
+    def __post_init__(self):
+        if self.purity_k <= 0 or self.n_boot < 0 or self.n_perm < 0 or not 0 <= self.coverage_tau < 1:
+            raise ValueError(
+                "reduce: purity_k must be positive, n_boot and n_perm >= 0, coverage_tau in [0, 1); got "
+                f"{self.purity_k}, {self.n_boot}, {self.n_perm}, {self.coverage_tau}"
+            )
 
 
 MAX_NMSE = 1.0
@@ -122,6 +143,8 @@ class Pick(typing.NamedTuple):
     sae: str
     layer: int
     dead: bool
+    rank: float
+    """What the selection compares (higher wins): the AP, or minus the probe's train cross-entropy."""
 
 
 class ReportSet(typing.NamedTuple):
@@ -165,7 +188,7 @@ def run(pipeline: "Pipeline", own: StagePlan[None], inputs: Inputs, piece: Piece
 
     # Select on the kept patches: the best latent of every SAE, then the best over each layer's SAEs and over all.
     score_plan = inputs.score
-    per_sae, ap_by_sae = {}, {}
+    per_sae, ap_by_sae, partials_by_sae, sae_picks = {}, {}, {}, {}
     chosen: list[Pick | None] = [None] * n_classes
     by_layer: dict[int, list[Pick | None]] = {}
     for score_art in score_plan.artifacts:
@@ -173,17 +196,24 @@ def run(pipeline: "Pipeline", own: StagePlan[None], inputs: Inputs, piece: Piece
         partials = scoring.read_partials(score_art, info.d_sae, info.block_size, info.train_key, counts_C)
         ap_by_sae[info.train_key] = partials.ap_CK
         dead_K = partials.min_K == partials.max_K
+        partials_by_sae[info.train_key] = partials
         best_ap_C, best_k_C = ap.best_per_class(torch.from_numpy(partials.ap_CK))
+        if cfg.select == "probe":  # the lowest train cross-entropy, first index on ties; none for an absent class
+            best_k_C = np.where(counts_C > 0, np.argmin(partials.loss_CK, axis=1), -1)
         layer_chosen = by_layer.setdefault(info.layer, [None] * n_classes)
+        sae_picks[info.train_key] = own_picks = [None] * n_classes
         entries = []
         for c, name in enumerate(class_names):
-            value, k = float(best_ap_C[c]), int(best_k_C[c])
+            k = int(best_k_C[c])
+            value = float(partials.ap_CK[c, k]) if k >= 0 else math.nan
             entries.append(best.SaeClassBest(name=name, ap=_json_float(value), prototype=k))
             if k < 0:
                 continue
-            pick = Pick(value, k, info.train_key, info.layer, bool(dead_K[k]))
-            for picks in (chosen, layer_chosen):  # equal APs: the earlier SAE keeps the class
-                if picks[c] is None or value > picks[c].ap:
+            rank = -float(partials.loss_CK[c, k]) if cfg.select == "probe" else value
+            pick = Pick(value, k, info.train_key, info.layer, bool(dead_K[k]), rank)
+            own_picks[c] = pick
+            for picks in (chosen, layer_chosen):  # equal ranks: the earlier SAE keeps the class
+                if picks[c] is None or rank > picks[c].rank:
                     picks[c] = pick
         metrics = read_metrics(inputs.train.by_key(info.train_key))
         train_cfg = inputs.train.info[info.train_key].config
@@ -240,11 +270,83 @@ def run(pipeline: "Pipeline", own: StagePlan[None], inputs: Inputs, piece: Piece
         layers=tuple(layers), per_sae=per_sae,
     )  # fmt: skip
     best.write(art.dpath, result)
+    rows = make_table(
+        pipeline, inputs, reported, sae_picks, partials_by_sae, counts_C, shards.metadata.n_patches_per_img
+    )
+    best.write_table(art.dpath, rows)
     if cfg.report:
         data = make_report_data(pipeline, inputs, result, chosen, ap_by_sae, keep, reported, report_scores)
+        data = dataclasses.replace(data, table=rows, files=[*data.files, "table.csv", "table.json"])
         index_fpath = report.write_report(art.dpath, data)
         logger.info("report: %s", index_fpath)
     art.write_manifest(params=own.params[art.key], inputs=own.inputs[art.key], started=started)
+
+
+def make_table(
+    pipeline: "Pipeline",
+    inputs: Inputs,
+    reported: ReportSet,
+    sae_picks: dict[str, list[Pick | None]],
+    partials_by_sae: dict[str, scoring.Partials],
+    counts_C: np.ndarray,
+    n_patches_per_img: int,
+) -> list[best.TableRow]:
+    """One `best.TableRow` per SAE or method (with its own choice of latent per class): the protocol's figures on the
+    report patches (`saev.metrics.table`), its NMSE and L0 (`metrics.json`), and `best` per method by train Probe R.
+    A class without a latent (no kept patches) enters as a constant score with the intercept-only probe. Empty
+    without report patches."""
+    cfg: Config = pipeline.reduce
+    if not len(reported.idx):
+        logger.warning("no report patches (no [data.report] and mask.n_heldout = 0): table.csv is empty")
+        return []
+    n_classes = len(counts_C)
+    pi_C = np.clip(counts_C / max(1, counts_C.sum()), 1e-12, 1 - 1e-12)
+    h_C = -(pi_C * np.log(pi_C) + (1 - pi_C) * np.log1p(-pi_C))
+    labels_N = torch.from_numpy(reported.labels)
+    image_N = torch.from_numpy(reported.idx // n_patches_per_img)
+    rows = []
+    for key, picks in sae_picks.items():
+        partials = partials_by_sae[key]
+        scores = chosen_scores(pipeline, inputs, reported.dump, picks, reported.idx)
+        scores_NC = np.zeros((len(reported.idx), n_classes), dtype=np.float32)
+        w_C, b_C, ce_C = np.zeros(n_classes), np.log(pi_C) - np.log1p(-pi_C), h_C.copy()
+        for c, pick in enumerate(picks):
+            if pick is not None:
+                scores_NC[:, c] = scores[c]
+                w_C[c], b_C[c] = partials.w_CK[c, pick.prototype], partials.b_CK[c, pick.prototype]
+                ce_C[c] = partials.loss_CK[c, pick.prototype]
+        got = metrics.table(
+            torch.from_numpy(scores_NC), torch.from_numpy(w_C), torch.from_numpy(b_C), labels_N, image_N,
+            k=cfg.purity_k, tau=cfg.coverage_tau, n_boot=cfg.n_boot, n_perm=cfg.n_perm, seed=cfg.seed,
+        )  # fmt: skip
+        train_cfg = inputs.train.info[key].config
+        m = read_metrics(inputs.train.by_key(key))
+        nmse = float(m.get("nmse", math.nan))
+        rows.append(
+            best.TableRow(
+                method=method_name(train_cfg), sae=key, layer=inputs.train.info[key].layer,
+                nmse=None if math.isnan(nmse) else nmse, l0=float(m.get("l0", math.nan)),
+                probe_r=got["probe_r"].value, map=got["map"].value, purity=got["purity"], coverage=got["coverage"].value,
+                map_lo=got["map"].low, map_hi=got["map"].high, probe_r_lo=got["probe_r"].low,
+                probe_r_hi=got["probe_r"].high, coverage_lo=got["coverage"].low, coverage_hi=got["coverage"].high,
+                best=False, train_probe_r=float(1 - ce_C.mean() / h_C.mean()),
+                map_null=got["map_null_mean"], map_p=got["map_p"],
+            )
+        )  # fmt: skip
+    for method in dict.fromkeys(row.method for row in rows):  # per method, the highest train Probe R (first on ties)
+        mine = [i for i, row in enumerate(rows) if row.method == method]
+        top = max(mine, key=lambda i: (rows[i].train_probe_r, -i))
+        rows[top] = dataclasses.replace(rows[top], best=True)
+    return rows
+
+
+def method_name(cfg: "training.TrainConfig | ImportInfo | MethodRun") -> str:
+    """The table's method: the objective, the baseline's kind, or "imported"."""
+    if isinstance(cfg, MethodRun):
+        return cfg.method.kind
+    if isinstance(cfg, ImportInfo):
+        return "imported"
+    return cfg.objective.kind
 
 
 def report_ap(scores: dict[int, np.ndarray], labels_H: np.ndarray, n_classes: int) -> list[float]:

@@ -1,5 +1,5 @@
-"""score: exact AP of every SAE latent ("prototype") for every class, over the kept patches of the select split, in
-K-blocks.
+"""score: exact AP and the 1-D logistic probe of every SAE latent ("prototype") for every class, over the kept
+patches of the select split, in K-blocks.
 
 One artifact per SAE, `<root>/score/<key>/`, with one partial per K-block in `partials/blockNNNNN.safetensors`
 holding `ap_CK` (float64 [C, block]), `min_K` and `max_K` (each latent's lowest and highest score over the kept
@@ -42,7 +42,7 @@ if typing.TYPE_CHECKING:
     from .pipeline import Pipeline
 
 NAME = "score"
-VERSION = 3  # 3: the kept activations are an input of their own (kept); keys hash it
+VERSION = 4  # 3: the kept activations are an input of their own (kept); keys hash it; 4: partials hold probes
 
 logger = logging.getLogger("stages.score")
 

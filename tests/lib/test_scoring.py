@@ -28,6 +28,10 @@ def good_block(block: int, sae: str = SAE) -> dict[str, np.ndarray]:
         "min_K": low,
         "max_K": low + np.float32(1.0),
         "k_range": np.array([k_start, k_stop], dtype=np.int64),
+        "w_CK": rng.normal(size=(N_CLASSES, width)),
+        "b_CK": rng.normal(size=(N_CLASSES, width)),
+        "loss_CK": rng.random((N_CLASSES, width)),
+        "converged_CK": np.ones((N_CLASSES, width), dtype=np.uint8),
     }
 
 
@@ -103,8 +107,22 @@ def _one_number_for_class_without_patches(t):
 
 # (id, mutation of block 1's tensors, message after the file name)
 BAD_PARTIALS = [
-    ("missing-tensor", _drop("max_K"), "holds tensors ['ap_CK', 'k_range', 'min_K'], expected"),
-    ("extra-tensor", _set("extra", np.zeros(2)), "holds tensors ['ap_CK', 'extra', 'k_range', 'max_K', 'min_K']"),
+    (
+        "missing-tensor",
+        _drop("max_K"),
+        "holds tensors ['ap_CK', 'b_CK', 'converged_CK', 'k_range', 'loss_CK', 'min_K', 'w_CK'], expected",
+    ),
+    (
+        "missing-probe",
+        _drop("loss_CK"),
+        "holds tensors ['ap_CK', 'b_CK', 'converged_CK', 'k_range', 'max_K', 'min_K', 'w_CK'], expected",
+    ),
+    ("extra-tensor", _set("extra", np.zeros(2)), "holds tensors ['ap_CK', 'b_CK', 'converged_CK', 'extra', 'k_range',"),
+    (
+        "nan-probe-loss",
+        _set("loss_CK", np.full((N_CLASSES, BLOCK), np.nan)),
+        "a probe has a non-finite or negative value",
+    ),
     ("ap-float32", _set("ap_CK", lambda t: t["ap_CK"].astype(np.float32)), "ap_CK has dtype float32, expected float64"),
     ("min-float64", _set("min_K", lambda t: t["min_K"].astype(np.float64)), "min_K has dtype float64, expected"),
     ("k-range-int32", _set("k_range", np.array([4, 8], dtype=np.int32)), "k_range has dtype int32, expected int64"),
