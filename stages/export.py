@@ -5,7 +5,8 @@
                                          none); HASH is saev's name for it: the first 8 hex characters of the sha256
                                          of its metadata as compact sorted-key JSON. saev's 2.x readers open only a
                                          directory whose path ends in saev/shards/<dir>.
-    OUT_DIR/saev/saes/<train key>/sae.pt each SAE of the run (trained or imported) as a saev 2.x checkpoint
+    OUT_DIR/saev/saes/<train key>/sae.pt each SAE of the run (trained or imported) as a saev 2.x checkpoint (baseline
+                                         methods have no saev format and are not exported)
 
 Nothing is recomputed: the artifacts must be done (checked against their manifests first). Nothing is overwritten: a
 file already there is reused when it holds exactly what the export writes, and refused otherwise (before anything is
@@ -20,7 +21,7 @@ from saev.data import saevfmt
 from saev.data.shards import Shards
 from saev.engine.plan import Plan
 
-from .graph import role
+from .graph import MethodRun, role
 
 if typing.TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -89,6 +90,8 @@ def plan_saes(plan: Plan, saes_dpath: pathlib.Path) -> list[SaeExport]:
     """
     saes = []
     for art in plan["train"].artifacts:
+        if isinstance(plan["train"].info[art.key].config, MethodRun):
+            continue  # a baseline (k-means, PCA, ...) has no saev format: not exported
         fpath = saes_dpath / art.key / "sae.pt"
         exists = fpath.exists() or fpath.is_symlink()
         if exists:

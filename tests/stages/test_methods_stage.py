@@ -62,6 +62,12 @@ def test_methods_are_fit_scored_and_reported_like_saes(tmp_path):
     # k-means: one non-zero code per row, 1 / (1 + distance) at the nearest centre
     assert result.per_sae[kinds["kmeans"][0].key].metrics["l0"] == 1.0
     assert result.per_sae[kinds["neurons"][0].key].metrics["nmse"] == 0.0
+    # --export writes the SAEs in saev's format; the baselines have none and are left out
+    proc = launch(cfg, "--export", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    exported = {p.parent.name for p in (tmp_path / "out" / "saev" / "saes").glob("*/sae.pt")}
+    saes = {a.key for a in plan["train"].artifacts if not hasattr(plan["train"].info[a.key].config, "method")}
+    assert exported == saes and len(saes) == 2
 
 
 @pytest.mark.parametrize(
