@@ -193,6 +193,6 @@ def test_second_user_reruns_a_k_block_in_first_users_artifact(shared_run):
 @pytest.mark.slow
 def test_second_user_reduces_first_users_partials(shared_run):
     shared, cfg = shared_run
-    cfg.write_text(cfg.read_text() + "\n[reduce]\nn_top_images = 6\n")  # a new reduce artifact
+    cfg.write_text(cfg.read_text().replace("[reduce]\n", "[reduce]\nn_top_images = 6\n"))  # a new reduce artifact
     out = launch_as(USER_B, shared, cfg)
     assert out.returncode == 0, out.stderr[-3000:]

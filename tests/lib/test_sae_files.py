@@ -740,7 +740,7 @@ def test_bad_imports_are_refused_before_anything_runs(tiny_config, tmp_path, cap
         fpath.write_bytes(b'{"schema": 6, "cfg": {}}\n')
         message = f"{fpath}: header field 'schema' is 6"
     elif case == "nothing to score":
-        imports, message = "[]", '[train] has no SAEs: sweep = "" and no imports'
+        imports, message = "[]", '[train] has no SAEs: sweep = "", methods = "" and no imports'
     cfg = import_config(tiny_config, imports)
     assert run(cfg, dry_run=True) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]

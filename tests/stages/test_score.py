@@ -29,7 +29,7 @@ def write_topk_config(dpath: pathlib.Path) -> pathlib.Path:
     sweep_fpath = dpath / "tiny-sweep.toml"
     assert TINY_OBJECTIVE in sweep_fpath.read_text()
     sweep_fpath.write_text(sweep_fpath.read_text().replace(TINY_OBJECTIVE, TOPK_OBJECTIVES))
-    cfg.write_text(cfg.read_text() + "\n[reduce]\nreport = false\n")
+    cfg.write_text(cfg.read_text().replace("[reduce]\n", "[reduce]\nreport = false\n"))
     return cfg
 
 
