@@ -7,13 +7,14 @@ import math
 
 import numpy as np
 import pytest
+import safetensors
 import torch
 from sklearn.metrics import average_precision_score
 
 from saev import best, methods, scoring
 from saev.data.shards import Shards
 from stages import pipeline as pl
-from tests.helpers import launch
+from tests.helpers import launch, run, write_tiny_config
 from tests.stages.test_roles import roles_config
 
 METHODS = """n_train = 8192
@@ -118,3 +119,17 @@ def test_bootstrap_intervals_are_reproducible_from_the_seed(done):
     proc = launch(cfg, "--stage", "reduce", timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (plan["reduce"].artifacts[0].dpath / "table.json").read_bytes() == first
+
+
+def test_without_probes_blocks_score_ap_only_and_select_probe_is_refused(tmp_path):
+    cfg = write_tiny_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("[score]\n", "[score]\nprobes = false\n"))
+    assert run(cfg) == 0
+    plan = pl.make_plan(pl.load(cfg))
+    for fpath in plan["score"].artifacts[0].dpath.glob("partials/*.safetensors"):
+        with safetensors.safe_open(str(fpath), framework="numpy") as fd:
+            assert sorted(fd.keys()) == ["ap_CK", "k_range", "max_K", "min_K"]
+    assert best.read_table(plan["reduce"].artifacts[0].dpath / "table.json") == []
+    cfg.write_text(cfg.read_text().replace("[reduce]\n", '[reduce]\nselect = "probe"\n'))
+    proc = launch(cfg, "--dry-run")
+    assert proc.returncode == 2 and 'select = "probe"' in proc.stderr and "probes = false" in proc.stderr, proc.stderr
