@@ -30,7 +30,7 @@ k = 8
 @pytest.fixture(scope="module", params=["ap", "probe"])
 def done(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"table-{request.param}")
-    cfg = roles_config(tmp)
+    cfg = roles_config(tmp, layers="[2, 3]")
     (tmp / "methods.toml").write_text(METHODS)
     text = cfg.read_text().replace('sweep = "tiny-sweep.toml"', 'sweep = "tiny-sweep.toml"\nmethods = "methods.toml"')
     cfg.write_text(text.replace("[reduce]\n", f'[reduce]\nselect = "{request.param}"\n'))
@@ -107,6 +107,7 @@ def test_every_figure_of_the_table_equals_an_independent_computation(done):
     assert {row.method for row in rows} == {"relu_l1", "kmeans", "pca"}
     page = (reduce_dpath / "report" / "index.html").read_text()
     assert 'id="protocol-table"' in page and page.index('id="protocol-table"') < page.index('id="summary"')
+    assert '<img src="layers.png"' in page and (reduce_dpath / "report" / "layers.png").stat().st_size > 1000
 
 
 def test_bootstrap_intervals_are_reproducible_from_the_seed(done):
