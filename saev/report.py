@@ -200,6 +200,13 @@ def write_report(dpath: pathlib.Path, report: ReportData) -> pathlib.Path:
     report_dpath.mkdir(parents=True, exist_ok=True)
     sections = []
     summary = None
+    layers_png = None
+    if len({row.layer for row in report.table}) > 1:
+        layers_fig = _make_layers_figure(report.table)
+        try:
+            layers_png = _write_png(report_dpath / "layers.png", layers_fig)
+        finally:
+            plt.close(layers_fig)
     if report.classes:
         summary_fig = _make_summary_figure(report.classes)
         try:
@@ -213,7 +220,7 @@ def write_report(dpath: pathlib.Path, report: ReportData) -> pathlib.Path:
     finally:
         plt.close(fig)
     index_fpath = report_dpath / "index.html"
-    page = _make_page(report, summary, sections)
+    page = _make_page(report, summary, sections, layers_png)
     atomic.atomic_write_bytes(index_fpath, page.encode("utf-8"))
     return index_fpath
 
@@ -240,6 +247,36 @@ def _mpl_text(text: str, limit: int = 32) -> str:
     """Plain text for matplotlib: shortened, and `$` escaped so that no name is read as mathtext."""
     text = text if len(text) <= limit else text[: limit - 1] + "…"
     return text.replace("$", r"\$")
+
+
+_LAYER_METRICS = (("probe_r", "Probe R"), ("map", "mAP"), ("purity", "Purity"), ("coverage", "Coverage"))
+
+
+def _make_layers_figure(rows: list[best.TableRow]) -> "plt.Figure":
+    """Each metric of the table against the layer, one line per method (its best row at each layer by train Probe R),
+    with the bootstrap interval as a band where the table has one."""
+    fig, axes = plt.subplots(1, len(_LAYER_METRICS), figsize=(12, 3), dpi=_DPI, layout="constrained")
+    for method in dict.fromkeys(row.method for row in rows):
+        per_layer: dict[int, best.TableRow] = {}
+        for row in rows:
+            if row.method == method and (
+                row.layer not in per_layer or row.train_probe_r > per_layer[row.layer].train_probe_r
+            ):
+                per_layer[row.layer] = row
+        layers = sorted(per_layer)
+        for ax, (name, title) in zip(axes, _LAYER_METRICS, strict=True):
+            line = ax.plot(
+                layers, [getattr(per_layer[lay], name) for lay in layers], marker="o", label=_mpl_text(method)
+            )
+            if name != "purity":
+                lo = [getattr(per_layer[lay], f"{name}_lo") for lay in layers]
+                hi = [getattr(per_layer[lay], f"{name}_hi") for lay in layers]
+                ax.fill_between(layers, lo, hi, color=line[0].get_color(), alpha=0.15)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("layer")
+            ax.grid(alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8, frameon=False)
+    return fig
 
 
 def _make_summary_figure(classes: list[ClassResult]) -> "plt.Figure":
@@ -496,7 +533,7 @@ def _ratio(ap: float | None, prevalence: float | None) -> str:
     return f"{ap / prevalence:.1f}x"
 
 
-def _make_page(report: ReportData, summary: _Png | None, sections: list[str]) -> str:
+def _make_page(report: ReportData, summary: _Png | None, sections: list[str], layers_png: _Png | None = None) -> str:
     notes = "".join(f"<li>{_e(note)}</li>" for note in report.notes)
     rows = []
     for c, r in enumerate(report.classes):
@@ -575,7 +612,14 @@ def _make_page(report: ReportData, summary: _Png | None, sections: list[str]) ->
             "L0 on the corpus's evaluation rows; best: the row of its method with the highest train Probe R.</p>\n"
             '<table id="protocol-table"><thead><tr><th>method</th><th>layer</th><th>SAE</th><th>NMSE</th><th>L0</th>'
             "<th>Probe R</th><th>mAP</th><th>Purity</th><th>Coverage</th><th></th></tr></thead>"
-            f"<tbody>{cells}</tbody></table>\n</section>"
+            f"<tbody>{cells}</tbody></table>\n"
+            + (
+                f'<p><img src="{layers_png.name}" width="{layers_png.width}" height="{layers_png.height}" '
+                'alt="each metric against the layer, per method"></p>\n'
+                if layers_png is not None
+                else ""
+            )
+            + "</section>"
         )
     by_layer = ""
     if len(report.by_layer) > 1:

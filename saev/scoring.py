@@ -214,8 +214,9 @@ class BlockScores(typing.NamedTuple):
     """float32 [K] each latent's lowest score (NaN if a score is NaN)."""
     max_K: Tensor
     """float32 [K] each latent's highest score."""
-    probes: probe.Probes
-    """The 1-D logistic probe of every (class, latent) pair, fit on the same scores (`saev.probe.fit_probes`)."""
+    probes: probe.Probes | None = None
+    """The 1-D logistic probe of every (class, latent) pair, fit on the same scores (`saev.probe.fit_probes`); None
+    when not asked for."""
 
 
 @torch.inference_mode()
@@ -230,6 +231,7 @@ def score_block(
     batch_size: int,
     device: torch.device,
     top_Nk: Tensor | None = None,
+    probes: bool = False,
 ) -> BlockScores:
     """Encode latents [k_start, k_stop) of every row (as `encode_block`, into this process's reused
     `get_block_buffers`), fold each latent's min and max in while its scores are in the cache, and compute the AP
@@ -246,8 +248,8 @@ def score_block(
     _encode_into(sae, acts_ND, k_start, k_stop, scores_NK, buffers.x_BD, buffers.pre, top_Nk, (min_K, max_K))
     labels_t = torch.from_numpy(labels_N).to(device)
     ap_CK = ap.average_precision(scores_NK, labels_t, n_classes=n_classes)
-    probes = probe.fit_probes(scores_NK, labels_t, n_classes)
-    return BlockScores(ap_CK, min_K, max_K, probes)
+    fitted = probe.fit_probes(scores_NK, labels_t, n_classes) if probes else None
+    return BlockScores(ap_CK, min_K, max_K, fitted)
 
 
 @torch.inference_mode()
@@ -447,11 +449,14 @@ def write_partial(
         "min_K": block.min_K.cpu().numpy(),
         "max_K": block.max_K.cpu().numpy(),
         "k_range": np.array([k_start, k_stop], dtype=np.int64),
-        "w_CK": block.probes.w_CK.cpu().numpy(),
-        "b_CK": block.probes.b_CK.cpu().numpy(),
-        "loss_CK": block.probes.loss_CK.cpu().numpy(),
-        "converged_CK": block.probes.converged_CK.cpu().numpy().astype(np.uint8),
     }
+    if block.probes is not None:
+        tensors |= {
+            "w_CK": block.probes.w_CK.cpu().numpy(),
+            "b_CK": block.probes.b_CK.cpu().numpy(),
+            "loss_CK": block.probes.loss_CK.cpu().numpy(),
+            "converged_CK": block.probes.converged_CK.cpu().numpy().astype(np.uint8),
+        }
     metadata = {"sae": train_key, "matmul_precision": matmul_precision}
     # Serialised in memory, written by our own atomic writer: checksummed, umask permissions, a full disk is a
     # WriteError naming the file (safetensors' own file writer gives 0600 files and its own error type).
@@ -467,13 +472,13 @@ class Partials(typing.NamedTuple):
     """float32 [d_sae] lowest score of each latent over the kept patches."""
     max_K: np.ndarray
     """float32 [d_sae] highest score; equal to min_K for a constant (dead) latent."""
-    w_CK: np.ndarray
-    """float64 [C, d_sae] each (class, latent) probe's weight, fit on the kept patches."""
-    b_CK: np.ndarray
+    w_CK: np.ndarray | None = None
+    """float64 [C, d_sae] each (class, latent) probe's weight, fit on the kept patches (None: scored without probes)."""
+    b_CK: np.ndarray | None = None
     """float64 [C, d_sae] its intercept."""
-    loss_CK: np.ndarray
+    loss_CK: np.ndarray | None = None
     """float64 [C, d_sae] its mean binary cross-entropy on the kept patches (the train CE, without the ridge)."""
-    converged_CK: np.ndarray
+    converged_CK: np.ndarray | None = None
     """uint8 [C, d_sae] 1 where its Newton iterations converged."""
 
 
@@ -481,15 +486,14 @@ class PartialError(artifacts.IncompleteArtifactError):
     """A score partial is missing, unreadable, or does not hold what its artifact implies; the message names it."""
 
 
-_PARTIAL_DTYPES = {
-    "ap_CK": np.float64, "min_K": np.float32, "max_K": np.float32, "k_range": np.int64,
-    "w_CK": np.float64, "b_CK": np.float64, "loss_CK": np.float64, "converged_CK": np.uint8,
-}  # fmt: skip
-"""Every tensor of a partial file and its dtype (nothing else may be in the file)."""
+_PARTIAL_DTYPES = {"ap_CK": np.float64, "min_K": np.float32, "max_K": np.float32, "k_range": np.int64}
+"""Every tensor of a partial file scored without probes, and its dtype (nothing else may be in the file)."""
+_PROBE_DTYPES = {"w_CK": np.float64, "b_CK": np.float64, "loss_CK": np.float64, "converged_CK": np.uint8}
+"""The tensors a partial scored with probes holds besides."""
 
 
 def read_partials(
-    art: artifacts.Artifact, d_sae: int, block_size: int, train_key: str, counts_C: np.ndarray
+    art: artifacts.Artifact, d_sae: int, block_size: int, train_key: str, counts_C: np.ndarray, probes: bool = True
 ) -> Partials:
     """Read and check exactly the partials that tile [0, d_sae) of a score artifact, and concatenate them.
 
@@ -505,6 +509,7 @@ def read_partials(
         block_size: latents per block (the score plan's `block_size`).
         train_key: key of the train artifact the partials must come from.
         counts_C: int [C] kept patches of each class; C is the number of classes.
+        probes: the partials hold the probes (`w_CK`, `b_CK`, `loss_CK`, `converged_CK`) too: scored with probes.
 
     Raises:
         PartialError: naming the file and what is wrong with it (missing, corrupt, from another SAE, ...).
@@ -516,10 +521,10 @@ def read_partials(
     for block in range(math.ceil(d_sae / block_size)):
         fpath = partial_fpath(art, block)
         k_start, k_stop = block * block_size, min(d_sae, (block + 1) * block_size)
-        tensors = _read_partial(fpath, train_key)
+        tensors = _read_partial(fpath, train_key, probes)
         width = k_stop - k_start
         shapes = {"ap_CK": (n_classes, width), "min_K": (width,), "max_K": (width,), "k_range": (2,)}
-        shapes |= {name: (n_classes, width) for name in ("w_CK", "b_CK", "loss_CK", "converged_CK")}
+        shapes |= {name: (n_classes, width) for name in _PROBE_DTYPES if probes}
         for name, shape in shapes.items():
             if tensors[name].shape != shape:
                 raise PartialError(f"{fpath}: {name} has shape {list(tensors[name].shape)}, expected {list(shape)}")
@@ -557,27 +562,31 @@ def read_partials(
                 f"{fpath}: latent {k_start + k} has min {float(min_K[k])} and max {float(max_K[k])} "
                 "(expected finite, min <= max)"
             )
-        probe_CK = np.stack([tensors["w_CK"], tensors["b_CK"], tensors["loss_CK"]])
-        if not np.isfinite(probe_CK).all() or (tensors["loss_CK"] < 0).any() or (tensors["converged_CK"] > 1).any():
-            raise PartialError(f"{fpath}: a probe has a non-finite or negative value (w, b, loss); delete it and rerun")
+        if probes:
+            probe_CK = np.stack([tensors["w_CK"], tensors["b_CK"], tensors["loss_CK"]])
+            bad = (tensors["loss_CK"] < 0).any() or (tensors["converged_CK"] > 1).any()
+            if not np.isfinite(probe_CK).all() or bad:
+                raise PartialError(
+                    f"{fpath}: a probe has a non-finite or negative value (w, b, loss); delete it and rerun"
+                )
         blocks.append(tensors)
-    return Partials(*(np.concatenate([b[name] for b in blocks], axis=-1) for name in Partials._fields))
+    names = [name for name in Partials._fields if probes or name not in _PROBE_DTYPES]
+    return Partials(**{name: np.concatenate([b[name] for b in blocks], axis=-1) for name in names})
 
 
-def _read_partial(fpath: pathlib.Path, train_key: str) -> dict[str, np.ndarray]:
+def _read_partial(fpath: pathlib.Path, train_key: str, probes: bool) -> dict[str, np.ndarray]:
     """The tensors of one partial file, checked for their names, dtypes and "sae" metadata."""
     remedy = "delete it and rerun `--stage score`"
+    dtypes = _PARTIAL_DTYPES | (_PROBE_DTYPES if probes else {})
     if not fpath.is_file():
         raise PartialError(f"{fpath} is missing; rerun `--stage score`")
     try:
         with safetensors.safe_open(str(fpath), framework="numpy") as fd:
             metadata = fd.metadata() or {}
             names = set(fd.keys())
-            if names != set(_PARTIAL_DTYPES):
-                raise PartialError(
-                    f"{fpath}: holds tensors {sorted(names)}, expected {sorted(_PARTIAL_DTYPES)}; {remedy}"
-                )
-            tensors = {name: fd.get_tensor(name) for name in _PARTIAL_DTYPES}
+            if names != set(dtypes):
+                raise PartialError(f"{fpath}: holds tensors {sorted(names)}, expected {sorted(dtypes)}; {remedy}")
+            tensors = {name: fd.get_tensor(name) for name in dtypes}
     except PartialError:
         raise
     except Exception as err:  # safetensors raises SafetensorError (or others) on a corrupt header or short file
@@ -586,7 +595,7 @@ def _read_partial(fpath: pathlib.Path, train_key: str) -> dict[str, np.ndarray]:
         raise PartialError(
             f"{fpath}: scores SAE {metadata.get('sae')!r}, expected {train_key!r} (a partial of another SAE); {remedy}"
         )
-    for name, dtype in _PARTIAL_DTYPES.items():
+    for name, dtype in dtypes.items():
         if tensors[name].dtype != dtype:
             raise PartialError(f"{fpath}: {name} has dtype {tensors[name].dtype}, expected {np.dtype(dtype)}; {remedy}")
     return tensors

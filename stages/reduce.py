@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from saev import ap, artifacts, best, helpers, keepmask, methods, metrics, nn, report, scoring, training, vit
+from saev import ap, artifacts, best, configs, helpers, keepmask, methods, metrics, nn, report, scoring, training, vit
 from saev.data import datasets
 from saev.data.shards import Shards
 from saev.engine.plan import Piece, StagePlan
@@ -34,8 +34,17 @@ VERSION = 5  # 3: SAE health (training metrics) in best.json, best.csv and the r
 
 logger = logging.getLogger("stages.reduce")
 
-# No checks before submission beyond the plan's; a single piece whose `run` writes the manifest.
-check = finalize = manifest_extra = slurm_resources = explain_key = None
+# A single piece whose `run` writes the manifest.
+finalize = manifest_extra = slurm_resources = explain_key = None
+
+
+def check(pipeline: "Pipeline", own: StagePlan[None], inputs: "Inputs") -> None:
+    """Before anything runs: selecting by probe needs the probes."""
+    if pipeline.reduce.select == "probe" and not pipeline.score.probes:
+        raise configs.ConfigError(
+            '[reduce] select = "probe" chooses by the probes\' train cross-entropy, but [score] probes = false: '
+            'set probes = true (or select = "ap")'
+        )
 
 
 class Inputs(typing.NamedTuple):
@@ -193,7 +202,9 @@ def run(pipeline: "Pipeline", own: StagePlan[None], inputs: Inputs, piece: Piece
     by_layer: dict[int, list[Pick | None]] = {}
     for score_art in score_plan.artifacts:
         info = score_plan.info[score_art.key]
-        partials = scoring.read_partials(score_art, info.d_sae, info.block_size, info.train_key, counts_C)
+        partials = scoring.read_partials(
+            score_art, info.d_sae, info.block_size, info.train_key, counts_C, probes=pipeline.score.probes
+        )
         ap_by_sae[info.train_key] = partials.ap_CK
         dead_K = partials.min_K == partials.max_K
         partials_by_sae[info.train_key] = partials
@@ -298,6 +309,9 @@ def make_table(
     cfg: Config = pipeline.reduce
     if not len(reported.idx):
         logger.warning("no report patches (no [data.report] and mask.n_heldout = 0): table.csv is empty")
+        return []
+    if not pipeline.score.probes:
+        logger.info("[score] probes = false: no probes, so table.csv is empty (Probe R needs them)")
         return []
     n_classes = len(counts_C)
     pi_C = np.clip(counts_C / max(1, counts_C.sum()), 1e-12, 1 - 1e-12)

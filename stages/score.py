@@ -74,6 +74,9 @@ class Config:
     """Latents per K-block (one partial file and one job-array task each), or "auto" to size blocks from memory_gb."""
     memory_gb: float = artifacts.unhashed(4.0)
     """Memory budget of one scoring task (GPU memory when scoring on a GPU), used by block_size = "auto"."""
+    probes: bool = True
+    """Fit every (class, latent) 1-D logistic probe beside the AP (`saev.probe`): what `[reduce] select = "probe"` and
+    the table's Probe R need; false scores AP only, many times faster (the table is then not written)."""
     matmul_precision: typing.Literal["highest", "high", "medium"] = "highest"
     """torch float32 matmul precision for the latent scores; TF32/bf16 change scores and so ties, hence hashed."""
     device: str = artifacts.unhashed("auto")
@@ -221,8 +224,9 @@ def run(pipeline: "Pipeline", own: StagePlan[ScoreInfo], inputs: Inputs, piece: 
     if isinstance(sae, nn.SparseAutoencoder) and isinstance(sae.activation, nn.TopK):
         top_Nk = torch.from_numpy(get_topk(cfg, piece.artifact, info, sae, acts_ND, device))
     block_scores = scoring.score_block(
-        sae, acts_ND, labels_N, n_classes, k_start, k_stop, batch_size=cfg.batch_size, device=device, top_Nk=top_Nk
-    )
+        sae, acts_ND, labels_N, n_classes, k_start, k_stop, batch_size=cfg.batch_size, device=device, top_Nk=top_Nk,
+        probes=cfg.probes,
+    )  # fmt: skip
     scoring.write_partial(
         piece.fpath, block_scores, k_start=k_start, k_stop=k_stop, train_key=info.train_key,
         matmul_precision=cfg.matmul_precision,

@@ -220,3 +220,14 @@ def test_a_directory_in_place_of_a_partial_is_named(art):
     fpath.mkdir()
     with pytest.raises(scoring.PartialError, match=re.escape(f"{fpath} is missing")):
         read(art)
+
+
+def test_partials_scored_without_probes_are_read_as_such(tmp_path):
+    art = artifacts.Artifact(tmp_path, "score", "c" * 16)
+    for block in range(3):
+        tensors = {k: v for k, v in good_block(block).items() if k in ("ap_CK", "min_K", "max_K", "k_range")}
+        save(art, block, tensors)
+    partials = scoring.read_partials(art, D_SAE, BLOCK, SAE, COUNTS_C, probes=False)
+    assert partials.w_CK is None and partials.ap_CK.shape == (N_CLASSES, D_SAE)
+    with pytest.raises(scoring.PartialError, match="holds tensors"):  # asked for probes the partials do not have
+        read(art)

@@ -7,13 +7,14 @@ import math
 
 import numpy as np
 import pytest
+import safetensors
 import torch
 from sklearn.metrics import average_precision_score
 
 from saev import best, methods, scoring
 from saev.data.shards import Shards
 from stages import pipeline as pl
-from tests.helpers import launch
+from tests.helpers import launch, run, write_tiny_config
 from tests.stages.test_roles import roles_config
 
 METHODS = """n_train = 8192
@@ -29,7 +30,7 @@ k = 8
 @pytest.fixture(scope="module", params=["ap", "probe"])
 def done(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"table-{request.param}")
-    cfg = roles_config(tmp)
+    cfg = roles_config(tmp, layers="[2, 3]")
     (tmp / "methods.toml").write_text(METHODS)
     text = cfg.read_text().replace('sweep = "tiny-sweep.toml"', 'sweep = "tiny-sweep.toml"\nmethods = "methods.toml"')
     cfg.write_text(text.replace("[reduce]\n", f'[reduce]\nselect = "{request.param}"\n'))
@@ -106,6 +107,7 @@ def test_every_figure_of_the_table_equals_an_independent_computation(done):
     assert {row.method for row in rows} == {"relu_l1", "kmeans", "pca"}
     page = (reduce_dpath / "report" / "index.html").read_text()
     assert 'id="protocol-table"' in page and page.index('id="protocol-table"') < page.index('id="summary"')
+    assert '<img src="layers.png"' in page and (reduce_dpath / "report" / "layers.png").stat().st_size > 1000
 
 
 def test_bootstrap_intervals_are_reproducible_from_the_seed(done):
@@ -118,3 +120,17 @@ def test_bootstrap_intervals_are_reproducible_from_the_seed(done):
     proc = launch(cfg, "--stage", "reduce", timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (plan["reduce"].artifacts[0].dpath / "table.json").read_bytes() == first
+
+
+def test_without_probes_blocks_score_ap_only_and_select_probe_is_refused(tmp_path):
+    cfg = write_tiny_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("[score]\n", "[score]\nprobes = false\n"))
+    assert run(cfg) == 0
+    plan = pl.make_plan(pl.load(cfg))
+    for fpath in plan["score"].artifacts[0].dpath.glob("partials/*.safetensors"):
+        with safetensors.safe_open(str(fpath), framework="numpy") as fd:
+            assert sorted(fd.keys()) == ["ap_CK", "k_range", "max_K", "min_K"]
+    assert best.read_table(plan["reduce"].artifacts[0].dpath / "table.json") == []
+    cfg.write_text(cfg.read_text().replace("[reduce]\n", '[reduce]\nselect = "probe"\n'))
+    proc = launch(cfg, "--dry-run")
+    assert proc.returncode == 2 and 'select = "probe"' in proc.stderr and "probes = false" in proc.stderr, proc.stderr
