@@ -18,9 +18,10 @@ generalised self-concordant functions, Bach 2010). That step is short where a fe
 heavy-tailed column, a nearly separated class) though the objective would allow a much longer one, and Newton then
 crawls (hundreds of steps); so where M > 4 the step is the longest of 1, 1/4, 1/16, ... (at most 8, each longer than
 the bound's) that decreases the objective by Armijo's 1e-4 * alpha * lambda^2, each tried with one loss pass, else
-the bound's step. Far from the optimum the steps are damped; near it M -> 0 and the full steps converge quadratically. A pair is **converged** when lambda^2 / 2 <= `tol` (for a quadratic model,
-the objective is then within `tol` of its minimum; in practice far closer, as one more step would square it),
-checked with the gradient and Hessian of its current (w, b): its reported (w, b) are the ones checked.
+the bound's step. Far from the optimum the steps are damped; near it M -> 0 and the full steps converge
+quadratically. A pair is **converged** when lambda^2 / 2 <= `tol` (for a quadratic model, the objective is then
+within `tol` of its minimum; in practice far closer, as one more step would square it), checked with the gradient
+and Hessian of its current (w, b): its reported (w, b) are the ones checked.
 
 Sparsity: the rows of a column equal to its minimum (the zeros of a ReLU latent) share one logit per class, so
 they enter the loss, gradient and Hessian through one count (how many there are) and per class the sum of the
@@ -142,7 +143,7 @@ def fit_probes(
     n_classes: int | None = None,
     *,
     ridge: float = 1e-8,
-    tol: float = 1e-14,
+    tol: float = 1e-18,
     max_iter: int = 100,
     prevalence_clip: float = 1e-12,
     chunk_mib: float = 256,
@@ -157,7 +158,11 @@ def fit_probes(
         n_classes: C; for int labels it defaults to max label + 1; for multi-hot labels it must equal the number
             of label columns if given.
         ridge: the penalty's weight; must be > 0 (it bounds w where the data do not).
-        tol: converged when half the squared Newton decrement is at most this (objective units: mean nats).
+        tol: converged when half the squared Newton decrement is at most this (objective units: mean nats). Far
+            below the loss's own precision on purpose: along a direction only the ridge holds (a class of nearly
+            every row, a column of tiny values; curvature about `ridge`), an objective within d of its minimum can
+            leave the cross-entropy off by about |w| * sqrt(2 * d * ridge): at 1e-14 that was 5e-8 relative (|w| ~
+            60). The decrement's rounding floor is far lower (about 1e-24); 1e-18 costs about 5% more time.
         max_iter: Newton steps at most per pair; a pair that has not converged by then is flagged, not an error.
         prevalence_clip: the prevalence in b0 = logit(prevalence) is clipped to [clip, 1 - clip].
         chunk_mib: memory for the copy of a chunk of columns; results do not depend on it, bit for bit.

@@ -217,3 +217,15 @@ def test_nearly_separated_classes_converge():
         assert probes.degenerate_CK[0, 0] and probes.converged_CK.all()
         for x in probes[:3]:
             assert torch.isfinite(x).all()
+
+
+def test_cross_entropy_is_exact_where_only_the_ridge_holds_w():
+    # A class of nearly every row (three negatives) and a column of tiny values: the objective is flat along w up to
+    # the ridge, so a loose tolerance on it left the cross-entropy off by 5e-8 relative.
+    rng = np.random.default_rng(21)
+    z_N = np.maximum(rng.normal(size=3000) * 0.03, 0).astype(np.float32)
+    y_N = rng.random(3000) < 0.999
+    probes = fit_probes(z_N[:, None], y_N[:, None])
+    assert not probes.degenerate_CK.any() and probes.converged_CK.all()
+    w, b, loss = scipy_probe(z_N, y_N.astype(np.float64), 1e-8)
+    np.testing.assert_allclose(probes.loss_CK.item(), loss, rtol=1e-9)
