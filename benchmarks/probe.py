@@ -15,6 +15,8 @@ towards one class, and int labels over 151 skewed classes with ~2% of rows ignor
   0.5 * ridge * (b - b0)^2 term (a 1e-8 weight). So both solutions are scored under OUR objective's loss:
   max_rel_loss_diff = max over sampled pairs of |our mean BCE - sklearn's mean BCE at its (w, b)| / sklearn's.
 - converged = share of the non-degenerate pairs (`Probes.degenerate_CK` False) whose `converged_CK` is True.
+`--rounds` defaults to 1: one fit_probes call at the defaults takes about 2 minutes on 2 CPUs at a load of 5 (AP
+about 3 s), so more rounds cost minutes each; use 3 or more on a quiet machine for a median with a spread.
 Conditions (CPUs, torch threads, load) are printed before and after; on a loaded machine the times are noisy.
 Last line: RESULT probe_vs_sklearn=<x> probe_vs_ap=<y> max_rel_loss_diff=<z> converged=<share>
 """
@@ -42,7 +44,7 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=100_000, help="rows (patches)")
     parser.add_argument("--k", type=int, default=4096, help="latent columns")
     parser.add_argument("--sk-pairs", type=int, default=24, help="(column, class) pairs scikit-learn fits")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of fit_probes and AP")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of fit_probes and AP (1: minutes)")
     parser.add_argument("--ridge", type=float, default=1e-8)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()

@@ -188,3 +188,44 @@ def test_probe_loss_of_selected_pairs_equals_the_full_evaluation_there():
     some_CK = probe_loss(scores_NK, labels_N, probes.w_CK, probes.b_CK, 3, only_CK=only_CK)
     assert torch.isnan(some_CK[~only_CK]).all()
     torch.testing.assert_close(some_CK[only_CK], full_CK[only_CK], rtol=1e-12, atol=0)
+
+
+def test_an_outlier_entry_does_not_stall_newton():
+    # Eight negatives at small z among 2,000 heavy-tailed rows and one positive at z = 1000: the step bound alone
+    # (largest logit change at that entry) allowed about 1/100 of each Newton step and stopped at max_iter far off.
+    rng = np.random.default_rng(0)
+    z_N = np.maximum(rng.standard_t(2, 2000), 0)
+    labels_N = np.ones(2000, dtype=np.int64)
+    labels_N[np.flatnonzero(z_N == 0)[:3]] = 0
+    labels_N[np.flatnonzero((z_N > 0) & (z_N < 0.3))[:5]] = 0
+    z_N[np.flatnonzero(labels_N == 1)[0]] = 1000.0
+    probes = fit_probes(z_N[:, None].astype(np.float32), labels_N, 2)
+    assert not probes.degenerate_CK.any() and probes.converged_CK.all()
+    assert (probes.iterations_CK <= 20).all()
+    w, b, loss = scipy_probe(z_N.astype(np.float32), (labels_N == 1).astype(np.float64), 1e-8)
+    np.testing.assert_allclose(probes.loss_CK[1, 0].item(), loss, rtol=1e-9)
+
+
+def test_nearly_separated_classes_converge():
+    # Class 0 is exactly the rows above a threshold, by a margin of under 1% of the range: w must reach the hundreds.
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        z_NK = np.maximum(rng.normal(size=(150, 2)), 0).astype(np.float32)
+        labels_N = rng.integers(1, 3, 150)
+        labels_N[z_NK[:, 0] > 0.8] = 0
+        probes = fit_probes(z_NK, labels_N, 3)
+        assert probes.degenerate_CK[0, 0] and probes.converged_CK.all()
+        for x in probes[:3]:
+            assert torch.isfinite(x).all()
+
+
+def test_cross_entropy_is_exact_where_only_the_ridge_holds_w():
+    # A class of nearly every row (three negatives) and a column of tiny values: the objective is flat along w up to
+    # the ridge, so a loose tolerance on it left the cross-entropy off by 5e-8 relative.
+    rng = np.random.default_rng(21)
+    z_N = np.maximum(rng.normal(size=3000) * 0.03, 0).astype(np.float32)
+    y_N = rng.random(3000) < 0.999
+    probes = fit_probes(z_N[:, None], y_N[:, None])
+    assert not probes.degenerate_CK.any() and probes.converged_CK.all()
+    w, b, loss = scipy_probe(z_N, y_N.astype(np.float64), 1e-8)
+    np.testing.assert_allclose(probes.loss_CK.item(), loss, rtol=1e-9)
